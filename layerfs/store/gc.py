@@ -1,0 +1,236 @@
+"""Mark-and-sweep garbage collection and verification of a store.
+
+``collect`` runs in one write transaction, which is also one consistent
+snapshot: marking and sweeping see the same store, and no import can pin or
+write objects in between (LMDB has one writer).  Roots are images (their
+layers and pinned blobs) and the leases of live processes; a lease whose
+process is gone (killed mid-import) is reclaimed first.  Layers no image uses
+are removed, then unreferenced objects, then packs: empty packs are deleted and
+packs less than half alive are compacted into new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+
+from layerfs.store.entries import decode_table
+from layerfs.store.payload import PACK_TARGET
+from layerfs.store.store import (
+    Chunk,
+    CorruptionError,
+    Store,
+    StoreError,
+    decode_object,
+    encode_object,
+)
+
+_U64 = struct.Struct(">Q")
+COMPACT_BELOW = 0.5  # rewrite a pack once less than half of its bytes are alive
+
+
+@dataclass
+class GCResult:
+    leases_reclaimed: int = 0
+    layers_removed: int = 0
+    objects_removed: int = 0
+    packs_removed: int = 0
+    packs_compacted: int = 0
+    bytes_reclaimed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _table(store: Store, txn: lmdb.Transaction, layer: dict[str, Any]) -> list[Any]:
+    sha = bytes.fromhex(layer["table"])
+    rec = txn.get(sha, db=store.db("objects"))
+    if rec is None:
+        raise CorruptionError(f"entry table {layer['table']} of a layer is missing")
+    _, chunks = decode_object(rec)
+    return decode_table(b"".join(store._chunk_bytes(txn, c) for c in chunks))
+
+
+def collect(store: Store) -> GCResult:
+    return store.write(lambda txn: _collect(store, txn))
+
+
+def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
+    res = GCResult()
+    db = store.db
+    # 1. leases of processes that are gone
+    live_leases: list[bytes] = []
+    with txn.cursor(db=db("leases")) as cur:
+        leases = [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+    for lease_id, lease in leases:
+        if store.lease_alive(lease):
+            live_leases.append(lease_id)
+        else:
+            store.drop_lease(txn, lease_id)
+            res.leases_reclaimed += 1
+
+    # 2. mark
+    live_objects: set[bytes] = set()
+    live_layers: set[bytes] = set()
+    with txn.cursor(db=db("images")) as cur:
+        for _, v in cur:
+            image = json.loads(bytes(v))
+            live_layers.update(bytes.fromhex(h) for h in image["layers"])
+            live_objects.update(bytes.fromhex(h) for h in image.get("blobs", []))
+    with txn.cursor(db=db("chains")) as cur:
+        for _, v in cur:  # cached merged indexes pin their own objects
+            live_objects.update(bytes.fromhex(h) for h in json.loads(bytes(v)).get("blobs", []))
+    with txn.cursor(db=db("layers")) as cur:
+        layers = [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+    for layer_id, layer in layers:
+        if layer_id not in live_layers:
+            txn.delete(layer_id, db=db("layers"))
+            res.layers_removed += 1
+            continue
+        live_objects.add(bytes.fromhex(layer["table"]))
+        for e in _table(store, txn, layer):
+            if e.content is not None:
+                live_objects.add(e.content)
+    pinned_packs: set[int] = set()
+    for lease_id in live_leases:
+        with txn.cursor(db=db("lease_objs")) as cur:
+            if cur.set_range(lease_id):
+                for k in cur.iternext(values=False):
+                    if bytes(k[:8]) != lease_id:
+                        break
+                    live_objects.add(bytes(k[8:]))
+        with txn.cursor(db=db("lease_packs")) as cur:
+            if cur.set_range(lease_id):
+                for k in cur.iternext(values=False):
+                    if bytes(k[:8]) != lease_id:
+                        break
+                    pinned_packs.add(_U64.unpack(k[8:])[0])
+
+    # 3. sweep objects, counting the live bytes of every pack
+    live_bytes: dict[int, int] = defaultdict(int)
+    dead: list[bytes] = []
+    with txn.cursor(db=db("objects")) as cur:
+        for k, v in cur:
+            key = bytes(k)
+            if key not in live_objects:
+                dead.append(key)
+                continue
+            for c in decode_object(v)[1]:
+                live_bytes[c.pack] += c.stored
+    for key in dead:
+        txn.delete(key, db=db("objects"))
+    res.objects_removed = len(dead)
+
+    # 4. packs: delete the empty, compact the mostly dead
+    to_compact: set[int] = set()
+    for pack_id, size in list(store.payload.pack_ids(txn)):
+        if pack_id in pinned_packs:
+            continue
+        alive = live_bytes.get(pack_id, 0)
+        if alive == 0:
+            store.payload.delete_pack(txn, pack_id)
+            res.packs_removed += 1
+            res.bytes_reclaimed += size
+        elif alive < size * COMPACT_BELOW:
+            to_compact.add(pack_id)
+            res.bytes_reclaimed += size - alive
+    if to_compact:
+        _compact(store, txn, to_compact)
+        res.packs_compacted = len(to_compact)
+    return res
+
+
+def _compact(store: Store, txn: lmdb.Transaction, packs: set[int]) -> None:
+    meta = store.db("meta")
+    pack_id = _U64.unpack(txn.get(b"next_pack", db=meta))[0]
+    buf = bytearray()
+    moves: list[tuple[bytes, int, list[Chunk]]] = []
+    with txn.cursor(db=store.db("objects")) as cur:
+        for k, v in cur:
+            size, chunks = decode_object(v)
+            if any(c.pack in packs for c in chunks):
+                moves.append((bytes(k), size, chunks))
+    for key, size, chunks in moves:
+        new = []
+        for c in chunks:
+            if c.pack not in packs:
+                new.append(c)
+                continue
+            if len(buf) + c.stored > PACK_TARGET:
+                store.payload.put_pack(txn, pack_id, bytes(buf))
+                pack_id += 1
+                buf = bytearray()
+            new.append(Chunk(pack_id, len(buf), c.stored, c.raw, c.xxh, c.codec))
+            buf += store.payload.read(txn, c.pack, c.offset, c.stored)
+        txn.put(key, encode_object(size, new), db=store.db("objects"))
+    if buf:
+        store.payload.put_pack(txn, pack_id, bytes(buf))
+        pack_id += 1
+    for p in packs:
+        store.payload.delete_pack(txn, p)
+    txn.put(b"next_pack", _U64.pack(pack_id), db=meta)
+
+
+@dataclass
+class VerifyResult:
+    objects: int = 0
+    bytes: int = 0
+    layers: int = 0
+    images: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def verify(store: Store, progress: Any = None) -> VerifyResult:
+    """Re-hash every object and check every reference; never raises for corruption."""
+    res = VerifyResult()
+    with store.read() as txn:
+        objects = store.db("objects")
+        with txn.cursor(db=objects) as cur:
+            for k, v in cur:
+                sha = bytes(k)
+                try:
+                    size, chunks = decode_object(v)
+                    h = hashlib.sha256()
+                    total = 0
+                    for c in chunks:
+                        raw = store._chunk_bytes(txn, c)
+                        h.update(raw)
+                        total += len(raw)
+                    if total != size:
+                        res.errors.append(f"object {sha.hex()}: {total} bytes, record says {size}")
+                    elif h.digest() != sha:
+                        res.errors.append(f"object {sha.hex()}: content hashes to {h.hexdigest()}")
+                    res.bytes += total
+                except (StoreError, LookupError, ValueError) as exc:
+                    res.errors.append(f"object {sha.hex()}: {exc}")
+                res.objects += 1
+                if progress is not None:
+                    progress(res.objects)
+        with txn.cursor(db=store.db("layers")) as cur:
+            for k, v in cur:
+                res.layers += 1
+                layer = json.loads(bytes(v))
+                try:
+                    for e in _table(store, txn, layer):
+                        if e.content is not None and txn.get(e.content, db=objects) is None:
+                            res.errors.append(f"layer sha256:{bytes(k).hex()}: {e.path!r} has no content object")
+                except (StoreError, LookupError, ValueError) as exc:
+                    res.errors.append(f"layer sha256:{bytes(k).hex()}: {exc}")
+        layers_db = store.db("layers")
+        with txn.cursor(db=store.db("images")) as cur:
+            for k, v in cur:
+                res.images += 1
+                image = json.loads(bytes(v))
+                for h in image["layers"]:
+                    if txn.get(bytes.fromhex(h), db=layers_db) is None:
+                        res.errors.append(f"image sha256:{bytes(k).hex()}: layer sha256:{h} missing")
+                for h in image.get("blobs", []):
+                    if txn.get(bytes.fromhex(h), db=objects) is None:
+                        res.errors.append(f"image sha256:{bytes(k).hex()}: blob sha256:{h} missing")
+    return res

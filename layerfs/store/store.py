@@ -1,0 +1,580 @@
+"""The content-addressed layer store: an LMDB environment plus packed chunks.
+
+See ``docs/FORMAT.md`` for the key schema.  In short: file contents are
+*objects* keyed by their SHA-256; an object is a list of chunks (at most
+``CHUNK_SIZE`` bytes each, zstd-compressed unless that does not pay, each with
+an XXH3-64 checksum of the raw bytes verified on every read) placed in packs.
+Layers are entry tables (themselves objects) keyed by the layer's id (the
+SHA-256 of its uncompressed tar stream); images and tags are small records.
+
+Writes go through a ``WriteSession``: it holds a *lease* (so ``gc`` keeps what
+it has written so far), compresses on a thread pool, and commits in large
+batches.  Layers, images and tags are written only in the session's final
+transaction, so a crash leaves nothing half-visible, only a lease that ``gc``
+reclaims once its process is gone.
+
+Thread-safety: a ``Store`` may be shared by threads for reading (each call
+opens its own short read transaction).  A ``WriteSession`` belongs to one
+thread.  Several processes may use one store; LMDB serialises the writers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import lmdb
+import xxhash
+import zstandard
+
+from layerfs.store.entries import Entry, decode_table, encode_table
+from layerfs.store.payload import PACK_TARGET, LmdbPayload, Payload
+
+SCHEMA_VERSION = 1
+CHUNK_SIZE = 64 * 1024
+ZSTD_LEVEL = 3
+# A batch is committed once this much compressed data is pending (DESIGN.md:
+# 64 MiB batches write ~800 MB/s; one put per commit ~1,100/s).
+BATCH_BYTES = 64 << 20
+# Files up to this size are held raw until their digest is known, so a file the
+# store already has is never compressed.  Larger ones are compressed as they
+# stream; if they turn out to be duplicates their chunks become garbage for gc.
+HOLD_BYTES = 8 << 20
+# Chunks below this are compressed inline: handing them to a thread costs more
+# than compressing them.
+INLINE_COMPRESS = 16 * 1024
+INITIAL_MAP = 1 << 30  # 1 GiB opens on 32-bit boards too; grown on MapFullError
+
+RAW, ZSTD = 0, 1
+_OBJ_HEAD = struct.Struct("<BQI")  # record version, size, chunk count
+_OBJ_CHUNK = struct.Struct("<QIIIQB")  # pack id, offset, stored len, raw len, xxh3_64(raw), codec
+_U64 = struct.Struct(">Q")
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message is for the user."""
+
+
+class CorruptionError(StoreError):
+    """Stored bytes do not match their checksum or digest."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    pack: int
+    offset: int
+    stored: int
+    raw: int
+    xxh: int
+    codec: int
+
+
+def encode_object(size: int, chunks: list[Chunk]) -> bytes:
+    parts = [_OBJ_HEAD.pack(1, size, len(chunks))]
+    parts += [_OBJ_CHUNK.pack(c.pack, c.offset, c.stored, c.raw, c.xxh, c.codec) for c in chunks]
+    return b"".join(parts)
+
+
+def decode_object(rec: bytes | memoryview) -> tuple[int, list[Chunk]]:
+    version, size, count = _OBJ_HEAD.unpack_from(rec, 0)
+    if version != 1 or len(rec) != _OBJ_HEAD.size + count * _OBJ_CHUNK.size:
+        raise CorruptionError("object record is malformed")
+    chunks = [Chunk(*_OBJ_CHUNK.unpack_from(rec, _OBJ_HEAD.size + i * _OBJ_CHUNK.size)) for i in range(count)]
+    return size, chunks
+
+
+def default_path() -> str:
+    if os.environ.get("LAYERFS_STORE"):
+        return os.environ["LAYERFS_STORE"]
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "layerfs")
+
+
+def hexsha(raw: bytes) -> str:
+    return raw.hex()
+
+
+_tls = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_tls, "cctx", None)
+    if c is None:
+        c = _tls.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False, write_checksum=False)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def compress_chunk(raw: bytes) -> tuple[bytes, int, int, int]:
+    """(stored bytes, codec, xxh3 of raw, raw length); stored raw if zstd does not pay."""
+    packed = _compressor().compress(raw)
+    if len(packed) >= len(raw):
+        return raw, RAW, xxhash.xxh3_64_intdigest(raw), len(raw)
+    return packed, ZSTD, xxhash.xxh3_64_intdigest(raw), len(raw)
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: fields start after the last ')'
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Store:
+    """An open layer store.  Use as a context manager or call ``close()``."""
+
+    DBS = ("meta", "objects", "packs", "layers", "images", "tags", "leases", "lease_objs", "lease_packs", "chains")
+
+    def __init__(self, path: str | None = None, *, readonly: bool = False, create: bool = True) -> None:
+        self.path = path or default_path()
+        self.readonly = readonly
+        if not os.path.isdir(self.path):
+            if readonly or not create:
+                raise StoreError(f"no layerfs store at {self.path}")
+            os.makedirs(self.path, exist_ok=True)
+        data_file = os.path.join(self.path, "data.mdb")
+        size = max(INITIAL_MAP, os.path.getsize(data_file) * 2 if os.path.exists(data_file) else 0)
+        try:
+            self.env = lmdb.open(
+                self.path, map_size=size, max_dbs=len(self.DBS) + 2, readonly=readonly,
+                # random chunk reads: OS read-ahead of the map would only pollute the cache
+                readahead=False, max_readers=256,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        self._db = {name: self.env.open_db(name.encode(), create=not readonly) for name in self.DBS}
+        self.payload: Payload = LmdbPayload(self._db["packs"])
+        self._check_schema()
+
+    # -- plumbing -----------------------------------------------------------
+    def db(self, name: str) -> Any:
+        return self._db[name]
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_schema(self) -> None:
+        with self.read() as txn:
+            found = txn.get(b"schema", db=self._db["meta"])
+        if found is None:
+            if self.readonly:
+                raise StoreError(f"{self.path} is not an initialised layerfs store")
+            self.write(lambda txn: txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self._db["meta"]))
+        elif bytes(found) != str(SCHEMA_VERSION).encode():
+            raise StoreError(
+                f"store {self.path} has schema version {bytes(found).decode(errors='replace')}; "
+                f"this layerfs reads version {SCHEMA_VERSION}"
+            )
+
+    def read(self) -> lmdb.Transaction:
+        """A short read transaction (values are memoryviews valid until it ends)."""
+        try:
+            return self.env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            # another process grew the map: adopt its size and try again
+            self.env.set_mapsize(0)
+            return self.env.begin(buffers=True)
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in a write transaction, growing the map and retrying when full.
+
+        ``fn`` must be safe to run again from scratch (the failed try is aborted)."""
+        if self.readonly:
+            raise StoreError("store is open read-only")
+        while True:
+            try:
+                with self.env.begin(write=True, buffers=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+
+    # -- objects ------------------------------------------------------------
+    def has_object(self, sha: bytes) -> bool:
+        with self.read() as txn:
+            return txn.get(sha, db=self._db["objects"]) is not None
+
+    def object_size(self, sha: bytes) -> int:
+        with self.read() as txn:
+            rec = txn.get(sha, db=self._db["objects"])
+            if rec is None:
+                raise StoreError(f"object {sha.hex()} is not in the store")
+            return int(_OBJ_HEAD.unpack_from(rec, 0)[1])
+
+    def _chunk_bytes(self, txn: lmdb.Transaction, c: Chunk) -> bytes:
+        stored = self.payload.read(txn, c.pack, c.offset, c.stored)
+        raw = _decompressor().decompress(stored, max_output_size=c.raw) if c.codec == ZSTD else bytes(stored)
+        if len(raw) != c.raw or xxhash.xxh3_64_intdigest(raw) != c.xxh:
+            raise CorruptionError(f"chunk in pack {c.pack} at {c.offset} fails its checksum")
+        return raw
+
+    def iter_object(self, sha: bytes) -> Iterator[bytes]:
+        """The object's bytes chunk by chunk, each checksum-verified."""
+        with self.read() as txn:
+            rec = txn.get(sha, db=self._db["objects"])
+            if rec is None:
+                raise StoreError(f"object {sha.hex()} is not in the store")
+            _, chunks = decode_object(rec)
+            for c in chunks:
+                yield self._chunk_bytes(txn, c)
+
+    def read_object(self, sha: bytes) -> bytes:
+        return b"".join(self.iter_object(sha))
+
+    def read_at(self, sha: bytes, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of an object (random access by chunk)."""
+        with self.read() as txn:
+            rec = txn.get(sha, db=self._db["objects"])
+            if rec is None:
+                raise StoreError(f"object {sha.hex()} is not in the store")
+            size, chunks = decode_object(rec)
+            out = []
+            pos = 0
+            end = min(offset + length, size)
+            for c in chunks:
+                if pos >= end:
+                    break
+                if pos + c.raw > offset:
+                    raw = self._chunk_bytes(txn, c)
+                    out.append(raw[max(0, offset - pos) : end - pos])
+                pos += c.raw
+            return b"".join(out)
+
+    # -- layers, images, tags ---------------------------------------------------
+    def get_layer(self, layer_id: bytes) -> dict[str, Any] | None:
+        with self.read() as txn:
+            rec = txn.get(layer_id, db=self._db["layers"])
+            return None if rec is None else json.loads(bytes(rec))
+
+    def layer_entries(self, layer_id: bytes) -> list[Entry]:
+        layer = self.get_layer(layer_id)
+        if layer is None:
+            raise StoreError(f"layer sha256:{layer_id.hex()} is not in the store")
+        return decode_table(self.read_object(bytes.fromhex(layer["table"])))
+
+    def layers(self) -> list[tuple[bytes, dict[str, Any]]]:
+        with self.read() as txn, txn.cursor(db=self._db["layers"]) as cur:
+            return [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+
+    def get_image(self, image_id: bytes) -> dict[str, Any] | None:
+        with self.read() as txn:
+            rec = txn.get(image_id, db=self._db["images"])
+            return None if rec is None else json.loads(bytes(rec))
+
+    def images(self) -> list[tuple[bytes, dict[str, Any]]]:
+        with self.read() as txn, txn.cursor(db=self._db["images"]) as cur:
+            return [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+
+    def tags(self) -> dict[str, bytes]:
+        with self.read() as txn, txn.cursor(db=self._db["tags"]) as cur:
+            return {bytes(k).decode(): bytes(v) for k, v in cur}
+
+    def get_tag(self, name: str) -> bytes | None:
+        with self.read() as txn:
+            v = txn.get(name.encode(), db=self._db["tags"])
+            return None if v is None else bytes(v)
+
+    def set_tag(self, name: str, image_id: bytes) -> None:
+        def fn(txn: lmdb.Transaction) -> None:
+            if txn.get(image_id, db=self._db["images"]) is None:
+                raise StoreError(f"image sha256:{image_id.hex()} is not in the store")
+            txn.put(name.encode(), image_id, db=self._db["tags"])
+
+        self.write(fn)
+
+    def remove_tag(self, name: str) -> bool:
+        return self.write(lambda txn: txn.delete(name.encode(), db=self._db["tags"]))
+
+    def remove_image(self, image_id: bytes) -> list[str]:
+        """Delete an image record and every tag naming it; returns the tags removed.
+
+        Its layers and contents stay until ``gc`` finds nothing else uses them."""
+
+        def fn(txn: lmdb.Transaction) -> list[str]:
+            removed = []
+            with txn.cursor(db=self._db["tags"]) as cur:
+                for k, v in cur:
+                    if bytes(v) == image_id:
+                        removed.append(bytes(k).decode())
+            for name in removed:
+                txn.delete(name.encode(), db=self._db["tags"])
+            if not txn.delete(image_id, db=self._db["images"]):
+                raise StoreError(f"image sha256:{image_id.hex()} is not in the store")
+            return removed
+
+        return self.write(fn)
+
+    # -- writing --------------------------------------------------------------
+    def session(self, purpose: str = "import") -> WriteSession:
+        return WriteSession(self, purpose)
+
+    def leases(self) -> list[tuple[bytes, dict[str, Any]]]:
+        with self.read() as txn, txn.cursor(db=self._db["leases"]) as cur:
+            return [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+
+    @staticmethod
+    def lease_alive(lease: dict[str, Any]) -> bool:
+        if lease.get("boot") != _boot_id():
+            return False
+        return _proc_start(int(lease["pid"])) == lease.get("start")
+
+    def drop_lease(self, txn: lmdb.Transaction, lease_id: bytes) -> None:
+        txn.delete(lease_id, db=self._db["leases"])
+        for db in (self._db["lease_objs"], self._db["lease_packs"]):
+            with txn.cursor(db=db) as cur:
+                if cur.set_range(lease_id):
+                    while cur.key()[:8] == lease_id:
+                        if not cur.delete():
+                            break
+
+
+class _PendingObject:
+    __slots__ = ("sha", "size", "chunks")
+
+    def __init__(self, sha: bytes, size: int, chunks: list[Future[Any] | tuple[bytes, int, int, int]]) -> None:
+        self.sha = sha
+        self.size = size
+        self.chunks = chunks
+
+
+class FileWriter:
+    """Receives one file's data chunk by chunk; ``finish`` names it by its digest."""
+
+    __slots__ = ("_session", "_held", "_held_bytes", "_futures", "size")
+
+    def __init__(self, session: WriteSession) -> None:
+        self._session = session
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._futures: list[Future[Any] | tuple[bytes, int, int, int]] | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._futures is not None:
+            self._futures.append(self._session._compress(data))
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > HOLD_BYTES:
+            self._futures = [self._session._compress(d) for d in self._held]
+            self._held = []
+
+    def finish(self, sha: bytes) -> bytes:
+        """Record the file as object ``sha`` (computed by the caller while streaming)."""
+        s = self._session
+        if s._seen(sha):
+            if self._futures:
+                for f in self._futures:
+                    if isinstance(f, Future):
+                        f.cancel()
+            return sha
+        chunks = self._futures if self._futures is not None else [s._compress(d) for d in self._held]
+        s._add_pending(_PendingObject(sha, self.size, chunks))
+        return sha
+
+
+class WriteSession:
+    """A lease-protected batch writer.  Use as a context manager: leaving the
+    block normally commits, an exception aborts (and nothing new stays visible)."""
+
+    def __init__(self, store: Store, purpose: str) -> None:
+        self.store = store
+        self.lease_id = secrets.token_bytes(8)
+        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="layerfs-zstd")
+        self._pending: list[_PendingObject] = []
+        self._pending_bytes = 0
+        self._batch_seen: set[bytes] = set()  # new or referenced objects of the current batch
+        self._recorded: set[bytes] = set()  # objects already pinned by this lease in the store
+        self._final: list[Callable[[lmdb.Transaction], None]] = []
+        self.new_objects = 0
+        self.new_bytes = 0
+        self._closed = False
+        lease = {"pid": os.getpid(), "start": _proc_start(os.getpid()), "boot": _boot_id(),
+                 "created": time.time(), "purpose": purpose}
+        store.write(lambda txn: txn.put(self.lease_id, json.dumps(lease).encode(), db=store.db("leases")))
+
+    def __enter__(self) -> WriteSession:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    # -- objects ---------------------------------------------------------------
+    def _compress(self, data: bytes) -> Future[Any] | tuple[bytes, int, int, int]:
+        if len(data) < INLINE_COMPRESS:
+            return compress_chunk(data)
+        return self._pool.submit(compress_chunk, data)
+
+    def _seen(self, sha: bytes) -> bool:
+        """True if the object is already stored or pending; pins it in the lease."""
+        if sha in self._batch_seen or sha in self._recorded:
+            return True
+        if self.store.has_object(sha):
+            self._batch_seen.add(sha)
+            return True
+        return False
+
+    def _add_pending(self, obj: _PendingObject) -> None:
+        self._batch_seen.add(obj.sha)
+        self._pending.append(obj)
+        self._pending_bytes += obj.size
+        if self._pending_bytes >= BATCH_BYTES:
+            self.flush()
+
+    def new_file(self) -> FileWriter:
+        return FileWriter(self)
+
+    def add_blob(self, data: bytes) -> bytes:
+        """Store a whole in-memory blob; returns its SHA-256."""
+        sha = hashlib.sha256(data).digest()
+        w = FileWriter(self)
+        for i in range(0, len(data), CHUNK_SIZE):
+            w.write(data[i : i + CHUNK_SIZE])
+        return w.finish(sha)
+
+    def has(self, sha: bytes) -> bool:
+        return self._seen(sha)
+
+    # -- deferred records --------------------------------------------------------
+    def put_layer(self, layer_id: bytes, entries: list[Entry], info: dict[str, Any]) -> None:
+        """Record a layer; it becomes visible when the session commits."""
+        table = self.add_blob(encode_table(entries))
+        record = dict(info, table=table.hex(), entries=len(entries))
+        data = json.dumps(record, sort_keys=True).encode()
+        self._final.append(lambda txn: txn.put(layer_id, data, db=self.store.db("layers"), overwrite=False))
+
+    def put_image(self, image_id: bytes, record: dict[str, Any]) -> None:
+        data = json.dumps(record, sort_keys=True).encode()
+        self._final.append(lambda txn: txn.put(image_id, data, db=self.store.db("images")))
+
+    def set_tag(self, name: str, image_id: bytes) -> None:
+        self._final.append(lambda txn: txn.put(name.encode(), image_id, db=self.store.db("tags")))
+
+    # -- committing ----------------------------------------------------------------
+    def flush(self, final: Callable[[lmdb.Transaction], None] | None = None) -> None:
+        """Write the pending batch (packs, object records, lease pins) in one transaction."""
+        resolved = []
+        for obj in self._pending:
+            parts = [c.result() if isinstance(c, Future) else c for c in obj.chunks]
+            resolved.append((obj.sha, obj.size, parts))
+        refs = self._batch_seen - {obj.sha for obj in self._pending}
+        st = self.store
+        objects_db, meta_db = st.db("objects"), st.db("meta")
+        lease_objs, lease_packs = st.db("lease_objs"), st.db("lease_packs")
+
+        def fn(txn: lmdb.Transaction) -> tuple[int, int]:
+            next_pack = txn.get(b"next_pack", db=meta_db)
+            pack_id = _U64.unpack(next_pack)[0] if next_pack is not None else 1
+            pack = bytearray()
+            written = written_bytes = 0
+
+            def seal() -> None:
+                nonlocal pack, pack_id
+                if pack:
+                    st.payload.put_pack(txn, pack_id, bytes(pack))
+                    txn.put(self.lease_id + _U64.pack(pack_id), b"", db=lease_packs)
+                    pack_id += 1
+                    pack = bytearray()
+
+            for sha, size, parts in resolved:
+                if txn.get(sha, db=objects_db) is not None:
+                    # written meanwhile by another session: keep theirs, pin it
+                    txn.put(self.lease_id + sha, b"", db=lease_objs)
+                    continue
+                chunks = []
+                for stored, codec, xxh, raw_len in parts:
+                    if len(pack) + len(stored) > PACK_TARGET:
+                        seal()
+                    chunks.append(Chunk(pack_id, len(pack), len(stored), raw_len, xxh, codec))
+                    pack += stored
+                    written_bytes += len(stored)
+                txn.put(sha, encode_object(size, chunks), db=objects_db)
+                txn.put(self.lease_id + sha, b"", db=lease_objs)
+                written += 1
+            seal()
+            txn.put(b"next_pack", _U64.pack(pack_id), db=meta_db)
+            for sha in refs:
+                if txn.get(sha, db=objects_db) is None:
+                    raise StoreError("an object this import relies on was removed by a concurrent gc; "
+                                     "run the import again")
+                txn.put(self.lease_id + sha, b"", db=lease_objs)
+            if final is not None:
+                final(txn)
+            return written, written_bytes
+
+        written, written_bytes = st.write(fn)
+        self.new_objects += written
+        self.new_bytes += written_bytes
+        self._recorded |= self._batch_seen
+        self._pending = []
+        self._pending_bytes = 0
+        self._batch_seen = set()
+
+    def commit(self) -> None:
+        """Flush, then make layers, images and tags visible and drop the lease, atomically."""
+        if self._closed:
+            return
+        try:
+            final = list(self._final)
+
+            def finish(txn: lmdb.Transaction) -> None:
+                for fn in final:
+                    fn(txn)
+                self.store.drop_lease(txn, self.lease_id)
+
+            self.flush(finish)
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
+
+    def abort(self) -> None:
+        """Drop the lease; what only this session wrote is garbage for the next gc."""
+        if self._closed:
+            return
+        self._close()
+        self.store.write(lambda txn: self.store.drop_lease(txn, self.lease_id))
+
+    def _close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)

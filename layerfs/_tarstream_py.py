@@ -266,8 +266,21 @@ class TarParser:
                 xattrs[key[13:]] = value
         if typ in HEADER_ONLY_TYPES:
             size = 0
-        return (name, linkname, typ, mode & 0o7777, uid, gid, size, mtime_ns,
-                devmajor, devminor, uname, gname, xattrs)
+        return (
+            name,
+            linkname,
+            typ,
+            mode & 0o7777,
+            uid,
+            gid,
+            size,
+            mtime_ns,
+            devmajor,
+            devminor,
+            uname,
+            gname,
+            xattrs,
+        )
 
     def _file_data(self, size: int) -> Iterator[tuple[int, object]]:
         digest = hashlib.sha256()

@@ -5,6 +5,15 @@ from layerfs.store.gc import GCResult, VerifyResult, collect, verify
 from layerfs.store.store import CHUNK_SIZE, CorruptionError, Store, StoreError, WriteSession, default_path
 
 __all__ = [
-    "CHUNK_SIZE", "CorruptionError", "Entry", "GCResult", "Store", "StoreError", "VerifyResult",
-    "WriteSession", "collect", "default_path", "verify",
+    "CHUNK_SIZE",
+    "CorruptionError",
+    "Entry",
+    "GCResult",
+    "Store",
+    "StoreError",
+    "VerifyResult",
+    "WriteSession",
+    "collect",
+    "default_path",
+    "verify",
 ]

@@ -72,8 +72,18 @@ def encode_table(entries: list[Entry]) -> bytes:
             flags |= HAS_CONTENT
         parts.append(
             _FIXED.pack(
-                e.kind, flags, e.mode, e.uid, e.gid, e.size, e.mtime_ns,
-                e.devmajor, e.devminor, len(e.path), len(e.link), len(e.xattrs),
+                e.kind,
+                flags,
+                e.mode,
+                e.uid,
+                e.gid,
+                e.size,
+                e.mtime_ns,
+                e.devmajor,
+                e.devminor,
+                len(e.path),
+                len(e.link),
+                len(e.xattrs),
             )
         )
         if e.content is not None:
@@ -117,8 +127,21 @@ def decode_table(data: bytes) -> list[Entry]:
             if pos > len(data):
                 raise TableError("entry table is truncated")
             out.append(
-                Entry(path, kind, mode, uid, gid, size, mtime, content, link, dmaj, dmin,
-                      tuple(xattrs), flags & ~HAS_CONTENT)
+                Entry(
+                    path,
+                    kind,
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    mtime,
+                    content,
+                    link,
+                    dmaj,
+                    dmin,
+                    tuple(xattrs),
+                    flags & ~HAS_CONTENT,
+                )
             )
         return out
     except struct.error as exc:

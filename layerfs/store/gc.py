@@ -219,7 +219,9 @@ def verify(store: Store, progress: Any = None) -> VerifyResult:
                 try:
                     for e in _table(store, txn, layer):
                         if e.content is not None and txn.get(e.content, db=objects) is None:
-                            res.errors.append(f"layer sha256:{bytes(k).hex()}: {e.path!r} has no content object")
+                            res.errors.append(
+                                f"layer sha256:{bytes(k).hex()}: {e.path!r} has no content object"
+                            )
                 except (StoreError, LookupError, ValueError) as exc:
                     res.errors.append(f"layer sha256:{bytes(k).hex()}: {exc}")
         layers_db = store.db("layers")

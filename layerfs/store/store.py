@@ -111,7 +111,9 @@ _tls = threading.local()
 def _compressor() -> zstandard.ZstdCompressor:
     c = getattr(_tls, "cctx", None)
     if c is None:
-        c = _tls.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False, write_checksum=False)
+        c = _tls.cctx = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_content_size=False, write_checksum=False
+        )
     return c
 
 
@@ -152,7 +154,18 @@ def _boot_id() -> str:
 class Store:
     """An open layer store.  Use as a context manager or call ``close()``."""
 
-    DBS = ("meta", "objects", "packs", "layers", "images", "tags", "leases", "lease_objs", "lease_packs", "chains")
+    DBS = (
+        "meta",
+        "objects",
+        "packs",
+        "layers",
+        "images",
+        "tags",
+        "leases",
+        "lease_objs",
+        "lease_packs",
+        "chains",
+    )
 
     def __init__(self, path: str | None = None, *, readonly: bool = False, create: bool = True) -> None:
         self.path = path or default_path()
@@ -165,9 +178,13 @@ class Store:
         size = max(INITIAL_MAP, os.path.getsize(data_file) * 2 if os.path.exists(data_file) else 0)
         try:
             self.env = lmdb.open(
-                self.path, map_size=size, max_dbs=len(self.DBS) + 2, readonly=readonly,
+                self.path,
+                map_size=size,
+                max_dbs=len(self.DBS) + 2,
+                readonly=readonly,
                 # random chunk reads: OS read-ahead of the map would only pollute the cache
-                readahead=False, max_readers=256,
+                readahead=False,
+                max_readers=256,
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
@@ -367,7 +384,9 @@ class Store:
 class _PendingObject:
     __slots__ = ("sha", "size", "chunks")
 
-    def __init__(self, sha: bytes, size: int, chunks: list[Future[Any] | tuple[bytes, int, int, int]]) -> None:
+    def __init__(
+        self, sha: bytes, size: int, chunks: list[Future[Any] | tuple[bytes, int, int, int]]
+    ) -> None:
         self.sha = sha
         self.size = size
         self.chunks = chunks
@@ -417,7 +436,9 @@ class WriteSession:
     def __init__(self, store: Store, purpose: str) -> None:
         self.store = store
         self.lease_id = secrets.token_bytes(8)
-        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="layerfs-zstd")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="layerfs-zstd"
+        )
         self._pending: list[_PendingObject] = []
         self._pending_bytes = 0
         self._batch_seen: set[bytes] = set()  # new or referenced objects of the current batch
@@ -426,8 +447,13 @@ class WriteSession:
         self.new_objects = 0
         self.new_bytes = 0
         self._closed = False
-        lease = {"pid": os.getpid(), "start": _proc_start(os.getpid()), "boot": _boot_id(),
-                 "created": time.time(), "purpose": purpose}
+        lease = {
+            "pid": os.getpid(),
+            "start": _proc_start(os.getpid()),
+            "boot": _boot_id(),
+            "created": time.time(),
+            "purpose": purpose,
+        }
         store.write(lambda txn: txn.put(self.lease_id, json.dumps(lease).encode(), db=store.db("leases")))
 
     def __enter__(self) -> WriteSession:
@@ -535,8 +561,9 @@ class WriteSession:
             txn.put(b"next_pack", _U64.pack(pack_id), db=meta_db)
             for sha in refs:
                 if txn.get(sha, db=objects_db) is None:
-                    raise StoreError("an object this import relies on was removed by a concurrent gc; "
-                                     "run the import again")
+                    raise StoreError(
+                        "an object this import relies on was removed by a concurrent gc; run the import again"
+                    )
                 txn.put(self.lease_id + sha, b"", db=lease_objs)
             if final is not None:
                 final(txn)

@@ -1,0 +1,5 @@
+import sys
+
+from layerfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+"""What every verb shares: opening the store, errors, output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from layerfs.store import Store, StoreError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT = 0, 1, 2, 3
+
+
+class CLIError(Exception):
+    """A one-line error for the user; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def open_store(args: argparse.Namespace, *, readonly: bool = False) -> Store:
+    try:
+        return Store(args.store, readonly=readonly)
+    except StoreError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def human_size(n: float) -> str:
+    """Sizes as docker prints them (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n}B"
+
+
+def human_age(ts: float) -> str:
+    if not ts:
+        return "N/A"
+    s = time.time() - ts
+    for unit, secs in (
+        ("years", 31536000),
+        ("months", 2592000),
+        ("weeks", 604800),
+        ("days", 86400),
+        ("hours", 3600),
+        ("minutes", 60),
+    ):
+        if s >= 2 * secs:
+            return f"{int(s // secs)} {unit} ago"
+    if s >= 3600:
+        return "About an hour ago"
+    if s >= 60:
+        return "About a minute ago"
+    return "Less than a second ago" if s < 1 else f"{int(s)} seconds ago"
+
+
+def parse_time(value: str) -> float:
+    """RFC 3339 timestamps of image configs (nanosecond fractions allowed) -> epoch seconds."""
+    if not value:
+        return 0.0
+    from datetime import datetime
+
+    v = value.rstrip("Z").split("+")[0]
+    if "." in v:
+        head, frac = v.split(".", 1)
+        v = head + "." + frac[:6]
+    try:
+        fmt = "%Y-%m-%dT%H:%M:%S.%f" if "." in v else "%Y-%m-%dT%H:%M:%S"
+        from datetime import timezone
+
+        return datetime.strptime(v, fmt).replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    for r in [headers, *rows]:
+        print("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())

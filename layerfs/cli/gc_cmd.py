@@ -1,0 +1,28 @@
+"""``layerfs gc``: remove layers, objects and packs no image needs (and dead imports' leftovers)."""
+
+from __future__ import annotations
+
+import argparse
+
+from layerfs.cli.common import add_json, human_size, open_store, print_json
+from layerfs.store import collect
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("gc", help="garbage-collect unused data")
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        res = collect(store)
+    if args.json:
+        print_json(res.as_dict())
+        return 0
+    print(
+        f"Reclaimed {human_size(res.bytes_reclaimed)}: {res.layers_removed} layers, {res.objects_removed} objects, "
+        f"{res.packs_removed} packs removed, {res.packs_compacted} compacted, "
+        f"{res.leases_reclaimed} abandoned imports cleaned up"
+    )
+    return 0

@@ -1,0 +1,45 @@
+"""``layerfs import PATH``: load images from an OCI layout, OCI archive or docker save archive."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from layerfs.cli.common import CLIError, add_json, open_store, print_json
+from layerfs.store import StoreError
+from layerfs.tools.image import ImportError_, import_path
+from layerfs.tools.refs import RefError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("import", help="import images from an OCI layout, OCI archive or docker save archive")
+    p.add_argument("path", help="OCI image layout directory, OCI archive, or docker save archive")
+    p.add_argument("--platform", help="platform to pick from a multi-platform image, e.g. linux/arm64")
+    p.add_argument("-t", "--tag", help="name the imported image NAME[:TAG]")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        try:
+            results = import_path(
+                store, args.path, platform=args.platform, tag=args.tag, progress=not (args.quiet or args.json)
+            )
+        except (ImportError_, RefError, StoreError, OSError) as exc:
+            raise CLIError(f"import of {args.path} refused: {exc}") from None
+    if args.json:
+        print_json([r.__dict__ for r in results])
+        return 0
+    for r in results:
+        for name in r.names:
+            print(f"Loaded image: {name}")
+        if not r.names:
+            print(f"Loaded image ID: {r.image_id}")
+        print(
+            f"  {r.layers_new} new layers, {r.layers_known} already stored, "
+            f"{r.bytes_read} bytes read, {r.bytes_stored} bytes stored",
+            file=sys.stderr,
+        )
+    return 0

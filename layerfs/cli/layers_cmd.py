@@ -1,0 +1,41 @@
+"""``layerfs layers``: every stored layer, its size and which images use it."""
+
+from __future__ import annotations
+
+import argparse
+
+from layerfs.cli.common import add_json, human_size, open_store, print_json, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("layers", help="list stored layers")
+    p.add_argument("--no-trunc", action="store_true", help="full layer ids")
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        layers = store.layers()
+        users: dict[str, int] = {}
+        for _, image in store.images():
+            for h in set(image["layers"]):
+                users[h] = users.get(h, 0) + 1
+    if args.json:
+        print_json([dict(rec, id="sha256:" + k.hex(), images=users.get(k.hex(), 0)) for k, rec in layers])
+        return 0
+    rows = []
+    for k, rec in layers:
+        ident = "sha256:" + k.hex() if args.no_trunc else k.hex()[:12]
+        rows.append(
+            [
+                ident,
+                human_size(rec.get("size", 0)),
+                str(rec.get("files", 0)),
+                str(rec.get("entries", 0)),
+                rec.get("compression", ""),
+                str(users.get(k.hex(), 0)),
+            ]
+        )
+    table(rows, ["LAYER ID", "SIZE", "FILES", "ENTRIES", "BLOB", "IMAGES"])
+    return 0

@@ -1,0 +1,64 @@
+"""``layerfs rmi IMAGE...``: untag and remove images, then reclaim what nothing uses.
+
+As with ``docker rmi``: a name removes that tag and the image only once no
+tag is left; an id removes an image with several tags only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from layerfs.cli.common import CLIError, open_store
+from layerfs.store import collect
+from layerfs.tools.refs import RefError, normalize, resolve
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("rmi", help="remove images")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-f", "--force", action="store_true", help="remove an image id with several tags")
+    p.add_argument("--no-prune", action="store_true", help="leave unused layers and data for a later gc")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    failed = False
+    with open_store(args) as store:
+        for ref in args.images:
+            try:
+                image_id = resolve(store, ref)
+            except RefError as exc:
+                print(f"layerfs: {exc}", file=sys.stderr)
+                failed = True
+                continue
+            tags = sorted(n for n, i in store.tags().items() if i == image_id)
+            by_name = _is_name(ref, tags)
+            if by_name and len(tags) > 1:
+                store.remove_tag(by_name)
+                print(f"Untagged: {by_name}")
+                continue
+            if not by_name and len(tags) > 1 and not args.force:
+                print(
+                    f"layerfs: unable to delete {image_id.hex()[:12]} (must be forced) - "
+                    f"image is referenced in multiple repositories",
+                    file=sys.stderr,
+                )
+                failed = True
+                continue
+            for t in store.remove_image(image_id):
+                print(f"Untagged: {t}")
+            print(f"Deleted: sha256:{image_id.hex()}")
+        if not args.no_prune:
+            collect(store)
+    if failed:
+        raise CLIError("some images were not removed")
+    return 0
+
+
+def _is_name(ref: str, tags: list[str]) -> str | None:
+    try:
+        name = normalize(ref)
+    except RefError:
+        return None
+    return name if name in tags else None

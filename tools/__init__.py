@@ -1,0 +1,1 @@
+"""OCI image tools: import and export of image layouts and archives (installed as ``layerfs.tools``)."""

@@ -1,0 +1,331 @@
+"""Import one layer: a (compressed) tar stream -> verified entry table in the store.
+
+The OCI changeset rules are applied here, at import time, so the store only
+ever holds clean entries:
+
+* paths are normalised lexically (``./a//b/`` -> ``a/b``); absolute paths are
+  clamped to the layer root (as docker and tar do); a path whose ``..``
+  climbs above the root is refused, never clamped silently;
+* ``.wh.<name>`` becomes a WHITEOUT entry for ``<name>``, ``.wh..wh..opq``
+  marks its directory OPAQUE; a bare ``.wh.`` is refused; other ``.wh..wh.``
+  names (aufs bookkeeping) are dropped, as docker does.  A whiteout only hides
+  lower layers: a path the same layer also creates keeps that entry (a
+  directory becomes opaque);
+* duplicates: the last member wins;
+* hardlinks are resolved against the same layer (and share a group) or, if the
+  target is not in it, against the lower layers (becoming a copy of the file);
+* nothing is ever resolved through the layer's own symlinks: an entry below a
+  member of the same layer that is not a directory is refused.
+
+The blob digest (compressed bytes), its size and the diff_id (uncompressed
+bytes) are computed while streaming and checked before anything is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+import zstandard
+
+from layerfs.store import CHUNK_SIZE, Entry, WriteSession
+from layerfs.store import entries as E
+from layerfs.tarstream import EV_DATA, EV_END, EV_ENTRY, TarError, TarParser
+
+READ_SIZE = 1 << 20
+_KINDS = {
+    ord("0"): E.REG,
+    ord("2"): E.SYMLINK,
+    ord("3"): E.CHR,
+    ord("4"): E.BLK,
+    ord("5"): E.DIR,
+    ord("6"): E.FIFO,
+}
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+
+class LayerError(ValueError):
+    """The layer is refused; the message names the layer problem."""
+
+
+def normalize(name: bytes) -> bytes:
+    parts: list[bytes] = []
+    for p in name.split(b"/"):
+        if p in (b"", b"."):
+            continue
+        if p == b"..":
+            if not parts:
+                raise LayerError(f"path {name.decode(errors='replace')!r} escapes the layer root")
+            parts.pop()
+        else:
+            parts.append(p)
+    return b"/".join(parts)
+
+
+class _HashingReader:
+    """Counts and hashes what passes through ``read``."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        data = self._read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+
+class _Decompressor:
+    """Sniffs gzip / zstd / plain tar and reads the decompressed stream."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._raw = read
+        head = read(READ_SIZE)
+        self._first: bytes | None = head
+        self._gz: zlib._Decompress | None = None
+        self._zst: zstandard.ZstdDecompressionReader | None = None
+        self.kind = "tar"
+        if head[:2] == b"\x1f\x8b":
+            self.kind = "gzip"
+            self._gz = zlib.decompressobj(31)
+        elif head[:4] == b"\x28\xb5\x2f\xfd":
+            self.kind = "zstd"
+            self._zst = zstandard.ZstdDecompressor().stream_reader(_RawSource(self), read_across_frames=True)
+
+    def read_raw(self, n: int) -> bytes:
+        if self._first is not None:
+            data, self._first = self._first, None
+            return data
+        return self._raw(n)
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        if self._zst is not None:
+            return self._zst.read(n)
+        if self._gz is None:
+            return self.read_raw(n)
+        gz = self._gz
+        while True:
+            data = gz.unconsumed_tail
+            if not data:
+                data = self.read_raw(READ_SIZE)
+                if not data:
+                    if not gz.eof:
+                        raise LayerError("compressed layer is truncated")
+                    return b""
+                if gz.eof:  # another gzip member follows (or zero padding, tolerated)
+                    data = gz.unused_data + data
+                    if not data.strip(b"\0"):
+                        continue
+                    gz = self._gz = zlib.decompressobj(31)
+            try:
+                out = gz.decompress(data, n)
+            except zlib.error as exc:
+                raise LayerError(f"corrupt gzip layer: {exc}") from None
+            if out:
+                return out
+
+
+class _RawSource:
+    """What the zstd stream reader pulls compressed input from."""
+
+    def __init__(self, dec: _Decompressor) -> None:
+        self._dec = dec
+
+    def read(self, n: int) -> bytes:
+        return self._dec.read_raw(n)
+
+
+@dataclass
+class LayerResult:
+    diff_id: str
+    blob_digest: str
+    blob_size: int
+    entries: list[Entry]
+    size: int  # logical bytes of regular-file data
+    files: int
+    compression: str
+
+
+class _LayerBuilder:
+    def __init__(self, lower: Callable[[bytes], Entry | None]) -> None:
+        self.entries: dict[bytes, Entry] = {}
+        self.whiteouts: set[bytes] = set()
+        self.opaque: set[bytes] = set()
+        self.links_to: dict[bytes, list[bytes]] = {}
+        self._lower = lower
+
+    def put(self, e: Entry) -> None:
+        old = self.entries.get(e.path)
+        if old is not None and e.path in self.links_to:
+            self._promote(e.path)
+        if old is not None and old.kind == E.HARDLINK:
+            group = self.links_to.get(old.link)
+            if group and e.path in group:
+                group.remove(e.path)
+        self.entries[e.path] = e
+
+    def _promote(self, target: bytes) -> None:
+        """``target`` is being replaced: its first hardlink becomes the group's root."""
+        links = [p for p in self.links_to.pop(target) if self.entries.get(p, None) is not None]
+        if not links:
+            return
+        old = self.entries[target]
+        root = links[0]
+        self.entries[root] = old._replace(path=root, kind=E.REG, link=b"")
+        for p in links[1:]:
+            self.entries[p] = self.entries[p]._replace(link=root)
+        if links[1:]:
+            self.links_to[root] = links[1:]
+
+    def hardlink(self, path: bytes, target: bytes, raw_name: bytes) -> Entry:
+        t = self.entries.get(target)
+        if t is not None:
+            if t.kind == E.HARDLINK:
+                target, t = t.link, self.entries[t.link]
+            if t.kind != E.REG:
+                raise LayerError(f"hardlink {raw_name!r} points to a non-regular file")
+            if target == path:
+                raise LayerError(f"hardlink {raw_name!r} points to itself")
+            self.links_to.setdefault(target, []).append(path)
+            return t._replace(path=path, kind=E.HARDLINK, link=target)
+        t = self._lower(target)
+        if t is None or t.kind not in (E.REG, E.HARDLINK):
+            raise LayerError(
+                f"hardlink {raw_name!r} points to {target!r}, which is not a file of this or a lower layer"
+            )
+        return t._replace(path=path, kind=E.REG, link=b"")
+
+    def finish(self) -> list[Entry]:
+        for path in self.whiteouts:
+            e = self.entries.get(path)
+            if e is None:
+                self.entries[path] = Entry(path, E.WHITEOUT, 0)
+            elif e.kind == E.DIR:
+                # deleted and re-created in one layer: nothing of the lower dir shows
+                self.opaque.add(path)
+        for path in self.opaque:
+            e = self.entries.get(path)
+            if e is None:
+                e = Entry(path, E.DIR, 0o755, flags=E.IMPLICIT)
+            elif e.kind != E.DIR:
+                raise LayerError(f"opaque marker in {path!r}, which this layer makes a non-directory")
+            self.entries[path] = e._replace(flags=e.flags | E.OPAQUE)
+        for path in self.entries:
+            parent = path.rpartition(b"/")[0]
+            while parent:
+                p = self.entries.get(parent)
+                if p is not None and p.kind != E.DIR:
+                    raise LayerError(
+                        f"{path.decode(errors='replace')!r} lies below {parent.decode(errors='replace')!r}, "
+                        "which this layer makes a non-directory (refusing to resolve through it)"
+                    )
+                parent = parent.rpartition(b"/")[0]
+        return sorted(self.entries.values(), key=lambda e: e.path)
+
+
+def import_layer(
+    session: WriteSession,
+    blob: IO[bytes],
+    *,
+    lower: Callable[[bytes], Entry | None] = lambda path: None,
+    progress: Callable[[int], None] | None = None,
+) -> LayerResult:
+    """Stream a layer blob into ``session``; digests are returned for the caller to check.
+
+    ``lower`` looks a path up in the merged lower layers (for hardlinks to them)."""
+    raw = _HashingReader(blob.read)
+    if progress is not None:
+        inner = raw.read
+
+        def counted(n: int = READ_SIZE) -> bytes:
+            data = inner(n)
+            progress(len(data))
+            return data
+
+        reader: Callable[[int], bytes] = counted
+    else:
+        reader = raw.read
+    dec = _Decompressor(reader)
+    plain = _HashingReader(dec.read)
+    build = _LayerBuilder(lower)
+    size = files = 0
+    writer = None
+    pending: Entry | None = None
+    try:
+        for ev, val in TarParser(plain.read, CHUNK_SIZE):
+            if ev == EV_DATA:
+                if writer is not None:  # None: data of a whiteout file, dropped
+                    writer.write(val)  # type: ignore[arg-type]
+            elif ev == EV_END:
+                if pending is None:
+                    continue
+                content = None
+                if pending.size:
+                    assert writer is not None
+                    content = writer.finish(val)  # type: ignore[arg-type]
+                build.put(pending._replace(content=content))
+                size += pending.size
+                files += 1
+                pending = writer = None
+            elif ev == EV_ENTRY:
+                pending = _entry(build, val)  # type: ignore[arg-type]
+                if pending is not None and pending.size:
+                    writer = session.new_file()
+        while plain.read(READ_SIZE):  # trailing padding belongs to the diff_id too
+            pass
+        while raw.read(READ_SIZE):
+            pass
+    except TarError as exc:
+        raise LayerError(f"bad tar stream: {exc}") from None
+    except zstandard.ZstdError as exc:
+        raise LayerError(f"corrupt zstd layer: {exc}") from None
+    return LayerResult(
+        diff_id="sha256:" + plain.sha.hexdigest(),
+        blob_digest="sha256:" + raw.sha.hexdigest(),
+        blob_size=raw.size,
+        entries=build.finish(),
+        size=size,
+        files=files,
+        compression=dec.kind,
+    )
+
+
+def _make(path: bytes, kind: int, h: tuple) -> Entry:  # type: ignore[type-arg]
+    _, link, _, mode, uid, gid, size, mtime_ns, dmaj, dmin, _, _, xattrs = h
+    return Entry(path, kind, mode, uid, gid, size, mtime_ns, None, link, dmaj, dmin, tuple(xattrs.items()))
+
+
+def _entry(build: _LayerBuilder, h: tuple) -> Entry | None:  # type: ignore[type-arg]
+    """Apply one member; returns the entry of a regular file, recorded once its data is read."""
+    name, link, typ = h[0], h[1], h[2]
+    path = normalize(name)
+    base = path.rpartition(b"/")[2]
+    if base.startswith(WHITEOUT_PREFIX):
+        parent = path.rpartition(b"/")[0]
+        if base == OPAQUE_MARKER:
+            build.opaque.add(parent)
+        elif base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            pass  # aufs bookkeeping (.wh..wh.plnk and the like): dropped, as docker does
+        elif base == WHITEOUT_PREFIX:
+            raise LayerError(f"bare whiteout name {name!r}")
+        else:
+            target = base[len(WHITEOUT_PREFIX) :]
+            if target in (b".", b".."):
+                raise LayerError(f"whiteout {name!r} names no file")
+            build.whiteouts.add(parent + b"/" + target if parent else target)
+        return None
+    if not path and typ != ord("5"):
+        raise LayerError(f"the layer root {name!r} must be a directory")
+    if typ == ord("0"):
+        return _make(path, E.REG, h)
+    if typ == ord("1"):
+        build.put(build.hardlink(path, normalize(link), name))
+    else:
+        build.put(_make(path, _KINDS[typ], h))
+    return None

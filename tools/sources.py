@@ -1,0 +1,318 @@
+"""Image sources: OCI image layouts, OCI archives and ``docker save`` archives.
+
+A source answers two questions: which images does it hold (``images()``:
+manifest, config and layer descriptors, names), and what are the bytes of a
+blob (``open_blob``).  It verifies nothing by itself; ``tools.image`` checks
+every digest and size while importing.
+
+Formats recognised (by content, not by file name):
+
+* OCI image layout directory: ``oci-layout`` + ``index.json`` + ``blobs/``;
+* a tar of the same (OCI archive, as ``skopeo copy oci-archive:`` writes);
+* ``docker save`` archives: legacy (``manifest.json`` + ``<id>/layer.tar``)
+  and Docker 25+ (an OCI layout that also carries ``manifest.json``; its
+  ``RepoTags`` are used for names when present).
+
+Tar sources may be gzip-compressed as a whole (``docker save | gzip``).
+Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as _platform
+import tarfile
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
+LAYER_TYPES = (
+    MT_OCI_LAYER,
+    MT_OCI_LAYER + "+gzip",
+    MT_OCI_LAYER + "+zstd",
+    MT_DOCKER_LAYER,
+    MT_DOCKER_LAYER_GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+)
+# Manifests and configs are small JSON; anything claiming to be bigger is hostile.
+MAX_JSON = 16 << 20
+
+
+class SourceError(ValueError):
+    """The source is not an image we can read; the message says why."""
+
+
+@dataclass
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: dict[str, Any] | None = None
+    path: str | None = None  # legacy docker archives name blobs by path, not digest
+
+    @classmethod
+    def parse(cls, d: Any) -> Descriptor:
+        try:
+            digest, size = d["digest"], d["size"]
+        except (TypeError, KeyError):
+            raise SourceError(f"malformed descriptor: {d!r}"[:200]) from None
+        if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
+            raise SourceError(f"unsupported or malformed digest {digest!r}")
+        try:
+            bytes.fromhex(digest[7:])
+        except ValueError:
+            raise SourceError(f"malformed digest {digest!r}") from None
+        if not isinstance(size, int) or size < 0:
+            raise SourceError(f"malformed size in descriptor of {digest}")
+        return cls(d.get("mediaType", ""), digest, size, d.get("annotations") or {}, d.get("platform"))
+
+
+@dataclass
+class ImageRef:
+    """One image found in a source, before verification."""
+
+    manifest: Descriptor | None  # None for legacy docker archives (no manifest blob)
+    names: list[str]
+    platform: str = ""
+    legacy: tuple[str, list[str]] | None = None  # legacy docker save: (config path, layer paths)
+
+
+def host_platform() -> str:
+    machine = _platform.machine().lower()
+    arch = {
+        "x86_64": "amd64",
+        "amd64": "amd64",
+        "aarch64": "arm64",
+        "arm64": "arm64",
+        "armv7l": "arm/v7",
+        "armv6l": "arm/v6",
+        "i686": "386",
+        "i386": "386",
+        "ppc64le": "ppc64le",
+        "s390x": "s390x",
+        "riscv64": "riscv64",
+    }.get(machine, machine)
+    return "linux/" + arch
+
+
+def platform_string(p: dict[str, Any] | None) -> str:
+    if not p:
+        return ""
+    s = f"{p.get('os', '')}/{p.get('architecture', '')}"
+    if p.get("variant"):
+        s += "/" + p["variant"]
+    return s
+
+
+def platform_matches(want: str, have: str) -> bool:
+    """``linux/arm64`` matches ``linux/arm64/v8``; ``linux/arm`` matches ``linux/arm/v7``."""
+    if want == have:
+        return True
+    w, h = want.split("/"), have.split("/")
+    if len(w) == 2 and len(h) == 3 and w == h[:2]:
+        return True
+    return w[:2] == ["linux", "arm64"] and h[:2] == ["linux", "arm64"] and len(w) != len(h)
+
+
+class Source:
+    name: str
+
+    def open_blob(self, desc: Descriptor) -> IO[bytes]:
+        raise NotImplementedError
+
+    def read_json_blob(self, desc: Descriptor) -> tuple[bytes, Any]:
+        if desc.size > MAX_JSON:
+            raise SourceError(f"{desc.digest}: {desc.size} bytes is too large for a manifest or config")
+        with self.open_blob(desc) as f:
+            data = f.read(MAX_JSON + 1)
+        try:
+            return data, json.loads(data)
+        except ValueError:
+            raise SourceError(f"{desc.digest} is not valid JSON") from None
+
+    def close(self) -> None:
+        pass
+
+    # -- what images are here -----------------------------------------------
+    def images(self, platform: str | None) -> list[ImageRef]:
+        raise NotImplementedError
+
+    def _from_index(self, index: Any, platform: str | None, default_name: str) -> list[ImageRef]:
+        manifests = [Descriptor.parse(m) for m in (index.get("manifests") or [])]
+        if not manifests:
+            raise SourceError(f"{self.name}: index.json lists no images")
+        groups: dict[str, list[Descriptor]] = {}
+        for m in manifests:
+            groups.setdefault(_ref_name(m), []).append(m)
+        out = []
+        for ref, descs in groups.items():
+            names = _names(ref, descs[0].annotations, default_name)
+            out.append(self._pick(descs, platform, names))
+        return out
+
+    def _pick(self, descs: list[Descriptor], platform: str | None, names: list[str]) -> ImageRef:
+        """Resolve nested indexes and choose the platform among several manifests."""
+        candidates: list[Descriptor] = []
+        for d in descs:
+            if d.media_type in INDEX_TYPES:
+                _, nested = self.read_json_blob(d)
+                candidates += [Descriptor.parse(m) for m in nested.get("manifests") or []]
+            else:
+                candidates.append(d)
+        candidates = [c for c in candidates if not _is_attestation(c)]
+        if len(candidates) == 1 and platform is None:
+            only = candidates[0]
+            return ImageRef(only, names, platform_string(only.platform))
+        want = platform or host_platform()
+        for c in candidates:
+            if c.platform and platform_matches(want, platform_string(c.platform)):
+                return ImageRef(c, names, platform_string(c.platform))
+        if len(candidates) == 1 and not candidates[0].platform:
+            return ImageRef(candidates[0], names, "")  # platform checked against the config later
+        have = ", ".join(sorted(platform_string(c.platform) or "unknown" for c in candidates))
+        raise SourceError(f"no image for platform {want} in {self.name} (it has: {have}); use --platform")
+
+
+def _is_attestation(d: Descriptor) -> bool:
+    # buildkit attaches provenance as manifests for platform unknown/unknown
+    return bool(d.platform and d.platform.get("os") == "unknown")
+
+
+def _ref_name(d: Descriptor) -> str:
+    a = d.annotations
+    return a.get("io.containerd.image.name") or a.get("org.opencontainers.image.ref.name") or ""
+
+
+def _names(ref: str, annotations: dict[str, str], default_name: str) -> list[str]:
+    if not ref:
+        return []
+    if "/" not in ref and ":" not in ref:
+        # a bare OCI ref name ("latest", as umoci writes) is a tag of the source's name
+        return [f"{default_name}:{ref}"]
+    return [ref]
+
+
+class LayoutDir(Source):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = path
+
+    def open_blob(self, desc: Descriptor) -> IO[bytes]:
+        p = os.path.join(self.path, "blobs", "sha256", desc.digest[7:])
+        try:
+            return open(p, "rb")
+        except FileNotFoundError:
+            raise SourceError(f"blob {desc.digest} is missing from {self.name}") from None
+
+    def images(self, platform: str | None) -> list[ImageRef]:
+        try:
+            with open(os.path.join(self.path, "index.json"), "rb") as f:
+                index = json.loads(f.read(MAX_JSON))
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{self.name}: cannot read index.json: {exc}") from None
+        return self._from_index(index, platform, _default_name(self.path))
+
+
+class TarSource(Source):
+    def __init__(self, path: str) -> None:
+        self.name = path
+        try:
+            self._tar = tarfile.open(path, "r:*")
+            self._members = {os.path.normpath(m.name).lstrip("/"): m for m in self._tar.getmembers()}
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise SourceError(f"{path}: not a readable image archive: {exc}") from None
+        self._default = _default_name(path)
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def has(self, name: str) -> bool:
+        return name in self._members
+
+    def open_member(self, name: str) -> IO[bytes]:
+        m = self._members.get(os.path.normpath(name).lstrip("/"))
+        # follow symlinks/hardlinks inside the archive (legacy docker saves link duplicate layers)
+        for _ in range(8):
+            if m is None or not (m.issym() or m.islnk()):
+                break
+            target = m.linkname if m.islnk() else os.path.join(os.path.dirname(m.name), m.linkname)
+            m = self._members.get(os.path.normpath(target).lstrip("/"))
+        if m is None or not m.isfile():
+            raise SourceError(f"{name} is missing from {self.name}")
+        f = self._tar.extractfile(m)
+        assert f is not None
+        return f
+
+    def open_blob(self, desc: Descriptor) -> IO[bytes]:
+        return self.open_member(desc.path or f"blobs/sha256/{desc.digest[7:]}")
+
+    def images(self, platform: str | None) -> list[ImageRef]:
+        repo_tags: dict[str, list[str]] = {}
+        legacy: list[ImageRef] = []
+        if self.has("manifest.json"):
+            with self.open_member("manifest.json") as f:
+                try:
+                    docker = json.loads(f.read(MAX_JSON))
+                except ValueError:
+                    raise SourceError(f"{self.name}: manifest.json is not valid JSON") from None
+            if not isinstance(docker, list):
+                raise SourceError(f"{self.name}: manifest.json is not a docker save manifest")
+            for item in docker:
+                try:
+                    cfg, layers = item["Config"], item["Layers"]
+                except (TypeError, KeyError):
+                    raise SourceError(f"{self.name}: malformed manifest.json entry") from None
+                tags = [t for t in item.get("RepoTags") or [] if isinstance(t, str)]
+                repo_tags[os.path.basename(cfg).split(".")[0]] = tags
+                legacy.append(ImageRef(None, tags, legacy=(cfg, list(layers))))
+        if self.has("index.json") and self.has("oci-layout"):
+            with self.open_member("index.json") as f:
+                try:
+                    index = json.loads(f.read(MAX_JSON))
+                except ValueError:
+                    raise SourceError(f"{self.name}: index.json is not valid JSON") from None
+            refs = self._from_index(index, platform, self._default)
+            if repo_tags:  # Docker 25+: manifest.json's RepoTags are the names docker users know
+                for r in refs:
+                    assert r.manifest is not None
+                    _, manifest = self.read_json_blob(r.manifest)
+                    cfg_hex = (manifest.get("config") or {}).get("digest", "")[7:]
+                    if cfg_hex in repo_tags:
+                        r.names = repo_tags[cfg_hex] or r.names
+            return refs
+        if legacy:
+            return legacy
+        raise SourceError(f"{self.name}: neither an OCI archive nor a docker save archive")
+
+
+def _default_name(path: str) -> str:
+    base = os.path.basename(os.path.normpath(path))
+    for ext in (".tar.gz", ".tgz", ".tar", ".oci"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    return base.lower() or "image"
+
+
+def open_source(path: str) -> Source:
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "oci-layout")):
+            raise SourceError(f"{path}: a directory but not an OCI image layout (no oci-layout file)")
+        return LayoutDir(path)
+    if not os.path.exists(path):
+        raise SourceError(f"{path}: no such file or directory")
+    return TarSource(path)

@@ -117,7 +117,9 @@ class _Decompressor:
                 if not data:
                     if not gz.eof:
                         raise LayerError("compressed layer is truncated")
-                    return b""
+                    if not gz.unused_data.strip(b"\0"):
+                        return b""
+                    # else: another gzip member, already read, follows
                 if gz.eof:  # another gzip member follows (or zero padding, tolerated)
                     data = gz.unused_data + data
                     if not data.strip(b"\0"):
@@ -301,10 +303,38 @@ def _make(path: bytes, kind: int, h: tuple) -> Entry:  # type: ignore[type-arg]
     return Entry(path, kind, mode, uid, gid, size, mtime_ns, None, link, dmaj, dmin, tuple(xattrs.items()))
 
 
+_U16, _U32, _I64 = (1 << 16) - 1, (1 << 32) - 1, 1 << 63
+
+
+def _check(h: tuple) -> None:  # type: ignore[type-arg]
+    """Refuse values no filesystem can name or the entry table cannot hold."""
+    name, link, uid, gid, mtime_ns, dmaj, dmin, xattrs = h[0], h[1], h[4], h[5], h[7], h[8], h[9], h[12]
+    shown = name[:100].decode(errors="replace")
+    for what, value in (("path", name), ("link target", link)):
+        if b"\0" in value:
+            raise LayerError(f"{what} of {shown!r} contains a NUL byte")
+        if len(value) > _U16:
+            raise LayerError(f"{what} of {shown!r} is too long ({len(value)} bytes)")
+    for what, num, lo, hi in (
+        ("uid", uid, 0, _U32),
+        ("gid", gid, 0, _U32),
+        ("devmajor", dmaj, 0, _U32),
+        ("devminor", dmin, 0, _U32),
+        ("mtime", mtime_ns, -_I64, _I64 - 1),
+    ):
+        if not lo <= num <= hi:
+            raise LayerError(f"{shown!r}: {what} {num} is out of range")
+    if len(xattrs) > _U16 or any(len(k) > _U16 or b"\0" in k for k in xattrs):
+        raise LayerError(f"{shown!r}: xattr names too many, too long or with a NUL byte")
+
+
 def _entry(build: _LayerBuilder, h: tuple) -> Entry | None:  # type: ignore[type-arg]
     """Apply one member; returns the entry of a regular file, recorded once its data is read."""
+    _check(h)
     name, link, typ = h[0], h[1], h[2]
     path = normalize(name)
+    if any(p.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX) for p in path.split(b"/")[:-1]):
+        return None  # below aufs bookkeeping (.wh..wh.plnk/...): dropped with it
     base = path.rpartition(b"/")[2]
     if base.startswith(WHITEOUT_PREFIX):
         parent = path.rpartition(b"/")[0]

@@ -12,7 +12,22 @@ import sys
 
 from layerfs.cli.common import EXIT_ERROR, CLIError
 
-VERBS = ["import", "images", "inspect", "history", "tag", "rmi", "layers", "df", "gc", "verify", "version"]
+VERBS = [
+    "import",
+    "images",
+    "inspect",
+    "history",
+    "tag",
+    "rmi",
+    "layers",
+    "df",
+    "gc",
+    "verify",
+    "version",
+    "mount",
+    "umount",
+    "mounts",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 ``collect`` runs in one write transaction, which is also one consistent
 snapshot: marking and sweeping see the same store, and no import can pin or
 write objects in between (LMDB has one writer).  Roots are images (their
-layers and pinned blobs) and the leases of live processes; a lease whose
+layers and pinned blobs) and the leases of live processes (imports pin
+objects, mounts pin their image's layers); a lease whose
 process is gone (killed mid-import) is reclaimed first.  Layers no image uses
 are removed, then unreferenced objects, then packs: empty packs are deleted and
 packs less than half alive are compacted into new ones.
@@ -27,6 +28,7 @@ from layerfs.store.store import (
     CorruptionError,
     Store,
     StoreError,
+    chain_id,
     decode_object,
     encode_object,
 )
@@ -68,24 +70,28 @@ def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
     live_leases: list[bytes] = []
     with txn.cursor(db=db("leases")) as cur:
         leases = [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+    live_objects: set[bytes] = set()
+    live_layers: set[bytes] = set()
+    live_chains: set[bytes] = set()
     for lease_id, lease in leases:
         if store.lease_alive(lease):
             live_leases.append(lease_id)
+            if lease.get("layers"):  # a mount pins its image's layers and merged index
+                layer_ids = [bytes.fromhex(h) for h in lease["layers"]]
+                live_layers.update(layer_ids)
+                live_chains.add(chain_id(layer_ids))
         else:
             store.drop_lease(txn, lease_id)
             res.leases_reclaimed += 1
 
     # 2. mark
-    live_objects: set[bytes] = set()
-    live_layers: set[bytes] = set()
     with txn.cursor(db=db("images")) as cur:
         for _, v in cur:
             image = json.loads(bytes(v))
             live_layers.update(bytes.fromhex(h) for h in image["layers"])
             live_objects.update(bytes.fromhex(h) for h in image.get("blobs", []))
-    with txn.cursor(db=db("chains")) as cur:
-        for _, v in cur:  # cached merged indexes pin their own objects
-            live_objects.update(bytes.fromhex(h) for h in json.loads(bytes(v)).get("blobs", []))
+            live_chains.add(chain_id([bytes.fromhex(h) for h in image["layers"]]))
+    _drop_dead_chains(store, txn, live_chains)
     with txn.cursor(db=db("layers")) as cur:
         layers = [(bytes(k), json.loads(bytes(v))) for k, v in cur]
     for layer_id, layer in layers:
@@ -144,6 +150,19 @@ def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
         _compact(store, txn, to_compact)
         res.packs_compacted = len(to_compact)
     return res
+
+
+def _drop_dead_chains(store: Store, txn: lmdb.Transaction, live: set[bytes]) -> None:
+    """Merged indexes are derived data: drop those of chains no image uses."""
+    with txn.cursor(db=store.db("chains")) as cur:
+        dead = [bytes(k) for k in cur.iternext(values=False) if bytes(k) not in live]
+    for chain in dead:
+        txn.delete(chain, db=store.db("chains"))
+        with txn.cursor(db=store.db("union")) as cur:
+            if cur.set_range(chain):
+                while cur.key()[: len(chain)] == chain:
+                    if not cur.delete():
+                        break
 
 
 def _compact(store: Store, txn: lmdb.Transaction, packs: set[int]) -> None:

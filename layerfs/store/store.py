@@ -101,8 +101,9 @@ def default_path() -> str:
     return os.path.join(base, "layerfs")
 
 
-def hexsha(raw: bytes) -> str:
-    return raw.hex()
+def chain_id(layer_ids: list[bytes]) -> bytes:
+    """Identity of a layer chain (bottom first): what a merged index is cached under."""
+    return hashlib.sha256(b"".join(layer_ids)).digest()
 
 
 _tls = threading.local()
@@ -165,6 +166,7 @@ class Store:
         "lease_objs",
         "lease_packs",
         "chains",
+        "union",
     )
 
     def __init__(self, path: str | None = None, *, readonly: bool = False, create: bool = True) -> None:

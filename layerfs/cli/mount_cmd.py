@@ -1,0 +1,73 @@
+"""``layerfs mount IMAGE MOUNTPOINT``: serve an image as a directory (read-only, or --rw)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from layerfs.cli.common import CLIError, open_store
+from layerfs.mount import MountError, MountSpec, mount
+from layerfs.store import StoreError
+from layerfs.tools.refs import RefError, resolve
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("mount", help="mount an image as a directory through FUSE")
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    p.add_argument("--rw", action="store_true", help="writable, with a copy-on-write upper directory")
+    p.add_argument(
+        "--upper",
+        metavar="DIR",
+        help="upper directory to keep changes in (implies --rw; default: a fresh one that umount deletes)",
+    )
+    p.add_argument(
+        "--work",
+        metavar="DIR",
+        help="work directory on the upper's filesystem (default: beside the upper directory)",
+    )
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="mount option; supported: allow_other",
+    )
+    p.add_argument("--debug", action="store_true", help="libfuse debug output (with --foreground)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = {o for opt in args.options for o in opt.split(",") if o}
+    unknown = options - {"allow_other", "ro", "rw"}
+    if unknown:
+        raise CLIError(f"unsupported mount option(s): {', '.join(sorted(unknown))}", 2)
+    with open_store(args) as store:
+        try:
+            image_id = resolve(store, args.image)
+        except RefError as exc:
+            raise CLIError(str(exc)) from None
+        image = store.get_image(image_id)
+        assert image is not None
+        rw = args.rw or args.upper is not None or "rw" in options
+        upper, work, temporary = args.upper, args.work, False
+        if rw and upper is None:
+            base = os.path.join(store.path, "mounts", os.urandom(8).hex())
+            upper, work, temporary = os.path.join(base, "upper"), os.path.join(base, "work"), True
+        spec = MountSpec(
+            image_id,
+            [bytes.fromhex(h) for h in image["layers"]],
+            args.mountpoint,
+            upper=upper,
+            work=work,
+            name=args.image,
+            allow_other="allow_other" in options,
+            temporary_upper=temporary,
+        )
+        try:
+            mount(store, spec, foreground=args.foreground, debug=args.debug)
+        except (MountError, StoreError, OSError) as exc:
+            raise CLIError(f"cannot mount {args.image} on {args.mountpoint}: {exc}") from None
+    return 0

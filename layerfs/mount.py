@@ -1,0 +1,300 @@
+"""Mount life: start a FUSE daemon for an image, list and unmount mounts.
+
+``mount`` builds (or finds) the image's merged index, then forks a daemon that
+opens the store afresh (an LMDB environment must not cross a fork), pins the
+image's layers with a lease so ``gc`` cannot remove them while mounted, and
+serves the mount.  The parent returns only when the kernel has the mount (the
+daemon's FUSE ``init`` writes to a pipe) or with the daemon's one-line error.
+
+Each mount is recorded in ``<store>/mounts/<id>.json``; ``mounts`` lists the
+records whose mountpoint is still a layerfs FUSE mount and prunes the rest.
+Without ``--upper`` a writable mount gets a fresh upper directory under the
+store that ``umount`` deletes (like a container without a volume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from layerfs.store import Store, StoreError
+from layerfs.store.store import _boot_id, _proc_start
+from layerfs.union.index import ChainIndex, build
+
+
+class MountError(Exception):
+    """One line for the user."""
+
+
+@dataclass
+class MountSpec:
+    image_id: bytes
+    layers: list[bytes]
+    mountpoint: str
+    upper: str | None = None
+    work: str | None = None
+    name: str = ""
+    allow_other: bool = False
+    temporary_upper: bool = False
+
+
+def mounted_fuse(mountpoint: str) -> str | None:
+    """The filesystem type if ``mountpoint`` is a mount point now, else None."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+            if mp == target:
+                sep = fields.index("-")
+                return fields[sep + 1]
+    return None
+
+
+def _registry(store: Store) -> str:
+    path = os.path.join(store.path, "mounts")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def prepare(store: Store, spec: MountSpec) -> None:
+    """Check the mountpoint and the upper directory; raise MountError with the reason."""
+    mp = spec.mountpoint
+    if not os.path.isdir(mp):
+        raise MountError(f"mountpoint {mp} is not a directory")
+    if mounted_fuse(mp) is not None:
+        raise MountError(f"mountpoint {mp} is busy (already mounted)")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: FUSE is not available on this machine")
+    if spec.upper is not None:
+        os.makedirs(spec.upper, exist_ok=True)
+        if spec.work is None:
+            up = os.path.abspath(spec.upper)
+            spec.work = os.path.join(os.path.dirname(up), f".{os.path.basename(up)}.layerfs-work")
+        os.makedirs(spec.work, exist_ok=True)
+        if os.stat(spec.upper).st_dev != os.stat(spec.work).st_dev:
+            raise MountError("the work directory must be on the same filesystem as the upper directory")
+        # leftovers of an interrupted copy-up are never part of the tree
+        for name in os.listdir(spec.work):
+            with contextlib.suppress(OSError):
+                p = os.path.join(spec.work, name)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+
+
+def _init_upper_root(store: Store, chain: bytes, upper: str) -> None:
+    """A new, empty upper directory takes the image root's owner, mode and times
+    (its attributes are what the mount's root shows)."""
+    if os.listdir(upper):
+        return
+    index = ChainIndex(store, chain)
+    with store.read() as txn:
+        root = index.node(txn, 1)
+    os.chown(upper, root.uid, root.gid)
+    os.chmod(upper, stat.S_IMODE(root.mode))
+    os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
+
+
+def mount(store: Store, spec: MountSpec, *, foreground: bool = False, debug: bool = False) -> int:
+    """Mount; returns the daemon's pid (or serves in the foreground until unmounted)."""
+    chain = build(store, spec.layers)
+    prepare(store, spec)
+    if spec.upper is not None:
+        _init_upper_root(store, chain, spec.upper)
+    mount_id = hashlib.sha256(os.path.realpath(spec.mountpoint).encode()).hexdigest()[:16]
+    record = {
+        "id": mount_id,
+        "mountpoint": os.path.realpath(spec.mountpoint),
+        "image": spec.image_id.hex(),
+        "name": spec.name,
+        "upper": spec.upper and os.path.abspath(spec.upper),
+        "work": spec.work and os.path.abspath(spec.work),
+        "temporary_upper": spec.temporary_upper,
+        "created": time.time(),
+    }
+    store_path = store.path
+    _registry(store)
+    if foreground:
+        store.close()
+        _serve(store_path, spec, chain, record, None, debug)
+        return os.getpid()
+    read_fd, write_fd = os.pipe()
+    store.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        code = 0
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            log = os.open(
+                os.path.join(store_path, "mounts", f"{mount_id}.log"),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                0o600,
+            )
+            os.dup2(devnull, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            _serve(store_path, spec, chain, record, write_fd, debug)
+        except BaseException as exc:  # noqa: BLE001 - report anything to the waiting parent
+            with contextlib.suppress(OSError):
+                os.write(write_fd, b"E" + str(exc).encode(errors="replace")[:500])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    msg = b""
+    while True:
+        chunk = os.read(read_fd, 1024)
+        if not chunk:
+            break
+        msg += chunk
+        if msg.startswith(b"ok"):
+            break
+    os.close(read_fd)
+    if not msg.startswith(b"ok"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        reason = msg[1:].decode(errors="replace") if msg else "the mount daemon exited without mounting"
+        raise MountError(reason)
+    return pid
+
+
+def _serve(
+    store_path: str, spec: MountSpec, chain: bytes, record: dict[str, Any], ready_fd: int | None, debug: bool
+) -> None:
+    from layerfs.fuseadapter import serve
+    from layerfs.union.view import UnionView
+
+    store = Store(store_path)
+    lease_id = secrets.token_bytes(8)
+    lease = {
+        "pid": os.getpid(),
+        "start": _proc_start(os.getpid()),
+        "boot": _boot_id(),
+        "created": time.time(),
+        "purpose": "mount",
+        "layers": [lid.hex() for lid in spec.layers],
+    }
+    store.write(lambda txn: txn.put(lease_id, json.dumps(lease).encode(), db=store.db("leases")))
+    record = dict(record, pid=os.getpid())
+    reg = os.path.join(_registry(store), f"{record['id']}.json")
+    view = UnionView(store, ChainIndex(store, chain), spec.upper, spec.work)
+
+    def ready() -> None:
+        with open(reg, "w") as f:
+            json.dump(record, f)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok")
+            os.close(ready_fd)
+
+    try:
+        serve(
+            view,
+            spec.mountpoint,
+            fsname=f"layerfs:{spec.name or spec.image_id.hex()[:12]}",
+            allow_other=spec.allow_other,
+            on_ready=ready,
+            debug=debug,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            store.write(lambda txn: store.drop_lease(txn, lease_id))
+        with contextlib.suppress(OSError):
+            os.unlink(reg)
+        if spec.temporary_upper and spec.upper:
+            shutil.rmtree(os.path.dirname(os.path.abspath(spec.upper)), ignore_errors=True)
+        store.close()
+
+
+def mounts(store: Store) -> list[dict[str, Any]]:
+    """Active mounts (stale records of vanished mounts are removed)."""
+    reg = _registry(store)
+    out = []
+    for name in sorted(os.listdir(reg)):
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(reg, name)
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        fstype = mounted_fuse(rec["mountpoint"])
+        if fstype is None or not fstype.startswith("fuse.layerfs"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            continue
+        out.append(rec)
+    return out
+
+
+def umount(store: Store, mountpoint: str, *, timeout: float = 10.0) -> None:
+    """Unmount; also cleans up after a daemon that was killed (ENOTCONN mounts)."""
+    mp = os.path.realpath(mountpoint)
+    fstype = mounted_fuse(mp)
+    rec = next((r for r in _records(store) if r["mountpoint"] == mp), None)
+    if fstype is None:
+        if rec is None:
+            raise MountError(f"{mountpoint} is not mounted")
+    elif not fstype.startswith("fuse.layerfs"):
+        raise MountError(f"{mountpoint} is a {fstype} mount, not a layerfs one")
+    else:
+        res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        if res.returncode != 0:
+            # a dead daemon leaves "Transport endpoint is not connected": detach lazily
+            lazy = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
+            if lazy.returncode != 0:
+                raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
+    if rec is not None:
+        pid = rec.get("pid")
+        deadline = time.monotonic() + timeout
+        while pid and _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(_registry(store), f"{rec['id']}.json"))
+        if rec.get("temporary_upper") and rec.get("upper"):
+            shutil.rmtree(os.path.dirname(rec["upper"]), ignore_errors=True)
+
+
+def _records(store: Store) -> list[dict[str, Any]]:
+    reg = _registry(store)
+    out = []
+    for name in os.listdir(reg):
+        if name.endswith(".json"):
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(reg, name)) as f:
+                out.append(json.load(f))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as gone
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    return True
+
+
+__all__ = ["MountError", "MountSpec", "mount", "mounts", "umount", "StoreError"]

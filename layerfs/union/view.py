@@ -1,0 +1,777 @@
+"""The union view: an image's merged lower tree from the store plus an optional
+writable upper directory, as a filesystem model.  No FUSE in here: every
+method takes paths (bytes, relative, ``b""`` is the root), returns plain
+values and raises ``OSError`` with the errno a kernel filesystem would give.
+
+Lower layers come from a ``ChainIndex`` (one B-tree lookup per path).  The
+upper directory uses the kernel overlayfs format, so it can be inspected, or
+mounted by the kernel: a whiteout is a 0/0 character device (or, where mknod
+is refused, an empty ``.wh.<name>`` file); an opaque directory carries
+``trusted.overlay.opaque=y`` (``user.overlay.opaque`` or a ``.wh..wh..opq``
+file are understood too).  Lookups check the upper directory first.
+
+Copy-up happens before any change to a lower object and copies data, mode,
+owner, times and xattrs through a work directory on the upper filesystem, so a
+crash never leaves a half-copied file in the tree.  A hardlinked lower file is
+copied up with all of its names linked together, so writing one name changes
+what every name shows (fuse-overlayfs breaks the pair).
+
+Renaming a directory that has lower contents returns ``EXDEV``, as the kernel
+overlay does without ``redirect_dir``; ``mv`` then copies and deletes.
+
+Inode numbers: lower inodes are the index's (stable, small); an object keeps
+its lower inode number across copy-up (recorded in ``trusted.layerfs.ino``);
+objects created in the upper directory get the host inode plus ``UPPER_INO``.
+
+Not thread-safe: the FUSE adapter dispatches single-threaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from layerfs.store import Store
+from layerfs.store import entries as E
+from layerfs.store.store import Chunk, decode_object
+from layerfs.union.index import ROOT_INO, ChainIndex, Node
+
+UPPER_INO = 1 << 40
+WH_PREFIX = b".wh."
+OPAQUE_FILE = b".wh..wh..opq"
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+INO_XATTR = b"trusted.layerfs.ino"
+PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.layerfs.")
+CACHE_BYTES = 32 << 20  # decompressed lower chunks kept for re-reads
+READ_AHEAD = 4  # chunks decompressed ahead of a sequential reader
+_INO = struct.Struct("<Q")
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+def _name(path: bytes) -> bytes:
+    return path.rpartition(b"/")[2]
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+@dataclass
+class _LowerFile:
+    content: bytes | None
+    size: int
+    chunks: list[Chunk]
+    last_end: int = 0
+
+
+@dataclass
+class _UpperFile:
+    fd: int
+
+
+class ChunkCache:
+    """Bounded LRU of decompressed chunks, with read-ahead on a helper thread."""
+
+    def __init__(self, store: Store, limit: int = CACHE_BYTES) -> None:
+        self.store = store
+        self.limit = limit
+        self._data: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._ahead: threading.Thread | None = None
+
+    def get(self, c: Chunk) -> bytes:
+        key = (c.pack, c.offset)
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+                return data
+        with self.store.read() as txn:
+            data = self.store._chunk_bytes(txn, c)
+        self._put(key, data)
+        return data
+
+    def _put(self, key: tuple[int, int], data: bytes) -> None:
+        with self._lock:
+            if key in self._data:
+                return
+            self._data[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.limit and self._data:
+                _, old = self._data.popitem(last=False)
+                self._bytes -= len(old)
+
+    def prefetch(self, chunks: list[Chunk]) -> None:
+        """Decompress ``chunks`` in the background (zstd releases the GIL)."""
+        if self._ahead is not None and self._ahead.is_alive():
+            return
+        todo = [c for c in chunks if (c.pack, c.offset) not in self._data]
+        if todo:
+            self._ahead = threading.Thread(target=self._fill, args=(todo,), daemon=True)
+            self._ahead.start()
+
+    def _fill(self, chunks: list[Chunk]) -> None:
+        try:
+            with self.store.read() as txn:
+                for c in chunks:
+                    self._put((c.pack, c.offset), self.store._chunk_bytes(txn, c))
+        except Exception:  # noqa: BLE001 - read-ahead is a hint; the real read reports errors
+            pass
+
+
+class UnionView:
+    def __init__(
+        self, store: Store, index: ChainIndex, upper: str | None = None, work: str | None = None
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.upper = os.fsencode(upper) if upper else None
+        self.work = os.fsencode(work) if work else None
+        if self.upper is not None and self.work is None:
+            raise ValueError("a writable view needs a work directory on the upper filesystem")
+        self.cache = ChunkCache(store)
+        self._handles: dict[int, _LowerFile | _UpperFile] = {}
+        self._next_fh = 1
+        self._vis: dict[bytes, bool] = {}
+        self._upper_ino: dict[int, int] = {}
+        self._tmp = 0
+        self._mknod_ok = True
+
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None
+
+    # -- resolution ---------------------------------------------------------------
+    def _up(self, path: bytes) -> bytes:
+        assert self.upper is not None
+        return os.path.join(self.upper, path) if path else self.upper
+
+    def _ulstat(self, path: bytes) -> os.stat_result | None:
+        if self.upper is None:
+            return None
+        try:
+            return os.lstat(self._up(path))
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+
+    def _opaque(self, path: bytes) -> bool:
+        up = self._up(path)
+        for name in OPAQUE_XATTRS:
+            try:
+                if os.getxattr(up, name, follow_symlinks=False) == b"y":
+                    return True
+            except OSError:
+                pass
+        return os.path.lexists(os.path.join(up, OPAQUE_FILE))
+
+    def _wh_file(self, path: bytes) -> bool:
+        """The ``.wh.<name>`` fallback whiteout for ``path`` exists in the upper dir."""
+        return os.path.lexists(self._up(_join(_parent(path), WH_PREFIX + _name(path))))
+
+    def _lower_visible(self, dir_path: bytes) -> bool:
+        """Can lower entries show below ``dir_path``?  (No upper whiteout/opaque/non-dir above.)"""
+        if self.upper is None:
+            return True
+        cached = self._vis.get(dir_path)
+        if cached is not None:
+            return cached
+        if dir_path == b"":
+            vis = not self._opaque(b"")
+        elif not self._lower_visible(_parent(dir_path)):
+            vis = False
+        else:
+            st = self._ulstat(dir_path)
+            if st is None:
+                vis = not self._wh_file(dir_path)
+            else:
+                vis = stat.S_ISDIR(st.st_mode) and not self._opaque(dir_path)
+        self._vis[dir_path] = vis
+        return vis
+
+    def _lower(self, path: bytes) -> Node | None:
+        """The lower node visible at ``path`` (ignoring an upper entry at ``path`` itself)."""
+        if path and (
+            not self._lower_visible(_parent(path)) or (self.upper is not None and self._wh_file(path))
+        ):
+            return None
+        with self.store.read() as txn:
+            return self.index.lookup_node(txn, path)
+
+    def resolve(self, path: bytes) -> os.stat_result | Node:
+        """What ``path`` is: an upper ``stat_result`` or a lower ``Node``; ENOENT if neither."""
+        st = self._ulstat(path)
+        if st is not None:
+            if _is_whiteout(st):
+                raise _err(errno.ENOENT)
+            return st
+        if self.upper is not None and _name(path).startswith(WH_PREFIX):
+            raise _err(errno.ENOENT)  # fallback whiteouts are bookkeeping, never shown
+        node = self._lower(path)
+        if node is None:
+            raise _err(errno.ENOENT)
+        return node
+
+    # -- attributes ---------------------------------------------------------------
+    def getattr(self, path: bytes) -> dict[str, int]:
+        r = self.resolve(path)
+        if isinstance(r, Node):
+            return self._node_attr(r)
+        return self._stat_attr(path, r)
+
+    @staticmethod
+    def _node_attr(n: Node) -> dict[str, int]:
+        size = len(n.link) if n.kind == E.SYMLINK else n.size
+        return {
+            "st_ino": n.ino,
+            "st_mode": n.mode,
+            "st_nlink": n.nlink,
+            "st_uid": n.uid,
+            "st_gid": n.gid,
+            "st_size": size,
+            "st_rdev": n.rdev,
+            "st_blocks": (size + 511) // 512,
+            "st_blksize": 65536,
+            "st_atime": n.mtime_ns,
+            "st_mtime": n.mtime_ns,
+            "st_ctime": n.mtime_ns,
+        }
+
+    def _stat_attr(self, path: bytes, st: os.stat_result) -> dict[str, int]:
+        return {
+            "st_ino": self._ino_of(path, st),
+            "st_mode": st.st_mode,
+            "st_nlink": st.st_nlink,
+            "st_uid": st.st_uid,
+            "st_gid": st.st_gid,
+            "st_size": st.st_size,
+            "st_rdev": st.st_rdev,
+            "st_blocks": st.st_blocks,
+            "st_blksize": st.st_blksize,
+            "st_atime": st.st_atime_ns,
+            "st_mtime": st.st_mtime_ns,
+            "st_ctime": st.st_ctime_ns,
+        }
+
+    def _ino_of(self, path: bytes, st: os.stat_result) -> int:
+        if not path:
+            return ROOT_INO
+        ino = self._upper_ino.get(st.st_ino)
+        if ino is None:
+            try:
+                ino = _INO.unpack(os.getxattr(self._up(path), INO_XATTR, follow_symlinks=False))[0]
+            except OSError:
+                ino = st.st_ino + UPPER_INO
+            self._upper_ino[st.st_ino] = ino
+        return ino
+
+    def readlink(self, path: bytes) -> bytes:
+        r = self.resolve(path)
+        if isinstance(r, Node):
+            if r.kind != E.SYMLINK:
+                raise _err(errno.EINVAL)
+            return r.link
+        return os.readlink(self._up(path))
+
+    def listxattr(self, path: bytes) -> list[bytes]:
+        r = self.resolve(path)
+        if isinstance(r, Node):
+            return [name for name, _ in r.xattrs]
+        names = os.listxattr(self._up(path), follow_symlinks=False)
+        return [os.fsencode(n) for n in names if not os.fsencode(n).startswith(PRIVATE_XATTR_PREFIXES)]
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes:
+        r = self.resolve(path)
+        if isinstance(r, Node):
+            for n, v in r.xattrs:
+                if n == name:
+                    return v
+            raise _err(errno.ENODATA)
+        if name.startswith(PRIVATE_XATTR_PREFIXES):
+            raise _err(errno.ENODATA)
+        return os.getxattr(self._up(path), name, follow_symlinks=False)
+
+    def statfs(self) -> dict[str, int]:
+        if self.upper is not None:
+            v = os.statvfs(self.upper)
+            return {
+                k: getattr(v, k)
+                for k in (
+                    "f_bsize",
+                    "f_frsize",
+                    "f_blocks",
+                    "f_bfree",
+                    "f_bavail",
+                    "f_files",
+                    "f_ffree",
+                    "f_favail",
+                    "f_namemax",
+                )
+            }
+        s = self.index.summary
+        return {
+            "f_bsize": 4096,
+            "f_frsize": 4096,
+            "f_blocks": (s["bytes"] + 4095) // 4096,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": s["inodes"],
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": 255,
+        }
+
+    # -- directories ----------------------------------------------------------------
+    def readdir(self, path: bytes) -> list[tuple[bytes, int, int]]:
+        """(name, inode, file type bits) of every entry, without ``.`` and ``..``."""
+        r = self.resolve(path)
+        is_dir = stat.S_ISDIR(r.st_mode) if isinstance(r, os.stat_result) else r.is_dir
+        if not is_dir:
+            raise _err(errno.ENOTDIR)
+        out: list[tuple[bytes, int, int]] = []
+        hidden: set[bytes] = set()
+        if isinstance(r, os.stat_result):
+            with os.scandir(self._up(path)) as it:
+                for d in it:
+                    name = d.name
+                    if name.startswith(WH_PREFIX):
+                        if name != OPAQUE_FILE:
+                            hidden.add(name[len(WH_PREFIX) :])
+                        continue
+                    st = d.stat(follow_symlinks=False)
+                    if _is_whiteout(st):
+                        hidden.add(name)
+                    else:
+                        out.append((name, self._ino_of(_join(path, name), st), stat.S_IFMT(st.st_mode)))
+            lower_ok = self._lower_visible(path)
+        else:
+            lower_ok = True
+        if lower_ok:
+            seen = {name for name, _, _ in out} | hidden
+            with self.store.read() as txn:
+                ino = self.index.lookup(txn, path)
+                if ino is not None and self.index.node(txn, ino).is_dir:
+                    out += [c for c in self.index.children(txn, ino) if c[0] not in seen]
+        return out
+
+    # -- reading ----------------------------------------------------------------------
+    def open(self, path: bytes, flags: int) -> int:
+        wants_write = flags & (os.O_WRONLY | os.O_RDWR) or flags & os.O_TRUNC
+        if wants_write:
+            self._need_rw()
+            self._copy_up(path, data=not flags & os.O_TRUNC)
+            fd = os.open(self._up(path), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_NOFOLLOW)
+            return self._new_handle(_UpperFile(fd))
+        r = self.resolve(path)
+        if isinstance(r, os.stat_result):
+            return self._new_handle(_UpperFile(os.open(self._up(path), flags | os.O_NOFOLLOW)))
+        if r.kind == E.DIR:
+            raise _err(errno.EISDIR)
+        chunks: list[Chunk] = []
+        if r.content is not None:
+            with self.store.read() as txn:
+                rec = txn.get(r.content, db=self.store.db("objects"))
+                if rec is None:
+                    raise _err(errno.EIO)
+                chunks = decode_object(rec)[1]
+        return self._new_handle(_LowerFile(r.content, r.size, chunks))
+
+    def _new_handle(self, h: _LowerFile | _UpperFile) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = h
+        return fh
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        h = self._handles[fh]
+        if isinstance(h, _UpperFile):
+            return os.pread(h.fd, size, offset)
+        end = min(offset + size, h.size)
+        if offset >= end:
+            return b""
+        # chunks are CHUNK_SIZE except the last, so the chunk index is a division
+        csize = h.chunks[0].raw if h.chunks else 1
+        first, last = offset // csize, (end - 1) // csize
+        out = []
+        for i in range(first, last + 1):
+            data = self.cache.get(h.chunks[i])
+            base = i * csize
+            out.append(data[max(0, offset - base) : end - base])
+        if offset == h.last_end and last + 1 < len(h.chunks):
+            self.cache.prefetch(h.chunks[last + 1 : last + 1 + READ_AHEAD])
+        h.last_end = end
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if isinstance(h, _UpperFile):
+            os.close(h.fd)
+
+    # -- writing ----------------------------------------------------------------------
+    def _need_rw(self) -> None:
+        if self.upper is None:
+            raise _err(errno.EROFS)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        h = self._handles[fh]
+        if not isinstance(h, _UpperFile):
+            raise _err(errno.EBADF)
+        return os.pwrite(h.fd, data, offset)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handles.get(fh)
+        if isinstance(h, _UpperFile):
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        h = self._handles[fh]
+        if not isinstance(h, _UpperFile):
+            raise _err(errno.EBADF)
+        if mode:
+            raise _err(errno.EOPNOTSUPP)
+        os.posix_fallocate(h.fd, offset, length)
+
+    def truncate(self, path: bytes, length: int, fh: int | None = None) -> None:
+        self._need_rw()
+        h = self._handles.get(fh) if fh is not None else None
+        if isinstance(h, _UpperFile):
+            os.ftruncate(h.fd, length)
+            return
+        self._copy_up(path, data=length > 0)
+        os.truncate(self._up(path), length)
+
+    def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
+        self._need_rw()
+        self._prepare_new(path)
+        fd = os.open(self._up(path), flags | os.O_CREAT | os.O_NOFOLLOW, mode & 0o7777)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode & 0o7777)  # the umask was applied by the kernel already
+        except OSError:
+            os.close(fd)
+            raise
+        return self._new_handle(_UpperFile(fd))
+
+    def mkdir(self, path: bytes, mode: int, uid: int, gid: int) -> None:
+        self._need_rw()
+        replaced_whiteout = self._prepare_new(path)
+        up = self._up(path)
+        os.mkdir(up, mode & 0o7777)
+        os.lchown(up, uid, gid)
+        os.chmod(up, mode & 0o7777)
+        if replaced_whiteout or self._lower(path) is not None:
+            # a directory re-created over a deleted lower one must not show the old contents
+            self._set_opaque(up)
+        self._vis.clear()
+
+    def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> None:
+        self._need_rw()
+        self._prepare_new(path)
+        up = self._up(path)
+        os.mknod(up, mode, rdev)
+        os.lchown(up, uid, gid)
+        os.chmod(up, mode & 0o7777)
+
+    def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> None:
+        self._need_rw()
+        self._prepare_new(path)
+        up = self._up(path)
+        os.symlink(target, up)
+        os.lchown(up, uid, gid)
+
+    def link(self, existing: bytes, new: bytes) -> None:
+        self._need_rw()
+        r = self.resolve(existing)
+        if isinstance(r, Node) and r.is_dir or isinstance(r, os.stat_result) and stat.S_ISDIR(r.st_mode):
+            raise _err(errno.EPERM)
+        self._copy_up(existing)
+        self._prepare_new(new)
+        os.link(self._up(existing), self._up(new), follow_symlinks=False)
+
+    def unlink(self, path: bytes) -> None:
+        self._need_rw()
+        r = self.resolve(path)
+        if isinstance(r, Node) and r.is_dir or isinstance(r, os.stat_result) and stat.S_ISDIR(r.st_mode):
+            raise _err(errno.EISDIR)
+        self._remove(path, r)
+
+    def rmdir(self, path: bytes) -> None:
+        self._need_rw()
+        if not path:
+            raise _err(errno.EBUSY)
+        r = self.resolve(path)
+        if not (
+            isinstance(r, Node) and r.is_dir or isinstance(r, os.stat_result) and stat.S_ISDIR(r.st_mode)
+        ):
+            raise _err(errno.ENOTDIR)
+        if self.readdir(path):
+            raise _err(errno.ENOTEMPTY)
+        self._remove(path, r)
+        self._vis.clear()
+
+    def _remove(self, path: bytes, r: os.stat_result | Node) -> None:
+        """Remove ``path`` from the merged view: delete the upper object, whiteout the lower."""
+        lower = self._lower(path)
+        if isinstance(r, os.stat_result):
+            up = self._up(path)
+            if stat.S_ISDIR(r.st_mode):
+                _clear_dir(up)  # only whiteouts and markers are left in it
+                os.rmdir(up)
+            else:
+                os.unlink(up)
+            self._upper_ino.pop(r.st_ino, None)
+        if lower is not None:
+            self._whiteout(path)
+
+    def rename(self, old: bytes, new: bytes, flags: int = 0) -> None:
+        self._need_rw()
+        if flags & ~1:  # only RENAME_NOREPLACE; RENAME_EXCHANGE/WHITEOUT are not offered
+            raise _err(errno.EINVAL)
+        src = self.resolve(old)
+        src_dir = (
+            isinstance(src, Node)
+            and src.is_dir
+            or isinstance(src, os.stat_result)
+            and stat.S_ISDIR(src.st_mode)
+        )
+        try:
+            dst: os.stat_result | Node | None = self.resolve(new)
+        except FileNotFoundError:
+            dst = None
+        if old == new:
+            return
+        if dst is not None:
+            if flags & 1:
+                raise _err(errno.EEXIST)
+            dst_dir = (
+                isinstance(dst, Node)
+                and dst.is_dir
+                or isinstance(dst, os.stat_result)
+                and stat.S_ISDIR(dst.st_mode)
+            )
+            if src_dir and not dst_dir:
+                raise _err(errno.ENOTDIR)
+            if dst_dir and not src_dir:
+                raise _err(errno.EISDIR)
+            if dst_dir and self.readdir(new):
+                raise _err(errno.ENOTEMPTY)
+        if new.startswith(old + b"/"):
+            raise _err(errno.EINVAL)
+        if src_dir and self._has_lower_contents(old):
+            raise _err(errno.EXDEV)  # as overlayfs without redirect_dir: the caller copies
+        old_lower = self._lower(old) is not None
+        self._copy_up(old)
+        if dst is not None:
+            self._remove(new, dst)
+        replaced_whiteout = self._prepare_new(new)
+        os.rename(self._up(old), self._up(new))
+        if src_dir and (replaced_whiteout or self._lower(new) is not None):
+            self._set_opaque(self._up(new))
+        if old_lower:
+            self._whiteout(old)
+        self._vis.clear()
+
+    def _has_lower_contents(self, path: bytes) -> bool:
+        node = self._lower(path)
+        if node is None or not node.is_dir or not self._lower_visible(path):
+            return False
+        with self.store.read() as txn:
+            return next(self.index.children(txn, node.ino), None) is not None
+
+    def chmod(self, path: bytes, mode: int) -> None:
+        self._need_rw()
+        self._copy_up(path)
+        up = self._up(path)
+        if stat.S_ISLNK(os.lstat(up).st_mode):
+            raise _err(errno.EOPNOTSUPP)  # as Linux does for a symlink's own mode
+        os.chmod(up, mode & 0o7777)
+
+    def chown(self, path: bytes, uid: int, gid: int) -> None:
+        self._need_rw()
+        self._copy_up(path)
+        os.lchown(self._up(path), uid, gid)
+
+    def utimens(self, path: bytes, atime_ns: int | None, mtime_ns: int | None) -> None:
+        self._need_rw()
+        self._copy_up(path)
+        up = self._up(path)
+        st = os.lstat(up)
+        ns = (
+            st.st_atime_ns if atime_ns is None else atime_ns,
+            st.st_mtime_ns if mtime_ns is None else mtime_ns,
+        )
+        os.utime(up, ns=ns, follow_symlinks=False)
+
+    def setxattr(self, path: bytes, name: bytes, value: bytes, flags: int) -> None:
+        self._need_rw()
+        if name.startswith(PRIVATE_XATTR_PREFIXES):
+            raise _err(errno.EPERM)
+        self._copy_up(path)
+        os.setxattr(self._up(path), name, value, flags, follow_symlinks=False)
+
+    def removexattr(self, path: bytes, name: bytes) -> None:
+        self._need_rw()
+        if name.startswith(PRIVATE_XATTR_PREFIXES):
+            raise _err(errno.ENODATA)
+        self._copy_up(path)
+        os.removexattr(self._up(path), name, follow_symlinks=False)
+
+    # -- copy-up machinery -----------------------------------------------------------------
+    def _prepare_new(self, path: bytes) -> bool:
+        """Make room for a new upper object at ``path``: parents copied up, a whiteout
+        there removed.  EEXIST if something visible is there.  Returns whether a
+        whiteout was replaced (the new object hides a deleted lower one)."""
+        try:
+            self.resolve(path)
+        except FileNotFoundError:
+            pass
+        else:
+            raise _err(errno.EEXIST)
+        parent = _parent(path)
+        pr = self.resolve(parent)
+        if not (
+            isinstance(pr, Node) and pr.is_dir or isinstance(pr, os.stat_result) and stat.S_ISDIR(pr.st_mode)
+        ):
+            raise _err(errno.ENOTDIR)
+        self._copy_up(parent)
+        up = self._up(path)
+        st = self._ulstat(path)
+        replaced = False
+        if st is not None and _is_whiteout(st):
+            os.unlink(up)
+            replaced = True
+        wh = self._up(_join(parent, WH_PREFIX + _name(path)))
+        if os.path.lexists(wh):
+            os.unlink(wh)
+            replaced = True
+        return replaced
+
+    def _whiteout(self, path: bytes) -> None:
+        self._copy_up(_parent(path))
+        up = self._up(path)
+        if self._mknod_ok:
+            try:
+                os.mknod(up, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                return
+            except PermissionError:
+                self._mknod_ok = False  # unprivileged: fall back to .wh. files from now on
+        with open(self._up(_join(_parent(path), WH_PREFIX + _name(path))), "wb"):
+            pass
+
+    def _set_opaque(self, up: bytes) -> None:
+        try:
+            os.setxattr(up, OPAQUE_XATTRS[0], b"y")
+        except PermissionError:
+            try:
+                os.setxattr(up, OPAQUE_XATTRS[1], b"y")
+            except OSError:
+                with open(os.path.join(up, OPAQUE_FILE), "wb"):
+                    pass
+
+    def _copy_up(self, path: bytes, data: bool = True) -> None:
+        """Make sure ``path`` exists in the upper directory (with its parents)."""
+        r = self.resolve(path)
+        if isinstance(r, os.stat_result):
+            return
+        if path:
+            self._copy_up(_parent(path))
+        if r.kind == E.REG and r.nlink > 1:
+            with self.store.read() as txn:
+                names = self.index.link_group(txn, r.ino)
+            first = self._copy_one(path, r, data)
+            for other in names:
+                if other == path:
+                    continue
+                try:
+                    o = self.resolve(other)
+                except OSError:
+                    continue
+                if isinstance(o, Node) and o.ino == r.ino:
+                    self._copy_up(_parent(other))
+                    os.link(first, self._up(other))
+            return
+        self._copy_one(path, r, data)
+
+    def _copy_one(self, path: bytes, n: Node, data: bool) -> bytes:
+        assert self.work is not None
+        self._tmp += 1
+        tmp = os.path.join(self.work, b"copyup-%d-%d" % (os.getpid(), self._tmp))
+        if n.kind == E.DIR:
+            os.mkdir(tmp, 0o700)
+        elif n.kind == E.REG:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if data and n.content is not None:
+                    for piece in self.store.iter_object(n.content):
+                        os.write(fd, piece)
+            finally:
+                os.close(fd)
+        elif n.kind == E.SYMLINK:
+            os.symlink(n.link, tmp)
+        else:
+            os.mknod(tmp, n.mode, n.rdev)
+        try:
+            os.lchown(tmp, n.uid, n.gid)
+            if n.kind != E.SYMLINK:
+                os.chmod(tmp, n.mode & 0o7777)  # after chown, which clears setuid bits
+            for name, value in n.xattrs:
+                try:
+                    os.setxattr(tmp, name, value, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                        raise
+            os.setxattr(tmp, INO_XATTR, _INO.pack(n.ino), follow_symlinks=False)
+            os.utime(tmp, ns=(n.mtime_ns, n.mtime_ns), follow_symlinks=False)
+            final = self._up(path)
+            os.rename(tmp, final)
+        except BaseException:
+            _remove_any(tmp)
+            raise
+        self._vis.pop(path, None)
+        return final
+
+
+def _clear_dir(path: bytes) -> None:
+    with os.scandir(path) as it:
+        for d in it:
+            _remove_any(d.path)
+
+
+def _remove_any(path: bytes) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            _clear_dir(path)
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def iter_tree(view: UnionView, path: bytes = b"") -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Walk the merged tree (for tests and tools): (path, attributes)."""
+    attr = view.getattr(path)
+    yield path, attr
+    if stat.S_ISDIR(attr["st_mode"]):
+        for name, _, _ in sorted(view.readdir(path)):
+            yield from iter_tree(view, _join(path, name))

@@ -99,8 +99,15 @@ def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]], fmt: int = tarfile.P
     return buf.getvalue()
 
 
-def member(name: str, data: bytes = b"", *, kind: bytes = tarfile.REGTYPE, mode: int = 0o644,
-           link: str = "", mtime: int = 1_700_000_000) -> tuple[tarfile.TarInfo, bytes]:
+def member(
+    name: str,
+    data: bytes = b"",
+    *,
+    kind: bytes = tarfile.REGTYPE,
+    mode: int = 0o644,
+    link: str = "",
+    mtime: int = 1_700_000_000,
+) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
@@ -109,10 +116,17 @@ def member(name: str, data: bytes = b"", *, kind: bytes = tarfile.REGTYPE, mode:
     return info, data
 
 
-def make_layout(path: str | Path, layers: list[bytes], *, ref: str | None = "test:latest",
-                compress: bool = True, diff_ids: list[str] | None = None,
-                layer_digests: list[str] | None = None, layer_sizes: list[int] | None = None,
-                config_extra: dict[str, object] | None = None) -> str:
+def make_layout(
+    path: str | Path,
+    layers: list[bytes],
+    *,
+    ref: str | None = "test:latest",
+    compress: bool = True,
+    diff_ids: list[str] | None = None,
+    layer_digests: list[str] | None = None,
+    layer_sizes: list[int] | None = None,
+    config_extra: dict[str, object] | None = None,
+) -> str:
     """Write an OCI image layout from raw layer tars.  The keyword arguments let a test
     lie about digests and sizes (to check that the importer refuses the lie)."""
     path = str(path)
@@ -129,19 +143,30 @@ def make_layout(path: str | Path, layers: list[bytes], *, ref: str | None = "tes
     for i, raw in enumerate(layers):
         blob = gzip.compress(raw, mtime=0) if compress else raw
         digest = put(blob)
-        descs.append({
-            "mediaType": MT_LAYER + ("+gzip" if compress else ""),
-            "digest": layer_digests[i] if layer_digests else digest,
-            "size": layer_sizes[i] if layer_sizes else len(blob),
-        })
+        descs.append(
+            {
+                "mediaType": MT_LAYER + ("+gzip" if compress else ""),
+                "digest": layer_digests[i] if layer_digests else digest,
+                "size": layer_sizes[i] if layer_sizes else len(blob),
+            }
+        )
         real_diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids or real_diff_ids}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids or real_diff_ids},
+    }
     config.update(config_extra or {})
     cfg = json.dumps(config).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                           "config": {"mediaType": MT_CONFIG, "digest": put(cfg), "size": len(cfg)},
-                           "layers": descs}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MT_MANIFEST,
+            "config": {"mediaType": MT_CONFIG, "digest": put(cfg), "size": len(cfg)},
+            "layers": descs,
+        }
+    ).encode()
     desc: dict[str, object] = {"mediaType": MT_MANIFEST, "digest": put(manifest), "size": len(manifest)}
     if ref:
         desc["annotations"] = {"org.opencontainers.image.ref.name": ref}

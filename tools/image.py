@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerfs.store import Entry, Store, StoreError, WriteSession, collect
+from layerfs.store import entries as E
 from layerfs.tools import refs
 from layerfs.tools.layer import LayerError, LayerResult, import_layer
 from layerfs.tools.sources import (
@@ -36,9 +38,6 @@ from layerfs.tools.sources import (
     platform_matches,
     platform_string,
 )
-
-from layerfs.store import Entry, Store, StoreError, WriteSession, collect
-from layerfs.store import entries as E
 
 
 class ImportError_(ValueError):
@@ -178,7 +177,6 @@ def _import_one(
                             session, blob, lower=lower.lookup, progress=bar.update if bar else None
                         )
                     _check_layer(desc, res, diff_id)
-                    desc.digest, desc.size = res.blob_digest, res.blob_size  # legacy: now known
                     session.put_layer(
                         _raw(diff_id),
                         res.entries,
@@ -188,6 +186,7 @@ def _import_one(
                             "files": res.files,
                             "blob_digest": res.blob_digest,
                             "blob_size": res.blob_size,
+                            "tar_size": res.tar_size,
                             "compression": res.compression,
                             "created": time.time(),
                         },
@@ -202,12 +201,12 @@ def _import_one(
                     else:
                         tables.append(lambda d=diff_id: store.layer_entries(_raw(d)))  # type: ignore[misc]
                         result.layers_known += 1
-                    if desc.size < 0:  # legacy archive, layer already known: describe what we have
-                        known = store.get_layer(_raw(diff_id))
-                        desc.digest = diff_id
-                        desc.size = known["blob_size"] if known and known["compression"] == "tar" else 0
             if manifest_bytes is None:
-                manifest_bytes = _docker_manifest(config_bytes, layer_descs, store, done)
+                # legacy archives carry no manifest: describe every layer as the uncompressed
+                # tar it is identified by, the same on a first and on a repeated import
+                for desc, diff_id in zip(layer_descs, diff_ids):
+                    desc.digest, desc.size = diff_id, _tar_size(store, done, diff_id)
+                manifest_bytes = _docker_manifest(config_bytes, layer_descs)
             cfg_sha = session.add_blob(config_bytes)
             man_sha = session.add_blob(manifest_bytes)
             size = sum(_layer_size(store, done, d) for d in diff_ids)
@@ -247,6 +246,13 @@ def _raw(digest: str) -> bytes:
     return bytes.fromhex(digest[7:])
 
 
+def _tar_size(store: Store, done: dict[str, LayerResult], diff_id: str) -> int:
+    if diff_id in done:
+        return done[diff_id].tar_size
+    layer = store.get_layer(_raw(diff_id))
+    return int(layer["tar_size"]) if layer else 0
+
+
 def _layer_size(store: Store, done: dict[str, LayerResult], diff_id: str) -> int:
     if diff_id in done:
         return done[diff_id].size
@@ -267,9 +273,7 @@ def _check_layer(desc: Descriptor, res: LayerResult, diff_id: str) -> None:
         )
 
 
-def _docker_manifest(
-    config: bytes, layers: list[Descriptor], store: Store, done: dict[str, LayerResult]
-) -> bytes:
+def _docker_manifest(config: bytes, layers: list[Descriptor]) -> bytes:
     """The schema2 manifest a legacy ``docker save`` archive implies (it carries none)."""
     manifest = {
         "schemaVersion": 2,

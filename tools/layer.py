@@ -148,6 +148,7 @@ class LayerResult:
     diff_id: str
     blob_digest: str
     blob_size: int
+    tar_size: int  # uncompressed
     entries: list[Entry]
     size: int  # logical bytes of regular-file data
     files: int
@@ -291,6 +292,7 @@ def import_layer(
         diff_id="sha256:" + plain.sha.hexdigest(),
         blob_digest="sha256:" + raw.sha.hexdigest(),
         blob_size=raw.size,
+        tar_size=plain.size,
         entries=build.finish(),
         size=size,
         files=files,

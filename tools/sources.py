@@ -19,6 +19,7 @@ Not thread-safe.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform as _platform
@@ -162,7 +163,11 @@ class Source:
         out = []
         for ref, descs in groups.items():
             names = _names(ref, descs[0].annotations, default_name)
-            out.append(self._pick(descs, platform, names))
+            if not ref and len(descs) > 1 and not any(d.platform for d in descs):
+                # several nameless images (docker save of ids): each is an image, not a platform
+                out += [self._pick([d], platform, []) for d in descs]
+            else:
+                out.append(self._pick(descs, platform, names))
         return out
 
     def _pick(self, descs: list[Descriptor], platform: str | None, names: list[str]) -> ImageRef:
@@ -170,7 +175,9 @@ class Source:
         candidates: list[Descriptor] = []
         for d in descs:
             if d.media_type in INDEX_TYPES:
-                _, nested = self.read_json_blob(d)
+                data, nested = self.read_json_blob(d)
+                if len(data) != d.size or "sha256:" + hashlib.sha256(data).hexdigest() != d.digest:
+                    raise SourceError(f"image index {d.digest} does not match its digest or size")
                 candidates += [Descriptor.parse(m) for m in nested.get("manifests") or []]
             else:
                 candidates.append(d)

@@ -184,8 +184,8 @@ class Store:
                 map_size=size,
                 max_dbs=len(self.DBS) + 2,
                 readonly=readonly,
-                # random chunk reads: OS read-ahead of the map would only pollute the cache
-                readahead=False,
+                # keep the OS read-ahead: chunks of a file and files of a layer sit together in packs
+                readahead=True,
                 max_readers=256,
             )
         except lmdb.Error as exc:
@@ -258,7 +258,15 @@ class Store:
 
     def _chunk_bytes(self, txn: lmdb.Transaction, c: Chunk) -> bytes:
         stored = self.payload.read(txn, c.pack, c.offset, c.stored)
-        raw = _decompressor().decompress(stored, max_output_size=c.raw) if c.codec == ZSTD else bytes(stored)
+        if c.codec == ZSTD:
+            try:
+                raw = _decompressor().decompress(stored, max_output_size=c.raw)
+            except zstandard.ZstdError as exc:
+                raise CorruptionError(
+                    f"chunk in pack {c.pack} at {c.offset} does not decompress: {exc}"
+                ) from None
+        else:
+            raw = bytes(stored)
         if len(raw) != c.raw or xxhash.xxh3_64_intdigest(raw) != c.xxh:
             raise CorruptionError(f"chunk in pack {c.pack} at {c.offset} fails its checksum")
         return raw

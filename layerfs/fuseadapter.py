@@ -37,13 +37,16 @@ def _p(path: str) -> bytes:
 
 
 class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
+    """Read-only operations.  There is no open/release/flush here on purpose: libfuse then
+    answers OPEN and RELEASE itself (and FLUSH once with ENOSYS), so reading a small file
+    costs one call into Python instead of four; ``kernel_cache`` keeps the page cache."""
+
     use_ns = True
 
     def __init__(self, view: UnionView, on_ready: Callable[[], None] | None = None) -> None:
         self.view = view
         self._on_ready = on_ready
 
-    # -- life ----------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
         timeout = RW_TIMEOUT if self.view.writable else RO_TIMEOUT
         if config is not None:
@@ -51,14 +54,15 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
             config.entry_timeout = timeout
             config.attr_timeout = timeout
             config.negative_timeout = timeout
+            if not self.view.writable:
+                config.kernel_cache = 1  # immutable: the page cache survives close/open
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path: str) -> None:
         pass
 
-    # -- reading ---------------------------------------------------------------------
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
         return self.view.getattr(_p(path))
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
@@ -74,18 +78,8 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
     def readlink(self, path: str) -> str:
         return os.fsdecode(self.view.readlink(_p(path)))
 
-    def open(self, path: str, fi: Any) -> int:
-        fi.fh = self.view.open(_p(path), fi.flags)
-        if not self.view.writable:
-            fi.keep_cache = 1  # immutable: page cache survives close/open
-        return 0
-
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        return self.view.read(fi.fh, size, offset)
-
-    def release(self, path: str, fi: Any) -> int:
-        self.view.release(fi.fh)
-        return 0
+        return self.view.read_path(_p(path), size, offset)
 
     def statfs(self, path: str) -> dict[str, int]:
         return self.view.statfs()
@@ -96,7 +90,21 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         return self.view.getxattr(_p(path), os.fsencode(name))
 
-    # -- writing ---------------------------------------------------------------------
+
+class WritableOperations(UnionOperations):
+    """Read-write operations: handles for files (copy-up happens at open for write)."""
+
+    def open(self, path: str, fi: Any) -> int:
+        fi.fh = self.view.open(_p(path), fi.flags)
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        return self.view.read(fi.fh, size, offset)
+
+    def release(self, path: str, fi: Any) -> int:
+        self.view.release(fi.fh)
+        return 0
+
     def create(self, path: str, mode: int, fi: Any) -> int:
         uid, gid, _ = mfusepy.fuse_get_context()
         fi.fh = self.view.create(_p(path), mode, fi.flags, uid, gid)
@@ -107,9 +115,6 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
         self.view.truncate(_p(path), length, fh.fh if fh is not None else None)
-        return 0
-
-    def flush(self, path: str, fi: Any) -> int:
         return 0
 
     def fsync(self, path: str, datasync: int, fi: Any) -> int:
@@ -179,11 +184,6 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
         self.view.removexattr(_p(path), os.fsencode(name))
         return 0
 
-    def access(self, path: str, amode: int) -> int:
-        # default_permissions makes the kernel check modes; existence is all that is left
-        self.view.getattr(_p(path))
-        return 0
-
 
 class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy drops rename flags; RENAME_NOREPLACE must reach the view, the rest is refused."""
@@ -216,8 +216,9 @@ def serve(
         options["allow_other"] = True
     if not os.path.exists("/dev/fuse"):
         raise OSError(errno.ENODEV, "/dev/fuse is missing: FUSE is not available here")
+    ops = WritableOperations(view, on_ready) if view.writable else UnionOperations(view, on_ready)
     _FUSE(
-        UnionOperations(view, on_ready),
+        ops,
         mountpoint,
         foreground=True,
         nothreads=True,

@@ -87,7 +87,10 @@ def _pax_time_ns(value: bytes) -> int:
 def _pax_int(value: bytes, key: str) -> int:
     if not value.isdigit():
         raise TarError(f"invalid PAX {key} {value!r}")
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:  # more digits than int() accepts
+        raise TarError(f"invalid PAX {key} {value!r}") from None
 
 
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
@@ -99,7 +102,10 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
         space = data.find(b" ", pos)
         if space < 0 or not data[pos:space].isdigit():
             raise TarError("malformed PAX record length")
-        length = int(data[pos:space])
+        try:
+            length = int(data[pos:space])
+        except ValueError:  # more digits than int() accepts
+            raise TarError("malformed PAX record length") from None
         end = pos + length
         if length <= space - pos + 1 or end > len(data) or data[end - 1] != 0x0A:
             raise TarError("malformed PAX record")
@@ -164,6 +170,7 @@ class TarParser:
     # -- the event stream -----------------------------------------------------
     def _events(self) -> Iterator[tuple[int, object]]:
         global_pax: dict[bytes, bytes] = {}
+        ext_pending = ext_global = 0  # each extended header is capped; many of them add up
         pax: dict[bytes, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
@@ -182,6 +189,13 @@ class TarParser:
             size = _number(block[124:136], "size")
             if size < 0:
                 raise TarError("negative size in tar header")
+            if typ in b"xgLK" and size <= MAX_EXT:
+                if ext_pending + ext_global + size > MAX_EXT:
+                    raise TarError(f"extended headers exceed the {MAX_EXT}-byte limit in total")
+                if typ == ord("g"):
+                    ext_global += size
+                else:
+                    ext_pending += size
             if typ in b"xg":
                 records = _parse_pax(self._ext_data(size, "PAX header"))
                 (pax if typ == ord("x") else global_pax).update(records)
@@ -198,6 +212,7 @@ class TarParser:
             header = self._header(block, typ, size, fields, long_name, long_link)
             pax = {}
             long_name = long_link = None
+            ext_pending = 0
             yield EV_ENTRY, header
             if header[2] == 0x30:
                 yield from self._file_data(header[6])

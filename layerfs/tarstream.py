@@ -21,7 +21,7 @@ if _impl == "python":
     BACKEND = "python"
 else:
     try:
-        from layerfs._ctar import TarParser  # type: ignore[no-redef]
+        from layerfs._ctar import TarParser  # type: ignore[assignment]
 
         BACKEND = "c"
     except ImportError:

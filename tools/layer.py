@@ -27,7 +27,7 @@ import hashlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import zstandard
 
@@ -96,7 +96,8 @@ class _Decompressor:
             self._gz = zlib.decompressobj(31)
         elif head[:4] == b"\x28\xb5\x2f\xfd":
             self.kind = "zstd"
-            self._zst = zstandard.ZstdDecompressor().stream_reader(_RawSource(self), read_across_frames=True)
+            source: Any = _RawSource(self)  # anything with read(n) will do
+            self._zst = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
 
     def read_raw(self, n: int) -> bytes:
         if self._first is not None:

@@ -66,7 +66,7 @@ def resolve(store: Store, ref: str) -> bytes:
         name = normalize(ref)
     except RefError:
         raise RefError(f"no such image: {ref}") from None
-    image_id = store.get_tag(name)
-    if image_id is None:
+    tagged = store.get_tag(name)
+    if tagged is None:
         raise RefError(f"no such image: {ref}")
-    return image_id
+    return tagged

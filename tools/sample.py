@@ -230,10 +230,10 @@ def write_layout(out: str, busybox_path: str) -> str:
             }
         ],
     }
-    with open(os.path.join(out, "index.json"), "w") as f:
-        json.dump(index, f)
-    with open(os.path.join(out, "oci-layout"), "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    with open(os.path.join(out, "index.json"), "w") as index_file:
+        json.dump(index, index_file)
+    with open(os.path.join(out, "oci-layout"), "w") as layout_file:
+        json.dump({"imageLayoutVersion": "1.0.0"}, layout_file)
     return man_digest
 
 

@@ -167,7 +167,9 @@ def _drop_dead_chains(store: Store, txn: lmdb.Transaction, live: set[bytes]) -> 
 
 def _compact(store: Store, txn: lmdb.Transaction, packs: set[int]) -> None:
     meta = store.db("meta")
-    pack_id = _U64.unpack(txn.get(b"next_pack", db=meta))[0]
+    next_pack = txn.get(b"next_pack", db=meta)
+    assert next_pack is not None  # packs exist, so a pack id was allocated
+    pack_id = _U64.unpack(next_pack)[0]
     buf = bytearray()
     moves: list[tuple[bytes, int, list[Chunk]]] = []
     with txn.cursor(db=store.db("objects")) as cur:

@@ -47,7 +47,7 @@ class LmdbPayload:
         buf = txn.get(_ID.pack(pack_id), db=self._db)
         if buf is None or offset + length > len(buf):
             raise MissingPack(f"pack {pack_id} is missing or shorter than its index says")
-        return buf[offset : offset + length]
+        return memoryview(buf)[offset : offset + length]
 
     def delete_pack(self, txn: lmdb.Transaction, pack_id: int) -> None:
         txn.delete(_ID.pack(pack_id), db=self._db)

@@ -517,14 +517,17 @@ class WriteSession:
         table = self.add_blob(encode_table(entries))
         record = dict(info, table=table.hex(), entries=len(entries))
         data = json.dumps(record, sort_keys=True).encode()
-        self._final.append(lambda txn: txn.put(layer_id, data, db=self.store.db("layers"), overwrite=False))
+        self._final.append(lambda txn: self._put(txn, "layers", layer_id, data, overwrite=False))
 
     def put_image(self, image_id: bytes, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True).encode()
-        self._final.append(lambda txn: txn.put(image_id, data, db=self.store.db("images")))
+        self._final.append(lambda txn: self._put(txn, "images", image_id, data))
 
     def set_tag(self, name: str, image_id: bytes) -> None:
-        self._final.append(lambda txn: txn.put(name.encode(), image_id, db=self.store.db("tags")))
+        self._final.append(lambda txn: self._put(txn, "tags", name.encode(), image_id))
+
+    def _put(self, txn: lmdb.Transaction, db: str, key: bytes, value: bytes, overwrite: bool = True) -> None:
+        txn.put(key, value, db=self.store.db(db), overwrite=overwrite)
 
     # -- committing ----------------------------------------------------------------
     def flush(self, final: Callable[[lmdb.Transaction], None] | None = None) -> None:

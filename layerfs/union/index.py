@@ -332,7 +332,10 @@ class ChainIndex:
         return None if v is None else _INO.unpack(v)[0]
 
     def node(self, txn: lmdb.Transaction, ino: int) -> Node:
-        return decode_node(ino, txn.get(self.chain + b"I" + _U64.pack(ino), db=self._db))
+        rec = txn.get(self.chain + b"I" + _U64.pack(ino), db=self._db)
+        if rec is None:
+            raise LookupError(f"inode {ino} is missing from the index")
+        return decode_node(ino, rec)
 
     def lookup_node(self, txn: lmdb.Transaction, path: bytes) -> Node | None:
         ino = self.lookup(txn, path)

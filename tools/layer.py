@@ -24,6 +24,8 @@ bytes) are computed while streaming and checked before anything is recorded.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,13 @@ from layerfs.store import entries as E
 from layerfs.tarstream import EV_DATA, EV_END, EV_ENTRY, TarError, TarParser
 
 READ_SIZE = 1 << 20
+
+_inflate_lib: Any
+try:  # ISA-L inflates gzip 2-3x faster than zlib; same API; not built for every board
+    from isal import isal_zlib as _inflate_lib
+except ImportError:  # pragma: no cover - depends on the platform
+    _inflate_lib = zlib
+_INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate_lib.error)
 _KINDS = {
     ord("0"): E.REG,
     ord("2"): E.SYMLINK,
@@ -88,12 +97,12 @@ class _Decompressor:
         self._raw = read
         head = read(READ_SIZE)
         self._first: bytes | None = head
-        self._gz: zlib._Decompress | None = None
+        self._gz: Any = None  # a zlib or ISA-L decompress object
         self._zst: zstandard.ZstdDecompressionReader | None = None
         self.kind = "tar"
         if head[:2] == b"\x1f\x8b":
             self.kind = "gzip"
-            self._gz = zlib.decompressobj(31)
+            self._gz = _inflate_lib.decompressobj(31)
         elif head[:4] == b"\x28\xb5\x2f\xfd":
             self.kind = "zstd"
             source: Any = _RawSource(self)  # anything with read(n) will do
@@ -125,10 +134,10 @@ class _Decompressor:
                     data = gz.unused_data + data
                     if not data.strip(b"\0"):
                         continue
-                    gz = self._gz = zlib.decompressobj(31)
+                    gz = self._gz = _inflate_lib.decompressobj(31)
             try:
                 out = gz.decompress(data, n)
-            except zlib.error as exc:
+            except _INFLATE_ERRORS as exc:
                 raise LayerError(f"corrupt gzip layer: {exc}") from None
             if out:
                 return out
@@ -142,6 +151,70 @@ class _RawSource:
 
     def read(self, n: int) -> bytes:
         return self._dec.read_raw(n)
+
+
+class _Prefetcher:
+    """Reads, decompresses and hashes on a thread of its own, ahead of the parser.
+
+    Inflate and SHA-256 release the GIL, so this puts the second core to work while the
+    main thread parses and stores (the import was bound by its one thread).  The queue
+    is bounded: at most ``DEPTH`` blocks are read ahead.  Errors of the reading side are
+    raised to the parser's caller at the point the stream reaches them."""
+
+    DEPTH = 8
+
+    def __init__(self, read: Callable[[int], bytes], progress: Callable[[], None] | None = None) -> None:
+        self._read = read
+        self._progress = progress
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._left = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="layerfs-inflate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._read(READ_SIZE)
+                if self._progress is not None:
+                    self._progress()
+                self._put(data if data else None)
+                if not data:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        if not self._left:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if item is None:
+                self._done = True
+                return b""
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._left = memoryview(item)
+        out, self._left = self._left[:n], self._left[n:]
+        return bytes(out)
+
+    def drain(self) -> None:
+        while self.read(READ_SIZE):
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass
@@ -244,25 +317,23 @@ def import_layer(
 
     ``lower`` looks a path up in the merged lower layers (for hardlinks to them)."""
     raw = _HashingReader(blob.read)
-    if progress is not None:
-        inner = raw.read
-
-        def counted(n: int = READ_SIZE) -> bytes:
-            data = inner(n)
-            progress(len(data))
-            return data
-
-        reader: Callable[[int], bytes] = counted
-    else:
-        reader = raw.read
-    dec = _Decompressor(reader)
+    dec = _Decompressor(raw.read)
     plain = _HashingReader(dec.read)
+    reported = 0
+
+    def report() -> None:
+        nonlocal reported
+        assert progress is not None
+        progress(raw.size - reported)
+        reported = raw.size
+
+    feed = _Prefetcher(plain.read, progress=report if progress else None)
     build = _LayerBuilder(lower)
     size = files = 0
     writer = None
     pending: Entry | None = None
     try:
-        for ev, val in TarParser(plain.read, CHUNK_SIZE):
+        for ev, val in TarParser(feed.read, CHUNK_SIZE):
             if ev == EV_DATA:
                 if writer is not None:  # None: data of a whiteout file, dropped
                     writer.write(val)  # type: ignore[arg-type]
@@ -281,14 +352,15 @@ def import_layer(
                 pending = _entry(build, val)  # type: ignore[arg-type]
                 if pending is not None and pending.size:
                     writer = session.new_file()
-        while plain.read(READ_SIZE):  # trailing padding belongs to the diff_id too
-            pass
+        feed.drain()  # trailing padding belongs to the diff_id too
         while raw.read(READ_SIZE):
             pass
     except TarError as exc:
         raise LayerError(f"bad tar stream: {exc}") from None
     except zstandard.ZstdError as exc:
         raise LayerError(f"corrupt zstd layer: {exc}") from None
+    finally:
+        feed.close()
     return LayerResult(
         diff_id="sha256:" + plain.sha.hexdigest(),
         blob_digest="sha256:" + raw.sha.hexdigest(),

@@ -49,9 +49,10 @@ BATCH_BYTES = 64 << 20
 # store already has is never compressed.  Larger ones are compressed as they
 # stream; if they turn out to be duplicates their chunks become garbage for gc.
 HOLD_BYTES = 8 << 20
-# Chunks below this are compressed inline: handing them to a thread costs more
-# than compressing them.
-INLINE_COMPRESS = 16 * 1024
+# Chunks are compressed in groups of about this much, one call into zstd per group
+# that runs on all cores without the GIL: per-chunk tasks on a thread pool spent
+# their time handing the GIL back and forth with the parsing thread.
+COMPRESS_GROUP = 4 << 20
 INITIAL_MAP = 1 << 30  # 1 GiB opens on 32-bit boards too; grown on MapFullError
 
 RAW, ZSTD = 0, 1
@@ -127,10 +128,47 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def compress_chunk(raw: bytes) -> tuple[bytes, int, int, int]:
     """(stored bytes, codec, xxh3 of raw, raw length); stored raw if zstd does not pay."""
-    packed = _compressor().compress(raw)
+    return _stored_form(raw, _compressor().compress(raw))
+
+
+def _stored_form(raw: bytes, packed: bytes) -> tuple[bytes, int, int, int]:
     if len(packed) >= len(raw):
         return raw, RAW, xxhash.xxh3_64_intdigest(raw), len(raw)
     return packed, ZSTD, xxhash.xxh3_64_intdigest(raw), len(raw)
+
+
+def compress_group(raws: list[bytes]) -> list[tuple[bytes, int, int, int]]:
+    """``compress_chunk`` of many chunks in one zstd call across all cores (GIL released)."""
+    if len(raws) == 1:
+        return [compress_chunk(raws[0])]
+    inputs: Any = raws  # zstandard's stubs want a BufferWithSegments; a list of bytes works
+    packed = _compressor().multi_compress_to_buffer(inputs, threads=os.cpu_count() or 2)
+    return [_stored_form(raw, packed[i].tobytes()) for i, raw in enumerate(raws)]
+
+
+class _Group:
+    """Chunks waiting to be compressed together; ``future`` is set once submitted."""
+
+    __slots__ = ("raws", "size", "future")
+
+    def __init__(self) -> None:
+        self.raws: list[bytes] = []
+        self.size = 0
+        self.future: Future[list[tuple[bytes, int, int, int]]] | None = None
+
+
+class _Slot:
+    """One chunk's place in a group: its compressed form once the group is done."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: _Group, index: int) -> None:
+        self.group = group
+        self.index = index
+
+    def result(self) -> tuple[bytes, int, int, int]:
+        assert self.group.future is not None
+        return self.group.future.result()[self.index]
 
 
 def _proc_start(pid: int) -> int | None:
@@ -394,9 +432,7 @@ class Store:
 class _PendingObject:
     __slots__ = ("sha", "size", "chunks")
 
-    def __init__(
-        self, sha: bytes, size: int, chunks: list[Future[Any] | tuple[bytes, int, int, int]]
-    ) -> None:
+    def __init__(self, sha: bytes, size: int, chunks: list[_Slot]) -> None:
         self.sha = sha
         self.size = size
         self.chunks = chunks
@@ -411,7 +447,7 @@ class FileWriter:
         self._session = session
         self._held: list[bytes] = []
         self._held_bytes = 0
-        self._futures: list[Future[Any] | tuple[bytes, int, int, int]] | None = None
+        self._futures: list[_Slot] | None = None
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -429,11 +465,7 @@ class FileWriter:
         """Record the file as object ``sha`` (computed by the caller while streaming)."""
         s = self._session
         if s._seen(sha):
-            if self._futures:
-                for f in self._futures:
-                    if isinstance(f, Future):
-                        f.cancel()
-            return sha
+            return sha  # a spilled duplicate's chunks are compressed for nothing: rare
         chunks = self._futures if self._futures is not None else [s._compress(d) for d in self._held]
         s._add_pending(_PendingObject(sha, self.size, chunks))
         return sha
@@ -446,9 +478,9 @@ class WriteSession:
     def __init__(self, store: Store, purpose: str) -> None:
         self.store = store
         self.lease_id = secrets.token_bytes(8)
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="layerfs-zstd"
-        )
+        # one worker: each group's zstd call already uses every core
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerfs-zstd")
+        self._group = _Group()
         self._pending: list[_PendingObject] = []
         self._pending_bytes = 0
         self._batch_seen: set[bytes] = set()  # new or referenced objects of the current batch
@@ -476,10 +508,20 @@ class WriteSession:
             self.abort()
 
     # -- objects ---------------------------------------------------------------
-    def _compress(self, data: bytes) -> Future[Any] | tuple[bytes, int, int, int]:
-        if len(data) < INLINE_COMPRESS:
-            return compress_chunk(data)
-        return self._pool.submit(compress_chunk, data)
+    def _compress(self, data: bytes) -> _Slot:
+        g = self._group
+        slot = _Slot(g, len(g.raws))
+        g.raws.append(data)
+        g.size += len(data)
+        if g.size >= COMPRESS_GROUP:
+            self._submit_group()
+        return slot
+
+    def _submit_group(self) -> None:
+        g = self._group
+        if g.raws:
+            g.future = self._pool.submit(compress_group, g.raws)
+            self._group = _Group()
 
     def _seen(self, sha: bytes) -> bool:
         """True if the object is already stored or pending; pins it in the lease."""
@@ -532,9 +574,10 @@ class WriteSession:
     # -- committing ----------------------------------------------------------------
     def flush(self, final: Callable[[lmdb.Transaction], None] | None = None) -> None:
         """Write the pending batch (packs, object records, lease pins) in one transaction."""
+        self._submit_group()
         resolved = []
         for obj in self._pending:
-            parts = [c.result() if isinstance(c, Future) else c for c in obj.chunks]
+            parts = [c.result() for c in obj.chunks]
             resolved.append((obj.sha, obj.size, parts))
         refs = self._batch_seen - {obj.sha for obj in self._pending}
         st = self.store

@@ -485,6 +485,7 @@ class UnionView:
     def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
         self._need_rw()
         self._prepare_new(path)
+        gid = self._new_gid(path, gid)
         fd = os.open(self._up(path), flags | os.O_CREAT | os.O_NOFOLLOW, mode & 0o7777)
         try:
             os.fchown(fd, uid, gid)
@@ -498,6 +499,9 @@ class UnionView:
         self._need_rw()
         replaced_whiteout = self._prepare_new(path)
         up = self._up(path)
+        parent_gid = self._setgid_parent(path)
+        if parent_gid is not None:  # inherited from a setgid parent, as the kernel does
+            gid, mode = parent_gid, mode | stat.S_ISGID
         os.mkdir(up, mode & 0o7777)
         os.lchown(up, uid, gid)
         os.chmod(up, mode & 0o7777)
@@ -509,6 +513,7 @@ class UnionView:
     def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> None:
         self._need_rw()
         self._prepare_new(path)
+        gid = self._new_gid(path, gid)
         up = self._up(path)
         os.mknod(up, mode, rdev)
         os.lchown(up, uid, gid)
@@ -517,6 +522,7 @@ class UnionView:
     def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> None:
         self._need_rw()
         self._prepare_new(path)
+        gid = self._new_gid(path, gid)
         up = self._up(path)
         os.symlink(target, up)
         os.lchown(up, uid, gid)
@@ -687,6 +693,17 @@ class UnionView:
             os.unlink(wh)
             replaced = True
         return replaced
+
+    def _setgid_parent(self, path: bytes) -> int | None:
+        """The group of ``path``'s (copied-up) parent if that directory is setgid."""
+        st = os.lstat(self._up(_parent(path)))
+        return st.st_gid if st.st_mode & stat.S_ISGID else None
+
+    def _new_gid(self, path: bytes, gid: int) -> int:
+        """As the kernel does: a new object in a setgid directory takes the directory's group
+        (a new directory also its setgid bit)."""
+        parent_gid = self._setgid_parent(path)
+        return gid if parent_gid is None else parent_gid
 
     def _whiteout(self, path: bytes) -> None:
         self._copy_up(_parent(path))

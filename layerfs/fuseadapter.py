@@ -30,6 +30,17 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 1.0
+TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
+TRIM_ABOVE = 8 << 20
+
+
+def _trim_if_large(view: UnionView) -> None:
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"RssFile:"):
+                if int(line.split()[1]) * 1024 > TRIM_ABOVE:
+                    view.store.trim_map()
+                return
 
 
 def _p(path: str) -> bytes:
@@ -46,14 +57,18 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
     def __init__(self, view: UnionView, on_ready: Callable[[], None] | None = None) -> None:
         self.view = view
         self._on_ready = on_ready
+        self._ops = 0
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         timeout = RW_TIMEOUT if self.view.writable else RO_TIMEOUT
         if config is not None:
             config.use_ino = 1
             config.entry_timeout = timeout
-            config.attr_timeout = timeout
             config.negative_timeout = timeout
+            # libfuse's high-level API gives every path its own kernel inode, so a change made
+            # through one name of a hardlinked file would leave the other names' cached size
+            # and link count stale: writable mounts do not cache attributes
+            config.attr_timeout = timeout if not self.view.writable else 0.0
             if not self.view.writable:
                 config.kernel_cache = 1  # immutable: the page cache survives close/open
         if self._on_ready is not None:
@@ -63,6 +78,9 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
         pass
 
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        self._ops += 1
+        if self._ops % TRIM_EVERY == 0:
+            _trim_if_large(self.view)
         return self.view.getattr(_p(path))
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerfs.store import Store, StoreError
-from layerfs.store.store import _boot_id, _proc_start
-from layerfs.union.index import ChainIndex, build
+from layerfs.store.store import _boot_id, _proc_start, chain_id
+from layerfs.union.index import ChainIndex, build, index_ready
 
 
 class MountError(Exception):
@@ -105,9 +105,42 @@ def _init_upper_root(store: Store, chain: bytes, upper: str) -> None:
     os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
 
 
+def _build_index(store: Store, layers: list[bytes]) -> bytes:
+    """Build the merged index in a short-lived child process when it is not cached yet: the
+    daemon is forked from this process, and must not inherit the heap a large build leaves."""
+    chain = chain_id(layers)
+    if index_ready(store, chain):
+        return chain
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    store.close()  # never use an LMDB environment across fork: each side opens its own
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 1
+        try:
+            store.reopen()
+            build(store, layers)
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            with contextlib.suppress(OSError):
+                os.write(write_fd, str(exc).encode(errors="replace")[:500])
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        message = f.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    store.reopen()
+    if status != 0:
+        raise MountError(f"building the merged index failed: {message or 'child exited with ' + str(status)}")
+    return chain
+
+
 def mount(store: Store, spec: MountSpec, *, foreground: bool = False, debug: bool = False) -> int:
     """Mount; returns the daemon's pid (or serves in the foreground until unmounted)."""
-    chain = build(store, spec.layers)
+    chain = _build_index(store, spec.layers)
     prepare(store, spec)
     if spec.upper is not None:
         _init_upper_root(store, chain, spec.upper)

@@ -7,7 +7,6 @@ import sys
 
 from layerfs.cli.common import CLIError, add_json, open_store, print_json
 from layerfs.store import StoreError
-from layerfs.tools.image import ImportError_, import_path
 from layerfs.tools.refs import RefError
 
 
@@ -22,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: the importer's dependencies (tar parser, inflate, zstd) would otherwise
+    # load for every command, and be inherited by every mount daemon
+    from layerfs.tools.image import ImportError_, import_path
+
     with open_store(args) as store:
         try:
             results = import_path(

@@ -157,12 +157,7 @@ def _drop_dead_chains(store: Store, txn: lmdb.Transaction, live: set[bytes]) -> 
     with txn.cursor(db=store.db("chains")) as cur:
         dead = [bytes(k) for k in cur.iternext(values=False) if bytes(k) not in live]
     for chain in dead:
-        txn.delete(chain, db=store.db("chains"))
-        with txn.cursor(db=store.db("union")) as cur:
-            if cur.set_range(chain):
-                while cur.key()[: len(chain)] == chain:
-                    if not cur.delete():
-                        break
+        store.drop_chain(txn, chain)
 
 
 def _compact(store: Store, txn: lmdb.Transaction, packs: set[int]) -> None:

@@ -20,6 +20,7 @@ thread.  Several processes may use one store; LMDB serialises the writers.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -105,6 +106,12 @@ def default_path() -> str:
 def chain_id(layer_ids: list[bytes]) -> bytes:
     """Identity of a layer chain (bottom first): what a merged index is cached under."""
     return hashlib.sha256(b"".join(layer_ids)).digest()
+
+
+def chain_prefix(chain: bytes) -> bytes:
+    """The key prefix of a chain's records in the ``union`` database (kept short: every
+    index key carries it)."""
+    return chain[:8]
 
 
 _tls = threading.local()
@@ -214,6 +221,11 @@ class Store:
             if readonly or not create:
                 raise StoreError(f"no layerfs store at {self.path}")
             os.makedirs(self.path, exist_ok=True)
+        self._open()
+        self._check_schema()
+
+    def _open(self) -> None:
+        readonly = self.readonly
         data_file = os.path.join(self.path, "data.mdb")
         size = max(INITIAL_MAP, os.path.getsize(data_file) * 2 if os.path.exists(data_file) else 0)
         try:
@@ -230,7 +242,6 @@ class Store:
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         self._db = {name: self.env.open_db(name.encode(), create=not readonly) for name in self.DBS}
         self.payload: Payload = LmdbPayload(self._db["packs"])
-        self._check_schema()
 
     # -- plumbing -----------------------------------------------------------
     def db(self, name: str) -> Any:
@@ -238,6 +249,12 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+    def reopen(self) -> None:
+        """Open the environment again after ``close`` (a process may not open one LMDB
+        environment twice, so a forked child that needs the store gets it this way)."""
+        self.env.close()
+        self._open()
 
     def __enter__(self) -> Store:
         return self
@@ -281,6 +298,21 @@ class Store:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
+
+    def trim_map(self) -> None:
+        """Drop this process's mappings of the store's pages (MADV_DONTNEED).
+
+        A long-running reader (a mount daemon walking a large tree) touches many B-tree
+        pages; they stay in the page cache, but would also count in its resident memory
+        for as long as the map lives.  Safe at any time: LMDB maps the file read-only
+        and shared, so a page touched again is simply faulted back from the page cache."""
+        data_file = os.path.realpath(os.path.join(self.path, "data.mdb"))
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                if line.rstrip("\n").endswith(" " + data_file):
+                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
     # -- objects ------------------------------------------------------------
     def has_object(self, sha: bytes) -> bool:
@@ -418,6 +450,16 @@ class Store:
         if lease.get("boot") != _boot_id():
             return False
         return _proc_start(int(lease["pid"])) == lease.get("start")
+
+    def drop_chain(self, txn: lmdb.Transaction, chain: bytes) -> None:
+        """Delete a chain's merged index (summary and records)."""
+        txn.delete(chain, db=self._db["chains"])
+        prefix = chain_prefix(chain)
+        with txn.cursor(db=self._db["union"]) as cur:
+            if cur.set_range(prefix):
+                while cur.key()[: len(prefix)] == prefix:
+                    if not cur.delete():
+                        break
 
     def drop_lease(self, txn: lmdb.Transaction, lease_id: bytes) -> None:
         txn.delete(lease_id, db=self._db["leases"])

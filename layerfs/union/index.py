@@ -8,14 +8,15 @@ a path whose parent is missing (or not a directory) below it gets an implicit
 directory.  Hardlink groups of one layer share an inode while both names
 survive.
 
-The result is written to the store's ``union`` database under the chain id
-(SHA-256 of the layer ids, bottom first), keyed so that every FUSE operation is
-one B-tree lookup and no lookup scans:
+The result is written to the store's ``union`` database under an 8-byte prefix
+of the chain id (SHA-256 of the layer ids, bottom first); records are kept
+small because a walk of the tree maps their pages into the daemon:
 
-* ``chain | b"P" | path``            -> u64 inode   (path lookup; long paths hashed)
-* ``chain | b"I" | u64 BE inode``    -> inode record (attributes, content id, link, xattrs)
-* ``chain | b"D" | u64 BE dir inode | name`` -> u64 inode (directory listing, sorted)
-* ``chains`` database: ``chain``     -> JSON summary (entries, inodes, bytes)
+* ``prefix | b"D" | u64 BE dir inode | name`` -> u64 inode, u32 type bits
+  (directory listings, and path lookup one component at a time)
+* ``prefix | b"I" | u64 BE inode``    -> inode record (attributes, content id, link, xattrs)
+* ``prefix | b"L" | u64 BE inode``    -> NUL-separated paths of a hardlink group
+* ``chains`` database: ``chain``       -> JSON summary (format, layers, entries, inodes, bytes)
 
 Inode numbers are assigned in path order from 1 (the root), so they are the
 same on every mount and every machine.  Building is idempotent; the index is
@@ -26,7 +27,6 @@ Not thread-safe while building; reading (``ChainIndex``) is thread-safe.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import stat
 import struct
@@ -37,7 +37,7 @@ import lmdb
 
 from layerfs.store import Entry, Store
 from layerfs.store import entries as E
-from layerfs.store.store import chain_id
+from layerfs.store.store import chain_id, chain_prefix
 
 _U64 = struct.Struct(">Q")
 _INO = struct.Struct("<Q")
@@ -45,10 +45,10 @@ _DIRENT = struct.Struct("<QI")  # inode, file type bits (what readdir reports)
 # kind, flags, mode (with S_IF bits), uid, gid, nlink, size, mtime_ns, rdev, link_len, xattr_count
 _REC = struct.Struct("<BBIIIIQqQHH")
 _XATTR = struct.Struct("<HI")
-_NO_CONTENT = b"\0" * 32
-MAX_PATH_KEY = 400  # LMDB keys stop at 511 bytes: longer paths are keyed by their SHA-256
+_HAS_CONTENT = 0x80  # record flag: a 32-byte content id follows the fixed part
+DIR_CACHE = 8192  # directory path -> inode entries kept for lookups
 ROOT_INO = 1
-INDEX_FORMAT = 1  # bump when the records change: older cached indexes are rebuilt
+INDEX_FORMAT = 2  # bump when the records change: older cached indexes are rebuilt
 
 _S_IF = {
     E.REG: stat.S_IFREG,
@@ -84,17 +84,11 @@ class Node:
         return self.kind == E.DIR
 
 
-def path_key(chain: bytes, path: bytes) -> bytes:
-    if len(path) > MAX_PATH_KEY:
-        return chain + b"H" + hashlib.sha256(path).digest()
-    return chain + b"P" + path
-
-
 def _encode_node(n: Node) -> bytes:
     parts = [
         _REC.pack(
             n.kind,
-            n.flags,
+            n.flags | (_HAS_CONTENT if n.content is not None else 0),
             n.mode,
             n.uid,
             n.gid,
@@ -105,7 +99,7 @@ def _encode_node(n: Node) -> bytes:
             len(n.link),
             len(n.xattrs),
         ),
-        n.content or _NO_CONTENT,
+        n.content or b"",
         n.link,
     ]
     for name, value in n.xattrs:
@@ -116,8 +110,10 @@ def _encode_node(n: Node) -> bytes:
 def decode_node(ino: int, rec: bytes | memoryview) -> Node:
     kind, flags, mode, uid, gid, nlink, size, mtime, rdev, llen, nx = _REC.unpack_from(rec, 0)
     pos = _REC.size
-    content = bytes(rec[pos : pos + 32])
-    pos += 32
+    content = None
+    if flags & _HAS_CONTENT:
+        content = bytes(rec[pos : pos + 32])
+        pos += 32
     link = bytes(rec[pos : pos + llen])
     pos += llen
     xattrs = []
@@ -129,7 +125,7 @@ def decode_node(ino: int, rec: bytes | memoryview) -> Node:
     return Node(
         ino,
         kind,
-        flags,
+        flags & ~_HAS_CONTENT,
         mode,
         uid,
         gid,
@@ -137,7 +133,7 @@ def decode_node(ino: int, rec: bytes | memoryview) -> Node:
         size,
         mtime,
         rdev,
-        None if content == _NO_CONTENT else content,
+        content,
         link,
         tuple(xattrs),
     )
@@ -205,13 +201,18 @@ def merge(tables: list[list[Entry]]) -> dict[bytes, tuple[Entry, int]]:
     return merged
 
 
+def index_ready(store: Store, chain: bytes) -> bool:
+    """Is a current-format index of ``chain`` cached?"""
+    with store.read() as txn:
+        found = txn.get(chain, db=store.db("chains"))
+        return found is not None and json.loads(bytes(found)).get("format") == INDEX_FORMAT
+
+
 def build(store: Store, layer_ids: list[bytes]) -> bytes:
     """Build (or find) the cached index of a layer chain; returns the chain id."""
     chain = chain_id(layer_ids)
-    with store.read() as txn:
-        found = txn.get(chain, db=store.db("chains"))
-        if found is not None and json.loads(bytes(found)).get("format") == INDEX_FORMAT:
-            return chain
+    if index_ready(store, chain):
+        return chain
     merged = merge([store.layer_entries(lid) for lid in layer_ids])
 
     # hardlink groups: the HARDLINK entries of one layer naming one root, plus the root
@@ -249,17 +250,17 @@ def build(store: Store, layer_ids: list[bytes]) -> bytes:
             parent = path.rpartition(b"/")[0]
             subdirs[parent] = subdirs.get(parent, 0) + 1
 
+    prefix = chain_prefix(chain)
     records: list[tuple[bytes, bytes]] = []
     written: set[int] = set()
     total = 0
     for path in paths:
         e, _ = merged[path]
         ino = ino_of[path]
-        records.append((path_key(chain, path), _INO.pack(ino)))
         if path:
             parent, _, name = path.rpartition(b"/")
             kind = E.REG if e.kind == E.HARDLINK else e.kind
-            records.append((chain + b"D" + _U64.pack(ino_of[parent]) + name, _DIRENT.pack(ino, _S_IF[kind])))
+            records.append((prefix + b"D" + _U64.pack(ino_of[parent]) + name, _DIRENT.pack(ino, _S_IF[kind])))
         if ino in written:
             continue
         written.add(ino)
@@ -286,12 +287,12 @@ def build(store: Store, layer_ids: list[bytes]) -> bytes:
             e.link if kind == E.SYMLINK else b"",
             e.xattrs,
         )
-        records.append((chain + b"I" + _U64.pack(ino), _encode_node(node)))
+        records.append((prefix + b"I" + _U64.pack(ino), _encode_node(node)))
         total += e.size if kind == E.REG else 0
     for (_, _), members in groups.items():
         if len(members) > 1:  # copy-up of one name must bring the whole group along
             ino = ino_of[members[0]]
-            records.append((chain + b"L" + _U64.pack(ino), b"\0".join(sorted(members))))
+            records.append((prefix + b"L" + _U64.pack(ino), b"\0".join(sorted(members))))
     summary = json.dumps(
         {
             "format": INDEX_FORMAT,
@@ -306,6 +307,7 @@ def build(store: Store, layer_ids: list[bytes]) -> bytes:
     chains_db = store.db("chains")
 
     def fn(txn: lmdb.Transaction) -> None:
+        store.drop_chain(txn, chain)  # an index of an older format, if any
         with txn.cursor(db=union_db) as cur:
             cur.putmulti(records, dupdata=False, overwrite=True)
         txn.put(chain, summary, db=chains_db)
@@ -315,12 +317,14 @@ def build(store: Store, layer_ids: list[bytes]) -> bytes:
 
 
 class ChainIndex:
-    """Read access to one built chain index."""
+    """Read access to one built chain index.  Not thread-safe (a lookup cache is kept)."""
 
     def __init__(self, store: Store, chain: bytes) -> None:
         self.store = store
         self.chain = chain
+        self._prefix = chain_prefix(chain)
         self._db = store.db("union")
+        self._dirs: dict[bytes, int] = {}
         with store.read() as txn:
             summary = txn.get(chain, db=store.db("chains"))
             if summary is None:
@@ -328,11 +332,28 @@ class ChainIndex:
             self.summary = json.loads(bytes(summary))
 
     def lookup(self, txn: lmdb.Transaction, path: bytes) -> int | None:
-        v = txn.get(path_key(self.chain, path), db=self._db)
-        return None if v is None else _INO.unpack(v)[0]
+        """The inode at ``path``: one B-tree get per component not already cached."""
+        if not path:
+            return ROOT_INO
+        ino = self._dirs.get(path)
+        if ino is not None:
+            return ino
+        parent, _, name = path.rpartition(b"/")
+        parent_ino = self.lookup(txn, parent) if parent else ROOT_INO
+        if parent_ino is None:
+            return None
+        v = txn.get(self._prefix + b"D" + _U64.pack(parent_ino) + name, db=self._db)
+        if v is None:
+            return None
+        ino, mode = _DIRENT.unpack(v)
+        if stat.S_ISDIR(mode):
+            if len(self._dirs) >= DIR_CACHE:
+                self._dirs.clear()
+            self._dirs[path] = ino
+        return int(ino)
 
     def node(self, txn: lmdb.Transaction, ino: int) -> Node:
-        rec = txn.get(self.chain + b"I" + _U64.pack(ino), db=self._db)
+        rec = txn.get(self._prefix + b"I" + _U64.pack(ino), db=self._db)
         if rec is None:
             raise LookupError(f"inode {ino} is missing from the index")
         return decode_node(ino, rec)
@@ -343,12 +364,12 @@ class ChainIndex:
 
     def link_group(self, txn: lmdb.Transaction, ino: int) -> list[bytes]:
         """Every path of a hardlinked lower inode (empty if it has one name)."""
-        v = txn.get(self.chain + b"L" + _U64.pack(ino), db=self._db)
+        v = txn.get(self._prefix + b"L" + _U64.pack(ino), db=self._db)
         return [] if v is None else bytes(v).split(b"\0")
 
     def children(self, txn: lmdb.Transaction, dir_ino: int) -> Iterator[tuple[bytes, int, int]]:
         """(name, inode, file type bits) of a directory's entries, sorted by name."""
-        prefix = self.chain + b"D" + _U64.pack(dir_ino)
+        prefix = self._prefix + b"D" + _U64.pack(dir_ino)
         n = len(prefix)
         with txn.cursor(db=self._db) as cur:
             if not cur.set_range(prefix):

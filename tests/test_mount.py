@@ -1,0 +1,253 @@
+"""Mount life through the CLI: ready on return, listed, errors, unmount after a crash or a
+signal, programs running inside, concurrent readers, read-only, and a 100k-entry image."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_layout, tar_bytes
+from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
+    layerfs_mount,
+    mounted,
+    need_fuse,
+    no_mount_left_behind,
+    wait_until,
+)
+
+pytestmark = pytest.mark.usefixtures("need_fuse")
+SAMPLE = "layerfs-sample:latest"
+
+
+@pytest.fixture
+def sample(cli: Callable[..., Any], sample_layout: str) -> str:
+    cli("import", sample_layout)
+    return SAMPLE
+
+
+def _fstype(mnt: str) -> str | None:
+    target = os.path.realpath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                return fields[fields.index("-") + 1]
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _mount_record(cli: Callable[..., Any], mnt: str) -> dict[str, Any]:
+    recs = [r for r in cli("mounts", "--json").json() if r["mountpoint"] == os.path.realpath(mnt)]
+    assert len(recs) == 1, recs
+    return recs[0]
+
+
+def test_mount_is_ready_when_the_command_returns(cli, sample, tmp_path):
+    for i in range(3):
+        mnt = str(tmp_path / f"m{i}")
+        with layerfs_mount(cli, sample, mnt):
+            # no waiting: the command returned, so the kernel has the mount
+            assert {"app", "bin", "etc", "usr"} <= set(os.listdir(mnt))
+            assert _fstype(mnt) == "fuse.layerfs"
+            with open(os.path.join(mnt, "etc/hostname")) as f:
+                assert f.read() == "layerfs-sample\n"
+        assert not mounted(mnt)
+
+
+def test_mounts_json_lists_image_and_upper(cli, sample, tmp_path):
+    image_id = cli("images", "--json").json()[0]["id"].removeprefix("sha256:")
+    ro, rw, upper = str(tmp_path / "ro"), str(tmp_path / "rw"), str(tmp_path / "upper")
+    with layerfs_mount(cli, sample, ro), layerfs_mount(cli, sample, rw, upper=upper):
+        recs = {r["mountpoint"]: r for r in cli("mounts", "--json").json()}
+        assert set(recs) == {os.path.realpath(ro), os.path.realpath(rw)}
+        for r in recs.values():
+            assert r["image"] == image_id
+            assert r["name"] == sample
+            assert _alive(r["pid"])
+        assert recs[os.path.realpath(ro)]["upper"] is None
+        assert recs[os.path.realpath(rw)]["upper"] == os.path.abspath(upper)
+        table = cli("mounts").out
+        assert os.path.realpath(rw) in table and "(read-only)" in table
+    assert cli("mounts", "--json").json() == []
+
+
+def test_unknown_image_is_a_one_line_error(cli, sample, tmp_path):
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    res = cli("mount", "no-such-image:latest", str(mnt), check=False)
+    assert res.code == 1
+    assert len(res.err.strip().splitlines()) == 1 and "no-such-image" in res.err
+    assert not mounted(str(mnt))
+
+
+def test_busy_mountpoint(cli, sample, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        res = cli("mount", sample, mnt, check=False)
+        assert res.code == 1
+        assert len(res.err.strip().splitlines()) == 1 and "busy" in res.err
+        assert "bin" in os.listdir(mnt)  # the first mount is untouched
+        assert len(cli("mounts", "--json").json()) == 1
+
+
+def test_missing_mountpoint(cli, sample, tmp_path):
+    mnt = str(tmp_path / "does-not-exist")
+    res = cli("mount", sample, mnt, check=False)
+    assert res.code == 1 and len(res.err.strip().splitlines()) == 1
+    assert not os.path.exists(mnt)
+    assert cli("mounts", "--json").json() == []
+
+
+def test_umount_cleans_up_after_kill_9(cli, sample, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt, rw=True):
+        pid = _mount_record(cli, mnt)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not _alive(pid))
+        with pytest.raises(OSError) as exc:
+            os.listdir(mnt)
+        assert exc.value.errno == errno.ENOTCONN
+        assert mounted(mnt)
+        res = cli("umount", mnt, check=False)
+        assert res.code == 0, res.err
+        assert not mounted(mnt)
+        assert os.listdir(mnt) == []
+        assert cli("mounts", "--json").json() == []
+
+
+def test_sigterm_unmounts(cli, sample, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        pid = _mount_record(cli, mnt)["pid"]
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not mounted(mnt)), "SIGTERM left the mount in place"
+        assert wait_until(lambda: not _alive(pid)), "the daemon did not exit"
+        assert cli("mounts", "--json").json() == []
+
+
+def test_program_runs_inside(cli, sample, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        res = subprocess.run(["chroot", mnt, "/app/run.sh"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == f"hello from the layerfs sample image on {os.uname().machine}\nlayerfs-sample\n"
+
+
+def test_concurrent_readers(cli, sample, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        cmds = [
+            ["find", mnt],
+            ["tar", "-cf", "/dev/null", "-C", mnt, "."],
+            # the image has no /dev (so no ">/dev/null" inside): the output comes back on a pipe
+            ["chroot", mnt, "/bin/sh", "-c", "for i in 1 2 3; do cat /etc/passwd; done"],
+            # tar skips reading files when it writes to /dev/null: this one reads every byte
+            ["find", mnt, "-type", "f", "-exec", "cat", "{}", "+"],
+        ]
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
+        results = [(c, *p.communicate(timeout=120), p.returncode) for c, p in zip(cmds, procs)]
+        for cmd, _out, err, code in results:
+            assert code == 0, f"{cmd} exited {code}: {err.decode(errors='replace')}"
+        assert results[2][1].count(b"root:x:0:0:") == 3
+        found = results[0][1].decode().splitlines()
+        assert os.path.join(mnt, "app/run.sh") in found and len(found) > 50
+        with open(os.path.join(mnt, "bin/busybox"), "rb") as f:
+            busybox_size = len(f.read())
+        assert len(results[3][1]) > busybox_size  # every file's content came through
+
+
+def test_readonly_mount_refuses_writes(cli, sample, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        p = os.path.join(mnt, "etc/passwd")
+        attempts: list[tuple[str, Callable[[], Any]]] = [
+            ("open for writing", lambda: open(p, "r+b")),
+            ("create", lambda: open(os.path.join(mnt, "etc/new"), "xb")),
+            ("truncate", lambda: os.truncate(p, 0)),
+            ("mkdir", lambda: os.mkdir(os.path.join(mnt, "newdir"))),
+            ("unlink", lambda: os.unlink(p)),
+            ("rmdir", lambda: os.rmdir(os.path.join(mnt, "home"))),
+            ("rename", lambda: os.rename(p, p + ".old")),
+            ("chmod", lambda: os.chmod(p, 0o600)),
+            ("chown", lambda: os.chown(p, 1, 1)),
+            ("utime", lambda: os.utime(p, ns=(1, 1))),
+            ("setxattr", lambda: os.setxattr(p, "user.x", b"y")),
+            ("removexattr", lambda: os.removexattr(os.path.join(mnt, "etc/tagged"), "user.layerfs")),
+            ("symlink", lambda: os.symlink("x", os.path.join(mnt, "link"))),
+            ("link", lambda: os.link(p, os.path.join(mnt, "hardlink"))),
+            ("mkfifo", lambda: os.mkfifo(os.path.join(mnt, "fifo"))),
+        ]
+        for what, fn in attempts:
+            with pytest.raises(OSError) as exc:
+                fn()
+            assert exc.value.errno == errno.EROFS, f"{what}: {exc.value}"
+        with open(p, "rb") as f:
+            assert f.read().startswith(b"root:")
+
+
+# -- a large image --------------------------------------------------------------------------------
+N_DIRS, PER_DIR = 1000, 100  # 100,000 files (+1,000 directories)
+
+
+def _big_layer() -> bytes:
+    members: list[tuple[tarfile.TarInfo, bytes]] = []
+    for d in range(N_DIRS):
+        info = tarfile.TarInfo(f"d{d:04d}")
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+        members.append((info, b""))
+        for f in range(PER_DIR):
+            info = tarfile.TarInfo(f"d{d:04d}/f{f:03d}")
+            info.mode, info.mtime = 0o644, 1_700_000_000
+            members.append((info, b"%d/%d\n" % (d, f) if f % 10 == 0 else b""))
+    return tar_bytes(members, fmt=tarfile.USTAR_FORMAT)
+
+
+def test_100k_entries_walk_and_daemon_rss(cli, tmp_path: Path):
+    t0 = time.monotonic()
+    layout = make_layout(tmp_path / "big", [_big_layer()], ref="big:latest", compress=False)
+    t_gen = time.monotonic() - t0
+    cli("import", layout)
+    t_import = time.monotonic() - t0 - t_gen
+    mnt = str(tmp_path / "m")
+    t1 = time.monotonic()
+    with layerfs_mount(cli, "big:latest", mnt):
+        t_mount = time.monotonic() - t1
+        pid = _mount_record(cli, mnt)["pid"]
+        t2 = time.monotonic()
+        files = dirs = 0
+        for dirpath, dirnames, filenames in os.walk(mnt):
+            for name in dirnames + filenames:
+                os.lstat(os.path.join(dirpath, name))
+            dirs += len(dirnames)
+            files += len(filenames)
+        t_walk = time.monotonic() - t2
+        with open(os.path.join(mnt, "d0999/f090")) as f:
+            assert f.read() == "999/90\n"
+        with open(f"/proc/{pid}/status") as f:
+            mem = {
+                k: int(v.split()[0])
+                for k, v in (line.split(":", 1) for line in f)
+                if k.startswith("Rss") or k == "VmRSS"
+            }
+    rss = f"VmRSS {mem['VmRSS'] / 1024:.1f} MiB (anon {mem['RssAnon'] / 1024:.1f}, file {mem['RssFile'] / 1024:.1f})"
+    print(
+        f"\n100k image: generate {t_gen:.1f}s, import {t_import:.1f}s, mount {t_mount:.1f}s, "
+        f"walk+lstat {t_walk:.1f}s ({files} files, {dirs} dirs); daemon {rss}"
+    )
+    assert (files, dirs) == (N_DIRS * PER_DIR, N_DIRS)
+    assert mem["VmRSS"] < 50 * 1024, f"daemon {rss} after walking 100k entries"

@@ -38,7 +38,7 @@ def _trim_if_large(view: UnionView) -> None:
     with open("/proc/self/status", "rb") as f:
         for line in f:
             if line.startswith(b"RssFile:"):
-                if int(line.split()[1]) * 1024 > TRIM_ABOVE:
+                if int(line.split()[1]) * 1024 > TRIM_ABOVE and view.store is not None:
                     view.store.trim_map()
                 return
 

@@ -31,6 +31,7 @@ from typing import Any
 from layerfs.store import Store, StoreError
 from layerfs.store.store import _boot_id, _proc_start, chain_id
 from layerfs.union.index import ChainIndex, build, index_ready
+from layerfs.union.lower import ChainLayer
 
 
 class MountError(Exception):
@@ -224,7 +225,7 @@ def _serve(
     store.write(lambda txn: txn.put(lease_id, json.dumps(lease).encode(), db=store.db("leases")))
     record = dict(record, pid=os.getpid())
     reg = os.path.join(_registry(store), f"{record['id']}.json")
-    view = UnionView(store, ChainIndex(store, chain), spec.upper, spec.work)
+    view = UnionView(store, ChainLayer(store, ChainIndex(store, chain)), spec.upper, spec.work)
 
     def ready() -> None:
         with open(reg, "w") as f:

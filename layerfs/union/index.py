@@ -27,6 +27,7 @@ Not thread-safe while building; reading (``ChainIndex``) is thread-safe.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 import struct
@@ -78,6 +79,10 @@ class Node:
     content: bytes | None
     link: bytes
     xattrs: tuple[tuple[bytes, bytes], ...]
+    host: bytes | None = None  # the host file of a directory-backed lower layer
+
+    def _replace_ino(self, ino: int) -> Node:
+        return dataclasses.replace(self, ino=ino)
 
     @property
     def is_dir(self) -> bool:

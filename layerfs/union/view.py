@@ -41,14 +41,18 @@ from typing import Any
 from layerfs.store import Store
 from layerfs.store import entries as E
 from layerfs.store.store import Chunk, decode_object
-from layerfs.union.index import ROOT_INO, ChainIndex, Node
+from layerfs.union.index import ROOT_INO, Node
+from layerfs.union.lower import (
+    OPAQUE_FILE,
+    OPAQUE_XATTRS,
+    PRIVATE_XATTR_PREFIXES,
+    WH_PREFIX,
+    Lower,
+    is_opaque_dir,
+)
 
 UPPER_INO = 1 << 40
-WH_PREFIX = b".wh."
-OPAQUE_FILE = b".wh..wh..opq"
-OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 INO_XATTR = b"trusted.layerfs.ino"
-PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.layerfs.")
 CACHE_BYTES = 32 << 20  # decompressed lower chunks kept for re-reads
 READ_AHEAD = 4  # chunks decompressed ahead of a sequential reader
 _INO = struct.Struct("<Q")
@@ -140,17 +144,17 @@ class ChunkCache:
 
 class UnionView:
     def __init__(
-        self, store: Store, index: ChainIndex, upper: str | None = None, work: str | None = None
+        self, store: Store | None, lower: Lower, upper: str | None = None, work: str | None = None
     ) -> None:
-        self.store = store
-        self.index = index
+        self.store = store  # None when every lower layer is a host directory
+        self.lower = lower
         self.upper = os.fsencode(upper) if upper else None
         self.work = os.fsencode(work) if work else None
         if self.upper is not None and self.work is None:
             raise ValueError("a writable view needs a work directory on the upper filesystem")
-        self.cache = ChunkCache(store)
+        self.cache = ChunkCache(store) if store is not None else None
         self._handles: dict[int, _LowerFile | _UpperFile] = {}
-        self._path_files: dict[bytes, _LowerFile] = {}  # read_path's recently read files
+        self._path_files: dict[bytes, _LowerFile | _UpperFile] = {}  # read_path's recent files
         self._next_fh = 1
         self._vis: dict[bytes, bool] = {}
         self._upper_ino: dict[int, int] = {}
@@ -177,14 +181,7 @@ class UnionView:
             return None
 
     def _opaque(self, path: bytes) -> bool:
-        up = self._up(path)
-        for name in OPAQUE_XATTRS:
-            try:
-                if os.getxattr(up, name, follow_symlinks=False) == b"y":
-                    return True
-            except OSError:
-                pass
-        return os.path.lexists(os.path.join(up, OPAQUE_FILE))
+        return is_opaque_dir(self._up(path))
 
     def _wh_file(self, path: bytes) -> bool:
         """The ``.wh.<name>`` fallback whiteout for ``path`` exists in the upper dir."""
@@ -216,8 +213,7 @@ class UnionView:
             not self._lower_visible(_parent(path)) or (self.upper is not None and self._wh_file(path))
         ):
             return None
-        with self.store.read() as txn:
-            return self.index.lookup_node(txn, path)
+        return self.lower.lookup(path)
 
     def resolve(self, path: bytes) -> os.stat_result | Node:
         """What ``path`` is: an upper ``stat_result`` or a lower ``Node``; ENOENT if neither."""
@@ -329,18 +325,7 @@ class UnionView:
                     "f_namemax",
                 )
             }
-        s = self.index.summary
-        return {
-            "f_bsize": 4096,
-            "f_frsize": 4096,
-            "f_blocks": (s["bytes"] + 4095) // 4096,
-            "f_bfree": 0,
-            "f_bavail": 0,
-            "f_files": s["inodes"],
-            "f_ffree": 0,
-            "f_favail": 0,
-            "f_namemax": 255,
-        }
+        return self.lower.statfs()
 
     # -- directories ----------------------------------------------------------------
     def readdir(self, path: bytes) -> list[tuple[bytes, int, int]]:
@@ -369,10 +354,7 @@ class UnionView:
             lower_ok = True
         if lower_ok:
             seen = {name for name, _, _ in out} | hidden
-            with self.store.read() as txn:
-                ino = self.index.lookup(txn, path)
-                if ino is not None and self.index.node(txn, ino).is_dir:
-                    out += [c for c in self.index.children(txn, ino) if c[0] not in seen]
+            out += [c for c in self.lower.readdir(path) if c[0] not in seen]
         return out
 
     # -- reading ----------------------------------------------------------------------
@@ -399,15 +381,22 @@ class UnionView:
                     return os.pread(f.fileno(), size, offset)
             h = self._lower_file(r)
             if len(self._path_files) >= 256:
-                self._path_files.pop(next(iter(self._path_files)))
+                old = self._path_files.pop(next(iter(self._path_files)))
+                if isinstance(old, _UpperFile):
+                    os.close(old.fd)
             self._path_files[path] = h
+        if isinstance(h, _UpperFile):
+            return os.pread(h.fd, size, offset)
         return self._read_lower(h, size, offset)
 
-    def _lower_file(self, r: Node) -> _LowerFile:
+    def _lower_file(self, r: Node) -> _LowerFile | _UpperFile:
         if r.kind == E.DIR:
             raise _err(errno.EISDIR)
+        if r.host is not None:  # a directory-backed lower layer: read the host file
+            return _UpperFile(os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW))
         chunks: list[Chunk] = []
         if r.content is not None:
+            assert self.store is not None
             with self.store.read() as txn:
                 rec = txn.get(r.content, db=self.store.db("objects"))
                 if rec is None:
@@ -435,12 +424,14 @@ class UnionView:
         csize = h.chunks[0].raw if h.chunks else 1
         first, last = offset // csize, (end - 1) // csize
         out = []
+        cache = self.cache
+        assert cache is not None
         for i in range(first, last + 1):
-            data = self.cache.get(h.chunks[i])
+            data = cache.get(h.chunks[i])
             base = i * csize
             out.append(data[max(0, offset - base) : end - base])
         if offset == h.last_end and last + 1 < len(h.chunks):
-            self.cache.prefetch(h.chunks[last + 1 : last + 1 + READ_AHEAD])
+            cache.prefetch(h.chunks[last + 1 : last + 1 + READ_AHEAD])
         h.last_end = end
         return out[0] if len(out) == 1 else b"".join(out)
 
@@ -623,8 +614,7 @@ class UnionView:
         node = self._lower(path)
         if node is None or not node.is_dir or not self._lower_visible(path):
             return False
-        with self.store.read() as txn:
-            return next(self.index.children(txn, node.ino), None) is not None
+        return bool(self.lower.readdir(path))
 
     def chmod(self, path: bytes, mode: int) -> None:
         self._need_rw()
@@ -735,8 +725,7 @@ class UnionView:
         if path:
             self._copy_up(_parent(path))
         if r.kind == E.REG and r.nlink > 1:
-            with self.store.read() as txn:
-                names = self.index.link_group(txn, r.ino)
+            names = self.lower.link_group(r)
             first = self._copy_one(path, r, data)
             for other in names:
                 if other == path:
@@ -760,7 +749,12 @@ class UnionView:
         elif n.kind == E.REG:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                if data and n.content is not None:
+                if data and n.host is not None:
+                    with open(n.host, "rb") as src:
+                        while piece := src.read(1 << 20):
+                            os.write(fd, piece)
+                elif data and n.content is not None:
+                    assert self.store is not None
                     for piece in self.store.iter_object(n.content):
                         os.write(fd, piece)
             finally:

@@ -220,27 +220,28 @@ def serve(
     allow_other: bool = False,
     on_ready: Callable[[], None] | None = None,
     debug: bool = False,
+    subtype: str = "layerfs",
+    mount_options: dict[str, bool] | None = None,
 ) -> None:
-    """Mount and serve until unmounted or signalled (SIGINT/SIGTERM/SIGHUP unmount)."""
+    """Mount and serve until unmounted or signalled (SIGINT/SIGTERM/SIGHUP unmount).
+
+    ``mount_options`` are generic mount flags (``dev``, ``suid``, ``exec``, ``atime``
+    and the like: True to set, False for the ``no`` form) over the defaults."""
     options: dict[str, Any] = {
         "fsname": fsname,
-        "subtype": "layerfs",
+        "subtype": subtype,
         "default_permissions": True,
         "ro": not view.writable,
         "dev": True,
         "suid": True,
     }
+    for name, on in (mount_options or {}).items():
+        options.pop(name, None)
+        options.pop("no" + name, None)
+        options[name if on else "no" + name] = True
     if allow_other:
         options["allow_other"] = True
     if not os.path.exists("/dev/fuse"):
         raise OSError(errno.ENODEV, "/dev/fuse is missing: FUSE is not available here")
     ops = WritableOperations(view, on_ready) if view.writable else UnionOperations(view, on_ready)
-    _FUSE(
-        ops,
-        mountpoint,
-        foreground=True,
-        nothreads=True,
-        raw_fi=True,
-        debug=debug,
-        **options,
-    )
+    _FUSE(ops, mountpoint, foreground=True, nothreads=True, raw_fi=True, debug=debug, **options)

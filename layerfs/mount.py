@@ -25,13 +25,14 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from layerfs.store import Store, StoreError
 from layerfs.store.store import _boot_id, _proc_start, chain_id
 from layerfs.union.index import ChainIndex, build, index_ready
-from layerfs.union.lower import ChainLayer
+from layerfs.union.lower import ChainLayer, DirLayer, Lower, Stack
 
 
 class MountError(Exception):
@@ -48,6 +49,7 @@ class MountSpec:
     name: str = ""
     allow_other: bool = False
     temporary_upper: bool = False
+    lower_dirs: list[str] = field(default_factory=list)  # stacked above the image, leftmost on top
 
 
 def mounted_fuse(mountpoint: str) -> str | None:
@@ -157,31 +159,40 @@ def mount(store: Store, spec: MountSpec, *, foreground: bool = False, debug: boo
         "created": time.time(),
     }
     store_path = store.path
-    _registry(store)
+    log = os.path.join(_registry(store), f"{mount_id}.log")
+    store.close()
+    return daemonize(
+        lambda ready: _serve(store_path, spec, chain, record, ready, debug), foreground=foreground, log=log
+    )
+
+
+def daemonize(run: Callable[[Callable[[], None]], None], *, foreground: bool, log: str | None) -> int:
+    """Run ``run(ready)`` in a daemon and return once it calls ``ready()`` (the mount is up),
+    raising MountError with the daemon's error if it fails first.  In the foreground,
+    ``run`` is simply called.  Returns the pid serving the mount."""
     if foreground:
-        store.close()
-        _serve(store_path, spec, chain, record, None, debug)
+        run(lambda: None)
         return os.getpid()
     read_fd, write_fd = os.pipe()
-    store.close()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
         code = 0
+
+        def ready() -> None:
+            os.write(write_fd, b"ok")
+            os.close(write_fd)
+
         try:
             os.setsid()
             devnull = os.open(os.devnull, os.O_RDWR)
-            log = os.open(
-                os.path.join(store_path, "mounts", f"{mount_id}.log"),
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                0o600,
-            )
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if log else devnull
             os.dup2(devnull, 0)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            _serve(store_path, spec, chain, record, write_fd, debug)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            run(ready)
         except BaseException as exc:  # noqa: BLE001 - report anything to the waiting parent
             with contextlib.suppress(OSError):
                 os.write(write_fd, b"E" + str(exc).encode(errors="replace")[:500])
@@ -207,7 +218,12 @@ def mount(store: Store, spec: MountSpec, *, foreground: bool = False, debug: boo
 
 
 def _serve(
-    store_path: str, spec: MountSpec, chain: bytes, record: dict[str, Any], ready_fd: int | None, debug: bool
+    store_path: str,
+    spec: MountSpec,
+    chain: bytes,
+    record: dict[str, Any],
+    on_ready: Callable[[], None],
+    debug: bool,
 ) -> None:
     from layerfs.fuseadapter import serve
     from layerfs.union.view import UnionView
@@ -225,14 +241,16 @@ def _serve(
     store.write(lambda txn: txn.put(lease_id, json.dumps(lease).encode(), db=store.db("leases")))
     record = dict(record, pid=os.getpid())
     reg = os.path.join(_registry(store), f"{record['id']}.json")
-    view = UnionView(store, ChainLayer(store, ChainIndex(store, chain)), spec.upper, spec.work)
+    image_layer = ChainLayer(store, ChainIndex(store, chain))
+    lower: Lower = image_layer
+    if spec.lower_dirs:  # host directories stacked above the image, leftmost on top
+        lower = Stack([*(DirLayer(d, i) for i, d in enumerate(spec.lower_dirs)), image_layer])
+    view = UnionView(store, lower, spec.upper, spec.work)
 
     def ready() -> None:
         with open(reg, "w") as f:
             json.dump(record, f)
-        if ready_fd is not None:
-            os.write(ready_fd, b"ok")
-            os.close(ready_fd)
+        on_ready()
 
     try:
         serve(

@@ -26,6 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="DIR",
         help="work directory on the upper's filesystem (default: beside the upper directory)",
     )
+    p.add_argument(
+        "--lower",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a host directory in the overlay format stacked above the image's layers "
+        "(repeatable; the first is topmost)",
+    )
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
     p.add_argument(
         "-o",
@@ -65,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
             name=args.image,
             allow_other="allow_other" in options,
             temporary_upper=temporary,
+            lower_dirs=[os.path.abspath(d) for d in args.lower],
         )
+        for d in spec.lower_dirs:
+            if not os.path.isdir(d):
+                raise CLIError(f"lower directory {d} is not a directory")
         try:
             mount(store, spec, foreground=args.foreground, debug=args.debug)
         except (MountError, StoreError, OSError) as exc:

@@ -27,7 +27,6 @@ Not thread-safe while building; reading (``ChainIndex``) is thread-safe.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import stat
 import struct
@@ -49,7 +48,8 @@ _XATTR = struct.Struct("<HI")
 _HAS_CONTENT = 0x80  # record flag: a 32-byte content id follows the fixed part
 DIR_CACHE = 8192  # directory path -> inode entries kept for lookups
 ROOT_INO = 1
-INDEX_FORMAT = 2  # bump when the records change: older cached indexes are rebuilt
+MERGED = 0x08  # node flag (entry flags use 0x01-0x04): a directory merged from several layers
+INDEX_FORMAT = 3  # bump when the records change: older cached indexes are rebuilt
 
 _S_IF = {
     E.REG: stat.S_IFREG,
@@ -80,9 +80,6 @@ class Node:
     link: bytes
     xattrs: tuple[tuple[bytes, bytes], ...]
     host: bytes | None = None  # the host file of a directory-backed lower layer
-
-    def _replace_ino(self, ino: int) -> Node:
-        return dataclasses.replace(self, ino=ino)
 
     @property
     def is_dir(self) -> bool:
@@ -196,6 +193,10 @@ def merge(tables: list[list[Entry]]) -> dict[bytes, tuple[Entry, int]]:
                 e = old[0]._replace(
                     flags=old[0].flags | E.OPAQUE
                 )  # an opaque marker alone keeps the dir's metadata
+            if e.kind == E.DIR and old is not None and old[0].kind == E.DIR and not e.flags & E.OPAQUE:
+                e = e._replace(flags=e.flags | MERGED)
+            else:
+                e = e._replace(flags=e.flags & ~MERGED)
             ensure_parent(e.path, layer)
             merged[e.path] = (e, layer)
             if e.path:
@@ -271,7 +272,11 @@ def build(store: Store, layer_ids: list[bytes]) -> bytes:
         written.add(ino)
         kind = E.REG if e.kind == E.HARDLINK else e.kind
         group = group_of.get(path)
-        nlink = 2 + subdirs.get(path, 0) if kind == E.DIR else len(groups[group]) if group else 1
+        if kind == E.DIR:
+            # as overlayfs: a directory merged from several layers reports one link
+            nlink = 1 if e.flags & MERGED else 2 + subdirs.get(path, 0)
+        else:
+            nlink = len(groups[group]) if group else 1
         rdev = (
             (e.devmajor << 8 | (e.devminor & 0xFF) | (e.devminor & ~0xFF) << 12)
             if kind in (E.CHR, E.BLK)

@@ -25,6 +25,7 @@ Not thread-safe (lookup caches); the FUSE adapter is single-threaded.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -185,7 +186,7 @@ class DirLayer:
     def _node(self, host: bytes, st: os.stat_result) -> Node:
         kind = _KIND_OF_MODE.get(stat.S_IFMT(st.st_mode), E.REG)
         link = os.readlink(host) if kind == E.SYMLINK else b""
-        size = st.st_size if kind == E.REG else 0
+        size = st.st_size if kind in (E.REG, E.DIR) else 0
         return Node(
             self.ino_base | st.st_ino,
             kind,
@@ -281,7 +282,9 @@ class Stack:
         if not path:
             top = self._layers_of_dir(b"")
             node = self.layers[top[0]].probe(b"").node if top else None
-            return node._replace_ino(ROOT_INO) if node is not None else None
+            if node is None:
+                return None
+            return dataclasses.replace(node, ino=ROOT_INO, nlink=1 if len(top or ()) > 1 else node.nlink)
         parents = self._layers_of_dir(_parent(path))
         if parents is None:
             return None
@@ -290,6 +293,9 @@ class Stack:
             if p.state == WHITEOUT:
                 return None
             if p.state == FOUND:
+                assert p.node is not None
+                if p.node.is_dir and len(self._layers_of_dir(path) or ()) > 1:
+                    return dataclasses.replace(p.node, nlink=1)  # merged: one link, as overlayfs
                 return p.node
         return None
 

@@ -234,7 +234,12 @@ class UnionView:
         r = self.resolve(path)
         if isinstance(r, Node):
             return self._node_attr(r)
-        return self._stat_attr(path, r)
+        attr = self._stat_attr(path, r)
+        if stat.S_ISDIR(r.st_mode) and self._lower_visible(path):
+            lower = self._lower(path)
+            if lower is not None and lower.is_dir:
+                attr["st_nlink"] = 1  # merged with a lower directory: one link, as overlayfs
+        return attr
 
     @staticmethod
     def _node_attr(n: Node) -> dict[str, int]:

@@ -7,7 +7,7 @@ exercises what an importer and a union filesystem must get right:
 1. base: ``/bin/busybox`` with applet symlinks, ``/etc`` files, a hardlinked
    pair, a FIFO, a setuid file, an xattr (``user.layerfs``), nested dirs;
 2. change: deletes a file (``.wh.``), replaces a directory wholesale (opaque
-   ``.wh..wh..opq``), adds a hardlink to a file of layer 1, a long path name;
+   ``.wh..wh..opq``), adds a hardlinked pair, a long path name;
 3. app: a shell script as the image's command and a 1 MiB+ file (several chunks).
 
 The bytes are reproducible: fixed mtimes, sorted members, gzip without a
@@ -148,10 +148,13 @@ def build_layers(busybox: bytes) -> list[_Layer]:
     change.add("usr", tarfile.DIRTYPE, mode=0o755)
     change.add("usr/share", tarfile.DIRTYPE, mode=0o755)
     change.add("usr/share/doc", tarfile.DIRTYPE, mode=0o755)
-    change.add("usr/share/doc/README.again", tarfile.LNKTYPE, link="usr/share/doc/README")  # to layer 1
+    # a copy of a layer-1 file and a hardlink to it inside this layer (a hardlink to a file of
+    # a lower layer imports here, but containers/storage refuses such layers: podman load fails)
+    change.add("usr/share/doc/README.again", data=b"a file and its hardlink share one inode\n")
+    change.add("usr/share/doc/README.again2", tarfile.LNKTYPE, link="usr/share/doc/README.again")
     deep = "usr/share/doc/" + "/".join([f"a-rather-long-directory-name-{i:02d}" for i in range(6)])
     parts = deep.split("/")
-    for i in range(3, len(parts) + 1):
+    for i in range(4, len(parts) + 1):  # usr/share/doc is already in
         change.add("/".join(parts[:i]), tarfile.DIRTYPE, mode=0o755)
     change.add(deep + "/" + "x" * 120 + ".txt", data=b"long paths need PAX headers\n")
 

@@ -162,7 +162,8 @@ class DirLayer:
     """One host directory in the kernel overlay format."""
 
     def __init__(self, root: str | bytes, position: int) -> None:
-        self.root = os.fsencode(os.path.abspath(root))
+        # realpath: podman passes lowerdirs as short symlinks (l/ABC -> ../<id>/diff)
+        self.root = os.fsencode(os.path.realpath(root))
         self.ino_base = (position + 1) << DIR_LAYER_SHIFT
         self._by_ino: dict[int, list[bytes]] | None = None
 

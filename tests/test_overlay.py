@@ -1,0 +1,208 @@
+"""layerfs-overlay against the kernel overlay filesystem over the same directories.
+
+The lower directories are the layers of the union test images extracted in the kernel
+format (``unionutil.extract_layers``); the same operation sequences run on the kernel's
+mount and on ``layerfs-overlay``'s, and the kernel's answers are the expected ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import make_layout, tar_bytes
+from test_union_kernel import CASES, Case
+from unionutil import (
+    Ops,
+    _copy_meta,
+    assert_same,
+    extract_layers,
+    force_unmount,
+    fuse_unavailable,
+    kernel_overlay,
+    mounted,
+    overlay_unavailable,
+    snapshot,
+    upper_snapshot,
+)
+
+HELPER = [sys.executable, "-m", "layerfs.overlay"]
+
+
+@contextmanager
+def overlay_mount(argv: list[str], mnt: str) -> Iterator[subprocess.CompletedProcess[str]]:
+    """Run the helper with ``argv``; it must return with the mount ready; unmounted after."""
+    os.makedirs(mnt, exist_ok=True)
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    try:
+        assert res.returncode == 0, f"{argv} exited {res.returncode}: {res.stderr}"
+        assert mounted(mnt), "the helper returned before the mount was ready"
+        yield res
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        force_unmount(mnt)
+
+
+def opts(lowers: list[str], upper: str | None = None, work: str | None = None, extra: str = "") -> str:
+    """fuse-overlayfs options: leftmost lowerdir on top (``lowers`` is bottom first)."""
+    o = "lowerdir=" + ":".join(reversed(lowers))
+    if upper:
+        o += f",upperdir={upper},workdir={work}"
+    return o + ("," + extra if extra else "")
+
+
+@dataclass
+class Layers:
+    case: Case
+    lowers: list[str]
+    tmp: str
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
+def layers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Layers:
+    reason = fuse_unavailable() or overlay_unavailable(str(tmp_path_factory.getbasetemp()))
+    if reason:
+        pytest.skip(reason)
+    case: Case = request.param
+    tmp = str(tmp_path_factory.mktemp("ovl-" + case.name))
+    if case.layers is None:
+        layout = request.getfixturevalue("sample_layout")
+    else:
+        layout = make_layout(os.path.join(tmp, "layout"), [tar_bytes(layer) for layer in case.layers()])
+    return Layers(case, extract_layers(layout, os.path.join(tmp, "layers")), tmp)
+
+
+def fresh_upper(layers: Layers, name: str) -> tuple[str, str]:
+    """An upper directory whose root carries the image root's attributes (for both sides)."""
+    upper, work = os.path.join(layers.tmp, name + "-upper"), os.path.join(layers.tmp, name + "-work")
+    for d in (upper, work):
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+    _copy_meta(layers.lowers[-1], upper)
+    return upper, work
+
+
+def test_readonly_matches_kernel(layers: Layers) -> None:
+    t = layers.tmp
+    upper, work = fresh_upper(layers, "ro-k")
+    with kernel_overlay(layers.lowers, upper, work, os.path.join(t, "ro-kmnt")) as km:
+        expected = snapshot(km)
+    mnt = os.path.join(t, "ro-lmnt")
+    with overlay_mount([*HELPER, "-o", opts(layers.lowers), mnt], mnt):
+        assert_same(expected, snapshot(mnt), "read-only tree of layerfs-overlay")
+
+
+@dataclass
+class Run:
+    kernel_log: list[tuple[str, Any]]
+    ours_log: list[tuple[str, Any]]
+    kernel: dict[str, Any]
+    ours: dict[str, Any]
+    kernel_upper: dict[str, str]
+    ours_upper: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def run(layers: Layers) -> Run:
+    t = layers.tmp
+    k = Ops(os.path.join(t, "rw-kmnt"))
+    kupper, kwork = fresh_upper(layers, "rw-k")
+    with kernel_overlay(layers.lowers, kupper, kwork, k.root):
+        layers.case.ops(k)
+        kernel = snapshot(k.root, volatile=k.volatile)
+    o = Ops(os.path.join(t, "rw-lmnt"))
+    upper, work = fresh_upper(layers, "rw-l")
+    with overlay_mount([*HELPER, "-o", opts(layers.lowers, upper, work), o.root], o.root):
+        layers.case.ops(o)
+        ours = snapshot(o.root, volatile=o.volatile)
+    return Run(k.log, o.log, kernel, ours, upper_snapshot(kupper), upper_snapshot(upper))
+
+
+def test_operations_give_what_the_kernel_gives(run: Run) -> None:
+    assert [s for s, _ in run.kernel_log] == [s for s, _ in run.ours_log]
+    diffs = [
+        f"step {i} {k}: kernel {kv!r}, layerfs-overlay {lv!r}"
+        for i, ((k, kv), (_, lv)) in enumerate(zip(run.kernel_log, run.ours_log))
+        if kv != lv
+    ]
+    assert not diffs, "steps that differ:\n" + "\n".join(diffs)
+
+
+def test_readwrite_tree_matches_kernel(run: Run) -> None:
+    assert_same(run.kernel, run.ours, "tree after the operations")
+
+
+def test_whiteouts_in_upper_match_kernel(run: Run) -> None:
+    wk = sorted(p for p, v in run.kernel_upper.items() if v == "whiteout")
+    wl = sorted(p for p, v in run.ours_upper.items() if v == "whiteout")
+    assert wk == wl
+
+
+def test_mount8_helper_form_and_unknown_options(sample_layout: str, tmp_path: Any) -> None:
+    """``layerfs-overlay SOURCE MOUNTPOINT -o ...`` (what mount.fuse3 runs) with options podman
+    passes that layerfs does not use: warned about, never fatal."""
+    if fuse_unavailable():
+        pytest.skip(fuse_unavailable())
+    lowers = extract_layers(sample_layout, str(tmp_path / "layers"))
+    upper, work, mnt = (str(tmp_path / n) for n in ("upper", "work", "mnt"))
+    os.makedirs(upper)
+    extra = "volatile,userxattr,noacl,nodev,nosuid"
+    argv = [*HELPER, "my-source", mnt, "-o", opts(lowers, upper, work, extra)]
+    with overlay_mount(argv, mnt) as res:
+        assert "volatile" in res.stderr and "userxattr" in res.stderr and "noacl" in res.stderr
+        with open(os.path.join(mnt, "etc/hostname"), "rb") as f:
+            assert f.read() == b"layerfs-sample\n"
+        with open("/proc/self/mountinfo") as f:
+            line = next(x for x in f if f" {os.path.realpath(mnt)} " in x)
+        assert "nodev" in line and "nosuid" in line
+        assert "fuse.layerfs-overlay" in line and "my-source" in line
+        with open(os.path.join(mnt, "new"), "w") as f:
+            f.write("x")
+    assert os.path.exists(os.path.join(upper, "new"))
+
+
+def test_mount_command_runs_the_helper(sample_layout: str, tmp_path: Any) -> None:
+    """``mount -t fuse.layerfs-overlay`` exactly as a user (or a test suite) would type it."""
+    if fuse_unavailable():
+        pytest.skip(fuse_unavailable())
+    if shutil.which("layerfs-overlay") is None or shutil.which("mount.fuse3") is None:
+        pytest.skip("layerfs-overlay or mount.fuse3 is not on PATH (.ci/install puts both there)")
+    lowers = extract_layers(sample_layout, str(tmp_path / "layers"))
+    upper, work, mnt = (str(tmp_path / n) for n in ("upper", "work", "mnt"))
+    for d in (upper, work, mnt):
+        os.makedirs(d)
+    res = subprocess.run(
+        ["mount", "-t", "fuse.layerfs-overlay", "overlay", mnt, "-o", opts(lowers, upper, work)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        assert res.returncode == 0, res.stderr
+        assert sorted(os.listdir(mnt)) == ["app", "bin", "etc", "home", "tmp", "usr", "var"]
+        out = subprocess.run(["chroot", mnt, "/app/run.sh"], capture_output=True, text=True)
+        assert out.stdout.startswith("hello from the layerfs sample image")
+    finally:
+        subprocess.run(["umount", mnt], capture_output=True)
+        force_unmount(mnt)
+
+
+def test_bad_command_lines(tmp_path: Any) -> None:
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    res = subprocess.run([*HELPER, mnt], capture_output=True, text=True)
+    assert res.returncode == 2 and "lowerdir" in res.stderr
+    res = subprocess.run([*HELPER, "-o", f"lowerdir={tmp_path}/missing", mnt], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "missing" in res.stderr
+    res = subprocess.run(
+        [*HELPER, "-o", f"lowerdir={tmp_path},upperdir={tmp_path}", mnt], capture_output=True, text=True
+    )
+    assert res.returncode == 1 and "workdir" in res.stderr
+    assert not mounted(mnt)

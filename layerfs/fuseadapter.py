@@ -32,6 +32,7 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 1.0
+MAX_REQUEST = 1 << 20
 TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
 TRIM_ABOVE = 8 << 20
 
@@ -73,6 +74,11 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
             config.attr_timeout = timeout if not self.view.writable else 0.0
             if not self.view.writable:
                 config.kernel_cache = 1  # immutable: the page cache survives close/open
+        if conn is not None:
+            # 1 MiB requests instead of 128 KiB: a quarter of the calls into Python on
+            # sequential reads and writes (the kernel sizes its requests from max_write)
+            conn.max_write = MAX_REQUEST
+            conn.max_readahead = MAX_REQUEST
         if self._on_ready is not None:
             self._on_ready()
 

@@ -251,3 +251,37 @@ def test_100k_entries_walk_and_daemon_rss(cli, tmp_path: Path):
     )
     assert (files, dirs) == (N_DIRS * PER_DIR, N_DIRS)
     assert mem["VmRSS"] < 50 * 1024, f"daemon {rss} after walking 100k entries"
+
+
+def _inodes(root: str) -> dict[str, int]:
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            out[os.path.relpath(p, root)] = os.lstat(p).st_ino
+    return out
+
+
+def test_inode_numbers_are_stable_across_remounts_and_copy_up(cli, sample, tmp_path):
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    with layerfs_mount(cli, sample, mnt):
+        first = _inodes(mnt)
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        assert _inodes(mnt) == first  # a writable mount of an untouched image: the same numbers
+        with open(os.path.join(mnt, "etc/passwd"), "a") as f:
+            f.write("copied up\n")
+        os.chmod(os.path.join(mnt, "usr/share/doc"), 0o700)
+        after_copy_up = _inodes(mnt)
+    assert after_copy_up == first  # copy-up keeps the lower inode number (files and dirs)
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        assert _inodes(mnt) == first
+    assert len(set(first.values())) == len(first) - 2  # only the two hardlinked pairs share
+
+
+def test_statfs_describes_the_image(cli, sample, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        st = os.statvfs(mnt)
+        assert st.f_bsize == 4096 and st.f_namemax == 255
+        assert st.f_blocks * st.f_bsize >= 3_000_000  # the sample holds ~3 MB of file data
+        assert st.f_files >= len(_inodes(mnt))

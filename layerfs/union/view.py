@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import stat
 import struct
 import threading
@@ -100,7 +101,9 @@ class ChunkCache:
         self._data: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self._ahead: threading.Thread | None = None
+        self._inflight: dict[tuple[int, int], threading.Event] = {}
+        self._queue: queue.SimpleQueue[list[Chunk]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
 
     def get(self, c: Chunk) -> bytes:
         key = (c.pack, c.offset)
@@ -108,6 +111,13 @@ class ChunkCache:
             data = self._data.get(key)
             if data is not None:
                 self._data.move_to_end(key)
+                return data
+            pending = self._inflight.get(key)
+        if pending is not None:  # the read-ahead worker is on it: wait rather than redo it
+            pending.wait()
+            with self._lock:
+                data = self._data.get(key)
+            if data is not None:
                 return data
         with self.store.read() as txn:
             data = self.store._chunk_bytes(txn, c)
@@ -125,21 +135,37 @@ class ChunkCache:
                 self._bytes -= len(old)
 
     def prefetch(self, chunks: list[Chunk]) -> None:
-        """Decompress ``chunks`` in the background (zstd releases the GIL)."""
-        if self._ahead is not None and self._ahead.is_alive():
+        """Queue ``chunks`` for the read-ahead worker (zstd releases the GIL while it works)."""
+        todo = []
+        with self._lock:
+            for c in chunks:
+                key = (c.pack, c.offset)
+                if key not in self._data and key not in self._inflight:
+                    self._inflight[key] = threading.Event()
+                    todo.append(c)
+        if not todo:
             return
-        todo = [c for c in chunks if (c.pack, c.offset) not in self._data]
-        if todo:
-            self._ahead = threading.Thread(target=self._fill, args=(todo,), daemon=True)
-            self._ahead.start()
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="layerfs-readahead", daemon=True)
+            self._worker.start()
+        self._queue.put(todo)
 
-    def _fill(self, chunks: list[Chunk]) -> None:
-        try:
-            with self.store.read() as txn:
-                for c in chunks:
-                    self._put((c.pack, c.offset), self.store._chunk_bytes(txn, c))
-        except Exception:  # noqa: BLE001 - read-ahead is a hint; the real read reports errors
-            pass
+    def _work(self) -> None:
+        """One long-lived worker: a thread per read-ahead cost more than it saved."""
+        while True:
+            chunks = self._queue.get()
+            for c in chunks:
+                key = (c.pack, c.offset)
+                try:
+                    with self.store.read() as txn:
+                        self._put(key, self.store._chunk_bytes(txn, c))
+                except Exception:  # noqa: BLE001 - read-ahead is a hint; the real read reports errors
+                    pass
+                finally:
+                    with self._lock:
+                        done = self._inflight.pop(key, None)
+                    if done is not None:
+                        done.set()
 
 
 class UnionView:
@@ -704,6 +730,14 @@ class UnionView:
         self._copy_up(_parent(path))
         up = self._up(path)
         if self._mknod_ok:
+            # as the kernel does: whiteouts are hardlinks of one 0/0 device in the work
+            # directory; a new inode per deleted file made rm -rf cost a mknod each
+            try:
+                os.link(self._shared_whiteout(), up)
+                return
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    raise
             try:
                 os.mknod(up, stat.S_IFCHR | 0o000, os.makedev(0, 0))
                 return
@@ -711,6 +745,19 @@ class UnionView:
                 self._mknod_ok = False  # unprivileged: fall back to .wh. files from now on
         with open(self._up(_join(_parent(path), WH_PREFIX + _name(path))), "wb"):
             pass
+
+    def _shared_whiteout(self) -> bytes:
+        assert self.work is not None
+        wh = os.path.join(self.work, b"whiteout")
+        try:
+            st = os.lstat(wh)
+            if _is_whiteout(st) and st.st_nlink < 60000:  # ext4 caps links at 65000
+                return wh
+            os.unlink(wh)
+        except FileNotFoundError:
+            pass
+        os.mknod(wh, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        return wh
 
     def _set_opaque(self, up: bytes) -> None:
         try:

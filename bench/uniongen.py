@@ -1,0 +1,423 @@
+"""Deterministic images for the union filesystem benchmarks, written twice from one spec:
+as an OCI image layout (uncompressed tar layers, for ``layerfs import``) and as one
+directory per layer in the kernel overlayfs format (for ``fuse-overlayfs`` and
+``mount -t overlay``): a whiteout is a 0/0 character device, an opaque directory carries
+``trusted.overlay.opaque=y``.  Both come from the same list of operations, so the three
+mounts show the same tree (``test_union_bench.py`` checks that before timing anything).
+
+Images:
+
+* ``main`` (3 layers): ``base`` = ``bin/busybox`` (the host's busybox-static) with
+  ``bin/true`` and ``bin/sh`` symlinks to it, and ``data/`` = 100 dirs x 200 files of
+  1 KiB; ``bulk`` = ``big/blob`` (256 MiB, 64 KiB pieces alternating random and
+  text-like, so half of it compresses) and ``cu/`` (2000 files of 16 KiB) plus 500
+  rewritten ``data`` files; ``top`` = 1000 rewritten ``data`` files, 100 whiteouts,
+  one opaque directory re-filled with 200 files, 100 new files;
+* ``many`` (50 small layers): each adds 20 files, rewrites ``common/`` and whites out a
+  file of the layer below;
+* ``wide`` (1 layer): 1000 dirs x 100 files (most empty), about 101k entries.
+
+Generated once into ``CACHE/union-<key>/<image>/{layout,layers/N}`` (under an flock) and
+reused afterwards.  Run as a script to generate: ``python bench/uniongen.py [CACHE]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Union
+
+GENERATOR_VERSION = 1
+KiB, MiB = 1 << 10, 1 << 20
+MTIME = 1_700_000_000
+OPAQUE_XATTR = "trusted.overlay.opaque"
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+# one layer = a list of operations, applied in order
+#   ("dir", path, mode)  ("file", path, data | (size, producer), mode)  ("symlink", path, target)
+#   ("whiteout", path)   ("opaque", dir path)  -- the directory itself must come first
+Data = Union[bytes, tuple[int, Callable[[], Iterator[bytes]]]]
+Op = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class UnionParams:
+    seed: int = 424242
+    dirs: int = 100
+    files_per_dir: int = 200
+    small_size: int = 1 * KiB
+    big_size: int = 256 * MiB
+    copyup_files: int = 2000
+    copyup_size: int = 16 * KiB
+    mid_rewrites: int = 500  # data files rewritten by the middle layer
+    top_rewrites: int = 1000  # ... and by the top layer
+    whiteouts: int = 100
+    new_files: int = 100
+    many_layers: int = 50
+    many_files: int = 20
+    wide_dirs: int = 1000
+    wide_files: int = 100
+    busybox: str = "/bin/busybox"
+
+    def key(self) -> str:
+        blob = json.dumps([GENERATOR_VERSION, dataclasses.asdict(self)], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def scaled(self, scale: float) -> UnionParams:
+        if scale == 1:
+            return self
+        n = lambda v: max(1, int(v * scale))  # noqa: E731
+        return dataclasses.replace(
+            self,
+            dirs=n(self.dirs),
+            big_size=max(MiB, int(self.big_size * scale)),
+            copyup_files=n(self.copyup_files),
+            mid_rewrites=n(self.mid_rewrites),
+            top_rewrites=n(self.top_rewrites),
+            whiteouts=n(self.whiteouts),
+            new_files=n(self.new_files),
+            wide_dirs=n(self.wide_dirs),
+        )
+
+
+# -- content -----------------------------------------------------------------------------------
+_WORDS = (
+    "the of and to in is for that this with be on as it by are not or from at file an which if can "
+    "use data value default return set option see also must should when new name error path list "
+    "type string number will may used function object module version lorem ipsum dolor sit amet"
+).split()
+
+
+class Content:
+    def __init__(self, seed: int) -> None:
+        rng = random.Random(seed)
+        words = rng.choices(_WORDS, k=400_000)
+        self.text = " ".join(words).encode()[: 2 * MiB]
+
+    def small(self, rng: random.Random, tag: str, size: int) -> bytes:
+        head = f"{tag}\n".encode()
+        off = rng.randrange(len(self.text) - size)
+        return (head + rng.randbytes(16).hex().encode() + self.text[off : off + size])[:size]
+
+    def big(self, seed: int, size: int) -> Iterator[bytes]:
+        """64 KiB pieces alternating random bytes and text (compressible)."""
+        rng = random.Random(seed)
+        piece = 64 * KiB
+        for i, pos in enumerate(range(0, size, piece)):
+            n = min(piece, size - pos)
+            if i % 2:
+                off = rng.randrange(len(self.text) - n)
+                yield self.text[off : off + n]
+            else:
+                yield rng.randbytes(n)
+
+
+# -- the images ----------------------------------------------------------------------------------
+def main_image(p: UnionParams, c: Content) -> tuple[list[list[Op]], dict[str, Any]]:
+    rng = random.Random(p.seed)
+    with open(p.busybox, "rb") as f:
+        busybox = f.read()
+    dirs = [f"data/d{i:03d}" for i in range(p.dirs)]
+    names = [f"f{j:03d}" for j in range(p.files_per_dir)]
+    base: list[Op] = [("dir", "bin", 0o755), ("file", "bin/busybox", busybox, 0o755)]
+    base += [("symlink", "bin/true", "busybox"), ("symlink", "bin/sh", "busybox"), ("dir", "data", 0o755)]
+    for d in dirs:
+        base.append(("dir", d, 0o755))
+        base += [("file", f"{d}/{n}", c.small(rng, f"{d}/{n}", p.small_size), 0o644) for n in names]
+    all_files = [f"{d}/{n}" for d in dirs for n in names]
+
+    bulk: list[Op] = [("dir", "big", 0o755)]
+    bulk.append(("file", "big/blob", (p.big_size, lambda: c.big(p.seed + 1, p.big_size)), 0o644))
+    bulk.append(("dir", "cu", 0o755))
+    copyup = [f"cu/f{k:04d}" for k in range(p.copyup_files)]
+    bulk += [("file", f, c.small(rng, f, p.copyup_size), 0o644) for f in copyup]
+    for f in sorted(rng.sample(all_files, p.mid_rewrites)):
+        bulk.append(("file", f, c.small(rng, "mid " + f, p.small_size), 0o644))
+
+    top: list[Op] = []
+    opaque_dir = dirs[-1]
+    others = [f for f in all_files if not f.startswith(opaque_dir + "/")]
+    picked = rng.sample(others, p.top_rewrites + p.whiteouts)
+    for f in sorted(picked[: p.top_rewrites]):
+        top.append(("file", f, c.small(rng, "top " + f, p.small_size), 0o644))
+    gone = sorted(picked[p.top_rewrites :])
+    top += [("whiteout", f) for f in gone]
+    top += [("dir", opaque_dir, 0o755), ("opaque", opaque_dir)]
+    top += [("file", f"{opaque_dir}/{n}", c.small(rng, "opq " + n, p.small_size), 0o644) for n in names]
+    new = [f"{dirs[k % len(dirs)]}/new{k:03d}" for k in range(p.new_files)]
+    top += [("file", f, c.small(rng, f, p.small_size), 0o644) for f in new]
+
+    gone_set = set(gone)
+    small = sorted([f for f in all_files if f not in gone_set] + new)
+    info = {
+        "small_files": small,  # every regular file below data/ in the merged tree
+        "copyup_files": copyup,
+        "big": "big/blob",
+        "big_size": p.big_size,
+        "rm_tree": "data",
+    }
+    return [base, bulk, top], info
+
+
+def many_image(p: UnionParams, c: Content) -> tuple[list[list[Op]], dict[str, Any]]:
+    rng = random.Random(p.seed + 50)
+    layers: list[list[Op]] = []
+    for i in range(p.many_layers):
+        ops: list[Op] = [("dir", "common", 0o755), ("dir", f"l{i:02d}", 0o755)]
+        ops += [
+            ("file", f"l{i:02d}/f{j:03d}", c.small(rng, f"{i}/{j}", p.small_size), 0o644)
+            for j in range(p.many_files)
+        ]
+        ops += [("file", f"common/c{j}", c.small(rng, f"c{i}/{j}", p.small_size), 0o644) for j in range(10)]
+        if i:
+            ops.append(("whiteout", f"l{i - 1:02d}/f000"))
+        layers.append(ops)
+    return layers, {}
+
+
+def wide_image(p: UnionParams, c: Content) -> tuple[list[list[Op]], dict[str, Any]]:
+    rng = random.Random(p.seed + 100)
+    ops: list[Op] = [("dir", "w", 0o755)]
+    for i in range(p.wide_dirs):
+        d = f"w/d{i:04d}"
+        ops.append(("dir", d, 0o755))
+        for j in range(p.wide_files):
+            data = c.small(rng, f"{d}/{j}", 100) if j % 10 == 0 else b""
+            ops.append(("file", f"{d}/f{j:03d}", data, 0o644))
+    return [ops], {"entries": 2 + p.wide_dirs * (1 + p.wide_files)}
+
+
+IMAGES = {"main": main_image, "many": many_image, "wide": wide_image}
+
+
+# -- writers -------------------------------------------------------------------------------------
+def _chunks(data: Data) -> tuple[int, Iterator[bytes]]:
+    if isinstance(data, bytes):
+        return len(data), iter((data,))
+    size, produce = data
+    return size, produce()
+
+
+class _IterReader(io.RawIOBase):
+    def __init__(self, it: Iterator[bytes]) -> None:
+        self._it = it
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def write_tar(ops: list[Op], out: str) -> None:
+    """The layer as an uncompressed tar (OCI whiteout names)."""
+
+    def info(path: str, kind: bytes, mode: int) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(path)
+        ti.type, ti.mode, ti.mtime, ti.uid, ti.gid = kind, mode, MTIME, 0, 0
+        return ti
+
+    with open(out, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for op in ops:
+            kind, path = op[0], op[1]
+            if kind == "dir":
+                t.addfile(info(path + "/", tarfile.DIRTYPE, op[2]))
+            elif kind == "file":
+                size, it = _chunks(op[2])
+                ti = info(path, tarfile.REGTYPE, op[3])
+                ti.size = size
+                t.addfile(ti, io.BufferedReader(_IterReader(it), 1 * MiB))
+            elif kind == "symlink":
+                ti = info(path, tarfile.SYMTYPE, 0o777)
+                ti.linkname = op[2]
+                t.addfile(ti)
+            elif kind == "whiteout":
+                head, _, name = path.rpartition("/")
+                t.addfile(info(f"{head}/.wh.{name}" if head else f".wh.{name}", tarfile.REGTYPE, 0o644))
+            elif kind == "opaque":
+                t.addfile(info(f"{path}/.wh..wh..opq", tarfile.REGTYPE, 0o644))
+            else:
+                raise ValueError(kind)
+
+
+def write_overlay_dir(ops: list[Op], dest: str) -> None:
+    """The layer as a kernel overlayfs layer directory."""
+    os.makedirs(dest)
+    os.chmod(dest, 0o755)
+    dirs = [""]
+    for op in ops:
+        kind, path = op[0], op[1]
+        p = os.path.join(dest, path)
+        if kind != "dir":
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        if kind == "dir":
+            os.makedirs(p, exist_ok=True)
+            os.chmod(p, op[2])
+            dirs.append(path)
+        elif kind == "file":
+            _, it = _chunks(op[2])
+            with open(p, "wb") as f:
+                for piece in it:
+                    f.write(piece)
+            os.chmod(p, op[3])
+            os.utime(p, (MTIME, MTIME))
+        elif kind == "symlink":
+            os.symlink(op[2], p)
+            os.utime(p, (MTIME, MTIME), follow_symlinks=False)
+        elif kind == "whiteout":
+            os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        elif kind == "opaque":
+            os.setxattr(p, OPAQUE_XATTR, b"y")
+    for d in sorted(dirs, key=lambda s: -s.count("/") - (s != "")):
+        os.utime(os.path.join(dest, d), (MTIME, MTIME))
+
+
+def write_layout(layer_tars: list[str], out: str, ref: str) -> str:
+    """An OCI image layout of uncompressed tar layers (moved in); returns the layout."""
+    blobs = os.path.join(out, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+
+    def put_bytes(data: bytes) -> tuple[str, int]:
+        h = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, h), "wb") as f:
+            f.write(data)
+        return "sha256:" + h, len(data)
+
+    descs, diff_ids = [], []
+    for tar in layer_tars:
+        h = hashlib.sha256()
+        with open(tar, "rb") as f:
+            for block in iter(lambda: f.read(4 * MiB), b""):
+                h.update(block)
+        size = os.path.getsize(tar)
+        os.rename(tar, os.path.join(blobs, h.hexdigest()))
+        descs.append({"mediaType": MT_LAYER, "digest": "sha256:" + h.hexdigest(), "size": size})
+        diff_ids.append("sha256:" + h.hexdigest())
+    cfg = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    cfg_digest, cfg_size = put_bytes(cfg)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MT_MANIFEST,
+            "config": {"mediaType": MT_CONFIG, "digest": cfg_digest, "size": cfg_size},
+            "layers": descs,
+        }
+    ).encode()
+    man_digest, man_size = put_bytes(manifest)
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": MT_MANIFEST,
+                "digest": man_digest,
+                "size": man_size,
+                "annotations": {"org.opencontainers.image.ref.name": ref},
+            }
+        ],
+    }
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(out, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    return out
+
+
+@dataclass
+class UnionImage:
+    name: str
+    root: str
+    info: dict[str, Any]
+
+    @property
+    def layout(self) -> str:
+        return os.path.join(self.root, "layout")
+
+    @property
+    def layers(self) -> list[str]:
+        """The overlayfs layer directories, bottom first."""
+        n = int(self.info["layers"])
+        return [os.path.join(self.root, "layers", str(i)) for i in range(n)]
+
+    @property
+    def ref(self) -> str:
+        return f"union-{self.name}:bench"
+
+
+def _generate(name: str, p: UnionParams, out: str) -> dict[str, Any]:
+    layers, info = IMAGES[name](p, Content(p.seed))
+    tars = []
+    for i, ops in enumerate(layers):
+        write_overlay_dir(ops, os.path.join(out, "layers", str(i)))
+        tar = os.path.join(out, f"layer{i}.tar")
+        write_tar(ops, tar)
+        tars.append(tar)
+    write_layout(tars, os.path.join(out, "layout"), f"union-{name}:bench")
+    info = dict(info, layers=len(layers), params=dataclasses.asdict(p))
+    with open(os.path.join(out, "info.json"), "w") as f:
+        json.dump(info, f)
+    return info
+
+
+def cache_root() -> str:
+    return os.environ.get("LAYERFS_BENCH_CACHE") or os.path.join(tempfile.gettempdir(), "layerfs-bench-cache")
+
+
+def ensure(name: str, p: UnionParams, cache: str | None = None) -> UnionImage:
+    """Generate image ``name`` once (layout and overlay dirs); later calls reuse it."""
+    cache = cache or cache_root()
+    base = os.path.join(cache, f"union-{p.key()}")
+    root = os.path.join(base, name)
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(root, "info.json")):
+            tmp = f"{root}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _generate(name, p, tmp)
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(tmp, root)
+        with open(os.path.join(root, "info.json")) as f:
+            return UnionImage(name, root, json.load(f))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    cache = args[0] if args else None
+    for name in IMAGES:
+        img = ensure(name, UnionParams(), cache)
+        print(name, img.root, img.info["layers"], "layers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -181,6 +181,7 @@ class UnionView:
         self.cache = ChunkCache(store) if store is not None else None
         self._handles: dict[int, _LowerFile | _UpperFile] = {}
         self._path_files: dict[bytes, _LowerFile | _UpperFile] = {}  # read_path's recent files
+        self._looked_up: dict[bytes, Node] = {}  # read-only: files just stat'ed, for read_path
         self._next_fh = 1
         self._vis: dict[bytes, bool] = {}
         self._upper_ino: dict[int, int] = {}
@@ -259,6 +260,12 @@ class UnionView:
     def getattr(self, path: bytes) -> dict[str, int]:
         r = self.resolve(path)
         if isinstance(r, Node):
+            if self.upper is None and r.kind == E.REG:
+                # a LOOKUP is mostly followed by a READ of the same file: keep the node so
+                # read_path need not resolve it again (lower nodes never change)
+                if len(self._looked_up) >= 1024:
+                    self._looked_up.clear()
+                self._looked_up[path] = r
             return self._node_attr(r)
         attr = self._stat_attr(path, r)
         if stat.S_ISDIR(r.st_mode) and self._lower_visible(path):
@@ -406,7 +413,7 @@ class UnionView:
         OPEN and RELEASE never reach Python (libfuse answers them itself)."""
         h = self._path_files.get(path)
         if h is None:
-            r = self.resolve(path)
+            r = self._looked_up.pop(path, None) or self.resolve(path)
             if isinstance(r, os.stat_result):
                 with open(self._up(path), "rb") as f:
                     return os.pread(f.fileno(), size, offset)

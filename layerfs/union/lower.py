@@ -131,6 +131,25 @@ class ChainLayer:
         }
 
 
+STATFS_FIELDS = (
+    "f_bsize",
+    "f_frsize",
+    "f_blocks",
+    "f_bfree",
+    "f_bavail",
+    "f_files",
+    "f_ffree",
+    "f_favail",
+    "f_namemax",
+)
+
+
+def host_statfs(path: bytes) -> dict[str, int]:
+    """statvfs(2) of a host directory, as the FUSE adapter passes it on."""
+    v = os.statvfs(path)
+    return {k: getattr(v, k) for k in STATFS_FIELDS}
+
+
 def is_opaque_dir(path: bytes) -> bool:
     for name in OPAQUE_XATTRS:
         try:
@@ -334,21 +353,7 @@ class Stack:
         top = self.layers[0]
         if isinstance(top, ChainLayer):
             return top.statfs()
-        v = os.statvfs(top.root)
-        return {
-            k: getattr(v, k)
-            for k in (
-                "f_bsize",
-                "f_frsize",
-                "f_blocks",
-                "f_bfree",
-                "f_bavail",
-                "f_files",
-                "f_ffree",
-                "f_favail",
-                "f_namemax",
-            )
-        }
+        return host_statfs(top.root)
 
     def invalidate(self) -> None:
         self._active.clear()

@@ -49,6 +49,7 @@ from layerfs.union.lower import (
     PRIVATE_XATTR_PREFIXES,
     WH_PREFIX,
     Lower,
+    host_statfs,
     is_opaque_dir,
 )
 
@@ -348,21 +349,7 @@ class UnionView:
 
     def statfs(self) -> dict[str, int]:
         if self.upper is not None:
-            v = os.statvfs(self.upper)
-            return {
-                k: getattr(v, k)
-                for k in (
-                    "f_bsize",
-                    "f_frsize",
-                    "f_blocks",
-                    "f_bfree",
-                    "f_bavail",
-                    "f_files",
-                    "f_ffree",
-                    "f_favail",
-                    "f_namemax",
-                )
-            }
+            return host_statfs(self.upper)
         return self.lower.statfs()
 
     # -- directories ----------------------------------------------------------------

@@ -377,9 +377,9 @@ def kernel_overlay(
 ) -> Iterator[str]:
     """The kernel overlay of ``lowers`` (bottom first) with ``upper``, mounted on ``mnt``.
 
-    Without ``redirect_dir`` (renaming a lower directory gives EXDEV) and without
-    ``metacopy``; with ``index=on`` by default, so a copied-up lower hardlink keeps
-    all of its names linked (what layerfs does)."""
+    With ``redirect_dir`` (renaming a directory that has lower contents works, as it does
+    on layerfs) and without ``metacopy``; with ``index=on`` by default, so a copied-up
+    lower hardlink keeps all of its names linked (what layerfs does)."""
     for d in (upper, work, mnt):
         os.makedirs(d, exist_ok=True)
     if not os.listdir(upper):  # as layerfs does: a new upper root shows the image root
@@ -389,7 +389,7 @@ def kernel_overlay(
             "lowerdir=" + ":".join(reversed(lowers)),
             f"upperdir={upper}",
             f"workdir={work}",
-            "redirect_dir=off",
+            "redirect_dir=on",
             "metacopy=off",
             "index=on" if index else "index=off",
         ]

@@ -16,8 +16,10 @@ crash never leaves a half-copied file in the tree.  A hardlinked lower file is
 copied up with all of its names linked together, so writing one name changes
 what every name shows (fuse-overlayfs breaks the pair).
 
-Renaming a directory that has lower contents returns ``EXDEV``, as the kernel
-overlay does without ``redirect_dir``; ``mv`` then copies and deletes.
+Renaming a directory that has lower contents copies the whole merged directory
+up first (marked opaque), then renames it in the upper directory: where overlayfs
+without ``redirect_dir`` answers ``EXDEV`` and leaves the copying to ``mv``, the
+rename simply works (the kernel with ``redirect_dir=on`` gives the same tree).
 
 Inode numbers: lower inodes are the index's (stable, small); an object keeps
 its lower inode number across copy-up (recorded in ``trusted.layerfs.ino``);
@@ -622,7 +624,12 @@ class UnionView:
         if new.startswith(old + b"/"):
             raise _err(errno.EINVAL)
         if src_dir and self._has_lower_contents(old):
-            raise _err(errno.EXDEV)  # as overlayfs without redirect_dir: the caller copies
+            # overlayfs without redirect_dir says EXDEV here and leaves the copying to mv;
+            # we copy the whole merged directory up instead and mark it opaque, so once it
+            # moves nothing of the lower layers can show through it at its new place
+            self._copy_up_tree(old)
+            _drop_whiteouts(self._up(old))  # nothing below an opaque directory needs hiding
+            self._set_opaque(self._up(old))
         old_lower = self._lower(old) is not None
         self._copy_up(old)
         if dst is not None:
@@ -634,6 +641,15 @@ class UnionView:
         if old_lower:
             self._whiteout(old)
         self._vis.clear()
+
+    def _copy_up_tree(self, path: bytes) -> None:
+        """Copy a directory and everything visible below it into the upper directory."""
+        self._copy_up(path)
+        for name, _, mode in self.readdir(path):
+            child = _join(path, name)
+            self._copy_up(child)
+            if stat.S_ISDIR(mode):
+                self._copy_up_tree(child)
 
     def _has_lower_contents(self, path: bytes) -> bool:
         node = self._lower(path)
@@ -828,6 +844,19 @@ class UnionView:
             raise
         self._vis.pop(path, None)
         return final
+
+
+def _drop_whiteouts(path: bytes) -> None:
+    """Remove whiteouts from an upper tree about to become opaque: the kernel lists the
+    entries of a directory that merges nothing as they are, whiteouts included."""
+    with os.scandir(path) as it:
+        for d in it:
+            if d.name.startswith(WH_PREFIX) and d.name != OPAQUE_FILE:
+                os.unlink(d.path)
+            elif d.is_dir(follow_symlinks=False):
+                _drop_whiteouts(d.path)
+            elif not d.is_file(follow_symlinks=False) and _is_whiteout(d.stat(follow_symlinks=False)):
+                os.unlink(d.path)
 
 
 def _clear_dir(path: bytes) -> None:

@@ -16,7 +16,7 @@ import tarfile
 import time
 
 import pytest
-from conftest import make_layout
+from conftest import make_layout, member, tar_bytes
 
 from layerfs.store import Store, collect, verify
 
@@ -151,3 +151,34 @@ def test_live_lease_protects_objects_in_process(store: Store) -> None:
     session.abort()
     res = collect(store)
     assert (res.objects_removed, res.packs_removed) == (1, 1) and not store.has_object(sha)
+
+
+def test_full_disk_gives_one_line_and_a_consistent_store(tmp_path, cli):
+    """An import that fills the filesystem stops with one line, stores nothing visible, and
+    the store verifies and collects once space is back."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        store = str(small / "store")
+        layout = make_layout(
+            tmp_path / "img",
+            [tar_bytes([member(f"f{i}", os.urandom(1 << 20)) for i in range(30)])],
+            ref="big:latest",
+        )
+        env = {"LAYERFS_STORE": store}
+        res = cli("import", str(layout), check=False, env=env)
+        assert res.code == 1
+        (line,) = res.err.strip().splitlines()
+        assert line.startswith("layerfs: import of") and "cannot write to the store" in line
+        assert cli("verify", env=env).code == 0
+        df = cli("df", "--json", env=env).json()
+        assert df["images"] == 0 and df["layers"] == 0
+        # space back (a bigger filesystem): the same import works and gc leaves nothing behind
+        subprocess.run(["mount", "-o", "remount,size=200m", str(small)], check=True)
+        assert cli("import", str(layout), env=env).code == 0
+        assert cli("gc", "--json", env=env).json()["objects_removed"] == 0
+        assert cli("verify", env=env).code == 0
+    finally:
+        subprocess.run(["umount", "-l", str(small)])

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import struct
 import threading
 import time
@@ -298,6 +299,9 @@ class Store:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
+            except lmdb.Error as exc:
+                # the transaction was aborted: the store is as it was before it
+                raise StoreError(f"cannot write to the store at {self.path}: {exc}{self._space_hint()}") from None
 
     def trim_map(self) -> None:
         """Drop this process's mappings of the store's pages (MADV_DONTNEED).
@@ -313,6 +317,13 @@ class Store:
                 if line.rstrip("\n").endswith(" " + data_file):
                     start, end = (int(x, 16) for x in line.split()[0].split("-"))
                     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+    def _space_hint(self) -> str:
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError:
+            return ""
+        return f" (only {free} bytes free on its filesystem)" if free < 64 << 20 else ""
 
     # -- objects ------------------------------------------------------------
     def has_object(self, sha: bytes) -> bool:
@@ -698,7 +709,10 @@ class WriteSession:
         if self._closed:
             return
         self._close()
-        self.store.write(lambda txn: self.store.drop_lease(txn, self.lease_id))
+        try:
+            self.store.write(lambda txn: self.store.drop_lease(txn, self.lease_id))
+        except StoreError:
+            pass  # e.g. the disk is full: the lease outlives this process, and gc reclaims it
 
     def _close(self) -> None:
         self._closed = True

@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 # Entry kinds.  WHITEOUT hides the same path in lower layers.
 REG, DIR, SYMLINK, HARDLINK, CHR, BLK, FIFO, WHITEOUT = range(8)
-KIND_NAMES = ("file", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout")
 
 # Flags.
 HAS_CONTENT = 0x01  # content sha256 follows (regular files and hardlinks with data)

@@ -301,7 +301,9 @@ class Store:
                 self.env.set_mapsize(0)
             except lmdb.Error as exc:
                 # the transaction was aborted: the store is as it was before it
-                raise StoreError(f"cannot write to the store at {self.path}: {exc}{self._space_hint()}") from None
+                raise StoreError(
+                    f"cannot write to the store at {self.path}: {exc}{self._space_hint()}"
+                ) from None
 
     def trim_map(self) -> None:
         """Drop this process's mappings of the store's pages (MADV_DONTNEED).
@@ -602,9 +604,6 @@ class WriteSession:
         for i in range(0, len(data), CHUNK_SIZE):
             w.write(data[i : i + CHUNK_SIZE])
         return w.finish(sha)
-
-    def has(self, sha: bytes) -> bool:
-        return self._seen(sha)
 
     # -- deferred records --------------------------------------------------------
     def put_layer(self, layer_id: bytes, entries: list[Entry], info: dict[str, Any]) -> None:

@@ -26,7 +26,6 @@ Not thread-safe (lookup caches); the FUSE adapter is single-threaded.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -357,9 +356,3 @@ class Stack:
 
     def invalidate(self) -> None:
         self._active.clear()
-
-
-def check_dirs(dirs: list[str]) -> None:
-    for d in dirs:
-        if not os.path.isdir(d):
-            raise OSError(errno.ENOTDIR, f"lower directory {d} is not a directory")

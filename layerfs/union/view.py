@@ -37,9 +37,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from layerfs.store import Store
 from layerfs.store import entries as E
@@ -874,12 +872,3 @@ def _remove_any(path: bytes) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def iter_tree(view: UnionView, path: bytes = b"") -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """Walk the merged tree (for tests and tools): (path, attributes)."""
-    attr = view.getattr(path)
-    yield path, attr
-    if stat.S_ISDIR(attr["st_mode"]):
-        for name, _, _ in sorted(view.readdir(path)):
-            yield from iter_tree(view, _join(path, name))

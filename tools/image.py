@@ -38,6 +38,7 @@ from layerfs.tools.sources import (
     platform_matches,
     platform_string,
 )
+from layerfs.union.index import merge
 
 
 class ImportError_(ValueError):
@@ -76,17 +77,8 @@ class _LowerView:
 
     def lookup(self, path: bytes) -> Entry | None:
         if self._merged is None:
-            merged: dict[bytes, Entry] = {}
-            for load in self._tables:
-                for e in load():
-                    if e.kind == E.WHITEOUT or e.opaque:
-                        prefix = e.path + b"/"
-                        for p in [p for p in merged if p.startswith(prefix) or p == e.path]:
-                            if p != e.path or e.kind == E.WHITEOUT:
-                                del merged[p]
-                    if e.kind != E.WHITEOUT:
-                        merged[e.path] = e
-            self._merged = merged
+            # the union's own merge: whiteouts, opaque directories and replacements applied
+            self._merged = {p: e for p, (e, _) in merge([load() for load in self._tables]).items()}
         found = self._merged.get(path)
         if found is not None and found.kind == E.HARDLINK:
             found = self._merged.get(found.link, found)

@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     for image_id, rec in images:
         short = ("sha256:" + image_id.hex()) if args.no_trunc else image_id.hex()[:12]
         if args.quiet:
-            if short not in rows:
-                print(short)
+            print(short)
             continue
         created = human_age(parse_time(rec.get("created", "")))
         for name in names.get(image_id) or ["<none>:<none>"]:

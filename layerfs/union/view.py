@@ -56,7 +56,8 @@ from layerfs.union.lower import (
 UPPER_INO = 1 << 40
 INO_XATTR = b"trusted.layerfs.ino"
 CACHE_BYTES = 32 << 20  # decompressed lower chunks kept for re-reads
-READ_AHEAD = 4  # chunks decompressed ahead of a sequential reader
+READ_AHEAD = 16  # chunks (1 MiB) decompressed ahead of a sequential reader
+READ_AHEAD_WORKERS = 2  # zstd releases the GIL: the reader mostly waits, so use both cores
 _INO = struct.Struct("<Q")
 
 
@@ -104,7 +105,7 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[int, int], threading.Event] = {}
         self._queue: queue.SimpleQueue[list[Chunk]] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
 
     def get(self, c: Chunk) -> bytes:
         key = (c.pack, c.offset)
@@ -146,13 +147,16 @@ class ChunkCache:
                     todo.append(c)
         if not todo:
             return
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="layerfs-readahead", daemon=True)
-            self._worker.start()
-        self._queue.put(todo)
+        if not self._workers:
+            for _ in range(READ_AHEAD_WORKERS):
+                worker = threading.Thread(target=self._work, name="layerfs-readahead", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+        for c in todo:  # one chunk a task, so the workers share a read-ahead window
+            self._queue.put([c])
 
     def _work(self) -> None:
-        """One long-lived worker: a thread per read-ahead cost more than it saved."""
+        """Long-lived workers: a thread per read-ahead cost more than it saved."""
         while True:
             chunks = self._queue.get()
             for c in chunks:

@@ -273,21 +273,12 @@ def _serve(
 
 def mounts(store: Store) -> list[dict[str, Any]]:
     """Active mounts (stale records of vanished mounts are removed)."""
-    reg = _registry(store)
     out = []
-    for name in sorted(os.listdir(reg)):
-        if not name.endswith(".json"):
-            continue
-        path = os.path.join(reg, name)
-        try:
-            with open(path) as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
-            continue
+    for rec in sorted(_records(store), key=lambda r: str(r.get("mountpoint"))):
         fstype = mounted_fuse(rec["mountpoint"])
         if fstype is None or not fstype.startswith("fuse.layerfs"):
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(os.path.join(_registry(store), f"{rec['id']}.json"))
             continue
         out.append(rec)
     return out

@@ -31,7 +31,7 @@ import json
 import stat
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import lmdb
 
@@ -62,9 +62,8 @@ _S_IF = {
 }
 
 
-@dataclass(frozen=True)
-class Node:
-    """One inode of the merged lower tree."""
+class Node(NamedTuple):
+    """One inode of the merged lower tree (a named tuple: one is built per lookup)."""
 
     ino: int
     kind: int

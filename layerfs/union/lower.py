@@ -25,7 +25,6 @@ Not thread-safe (lookup caches); the FUSE adapter is single-threaded.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 from collections.abc import Iterator
@@ -303,7 +302,7 @@ class Stack:
             node = self.layers[top[0]].probe(b"").node if top else None
             if node is None:
                 return None
-            return dataclasses.replace(node, ino=ROOT_INO, nlink=1 if len(top or ()) > 1 else node.nlink)
+            return node._replace(ino=ROOT_INO, nlink=1 if len(top or ()) > 1 else node.nlink)
         parents = self._layers_of_dir(_parent(path))
         if parents is None:
             return None
@@ -314,7 +313,7 @@ class Stack:
             if p.state == FOUND:
                 assert p.node is not None
                 if p.node.is_dir and len(self._layers_of_dir(path) or ()) > 1:
-                    return dataclasses.replace(p.node, nlink=1)  # merged: one link, as overlayfs
+                    return p.node._replace(nlink=1)  # merged: one link, as overlayfs
                 return p.node
         return None
 

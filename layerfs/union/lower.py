@@ -39,7 +39,7 @@ WH_PREFIX = b".wh."
 OPAQUE_FILE = b".wh..wh..opq"
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 # overlayfs's own bookkeeping and ours are never shown as file attributes
-PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.layerfs.")
+PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.layerfs.", b"user.layerfs.")
 DIR_LAYER_SHIFT = 48  # a directory layer's inodes: (position + 1) << 48 | host inode
 ACTIVE_CACHE = 8192
 

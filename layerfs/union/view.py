@@ -22,7 +22,8 @@ without ``redirect_dir`` answers ``EXDEV`` and leaves the copying to ``mv``, the
 rename simply works (the kernel with ``redirect_dir=on`` gives the same tree).
 
 Inode numbers: lower inodes are the index's (stable, small); an object keeps
-its lower inode number across copy-up (recorded in ``trusted.layerfs.ino``);
+its lower inode number across copy-up (recorded in ``trusted.layerfs.ino``, or
+``user.layerfs.ino`` where trusted.* is refused);
 objects created in the upper directory get the host inode plus ``UPPER_INO``.
 
 Not thread-safe: the FUSE adapter dispatches single-threaded.
@@ -54,7 +55,8 @@ from layerfs.union.lower import (
 )
 
 UPPER_INO = 1 << 40
-INO_XATTR = b"trusted.layerfs.ino"
+# where copy-up records the lower inode number; user.* where trusted.* is refused (unprivileged)
+INO_XATTRS = (b"trusted.layerfs.ino", b"user.layerfs.ino")
 CACHE_BYTES = 32 << 20  # decompressed lower chunks kept for re-reads
 READ_AHEAD = 16  # chunks (1 MiB) decompressed ahead of a sequential reader
 READ_AHEAD_WORKERS = 2  # zstd releases the GIL: the reader mostly waits, so use both cores
@@ -319,7 +321,7 @@ class UnionView:
         ino = self._upper_ino.get(st.st_ino)
         if ino is None:
             try:
-                ino = _INO.unpack(os.getxattr(self._up(path), INO_XATTR, follow_symlinks=False))[0]
+                ino = _INO.unpack(_first_xattr(self._up(path), INO_XATTRS))[0]
             except OSError:
                 ino = st.st_ino + UPPER_INO
             self._upper_ino[st.st_ino] = ino
@@ -837,7 +839,13 @@ class UnionView:
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                         raise
-            os.setxattr(tmp, INO_XATTR, _INO.pack(n.ino), follow_symlinks=False)
+            for name in INO_XATTRS:
+                try:
+                    os.setxattr(tmp, name, _INO.pack(n.ino), follow_symlinks=False)
+                    break
+                except OSError as exc:  # a symlink takes no user.* xattr: its number may change
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                        raise
             os.utime(tmp, ns=(n.mtime_ns, n.mtime_ns), follow_symlinks=False)
             final = self._up(path)
             os.rename(tmp, final)
@@ -846,6 +854,15 @@ class UnionView:
             raise
         self._vis.pop(path, None)
         return final
+
+
+def _first_xattr(path: bytes, names: tuple[bytes, ...]) -> bytes:
+    for name in names[:-1]:
+        try:
+            return os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            pass
+    return os.getxattr(path, names[-1], follow_symlinks=False)
 
 
 def _drop_whiteouts(path: bytes) -> None:

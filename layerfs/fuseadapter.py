@@ -61,6 +61,7 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
         self.view = view
         self._on_ready = on_ready
         self._ops = 0
+        self._config: Any = None
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         timeout = RW_TIMEOUT if self.view.writable else RO_TIMEOUT
@@ -68,10 +69,8 @@ class UnionOperations(mfusepy.Operations):  # type: ignore[misc]
             config.use_ino = 1
             config.entry_timeout = timeout
             config.negative_timeout = timeout
-            # libfuse's high-level API gives every path its own kernel inode, so a change made
-            # through one name of a hardlinked file would leave the other names' cached size
-            # and link count stale: writable mounts do not cache attributes
-            config.attr_timeout = timeout if not self.view.writable else 0.0
+            config.attr_timeout = timeout
+            self._config = config  # libfuse reads attr_timeout from here for every reply
             if not self.view.writable:
                 config.kernel_cache = 1  # immutable: the page cache survives close/open
         if conn is not None:
@@ -262,7 +261,16 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         ops._ops += 1
         if ops._ops % TRIM_EVERY == 0:
             _trim_if_large(ops.view)
-        ctypes.memmove(buf, _pack_stat(ops.view.getattr(path[1:] if path else b"")), _STAT_SIZE)
+        attrs = ops.view.getattr(path[1:] if path else b"")
+        if ops.view.writable and ops._config is not None:
+            # libfuse's high-level API gives every path its own kernel inode: a change made
+            # through one name of a hardlinked file (or a new link to it) would leave the other
+            # names' cached size and link count stale, so regular files are not cached.
+            # Directories are: every create walks them, and the kernel refreshes them itself
+            # when it changes their entries.  (libfuse reads the timeout for this reply after
+            # we return; dispatch is single-threaded.)
+            ops._config.attr_timeout = 0.0 if stat.S_ISREG(attrs["st_mode"]) else RW_TIMEOUT
+        ctypes.memmove(buf, _pack_stat(attrs), _STAT_SIZE)
         return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:

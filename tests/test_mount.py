@@ -285,3 +285,18 @@ def test_statfs_describes_the_image(cli, sample, tmp_path):
         assert st.f_bsize == 4096 and st.f_namemax == 255
         assert st.f_blocks * st.f_bsize >= 3_000_000  # the sample holds ~3 MB of file data
         assert st.f_files == len(set(_inodes(mnt).values())) + 1  # every inode, with the root
+
+
+def test_rmi_and_gc_while_mounted_keep_the_mount_readable(cli, sample, tmp_path):
+    """A mount pins its image's layers: rmi + gc while mounted leave it readable; after the
+    umount, gc reclaims everything."""
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        assert "Deleted: sha256:" in cli("rmi", sample).out
+        cli("gc")
+        with open(os.path.join(mnt, "bin/busybox"), "rb") as f:
+            assert len(f.read()) > 100_000
+        assert cli("df", "--json").json()["layers"] == 3
+    cli("gc")
+    usage = cli("df", "--json").json()
+    assert usage["layers"] == 0 and usage["objects"] == 0

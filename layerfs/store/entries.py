@@ -63,6 +63,27 @@ class Entry(NamedTuple):
         return bool(self.flags & OPAQUE)
 
 
+def encode_xattrs(xattrs: tuple[tuple[bytes, bytes], ...]) -> list[bytes]:
+    """``count * (u16 name_len | u32 value_len | name | value)``, as pieces to join."""
+    parts = []
+    for name, value in xattrs:
+        parts += [_XATTR.pack(len(name), len(value)), name, value]
+    return parts
+
+
+def decode_xattrs(
+    data: bytes | memoryview, pos: int, count: int
+) -> tuple[tuple[tuple[bytes, bytes], ...], int]:
+    """``count`` xattrs from ``pos``; returns them and the position after them."""
+    out = []
+    for _ in range(count):
+        nlen, vlen = _XATTR.unpack_from(data, pos)
+        pos += _XATTR.size
+        out.append((bytes(data[pos : pos + nlen]), bytes(data[pos + nlen : pos + nlen + vlen])))
+        pos += nlen + vlen
+    return tuple(out), pos
+
+
 def encode_table(entries: list[Entry]) -> bytes:
     parts = [_HEAD.pack(_MAGIC, _VERSION, len(entries))]
     for e in entries:
@@ -89,10 +110,7 @@ def encode_table(entries: list[Entry]) -> bytes:
             parts.append(e.content)
         parts.append(e.path)
         parts.append(e.link)
-        for name, value in e.xattrs:
-            parts.append(_XATTR.pack(len(name), len(value)))
-            parts.append(name)
-            parts.append(value)
+        parts += encode_xattrs(e.xattrs)
     return b"".join(parts)
 
 
@@ -117,12 +135,7 @@ def decode_table(data: bytes) -> list[Entry]:
             pos += plen
             link = bytes(data[pos : pos + llen])
             pos += llen
-            xattrs = []
-            for _ in range(nx):
-                nlen, vlen = _XATTR.unpack_from(data, pos)
-                pos += _XATTR.size
-                xattrs.append((bytes(data[pos : pos + nlen]), bytes(data[pos + nlen : pos + nlen + vlen])))
-                pos += nlen + vlen
+            xattrs, pos = decode_xattrs(data, pos, nx)
             if pos > len(data):
                 raise TableError("entry table is truncated")
             out.append(
@@ -138,7 +151,7 @@ def decode_table(data: bytes) -> list[Entry]:
                     link,
                     dmaj,
                     dmin,
-                    tuple(xattrs),
+                    xattrs,
                     flags & ~HAS_CONTENT,
                 )
             )

@@ -37,6 +37,7 @@ import lmdb
 
 from layerfs.store import Entry, Store
 from layerfs.store import entries as E
+from layerfs.store.entries import decode_xattrs, encode_xattrs
 from layerfs.store.store import chain_id, chain_prefix
 
 _U64 = struct.Struct(">Q")
@@ -44,7 +45,6 @@ _INO = struct.Struct("<Q")
 _DIRENT = struct.Struct("<QI")  # inode, file type bits (what readdir reports)
 # kind, flags, mode (with S_IF bits), uid, gid, nlink, size, mtime_ns, rdev, link_len, xattr_count
 _REC = struct.Struct("<BBIIIIQqQHH")
-_XATTR = struct.Struct("<HI")
 _HAS_CONTENT = 0x80  # record flag: a 32-byte content id follows the fixed part
 DIR_CACHE = 8192  # directory path -> inode entries kept for lookups
 ROOT_INO = 1
@@ -103,8 +103,7 @@ def _encode_node(n: Node) -> bytes:
         n.content or b"",
         n.link,
     ]
-    for name, value in n.xattrs:
-        parts += [_XATTR.pack(len(name), len(value)), name, value]
+    parts += encode_xattrs(n.xattrs)
     return b"".join(parts)
 
 
@@ -117,12 +116,7 @@ def decode_node(ino: int, rec: bytes | memoryview) -> Node:
         pos += 32
     link = bytes(rec[pos : pos + llen])
     pos += llen
-    xattrs = []
-    for _ in range(nx):
-        nlen, vlen = _XATTR.unpack_from(rec, pos)
-        pos += _XATTR.size
-        xattrs.append((bytes(rec[pos : pos + nlen]), bytes(rec[pos + nlen : pos + nlen + vlen])))
-        pos += nlen + vlen
+    xattrs, _ = decode_xattrs(rec, pos, nx)
     return Node(
         ino,
         kind,
@@ -136,7 +130,7 @@ def decode_node(ino: int, rec: bytes | memoryview) -> Node:
         rdev,
         content,
         link,
-        tuple(xattrs),
+        xattrs,
     )
 
 

@@ -23,6 +23,7 @@ from unionutil import (
     Ops,
     _copy_meta,
     assert_same,
+    assert_same_steps,
     extract_layers,
     force_unmount,
     fuse_unavailable,
@@ -126,13 +127,7 @@ def run(layers: Layers) -> Run:
 
 
 def test_operations_give_what_the_kernel_gives(run: Run) -> None:
-    assert [s for s, _ in run.kernel_log] == [s for s, _ in run.ours_log]
-    diffs = [
-        f"step {i} {k}: kernel {kv!r}, layerfs-overlay {lv!r}"
-        for i, ((k, kv), (_, lv)) in enumerate(zip(run.kernel_log, run.ours_log))
-        if kv != lv
-    ]
-    assert not diffs, "steps that differ:\n" + "\n".join(diffs)
+    assert_same_steps(run.kernel_log, run.ours_log, "layerfs-overlay")
 
 
 def test_readwrite_tree_matches_kernel(run: Run) -> None:

@@ -36,6 +36,7 @@ from conftest import make_layout, member, tar_bytes
 from unionutil import (  # noqa: F401 - no_mount_left_behind is an autouse fixture
     Ops,
     assert_same,
+    assert_same_steps,
     extract_layers,
     fuse_unavailable,
     kernel_overlay,
@@ -704,13 +705,7 @@ def test_readonly_matches_kernel(image: Image) -> None:
 
 # -- (ii) read-write ---------------------------------------------------------------------------------
 def test_operations_give_what_the_kernel_gives(rw: RWResult) -> None:
-    assert [s for s, _ in rw.kernel_log] == [s for s, _ in rw.layerfs_log]
-    diffs = [
-        f"step {i} {k}: kernel {kv!r}, layerfs {lv!r}"
-        for i, ((k, kv), (_, lv)) in enumerate(zip(rw.kernel_log, rw.layerfs_log))
-        if kv != lv
-    ]
-    assert not diffs, "steps that differ:\n" + "\n".join(diffs)
+    assert_same_steps(rw.kernel_log, rw.layerfs_log, "layerfs")
 
 
 def test_known_results(rw: RWResult, image: Image) -> None:

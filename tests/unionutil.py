@@ -554,6 +554,18 @@ def diff(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("expect
     return "\n".join(lines)
 
 
+def assert_same_steps(expected: list[tuple[str, Any]], got: list[tuple[str, Any]], name: str) -> None:
+    """Two ``Ops`` logs of one operation sequence give the same result at every step (the
+    kernel's log is the expected one)."""
+    assert [s for s, _ in expected] == [s for s, _ in got]
+    diffs = [
+        f"step {i} {k}: kernel {kv!r}, {name} {lv!r}"
+        for i, ((k, kv), (_, lv)) in enumerate(zip(expected, got))
+        if kv != lv
+    ]
+    assert not diffs, "steps that differ:\n" + "\n".join(diffs)
+
+
 def assert_same(
     expected: dict[str, Any],
     got: dict[str, Any],

@@ -81,10 +81,13 @@ def prepare(store: Store, spec: MountSpec) -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: FUSE is not available on this machine")
     if spec.upper is not None:
+        # absolute: the daemon changes directory to / when it detaches
+        spec.upper = os.path.abspath(spec.upper)
         os.makedirs(spec.upper, exist_ok=True)
         if spec.work is None:
-            up = os.path.abspath(spec.upper)
+            up = spec.upper
             spec.work = os.path.join(os.path.dirname(up), f".{os.path.basename(up)}.layerfs-work")
+        spec.work = os.path.abspath(spec.work)
         os.makedirs(spec.work, exist_ok=True)
         if os.stat(spec.upper).st_dev != os.stat(spec.work).st_dev:
             raise MountError("the work directory must be on the same filesystem as the upper directory")

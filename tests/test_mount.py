@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -84,6 +85,20 @@ def test_mounts_json_lists_image_and_upper(cli, sample, tmp_path):
         table = cli("mounts").out
         assert os.path.realpath(rw) in table and "(read-only)" in table
     assert cli("mounts", "--json").json() == []
+
+
+def test_relative_upper_directory(store_path, sample, tmp_path):
+    # the daemon detaches to /, so a relative --upper must be resolved before it does
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    run = [sys.executable, "-m", "layerfs"]
+    (tmp_path / "m").mkdir()
+    subprocess.run([*run, "mount", sample, "m", "--upper", "up"], cwd=tmp_path, env=env, check=True)
+    try:
+        os.mkdir(tmp_path / "m/proc")
+        (tmp_path / "m/new").write_text("x")
+    finally:
+        subprocess.run([*run, "umount", "m"], cwd=tmp_path, env=env, check=True)
+    assert sorted(os.listdir(tmp_path / "up")) == ["new", "proc"]
 
 
 def test_unknown_image_is_a_one_line_error(cli, sample, tmp_path):

@@ -64,6 +64,8 @@ typedef struct {
     Py_ssize_t chunk_size;   /* > 0 */
     unsigned char *buf;      /* input buffer: bytes [pos, len) are unparsed */
     size_t cap, len, pos;
+    uint64_t total_read;     /* bytes read() has returned so far */
+    uint64_t final_offset;   /* the offset once finished (the buffer is gone then) */
     int eof;                 /* read() returned a false value */
     int state;               /* ST_* */
     int busy;                /* inside __next__ (guards re-entry and threads) */
@@ -164,6 +166,8 @@ fill(TarParser *self, size_t need)
             return -1;
         }
         rc = buf_append(self, view.buf, (size_t)view.len);
+        if (rc == 0)
+            self->total_read += (uint64_t)view.len;
         PyBuffer_Release(&view);
         Py_DECREF(data);
         if (rc < 0)
@@ -1143,6 +1147,7 @@ TarParser_iternext(TarParser *self)
     if (ev == NULL) {
         /* end or error: finished for good, like a generator; drop the buffer */
         self->state = ST_DONE;
+        self->final_offset = self->total_read - (self->len - self->pos);
         PyMem_Free(self->buf);
         self->buf = NULL;
         self->cap = self->len = self->pos = 0;
@@ -1247,6 +1252,22 @@ PyDoc_STRVAR(TarParser_doc,
 "(EV_DATA, bytes) and (EV_END, sha256_digest) events.  C twin of\n"
 "layerfs._tarstream_py.TarParser; see that module for the full contract.");
 
+static PyObject *
+TarParser_offset(TarParser *self, void *closure)
+{
+    (void)closure;
+    if (self->state == ST_DONE)
+        return PyLong_FromUnsignedLongLong(self->final_offset);
+    return PyLong_FromUnsignedLongLong(self->total_read - (self->len - self->pos));
+}
+
+static PyGetSetDef TarParser_getset[] = {
+    {"offset", (getter)TarParser_offset, NULL,
+     "Bytes of the stream parsed so far: after an EV_ENTRY event, where the member's data starts.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyTypeObject TarParserType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "layerfs._ctar.TarParser",
@@ -1258,6 +1279,7 @@ static PyTypeObject TarParserType = {
     .tp_clear = (inquiry)TarParser_clear,
     .tp_iter = PyObject_SelfIter,
     .tp_iternext = (iternextfunc)TarParser_iternext,
+    .tp_getset = TarParser_getset,
     .tp_new = TarParser_new,
 };
 

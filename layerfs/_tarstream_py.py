@@ -19,6 +19,10 @@ events:
   ``chunk_size`` bytes (the last one shorter); none for an empty file.
 * ``(EV_END, sha256_digest)`` after the data of every regular file (32 bytes).
 
+``parser.offset`` is the number of stream bytes parsed so far: read right after
+an ``EV_ENTRY`` it is where that member's data starts, which is what lets an
+importer keep a layer's headers and padding apart from its file contents.
+
 Formats: ustar (with the 155-byte prefix), PAX extended (``x``) and global
 (``g``) headers with ``path``, ``linkpath``, ``size``, ``uid``, ``gid``,
 ``uname``, ``gname``, ``mtime`` and ``SCHILY.xattr.*``, GNU long names (``L``)
@@ -125,6 +129,7 @@ class TarParser:
         self._chunk_size = chunk_size
         self._buf = bytearray()
         self._pos = 0
+        self._base = 0  # stream offset of _buf[0]
         self._eof = False
         self._iter = self._events()
 
@@ -134,12 +139,18 @@ class TarParser:
     def __next__(self) -> tuple[int, object]:
         return next(self._iter)
 
+    @property
+    def offset(self) -> int:
+        """Bytes of the stream parsed so far: after an EV_ENTRY event, where the member's data starts."""
+        return self._base + self._pos
+
     # -- buffered input -------------------------------------------------------
     def _fill(self, need: int) -> bool:
         """Make ``need`` bytes available from ``_pos``; False at a clean EOF."""
         while len(self._buf) - self._pos < need and not self._eof:
             if self._pos:
                 del self._buf[: self._pos]
+                self._base += self._pos
                 self._pos = 0
             data = self._read(max(READ_SIZE, need))
             if not data:

@@ -401,6 +401,33 @@ def test_backends_identical_with_short_reads():
             assert all(n >= 1 << 20 for n in reader.calls)  # read(max(1 MiB, need))
 
 
+def offsets(mod, data: bytes, read=None) -> list[tuple[int, int]]:
+    """(event kind, parser.offset after it) for every event, then the final offset."""
+    parser = mod.TarParser(read or io.BytesIO(data).read, 1000)
+    out = [(kind, parser.offset) for kind, _ in parser]
+    return out + [(-1, parser.offset)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_offset_marks_where_data_starts(fmt):
+    # the importer cuts a layer into headers and contents with it (skeleton export)
+    data, end = build(format_specs(fmt), fmt)
+    for archive in (data, data[:end]):
+        baseline = offsets(py_backend, archive)
+        assert offsets(c_backend, archive) == baseline
+        reader = ShortReader(archive, random.Random(5), 700)
+        assert offsets(c_backend, archive, reader.read) == baseline
+        parser = py_backend.TarParser(io.BytesIO(archive).read, 1 << 30)
+        for kind, payload in parser:
+            if kind == EV_ENTRY and payload[2] == 0x30:
+                start, size = parser.offset, payload[6]
+                kind, content = next(parser)
+                if size:
+                    assert archive[start : start + size] == content
+        # parsing stops after the zero blocks of the trailer; whatever follows is the caller's
+        assert baseline[-1][1] <= len(archive)
+
+
 # -- hand-made archives: PAX records, GNU names, numeric fields -------------------
 
 

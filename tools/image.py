@@ -180,6 +180,7 @@ def _import_one(
                             "blob_size": res.blob_size,
                             "tar_size": res.tar_size,
                             "compression": res.compression,
+                            "skeleton": res.skeleton.hex(),
                             "created": time.time(),
                         },
                     )

@@ -35,6 +35,7 @@ import zstandard
 
 from layerfs.store import CHUNK_SIZE, Entry, WriteSession
 from layerfs.store import entries as E
+from layerfs.store.skeleton import SkeletonRecorder
 from layerfs.tarstream import EV_DATA, EV_END, EV_ENTRY, TarError, TarParser
 
 READ_SIZE = 1 << 20
@@ -208,10 +209,6 @@ class _Prefetcher:
         out, self._left = self._left[:n], self._left[n:]
         return bytes(out)
 
-    def drain(self) -> None:
-        while self.read(READ_SIZE):
-            pass
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
@@ -227,6 +224,7 @@ class LayerResult:
     size: int  # logical bytes of regular-file data
     files: int
     compression: str
+    skeleton: bytes  # SHA-256 of the object that rebuilds the exact tar stream
 
 
 class _LayerBuilder:
@@ -328,33 +326,39 @@ def import_layer(
         reported = raw.size
 
     feed = _Prefetcher(plain.read, progress=report if progress else None)
+    skeleton = SkeletonRecorder(session, feed.read)
     build = _LayerBuilder(lower)
     size = files = 0
     writer = None
     pending: Entry | None = None
+    parser = TarParser(skeleton.read, CHUNK_SIZE)
     try:
-        for ev, val in TarParser(feed.read, CHUNK_SIZE):
+        for ev, val in parser:
             if ev == EV_DATA:
-                if writer is not None:  # None: data of a whiteout file, dropped
-                    writer.write(val)  # type: ignore[arg-type]
+                assert writer is not None
+                writer.write(val)  # type: ignore[arg-type]
             elif ev == EV_END:
-                if pending is None:
-                    continue
                 content = None
-                if pending.size:
-                    assert writer is not None
+                if writer is not None:
+                    # stored even for a member the layer drops (a whiteout with data, a
+                    # duplicate): the skeleton splices it back in on export
                     content = writer.finish(val)  # type: ignore[arg-type]
-                build.put(pending._replace(content=content))
-                size += pending.size
-                files += 1
+                    skeleton.digest(content)
+                if pending is not None:
+                    build.put(pending._replace(content=content if pending.size else None))
+                    size += pending.size
+                    files += 1
                 pending = writer = None
             elif ev == EV_ENTRY:
                 pending = _entry(build, val)  # type: ignore[arg-type]
-                if pending is not None and pending.size:
+                if val[6]:  # type: ignore[index]
+                    skeleton.contents(parser.offset, val[6])  # type: ignore[index]
                     writer = session.new_file()
-        feed.drain()  # trailing padding belongs to the diff_id too
+        while skeleton.read(READ_SIZE):  # trailing padding belongs to the diff_id too
+            pass
         while raw.read(READ_SIZE):
             pass
+        skeleton_sha = skeleton.finish()
     except TarError as exc:
         raise LayerError(f"bad tar stream: {exc}") from None
     except zstandard.ZstdError as exc:
@@ -370,6 +374,7 @@ def import_layer(
         size=size,
         files=files,
         compression=dec.kind,
+        skeleton=skeleton_sha,
     )
 
 

@@ -27,6 +27,8 @@ VERBS = [
     "mount",
     "umount",
     "mounts",
+    "save",
+    "load",
 ]
 
 

@@ -23,6 +23,7 @@ import lmdb
 
 from layerfs.store.entries import decode_table
 from layerfs.store.payload import PACK_TARGET
+from layerfs.store.skeleton import splices
 from layerfs.store.store import (
     Chunk,
     CorruptionError,
@@ -57,6 +58,15 @@ def _table(store: Store, txn: lmdb.Transaction, layer: dict[str, Any]) -> list[A
         raise CorruptionError(f"entry table {layer['table']} of a layer is missing")
     _, chunks = decode_object(rec)
     return decode_table(b"".join(store._chunk_bytes(txn, c) for c in chunks))
+
+
+def _spliced(store: Store, txn: lmdb.Transaction, skel: bytes) -> list[bytes]:
+    rec = txn.get(skel, db=store.db("objects"))
+    if rec is None:
+        raise CorruptionError(f"skeleton {skel.hex()} of a layer is missing")
+    size, chunks = decode_object(rec)
+    data = b"".join(store._chunk_bytes(txn, c) for c in chunks)
+    return [sha for _, _, sha in splices(lambda off, n: data[off : off + n], size)[1]]
 
 
 def collect(store: Store) -> GCResult:
@@ -103,6 +113,10 @@ def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
         for e in _table(store, txn, layer):
             if e.content is not None:
                 live_objects.add(e.content)
+        if "skeleton" in layer:
+            skel = bytes.fromhex(layer["skeleton"])
+            live_objects.add(skel)
+            live_objects.update(_spliced(store, txn, skel))
     pinned_packs: set[int] = set()
     for lease_id in live_leases:
         with txn.cursor(db=db("lease_objs")) as cur:
@@ -238,6 +252,12 @@ def verify(store: Store, progress: Any = None) -> VerifyResult:
                             res.errors.append(
                                 f"layer sha256:{bytes(k).hex()}: {e.path!r} has no content object"
                             )
+                    if "skeleton" in layer:
+                        for sha in _spliced(store, txn, bytes.fromhex(layer["skeleton"])):
+                            if txn.get(sha, db=objects) is None:
+                                res.errors.append(
+                                    f"layer sha256:{bytes(k).hex()}: spliced object {sha.hex()} is missing"
+                                )
                 except (StoreError, LookupError, ValueError) as exc:
                     res.errors.append(f"layer sha256:{bytes(k).hex()}: {exc}")
         layers_db = store.db("layers")

@@ -20,6 +20,10 @@ _MAX_OCTAL = {8: 0o7777777, 12: 0o77777777777}
 REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 
 
+class ContentsChanged(ValueError):
+    """A member's contents did not add up to the size its header announced."""
+
+
 class Member(NamedTuple):
     name: bytes  # relative, without "./"; directories without the trailing slash
     type: bytes  # one of REG ... FIFO
@@ -118,6 +122,6 @@ def write(members: Iterable[tuple[Member, Iterable[bytes]]]) -> Iterator[bytes]:
                 n += len(piece)
                 yield piece
             if n != m.size:
-                raise ValueError(f"{m.name!r}: {n} bytes of contents, the header says {m.size}")
+                raise ContentsChanged(f"{m.name!r}: {n} bytes of contents, the header says {m.size}")
             yield padding(m.size)
     yield END

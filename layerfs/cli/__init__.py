@@ -29,6 +29,16 @@ VERBS = [
     "mounts",
     "save",
     "load",
+    "create",
+    "run",
+    "start",
+    "stop",
+    "rm",
+    "ps",
+    "logs",
+    "diff",
+    "commit",
+    "bundle",
 ]
 
 

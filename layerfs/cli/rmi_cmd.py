@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from layerfs.tools.container import users_of
+
     failed = False
     with open_store(args) as store:
         for ref in args.images:
@@ -45,6 +47,20 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 failed = True
+                continue
+            users = users_of(store, image_id)
+            if users and not args.force:
+                print(
+                    f"layerfs: conflict: unable to remove {ref} (must be forced) - container "
+                    f"{users[0].id[:12]} ({users[0].name}) is using its referenced image {image_id.hex()[:12]}",
+                    file=sys.stderr,
+                )
+                failed = True
+                continue
+            if users:  # forced: untagged, but kept for the containers (docker keeps it dangling too)
+                for t in tags:
+                    store.remove_tag(t)
+                    print(f"Untagged: {t}")
                 continue
             for t in store.remove_image(image_id):
                 print(f"Untagged: {t}")

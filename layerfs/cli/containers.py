@@ -1,0 +1,64 @@
+"""What the container verbs share: ``run``/``create`` options and container lookup."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from layerfs.cli.common import CLIError
+from layerfs.store import StoreError
+from layerfs.tools.refs import RefError
+
+if TYPE_CHECKING:
+    from layerfs.tools.runtime import ProcessOptions
+
+EXIT_SETUP = 125  # docker run's code when the container could not be set up
+
+
+def add_process_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="name the container (default: a random adjective_name)")
+    p.add_argument(
+        "-e", "--env", action="append", default=[], metavar="K=V", help="set an environment variable"
+    )
+    p.add_argument("-w", "--workdir", help="working directory inside the container")
+    p.add_argument("-u", "--user", help="user[:group] or uid[:gid] to run as")
+    p.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="HOST:CTR[:ro]",
+        help="bind mount a host directory",
+    )
+    p.add_argument("--entrypoint", help='replace the image\'s entrypoint ("" clears it)')
+    p.add_argument("--hostname", default="", help="container host name (default: the short id)")
+
+
+def process_options(args: argparse.Namespace) -> ProcessOptions:
+    from layerfs.tools.runtime import ProcessOptions, Volume
+
+    return ProcessOptions(
+        command=list(args.command),
+        entrypoint=None if args.entrypoint is None else ([args.entrypoint] if args.entrypoint else []),
+        env=list(args.env),
+        workdir=args.workdir,
+        user=args.user,
+        volumes=[Volume.parse(v) for v in args.volume],
+        hostname=args.hostname,
+        tty=bool(getattr(args, "tty", False)),
+    )
+
+
+@contextmanager
+def errors(code: int = 1) -> Iterator[None]:
+    """Container, runtime, ref and store errors as one line with exit status ``code``."""
+    from layerfs.tools.commit import CommitError
+    from layerfs.tools.container import ContainerError
+    from layerfs.tools.runtime import RuntimeError_
+
+    try:
+        yield
+    except (ContainerError, RuntimeError_, CommitError, RefError, StoreError, OSError) as exc:
+        raise CLIError(str(exc), code) from None

@@ -1,0 +1,25 @@
+"""``layerfs create IMAGE [CMD...]``: a container, ready for ``start``."""
+
+from __future__ import annotations
+
+import argparse
+
+from layerfs.cli.common import open_store
+from layerfs.cli.containers import EXIT_SETUP, add_process_options, errors, process_options
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("create", help="create a container from an image (start runs it)")
+    add_process_options(p)
+    p.add_argument("image", help="NAME[:TAG] or image id")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerfs.tools.container import create
+
+    with open_store(args) as store, errors(EXIT_SETUP):
+        c = create(store, args.image, process_options(args), args.name)
+    print(c.id)
+    return 0

@@ -1,0 +1,49 @@
+"""``layerfs run IMAGE [CMD...]``: create a container and run it with runc.
+
+In the foreground (the default) the container's stdout, stderr and exit code
+are ours; ``-i`` passes stdin on.  ``-d`` starts it in the background and
+prints its id.  As with docker, 125 means the container could not be set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from layerfs.cli.common import open_store
+from layerfs.cli.containers import EXIT_SETUP, add_process_options, errors, process_options
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run a command in a new container")
+    add_process_options(p)
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background and print the id")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open for the container")
+    p.add_argument("-t", "--tty", action="store_true", help="give the container a terminal")
+    p.add_argument("image", help="NAME[:TAG] or image id")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerfs.tools import container as C
+
+    if args.detach and (args.rm or args.tty):
+        with errors(EXIT_SETUP):
+            raise C.ContainerError("--rm and -t are not supported with -d")
+    with open_store(args) as store, errors(EXIT_SETUP):
+        C.runtime()  # say it is missing before creating anything
+        c = C.create(store, args.image, process_options(args), args.name)
+        try:
+            if args.detach:
+                C.start(store, c)
+                print(c.id)
+                return 0
+            stdin = None if args.interactive or args.tty else os.open(os.devnull, os.O_RDONLY)
+            sys.stdout.flush()
+            return C.execute(store, c, stdin=stdin)
+        finally:
+            if args.rm and not args.detach:
+                C.remove(store, C.load(c.dir), force=True)

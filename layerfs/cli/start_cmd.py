@@ -1,0 +1,34 @@
+"""``layerfs start CONTAINER...``: run stopped containers again, with their changes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from layerfs.cli.common import open_store
+from layerfs.cli.containers import errors
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("start", help="start one or more stopped containers")
+    p.add_argument(
+        "-a", "--attach", action="store_true", help="run in the foreground: output and exit code are ours"
+    )
+    p.add_argument("containers", nargs="+", metavar="CONTAINER", help="name or id")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerfs.tools import container as C
+
+    with open_store(args) as store, errors():
+        if args.attach:
+            if len(args.containers) != 1:
+                raise C.ContainerError("start -a takes one container")
+            sys.stdout.flush()
+            return C.execute(store, C.find(store, args.containers[0]), stdin=os.open(os.devnull, os.O_RDONLY))
+        for ref in args.containers:
+            C.start(store, C.find(store, ref))
+            print(ref)
+    return 0

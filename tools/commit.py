@@ -1,0 +1,399 @@
+"""A container's changes: ``diff`` lines and ``commit`` as a new OCI layer and image.
+
+The changes are the container's upper directory, in the kernel overlay format
+the union view writes: char 0/0 devices (or ``.wh.<name>`` files where mknod
+was refused) are whiteouts, ``trusted.overlay.opaque=y`` (``user.overlay.``,
+or a ``.wh..wh..opq`` file) marks an opaque directory.  A commit turns them
+into an OCI changeset layer:
+
+* a whiteout becomes an empty ``.wh.<name>`` member, an opaque directory its
+  directory member followed by ``.wh..wh..opq``;
+* files sharing an inode become one file and hardlink members to it;
+* xattrs are PAX ``SCHILY.xattr.*`` records, except overlayfs's and our own
+  bookkeeping (``*.overlay.*``, ``*.layerfs.*``);
+* members are in path order with whole-second times and no user names, so the
+  same tree gives the same bytes (and the same diff_id).
+
+The layer is then imported like any other (deduplicated, with its skeleton),
+so ``save`` exports exactly the bytes the commit produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+from layerfs.store import Store, collect
+from layerfs.tools import tarwrite as T
+from layerfs.tools.layer import LayerError, import_layer
+from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
+from layerfs.union.index import ChainIndex, build
+from layerfs.union.lower import OPAQUE_FILE, WH_PREFIX, ChainLayer, host_xattrs, is_opaque_dir
+
+READ_SIZE = 1 << 20
+
+
+class CommitError(ValueError):
+    """The commit is refused; nothing was stored."""
+
+
+class UpperItem(NamedTuple):
+    path: bytes  # relative to the upper directory
+    st: os.stat_result
+    whiteout: bool  # hides ``path`` in the image
+    opaque: bool  # a directory hiding the image's directory at ``path``
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
+    """The upper directory's entries, parents first, siblings by name; ``skip``: top-level
+    directories that are only mount points the runtime made (left out while empty)."""
+    root = os.fsencode(upper)
+    skipped = set(skip)
+
+    def walk(rel: bytes) -> Iterator[UpperItem]:
+        host = os.path.join(root, rel) if rel else root
+        names = sorted(os.listdir(host))
+        fallback_whiteouts = {
+            n[len(WH_PREFIX) :] for n in names if n.startswith(WH_PREFIX) and n != OPAQUE_FILE
+        }
+        for name in names:
+            if name == OPAQUE_FILE:
+                continue
+            path = rel + b"/" + name if rel else name
+            if name.startswith(WH_PREFIX):
+                target = name[len(WH_PREFIX) :]
+                tpath = rel + b"/" + target if rel else target
+                yield UpperItem(tpath, os.lstat(os.path.join(root, path)), True, False)
+                continue
+            if name in fallback_whiteouts:
+                continue  # the .wh. file says deleted; a stale entry beside it does not count
+            st = os.lstat(os.path.join(root, path))
+            if (
+                not rel
+                and name in skipped
+                and stat.S_ISDIR(st.st_mode)
+                and not os.listdir(os.path.join(root, path))
+            ):
+                continue
+            if _is_whiteout(st):
+                yield UpperItem(path, st, True, False)
+            elif stat.S_ISDIR(st.st_mode):
+                yield UpperItem(path, st, False, is_opaque_dir(os.path.join(root, path)))
+                yield from walk(path)
+            else:
+                yield UpperItem(path, st, False, False)
+
+    yield from walk(b"")
+
+
+# -- diff ----------------------------------------------------------------------------------
+class Change(NamedTuple):
+    kind: str  # "A" added, "C" changed, "D" deleted (docker diff's letters)
+    path: str  # absolute, as docker diff prints it
+
+
+def _lower(store: Store, layer_ids: list[bytes]) -> ChainLayer:
+    return ChainLayer(store, ChainIndex(store, build(store, layer_ids)))
+
+
+def changes(store: Store, layer_ids: list[bytes], upper: str, skip: Iterable[bytes] = ()) -> list[Change]:
+    """``docker diff``: what the upper directory adds, changes and deletes in the image."""
+    lower = _lower(store, layer_ids)
+    out: list[Change] = []
+
+    def show(p: bytes) -> str:
+        return "/" + os.fsdecode(p)
+
+    for item in scan(upper, skip):
+        existed = lower.lookup(item.path) is not None
+        if item.whiteout:
+            if existed:
+                out.append(Change("D", show(item.path)))
+            continue
+        out.append(Change("C" if existed else "A", show(item.path)))
+        if item.opaque and existed:
+            # what the image had below a replaced directory is gone, unless the upper has it again
+            present = set(os.listdir(os.path.join(os.fsencode(upper), item.path)))
+            for name, _, _ in lower.readdir(item.path):
+                if name not in present and WH_PREFIX + name not in present:
+                    out.append(Change("D", show(item.path + b"/" + name)))
+    return sorted(out, key=lambda c: c.path.split("/"))
+
+
+# -- the layer -------------------------------------------------------------------------------
+def _contents(path: bytes) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while piece := f.read(READ_SIZE):
+            yield piece
+
+
+def layer_members(upper: str, skip: Iterable[bytes] = ()) -> Iterator[tuple[T.Member, Iterable[bytes]]]:
+    """The OCI changeset layer of an upper directory, member by member."""
+    root = os.fsencode(upper)
+    first_name: dict[tuple[int, int], bytes] = {}
+    items = list(scan(upper, skip))
+    # siblings in member-name order: a whiteout is named .wh.<name>
+    items.sort(key=lambda i: _member_name(i.path, i.whiteout).split(b"/"))
+    for item in items:
+        name = _member_name(item.path, item.whiteout)
+        if item.whiteout:
+            yield T.Member(name, T.REG, 0o644), ()
+            continue
+        st = item.st
+        host = os.path.join(root, item.path)
+        m = T.Member(
+            name,
+            T.REG,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            0,
+            int(st.st_mtime),
+            xattrs=host_xattrs(host),
+        )
+        if stat.S_ISDIR(st.st_mode):
+            yield m._replace(type=T.DIR), ()
+            if item.opaque:
+                yield T.Member(name + b"/" + OPAQUE_FILE, T.REG, 0o644), ()
+            continue
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in first_name:
+            yield m._replace(type=T.HARDLINK, linkname=first_name[key]), ()
+            continue
+        first_name[key] = name
+        if stat.S_ISREG(st.st_mode):
+            yield m._replace(size=st.st_size), _contents(host)
+        elif stat.S_ISLNK(st.st_mode):
+            yield m._replace(type=T.SYMLINK, linkname=os.readlink(host)), ()
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            typ = T.CHR if stat.S_ISCHR(st.st_mode) else T.BLK
+            yield m._replace(type=typ, devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev)), ()
+        elif stat.S_ISFIFO(st.st_mode):
+            yield m._replace(type=T.FIFO), ()
+        # sockets have no tar form: left out, as docker and tar do
+
+
+def _member_name(path: bytes, whiteout: bool) -> bytes:
+    if not whiteout:
+        return path
+    parent, _, base = path.rpartition(b"/")
+    return (parent + b"/" if parent else b"") + WH_PREFIX + base
+
+
+class _IterReader:
+    """A file-like ``read`` over an iterator of byte strings."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._left = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._left:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return b""
+            self._left = piece
+        out, self._left = self._left[:n], self._left[n:]
+        return out
+
+
+# -- the image ---------------------------------------------------------------------------------
+_CHANGE_KEYS = {
+    "CMD": "Cmd",
+    "ENTRYPOINT": "Entrypoint",
+    "ENV": "Env",
+    "WORKDIR": "WorkingDir",
+    "USER": "User",
+    "LABEL": "Labels",
+    "EXPOSE": "ExposedPorts",
+    "VOLUME": "Volumes",
+    "STOPSIGNAL": "StopSignal",
+}
+
+
+def apply_change(config: dict[str, Any], change: str) -> None:
+    """One Dockerfile instruction of ``--change``, as docker commit accepts them."""
+    word, _, rest = change.strip().partition(" ")
+    key = word.upper()
+    rest = rest.strip()
+    if key not in _CHANGE_KEYS:
+        raise CommitError(f"{word} is not a valid change command (use one of {', '.join(_CHANGE_KEYS)})")
+    if not rest:
+        raise CommitError(f"{key} needs an argument")
+    field = _CHANGE_KEYS[key]
+    if key in ("CMD", "ENTRYPOINT"):
+        if rest.startswith("["):
+            try:
+                value = json.loads(rest)
+            except ValueError:
+                raise CommitError(f"{key}: not a JSON array of strings: {rest}") from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise CommitError(f"{key}: not a JSON array of strings: {rest}")
+        else:
+            value = ["/bin/sh", "-c", rest]
+        config[field] = value
+    elif key == "ENV":
+        pairs = _pairs(rest, key) if "=" in rest.split(" ", 1)[0] else [tuple(rest.split(None, 1))]
+        env = [e for e in config.get("Env") or [] if e.split("=", 1)[0] not in {k for k, _ in pairs}]
+        config["Env"] = env + [f"{k}={v}" for k, v in pairs]
+    elif key == "LABEL":
+        config["Labels"] = dict(config.get("Labels") or {}, **dict(_pairs(rest, key)))
+    elif key in ("EXPOSE", "VOLUME"):
+        items = json.loads(rest) if rest.startswith("[") else rest.split()
+        for item in items:
+            if key == "EXPOSE" and "/" not in item:
+                item += "/tcp"
+            config.setdefault(field, {})
+            config[field][item] = {}
+    else:
+        config[field] = rest
+
+
+def _pairs(text: str, key: str) -> list[tuple[str, str]]:
+    out = []
+    for word in shlex.split(text):
+        k, eq, v = word.partition("=")
+        if not eq or not k:
+            raise CommitError(f"{key}: expected KEY=VALUE, got {word!r}")
+        out.append((k, v))
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class CommitResult:
+    image_id: str
+    layer: str | None  # diff_id of the new layer; None when the container changed nothing
+    layer_new: bool
+    bytes_stored: int
+
+
+def commit(
+    store: Store,
+    parent_id: bytes,
+    upper: str,
+    name: str | None,
+    *,
+    message: str = "",
+    author: str = "",
+    created_by: str = "",
+    changes: list[str] = (),  # type: ignore[assignment]
+    skip: Iterable[bytes] = (),
+) -> CommitResult:
+    """Record ``upper`` as a new layer on top of image ``parent_id`` and a new image."""
+    parent = store.get_image(parent_id)
+    if parent is None:
+        raise CommitError(f"image sha256:{parent_id.hex()} is no longer in the store")
+    config = json.loads(store.read_object(bytes.fromhex(parent["config"])))
+    inner = config.setdefault("config", {})
+    for change in changes:
+        apply_change(inner, change)
+    now = _now()
+    layers = list(parent["layers"])
+    descriptors = []
+    for h in layers:
+        rec = store.get_layer(bytes.fromhex(h))
+        assert rec is not None
+        descriptors.append({"mediaType": MT_OCI_LAYER, "digest": "sha256:" + h, "size": int(rec["tar_size"])})
+    history: dict[str, Any] = {"created": now, "created_by": created_by}
+    if author:
+        history["author"] = author
+        config["author"] = author
+    if message:
+        history["comment"] = message
+    skip = list(skip)
+    has_changes = next(iter(scan(upper, skip)), None) is not None
+    result = CommitResult("", None, False, 0)
+    try:
+        with store.session("commit") as session:
+            if has_changes:
+                tar = T.write(layer_members(upper, skip))
+                try:
+                    res = import_layer(session, _IterReader(iter(tar)))  # type: ignore[arg-type]
+                except T.ContentsChanged as exc:
+                    raise CommitError(
+                        f"the container's files changed while committing ({exc}); stop it first"
+                    ) from None
+                except LayerError as exc:
+                    raise CommitError(f"the changes do not make a valid layer: {exc}") from None
+                layer_id = bytes.fromhex(res.diff_id[7:])
+                result.layer = res.diff_id
+                if store.get_layer(layer_id) is None:
+                    result.layer_new = True
+                    session.put_layer(
+                        layer_id,
+                        res.entries,
+                        {
+                            "diff_id": res.diff_id,
+                            "size": res.size,
+                            "files": res.files,
+                            "blob_digest": res.diff_id,
+                            "blob_size": res.tar_size,
+                            "tar_size": res.tar_size,
+                            "compression": "none",
+                            "skeleton": res.skeleton.hex(),
+                            "created": time.time(),
+                        },
+                    )
+                layers.append(res.diff_id[7:])
+                descriptors.append({"mediaType": MT_OCI_LAYER, "digest": res.diff_id, "size": res.tar_size})
+                size_added = res.size
+            else:
+                history["empty_layer"] = True
+                size_added = 0
+            config["created"] = now
+            config.setdefault("rootfs", {"type": "layers"})["diff_ids"] = ["sha256:" + h for h in layers]
+            config["history"] = [*config.get("history", []), history]
+            config_bytes = json.dumps(config, separators=(",", ":")).encode()
+            manifest_bytes = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": MT_OCI_MANIFEST,
+                    "config": {
+                        "mediaType": MT_OCI_CONFIG,
+                        "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
+                        "size": len(config_bytes),
+                    },
+                    "layers": descriptors,
+                },
+                separators=(",", ":"),
+            ).encode()
+            cfg_sha = session.add_blob(config_bytes)
+            man_sha = session.add_blob(manifest_bytes)
+            record = {
+                "config": cfg_sha.hex(),
+                "manifest": man_sha.hex(),
+                "manifest_media_type": MT_OCI_MANIFEST,
+                "layers": layers,
+                "blobs": [cfg_sha.hex(), man_sha.hex()],
+                "layer_descriptors": descriptors,
+                "platform": parent.get("platform", ""),
+                "created": now,
+                "size": int(parent.get("size", 0)) + size_added,
+                "imported": time.time(),
+                "source": "commit",
+            }
+            session.put_image(cfg_sha, record)
+            if name is not None:
+                session.set_tag(name, cfg_sha)
+            result.image_id = "sha256:" + cfg_sha.hex()
+        result.bytes_stored = session.new_bytes
+    except BaseException:
+        collect(store)  # what the aborted session wrote is unreachable: sweep it now
+        raise
+    return result

@@ -1,0 +1,406 @@
+"""Containers: a named, writable mount of an image, run by runc.
+
+A container is a directory under the store, ``containers/<id>/``::
+
+    container.json   what it was created from, and its state
+    upper/ work/     its changes (the union view's upper and work directories)
+    rootfs/          where the image is mounted while it runs
+    config.json      the OCI runtime spec written for each start (the bundle)
+    container.log    stdout and stderr of detached runs
+
+Running means: mount the image read-write on ``rootfs`` with the container's
+upper directory, write ``config.json`` from the image config, and run
+``runc run`` on the directory as a bundle.  A foreground ``run`` waits for it
+itself; ``start`` (and ``run -d``) leaves a small monitor process behind that
+waits instead, records the exit code and unmounts, as docker's shim does.
+
+State changes are whole-file replacements of ``container.json`` (write, then
+rename), so a reader never sees half a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
+from layerfs.store import Store
+from layerfs.store.store import _boot_id, _proc_start
+from layerfs.tools import refs
+from layerfs.tools.runtime import RUNTIME_DIRS, ProcessOptions, Volume, prepare_rootfs, spec
+from layerfs.union.index import ChainIndex, build
+from layerfs.union.lower import ChainLayer
+
+RUNC_ROOT = "/run/layerfs/runc"
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_ADJECTIVES = "brave calm eager fond gentle happy jolly keen lucid merry nifty proud quirky sharp tender vivid witty zen".split()
+_NAMES = "babbage curie darwin euler fermi gauss hopper knuth lovelace noether pascal ritchie shannon turing wozniak".split()
+
+
+class ContainerError(ValueError):
+    """One line for the user."""
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    image: str  # image id (hex) it was created from
+    image_ref: str  # as the user named it
+    created: float
+    options: dict[str, Any]  # ProcessOptions fields
+    init_paths: list[str]  # runtime mount points the image lacks: not changes of the container
+    state: dict[str, Any] = field(default_factory=lambda: {"status": "created"})
+    dir: str = ""
+
+    @property
+    def upper(self) -> str:
+        return os.path.join(self.dir, "upper")
+
+    @property
+    def work(self) -> str:
+        return os.path.join(self.dir, "work")
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.dir, "rootfs")
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.dir, "container.log")
+
+    @property
+    def process(self) -> ProcessOptions:
+        o = dict(self.options)
+        o["volumes"] = [Volume(**v) for v in o.get("volumes", [])]
+        return ProcessOptions(**o)
+
+    @property
+    def skip(self) -> list[bytes]:
+        return [os.fsencode(p) for p in self.init_paths]
+
+    def save(self) -> None:
+        record = {k: v for k, v in asdict(self).items() if k != "dir"}
+        tmp = os.path.join(self.dir, ".container.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, os.path.join(self.dir, "container.json"))
+
+    def running(self) -> bool:
+        """Is its process (the foreground ``run`` or the monitor) alive?"""
+        st = self.state
+        if st.get("status") != "running":
+            return False
+        return st.get("boot") == _boot_id() and _proc_start(int(st.get("pid", 0))) == st.get("start")
+
+    def status(self) -> str:
+        """``docker ps``'s STATUS column."""
+        st = self.state
+        if st.get("status") == "running" and self.running():
+            return "Up " + _ago(st.get("started", 0))
+        if st.get("status") == "created":
+            return "Created"
+        code = st.get("exit_code")
+        return f"Exited ({'?' if code is None else code}) {_ago(st.get('finished', 0))} ago"
+
+
+def _ago(ts: float) -> str:
+    s = max(0.0, time.time() - ts)
+    for unit, secs in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= 2 * secs:
+            return f"{int(s // secs)} {unit}"
+    if s >= 60:
+        return "About a minute"
+    return f"{int(s)} seconds" if s >= 2 else "Less than a second"
+
+
+def containers_dir(store: Store) -> str:
+    path = os.path.join(store.path, "containers")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load(path: str) -> Container:
+    with open(os.path.join(path, "container.json")) as f:
+        rec = json.load(f)
+    return Container(**rec, dir=path)
+
+
+def all_containers(store: Store) -> list[Container]:
+    base = containers_dir(store)
+    out = []
+    for cid in os.listdir(base):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            out.append(load(os.path.join(base, cid)))
+    return sorted(out, key=lambda c: -c.created)
+
+
+def find(store: Store, ref: str) -> Container:
+    """By name, full id or unique id prefix, as docker resolves container references."""
+    every = all_containers(store)
+    for c in every:
+        if ref in (c.name, c.id):
+            return c
+    matches = [c for c in every if len(ref) >= 1 and c.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ContainerError(f"multiple containers match the id prefix {ref}")
+    raise ContainerError(f"no such container: {ref}")
+
+
+def users_of(store: Store, image_id: bytes) -> list[Container]:
+    return [c for c in all_containers(store) if c.image == image_id.hex()]
+
+
+def _image_config(store: Store, image_id: bytes) -> dict[str, Any]:
+    image = store.get_image(image_id)
+    if image is None:
+        raise ContainerError(f"image sha256:{image_id.hex()} is not in the store (removed with rmi -f?)")
+    config = json.loads(store.read_object(bytes.fromhex(image["config"])))
+    return dict(config.get("config") or {})
+
+
+def _layers(store: Store, image_id: bytes) -> list[bytes]:
+    image = store.get_image(image_id)
+    if image is None:
+        raise ContainerError(f"image sha256:{image_id.hex()} is not in the store (removed with rmi -f?)")
+    return [bytes.fromhex(h) for h in image["layers"]]
+
+
+def create(store: Store, image_ref: str, opts: ProcessOptions, name: str | None = None) -> Container:
+    image_id = refs.resolve(store, image_ref)
+    config = _image_config(store, image_id)
+    from layerfs.tools.runtime import process_args
+
+    process_args(config, opts)  # no command: refused now, not at start
+    taken = {c.name for c in all_containers(store)}
+    if name is None:
+        while True:
+            name = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NAMES)}"
+            if name not in taken:
+                break
+    elif not _NAME.match(name):
+        raise ContainerError(f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
+    elif name in taken:
+        raise ContainerError(f'the container name "{name}" is already in use')
+    cid = secrets.token_hex(32)
+    lower = ChainLayer(store, ChainIndex(store, build(store, _layers(store, image_id))))
+    missing = [os.fsdecode(d) for d in RUNTIME_DIRS if lower.lookup(d) is None]
+    options = asdict(opts)
+    options["hostname"] = opts.hostname or cid[:12]
+    c = Container(cid, name, image_id.hex(), image_ref, time.time(), options, missing)
+    c.dir = os.path.join(containers_dir(store), cid)
+    for d in (c.dir, c.upper, c.work, c.rootfs):
+        os.makedirs(d, exist_ok=True)
+    c.save()
+    return c
+
+
+def runtime() -> str:
+    """The runc binary (``$LAYERFS_RUNTIME`` names another OCI runtime with runc's CLI)."""
+    name = os.environ.get("LAYERFS_RUNTIME", "runc")
+    path = shutil.which(name)
+    if path is None:
+        raise ContainerError(f"the OCI runtime {name!r} is not installed (Debian: apt install runc)")
+    return path
+
+
+def _runc(*args: str) -> list[str]:
+    return [runtime(), "--root", RUNC_ROOT, *args]
+
+
+def _mount(store: Store, c: Container) -> None:
+    image_id = bytes.fromhex(c.image)
+    if mounted_fuse(c.rootfs) is not None:  # left by a crashed run: start from a clean mount
+        with contextlib.suppress(MountError):
+            umount(store, c.rootfs)
+    spec_ = MountSpec(
+        image_id,
+        _layers(store, image_id),
+        c.rootfs,
+        upper=c.upper,
+        work=c.work,
+        name=c.image_ref,
+        allow_other=True,  # the container's processes may run as any user
+    )
+    try:
+        mount(store, spec_)
+    except MountError as exc:
+        raise ContainerError(f"cannot mount the container's filesystem: {exc}") from None
+    finally:
+        store.reopen()  # mount() hands the environment to its daemon
+
+
+def _unmount(store: Store, c: Container) -> None:
+    if mounted_fuse(c.rootfs) is not None:
+        with contextlib.suppress(MountError):
+            umount(store, c.rootfs)
+
+
+def write_bundle(store: Store, c: Container) -> None:
+    config = _image_config(store, bytes.fromhex(c.image))
+    opts = c.process
+    prepare_rootfs(c.rootfs, opts.workdir or config.get("WorkingDir") or "/")
+    for v in opts.volumes:
+        os.makedirs(v.source, exist_ok=True)  # docker creates a missing host directory too
+    with open(os.path.join(c.dir, "config.json"), "w") as f:
+        json.dump(spec(config, c.rootfs, opts), f, indent=1)
+
+
+def _set_running(c: Container) -> None:
+    pid = os.getpid()
+    c.state = {
+        "status": "running",
+        "pid": pid,
+        "start": _proc_start(pid),
+        "boot": _boot_id(),
+        "started": time.time(),
+    }
+    c.save()
+
+
+def _set_exited(c: Container, code: int | None) -> None:
+    c.state = dict(c.state, status="exited", exit_code=code, finished=time.time())
+    c.save()
+
+
+def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int | None = None) -> int:
+    """Mount, run the container's process to its end with runc, unmount; the exit code."""
+    if c.running():
+        raise ContainerError(f"container {c.name} is already running")
+    runc = _runc()
+    _mount(store, c)
+    try:
+        write_bundle(store, c)
+        subprocess.run([*runc, "delete", "--force", c.id], capture_output=True)  # a crashed run's leftovers
+        _set_running(c)
+        code: int | None = None
+        # the terminal's ^C reaches runc too, which passes it to the container: we just wait
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc = subprocess.Popen(
+                [*runc, "run", "--bundle", c.dir, c.id], stdin=stdin, stdout=stdout, stderr=stdout
+            )
+            # SIGTERM to us (a monitor being stopped) goes to runc, which passes it on
+            old_term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+            try:
+                code = proc.wait()
+            finally:
+                signal.signal(signal.SIGTERM, old_term)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            _set_exited(c, code)
+    finally:
+        _unmount(store, c)
+    assert code is not None
+    return code if code >= 0 else 128 - code
+
+
+def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
+    """Run the container in the background: a monitor process runs it and records its end."""
+    if c.running():
+        return  # docker start of a running container is a no-op
+    runtime()
+    log = os.open(c.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "layerfs.tools.container", "monitor", store.path, c.id],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    finally:
+        os.close(log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fresh = load(c.dir)
+        if fresh.state.get("pid") == proc.pid or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None and proc.returncode != 0 and load(c.dir).state.get("pid") != proc.pid:
+        raise ContainerError(f"container {c.name} failed to start: {_last_line(c.log)}")
+    c.state = load(c.dir).state
+
+
+def _last_line(path: str) -> str:
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+        return lines[-1] if lines else "no output"
+    return "no output"
+
+
+def stop(store: Store, c: Container, *, timeout: float = 10.0) -> None:
+    """SIGTERM to the container's process, SIGKILL after ``timeout`` seconds, as docker stop does."""
+    if not c.running():
+        _cleanup_dead(store, c)
+        return
+    runc = _runc()
+    for sig, wait in (("TERM", timeout), ("KILL", 10.0)):
+        sent = False
+        deadline = time.monotonic() + wait
+        while True:
+            if not sent:  # runc may not have created the container yet: try again
+                sent = subprocess.run([*runc, "kill", c.id, sig], capture_output=True).returncode == 0
+            c.state = load(c.dir).state
+            if not c.running():
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+    raise ContainerError(f"container {c.name} did not stop")
+
+
+def _cleanup_dead(store: Store, c: Container) -> None:
+    """A container whose monitor died (kill -9, reboot): mark it exited and release its mount."""
+    if c.state.get("status") == "running":
+        with contextlib.suppress(ContainerError):
+            subprocess.run([*_runc(), "delete", "--force", c.id], capture_output=True)
+        _set_exited(c, c.state.get("exit_code"))
+    _unmount(store, c)
+
+
+def remove(store: Store, c: Container, *, force: bool = False) -> None:
+    if c.running():
+        if not force:
+            raise ContainerError(
+                f"cannot remove container {c.name}: it is running (stop it first, or use rm -f)"
+            )
+        stop(store, c, timeout=0)
+    _cleanup_dead(store, c)
+    shutil.rmtree(c.dir)
+
+
+def monitor(store_path: str, cid: str) -> int:
+    """The detached side of ``start``: run to the end, with output in the container's log."""
+    store = Store(store_path)
+    c = load(os.path.join(containers_dir(store), cid))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        return execute(store, c, stdin=devnull, stdout=1)
+    except ContainerError as exc:
+        print(f"layerfs: {exc}", file=sys.stderr)
+        _set_exited(c, None)
+        return 125
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "monitor":
+        return monitor(argv[1], argv[2])
+    print("usage: python -m layerfs.tools.container monitor STORE ID", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

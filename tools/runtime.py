@@ -1,0 +1,264 @@
+"""OCI runtime bundles: ``config.json`` for runc from an image config and ``run`` options.
+
+The process follows the image config the way docker does: ``Entrypoint`` +
+(``CMD`` given on the command line, else the image's ``Cmd``), ``Env`` with the
+``-e`` values over it (and docker's default ``PATH`` when none is set),
+``WorkingDir``, ``User`` resolved in the image's own ``/etc/passwd`` and
+``/etc/group``.  The rest is runc's default spec (``runc spec``): private
+mount, pid, ipc and uts namespaces, a fresh /proc, a tmpfs /dev with
+/dev/pts, /dev/shm and /dev/mqueue, a read-only /sys, masked and read-only
+kernel paths.  Two choices differ from runc's default, both what docker users
+expect: docker's default capability set, and the host's network (runc's
+default, a private network namespace, has nothing but loopback, and layerfs
+sets up no bridge).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# docker's default capability set (moby oci/caps/defaults.go)
+CAPABILITIES = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+# directories runc mounts over; made in a rootfs that lacks them, and not counted as changes
+RUNTIME_DIRS = (b"proc", b"sys", b"dev")
+
+
+class RuntimeError_(ValueError):
+    """The container cannot be set up as asked; the message says why."""
+
+
+@dataclass
+class Volume:
+    source: str
+    destination: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Volume:
+        """``HOST:CONTAINER[:ro|rw]``, as ``docker run -v`` takes it (host paths only)."""
+        parts = spec.split(":")
+        mode = ""
+        if len(parts) == 3:
+            mode = parts.pop()
+        if len(parts) != 2 or not parts[0] or not parts[1] or mode not in ("", "ro", "rw"):
+            raise RuntimeError_(f"invalid volume specification {spec!r}: use HOST:CONTAINER[:ro]")
+        src, dst = parts
+        if not os.path.isabs(src):
+            raise RuntimeError_(f"invalid volume specification {spec!r}: the host path must be absolute")
+        if not os.path.isabs(dst):
+            raise RuntimeError_(f"invalid volume specification {spec!r}: the container path must be absolute")
+        return cls(src, os.path.normpath(dst), mode == "ro")
+
+
+@dataclass
+class ProcessOptions:
+    command: list[str] = field(default_factory=list)  # replaces the image's Cmd
+    entrypoint: list[str] | None = None  # replaces the image's Entrypoint
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    volumes: list[Volume] = field(default_factory=list)
+    hostname: str = ""
+    tty: bool = False
+
+
+def process_args(image_config: dict[str, Any], opts: ProcessOptions) -> list[str]:
+    entrypoint = opts.entrypoint if opts.entrypoint is not None else image_config.get("Entrypoint") or []
+    cmd = opts.command or ([] if opts.entrypoint is not None else image_config.get("Cmd") or [])
+    args = [*entrypoint, *cmd]
+    if not args:
+        raise RuntimeError_(
+            "no command specified: the image has no Entrypoint or Cmd, give one after the image"
+        )
+    return args
+
+
+def environment(image_config: dict[str, Any], opts: ProcessOptions) -> list[str]:
+    env: dict[str, str] = {}
+    for item in image_config.get("Env") or []:
+        k, _, v = item.partition("=")
+        env[k] = v
+    if "PATH" not in env:
+        env["PATH"] = DEFAULT_PATH[5:]
+    if opts.hostname:
+        env["HOSTNAME"] = opts.hostname
+    for item in opts.env:
+        k, eq, v = item.partition("=")
+        if not k:
+            raise RuntimeError_(f"invalid environment variable {item!r}")
+        if eq:
+            env[k] = v
+        elif k in os.environ:  # -e NAME passes the caller's value on, as docker does
+            env[k] = os.environ[k]
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def _read_db(rootfs: str, name: str) -> list[list[str]]:
+    try:
+        with open(os.path.join(rootfs, "etc", name), errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int]]:
+    """``name|uid[:group|gid]`` -> (uid, gid, additional gids), looked up in the image."""
+    if not user:
+        return 0, 0, []
+    try:
+        return _resolve_user(rootfs, user)
+    except (ValueError, IndexError) as exc:
+        if isinstance(exc, RuntimeError_):
+            raise
+        raise RuntimeError_(
+            f"cannot resolve user {user!r}: the image's /etc/passwd or /etc/group is malformed"
+        ) from None
+
+
+def _resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int]]:
+    name, _, group = user.partition(":")
+    passwd = [p for p in _read_db(rootfs, "passwd") if len(p) >= 4]
+    groups = [g for g in _read_db(rootfs, "group") if len(g) >= 3]
+    entry = next((p for p in passwd if p[0] == name), None)
+    if entry is None and name.isdigit():
+        entry = next((p for p in passwd if p[2] == name), None)
+        uid, gid, login = int(name), int(entry[3]) if entry else 0, entry[0] if entry else None
+    elif entry is None:
+        raise RuntimeError_(f"unable to find user {name}: no matching entries in passwd file")
+    else:
+        uid, gid, login = int(entry[2]), int(entry[3]), entry[0]
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((g for g in groups if g[0] == group), None)
+            if g is None:
+                raise RuntimeError_(f"unable to find group {group}: no matching entries in group file")
+            gid = int(g[2])
+    extra = sorted(
+        {
+            int(g[2])
+            for g in groups
+            if login and g[2].isdigit() and login in g[3].split(",") and int(g[2]) != gid
+        }
+    )
+    return uid, gid, extra
+
+
+def spec(
+    image_config: dict[str, Any], rootfs: str, opts: ProcessOptions, *, root_path: str = "rootfs"
+) -> dict[str, Any]:
+    """The runtime spec (config.json) of a bundle whose root filesystem is mounted at ``rootfs``."""
+    uid, gid, extra = resolve_user(
+        rootfs, opts.user if opts.user is not None else image_config.get("User") or ""
+    )
+    cwd = opts.workdir or image_config.get("WorkingDir") or "/"
+    if not os.path.isabs(cwd):
+        raise RuntimeError_(f"the working directory {cwd!r} is not an absolute path")
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+        },
+    ]
+    for v in opts.volumes:
+        mounts.append(
+            {
+                "destination": v.destination,
+                "type": "bind",
+                "source": os.path.abspath(v.source),
+                "options": ["rbind", "rprivate", "ro" if v.readonly else "rw"],
+            }
+        )
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": opts.tty,
+            "user": {"uid": uid, "gid": gid, **({"additionalGids": extra} if extra else {})},
+            "args": process_args(image_config, opts),
+            "env": environment(image_config, opts),
+            "cwd": cwd,
+            "capabilities": {k: list(CAPABILITIES) for k in ("bounding", "effective", "permitted")},
+            "noNewPrivileges": False,
+        },
+        "root": {"path": root_path, "readonly": False},
+        "hostname": opts.hostname,
+        "mounts": mounts,
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            "maskedPaths": [
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/sys/firmware",
+                "/proc/scsi",
+            ],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def prepare_rootfs(rootfs: str, cwd: str) -> None:
+    """Make the mount points runc needs and the working directory, where the image lacks them."""
+    for d in RUNTIME_DIRS:
+        os.makedirs(os.path.join(rootfs, os.fsdecode(d)), exist_ok=True)
+    target = os.path.join(rootfs, cwd.lstrip("/"))
+    if not os.path.isdir(target):
+        os.makedirs(target, exist_ok=True)

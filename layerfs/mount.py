@@ -308,7 +308,7 @@ def umount(store: Store, mountpoint: str, *, timeout: float = 10.0) -> None:
         pid = rec.get("pid")
         deadline = time.monotonic() + timeout
         while pid and _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.005)
         if pid and _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

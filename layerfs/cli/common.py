@@ -64,7 +64,9 @@ def human_age(ts: float) -> str:
         return "About an hour ago"
     if s >= 60:
         return "About a minute ago"
-    return "Less than a second ago" if s < 1 else f"{int(s)} seconds ago"
+    if s < 1:
+        return "Less than a second ago"
+    return "1 second ago" if int(s) == 1 else f"{int(s)} seconds ago"
 
 
 def parse_time(value: str) -> float:

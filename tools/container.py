@@ -379,6 +379,8 @@ def remove(store: Store, c: Container, *, force: bool = False) -> None:
             )
         stop(store, c, timeout=0)
     _cleanup_dead(store, c)
+    if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
+        raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")
     shutil.rmtree(c.dir)
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from layerfs.cli.common import CLIError
-from layerfs.store import StoreError
+from layerfs.cli.common import CLIError, open_store
+from layerfs.store import Store, StoreError
 from layerfs.tools.refs import RefError
 
 if TYPE_CHECKING:
+    from layerfs.tools.container import Container
     from layerfs.tools.runtime import ProcessOptions
 
 EXIT_SETUP = 125  # docker run's code when the container could not be set up
@@ -62,3 +63,14 @@ def errors(code: int = 1) -> Iterator[None]:
         yield
     except (ContainerError, RuntimeError_, CommitError, RefError, StoreError, OSError) as exc:
         raise CLIError(str(exc), code) from None
+
+
+def each_container(args: argparse.Namespace, action: Callable[[Store, Container], None]) -> int:
+    """``action`` on every container ``args.containers`` names, printing each name as docker does."""
+    from layerfs.tools.container import find
+
+    with open_store(args) as store, errors():
+        for ref in args.containers:
+            action(store, find(store, ref))
+            print(ref)
+    return 0

@@ -7,7 +7,7 @@ import os
 import sys
 
 from layerfs.cli.common import open_store
-from layerfs.cli.containers import errors
+from layerfs.cli.containers import each_container, errors
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,13 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from layerfs.tools import container as C
 
+    if not args.attach:
+        return each_container(args, C.start)
     with open_store(args) as store, errors():
-        if args.attach:
-            if len(args.containers) != 1:
-                raise C.ContainerError("start -a takes one container")
-            sys.stdout.flush()
-            return C.execute(store, C.find(store, args.containers[0]), stdin=os.open(os.devnull, os.O_RDONLY))
-        for ref in args.containers:
-            C.start(store, C.find(store, ref))
-            print(ref)
-    return 0
+        if len(args.containers) != 1:
+            raise C.ContainerError("start -a takes one container")
+        sys.stdout.flush()
+        return C.execute(store, C.find(store, args.containers[0]), stdin=os.open(os.devnull, os.O_RDONLY))

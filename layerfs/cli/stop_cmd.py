@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import open_store
-from layerfs.cli.containers import errors
+from layerfs.cli.containers import each_container
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -16,10 +15,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools import container as C
+    from layerfs.tools.container import stop
 
-    with open_store(args) as store, errors():
-        for ref in args.containers:
-            C.stop(store, C.find(store, ref), timeout=args.time)
-            print(ref)
-    return 0
+    return each_container(args, lambda store, c: stop(store, c, timeout=args.time))

@@ -160,7 +160,7 @@ def layer_members(upper: str, skip: Iterable[bytes] = ()) -> Iterator[tuple[T.Me
             st.st_uid,
             st.st_gid,
             0,
-            int(st.st_mtime),
+            st.st_mtime_ns // 1_000_000_000,
             xattrs=host_xattrs(host),
         )
         if stat.S_ISDIR(st.st_mode):
@@ -168,11 +168,13 @@ def layer_members(upper: str, skip: Iterable[bytes] = ()) -> Iterator[tuple[T.Me
             if item.opaque:
                 yield T.Member(name + b"/" + OPAQUE_FILE, T.REG, 0o644), ()
             continue
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in first_name:
-            yield m._replace(type=T.HARDLINK, linkname=first_name[key]), ()
-            continue
-        first_name[key] = name
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            # only regular files become link members: importers refuse links to anything else
+            key = (st.st_dev, st.st_ino)
+            if key in first_name:
+                yield m._replace(type=T.HARDLINK, linkname=first_name[key]), ()
+                continue
+            first_name[key] = name
         if stat.S_ISREG(st.st_mode):
             yield m._replace(size=st.st_size), _contents(host)
         elif stat.S_ISLNK(st.st_mode):
@@ -199,7 +201,7 @@ class _IterReader:
         self._pieces = pieces
         self._left = b""
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int) -> bytes:
         while not self._left:
             piece = next(self._pieces, None)
             if piece is None:
@@ -224,7 +226,26 @@ _CHANGE_KEYS = {
 
 
 def apply_change(config: dict[str, Any], change: str) -> None:
-    """One Dockerfile instruction of ``--change``, as docker commit accepts them."""
+    """One Dockerfile instruction of ``--change``, as docker commit accepts them; on a bad one,
+    CommitError and ``config`` unchanged."""
+    trial = json.loads(json.dumps(config))
+    try:
+        _apply(trial, change)
+    except CommitError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise CommitError(f"cannot apply change {change!r}: {exc}") from None
+    config.clear()
+    config.update(trial)
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CommitError(f"{what}: not a JSON array of strings")
+    return value
+
+
+def _apply(config: dict[str, Any], change: str) -> None:
     word, _, rest = change.strip().partition(" ")
     key = word.upper()
     rest = rest.strip()
@@ -236,22 +257,26 @@ def apply_change(config: dict[str, Any], change: str) -> None:
     if key in ("CMD", "ENTRYPOINT"):
         if rest.startswith("["):
             try:
-                value = json.loads(rest)
+                value = _strings(json.loads(rest), key)
             except ValueError:
                 raise CommitError(f"{key}: not a JSON array of strings: {rest}") from None
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise CommitError(f"{key}: not a JSON array of strings: {rest}")
         else:
             value = ["/bin/sh", "-c", rest]
         config[field] = value
     elif key == "ENV":
-        pairs = _pairs(rest, key) if "=" in rest.split(" ", 1)[0] else [tuple(rest.split(None, 1))]
+        if "=" in rest.split(" ", 1)[0]:
+            pairs = _pairs(rest, key)
+        else:
+            name_value = rest.split(None, 1)
+            if len(name_value) != 2:
+                raise CommitError(f"ENV needs a value: ENV {rest} VALUE, or ENV {rest}=VALUE")
+            pairs = [(name_value[0], name_value[1])]
         env = [e for e in config.get("Env") or [] if e.split("=", 1)[0] not in {k for k, _ in pairs}]
         config["Env"] = env + [f"{k}={v}" for k, v in pairs]
     elif key == "LABEL":
         config["Labels"] = dict(config.get("Labels") or {}, **dict(_pairs(rest, key)))
     elif key in ("EXPOSE", "VOLUME"):
-        items = json.loads(rest) if rest.startswith("[") else rest.split()
+        items = _strings(json.loads(rest), key) if rest.startswith("[") else rest.split()
         for item in items:
             if key == "EXPOSE" and "/" not in item:
                 item += "/tcp"

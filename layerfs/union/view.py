@@ -31,6 +31,7 @@ Not thread-safe: the FUSE adapter dispatches single-threaded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -38,6 +39,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from layerfs.store import Store
@@ -802,7 +804,9 @@ class UnionView:
                     continue
                 if isinstance(o, Node) and o.ino == r.ino:
                     self._copy_up(_parent(other))
-                    os.link(first, self._up(other))
+                    dst = self._up(other)
+                    with _parent_times_kept(dst):
+                        os.link(first, dst)
             return
         self._copy_one(path, r, data)
 
@@ -848,12 +852,23 @@ class UnionView:
                         raise
             os.utime(tmp, ns=(n.mtime_ns, n.mtime_ns), follow_symlinks=False)
             final = self._up(path)
-            os.rename(tmp, final)
+            with _parent_times_kept(final):
+                os.rename(tmp, final)
         except BaseException:
             _remove_any(tmp)
             raise
         self._vis.pop(path, None)
         return final
+
+
+@contextlib.contextmanager
+def _parent_times_kept(path: bytes) -> Iterator[None]:
+    """A copy-up is not a change of the directory it lands in: its times stay (as overlayfs keeps
+    them), or a commit would record every copied-up file's parent as changed now."""
+    parent = os.path.dirname(path)
+    st = os.lstat(parent)
+    yield
+    os.utime(parent, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _first_xattr(path: bytes, names: tuple[bytes, ...]) -> bytes:

@@ -101,6 +101,19 @@ def test_relative_upper_directory(store_path, sample, tmp_path):
     assert sorted(os.listdir(tmp_path / "up")) == ["new", "proc"]
 
 
+def test_relative_store_path(store_path, sample, tmp_path):
+    # the daemon reopens the store after detaching to /: a relative path must not reach it
+    assert store_path == str(tmp_path / "store")
+    env = dict(os.environ, LAYERFS_STORE="store")
+    run = [sys.executable, "-m", "layerfs"]
+    (tmp_path / "m").mkdir()
+    subprocess.run([*run, "mount", sample, "m"], cwd=tmp_path, env=env, check=True, timeout=30)
+    try:
+        assert "bin" in os.listdir(tmp_path / "m")
+    finally:
+        subprocess.run([*run, "umount", "m"], cwd=tmp_path, env=env, check=True, timeout=30)
+
+
 def test_unknown_image_is_a_one_line_error(cli, sample, tmp_path):
     mnt = tmp_path / "m"
     mnt.mkdir()

@@ -8,9 +8,11 @@ layer without one (stored by an older layerfs) is regenerated from its entry
 table with the deterministic tar writer; its diff_id then changes, and the
 config is rewritten to match (a new image id, said on stderr).
 
-The manifest is kept as imported when it already names uncompressed layers
-(our own saves, ``docker save`` archives), so a second round trip is a fixed
-point; otherwise a new OCI manifest names the uncompressed layers.
+The manifest is kept as imported when it is an OCI manifest that already names
+uncompressed layers (our own saves, Docker 25+ saves), so a second round trip
+is a fixed point; otherwise a new OCI manifest names the uncompressed layers
+(an OCI layout needs OCI media types: umoci and skopeo find tags only on OCI
+manifests).
 
 The default format is one tar that is both an OCI image layout and a
 ``docker save`` archive (``index.json``, ``oci-layout``, ``blobs/``,
@@ -22,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from layerfs.store import Entry, Store, skeleton
+from layerfs.store import Entry, Store, StoreError, skeleton
 from layerfs.store import entries as E
 from layerfs.tools import refs
 from layerfs.tools import tarwrite as T
@@ -69,36 +72,59 @@ def _bytes_blob(data: bytes, media_type: str) -> Blob:
 
 # -- layers --------------------------------------------------------------------------------
 def entry_members(store: Store, entries: list[Entry]) -> Iterator[tuple[T.Member, Iterable[bytes]]]:
-    """A layer's tar members, regenerated from its entry table (OCI whiteouts and opaque markers)."""
-    for e in sorted(entries, key=lambda e: e.path.split(b"/")):
+    """A layer's tar members, regenerated from its entry table (OCI whiteouts and opaque markers).
+
+    Members are in path order, so a hardlink group's file is written under the group's first
+    path in that order and the other names link to it (a link must follow its target)."""
+    ordered = sorted(entries, key=lambda e: e.path.split(b"/"))
+    by_path = {e.path: e for e in ordered}
+    first: dict[bytes, bytes] = {}  # group's file path (as stored) -> first name in member order
+    for e in ordered:
+        if e.kind == E.HARDLINK and e.link in by_path:
+            first.setdefault(e.link, min(e.link, e.path, key=lambda p: p.split(b"/")))
+            if e.path.split(b"/") < first[e.link].split(b"/"):
+                first[e.link] = e.path
+    for e in ordered:
         if not e.path:
             continue  # the root's metadata is not part of a layer
-        m = T.Member(
-            e.path,
-            T.REG,
-            e.mode,
-            e.uid,
-            e.gid,
-            0,
-            e.mtime_ns // 1_000_000_000,
-            xattrs=e.xattrs,
-        )
         if e.kind == E.WHITEOUT:
             parent, _, base = e.path.rpartition(b"/")
             yield T.Member((parent + b"/" if parent else b"") + b".wh." + base, T.REG, 0o644), ()
             continue
+        target = e.link if e.kind == E.HARDLINK and e.link in by_path else e.path if e.path in first else None
+        if target is not None:
+            head = first[target]
+            if e.path != head:
+                yield _member(e)._replace(type=T.HARDLINK, linkname=head), ()
+                continue
+            e = by_path[target]._replace(path=e.path)  # the group's file, under its first name
         if e.kind == E.REG:
-            yield m._replace(size=e.size), (store.iter_object(e.content) if e.content else ())
-        elif e.kind == E.HARDLINK:
-            yield m._replace(type=T.HARDLINK, linkname=e.link), ()
+            yield _member(e)._replace(size=e.size), (_contents(store, e.content, e.size) if e.content else ())
+        elif e.kind == E.HARDLINK:  # its target is not in this layer: cannot happen after import
+            raise ExportError(f"{e.path!r} links to {e.link!r}, which the layer does not have")
         elif e.kind == E.DIR:
             if not e.flags & E.IMPLICIT:
-                yield m._replace(type=T.DIR), ()
+                yield _member(e)._replace(type=T.DIR), ()
             if e.flags & E.OPAQUE:
                 yield T.Member(e.path + b"/.wh..wh..opq", T.REG, 0o644), ()
         else:
             typ = {E.SYMLINK: T.SYMLINK, E.CHR: T.CHR, E.BLK: T.BLK, E.FIFO: T.FIFO}[e.kind]
-            yield m._replace(type=typ, linkname=e.link, devmajor=e.devmajor, devminor=e.devminor), ()
+            yield _member(e)._replace(type=typ, linkname=e.link, devmajor=e.devmajor, devminor=e.devminor), ()
+
+
+def _contents(store: Store, sha: bytes, size: int) -> Iterator[bytes]:
+    n = 0
+    for piece in store.iter_object(sha):
+        n += len(piece)
+        yield piece
+    if n != size:
+        raise ExportError(
+            f"object {sha.hex()} has {n} bytes, its file {size}: the store is corrupt (run layerfs verify)"
+        )
+
+
+def _member(e: Entry) -> T.Member:
+    return T.Member(e.path, T.REG, e.mode, e.uid, e.gid, 0, e.mtime_ns // 1_000_000_000, xattrs=e.xattrs)
 
 
 def _layer_blob(store: Store, layer_id: bytes, spool: list[IO[bytes]]) -> Blob:
@@ -117,9 +143,14 @@ def _layer_blob(store: Store, layer_id: bytes, spool: list[IO[bytes]]) -> Blob:
     f = tempfile.TemporaryFile()
     spool.append(f)
     h = hashlib.sha256()
-    for piece in T.write(entry_members(store, store.layer_entries(layer_id))):
-        h.update(piece)
-        f.write(piece)
+    try:
+        for piece in T.write(entry_members(store, store.layer_entries(layer_id))):
+            h.update(piece)
+            f.write(piece)
+    except T.ContentsChanged as exc:
+        raise ExportError(
+            f"layer sha256:{layer_id.hex()}: {exc}: the store is corrupt (run layerfs verify)"
+        ) from None
     size = f.tell()
 
     def data() -> Iterator[bytes]:
@@ -151,12 +182,13 @@ def plan(store: Store, image_id: bytes, names: list[str], spool: list[IO[bytes]]
     stored = rec.get("layer_descriptors", [])
     manifest_bytes = store.read_object(bytes.fromhex(rec["manifest"]))
     keep = (
-        config.digest == "sha256:" + image_id.hex()
+        rec.get("manifest_media_type") == MT_OCI_MANIFEST  # an OCI layout needs an OCI manifest
+        and config.digest == "sha256:" + image_id.hex()
         and len(stored) == len(layers)
         and all(d["digest"] == b.digest and d["mediaType"] in _UNCOMPRESSED for d, b in zip(stored, layers))
     )
     if keep:
-        manifest_type = rec.get("manifest_media_type", MT_OCI_MANIFEST)
+        manifest_type = MT_OCI_MANIFEST
         config.media_type = json.loads(manifest_bytes)["config"]["mediaType"]
         for d, b in zip(stored, layers):
             b.media_type = d["mediaType"]
@@ -321,46 +353,47 @@ def save(
 
     try:
         images = [plan(store, image_id, names, spool) for image_id, names in chosen.items()]
-        if fmt == "oci-dir":
-            if output == "-":
-                raise ExportError("the oci-dir format needs a directory: -o DIR")
-            if os.path.exists(output) and os.listdir(output):
-                raise ExportError(f"{output} exists and is not empty")
-            parent = os.path.dirname(os.path.abspath(output))
-            tmp = tempfile.mkdtemp(prefix=".layerfs-save-", dir=parent)
-            try:
-                write_layout(_Sink(None, tmp, count), images, docker=False)
-                os.chmod(tmp, 0o755)
-                if os.path.exists(output):
-                    os.rmdir(output)
-                os.rename(tmp, output)
-            except BaseException:
-                _rmtree(tmp)
-                raise
-        elif output == "-":
-            out = sys.stdout.buffer
-            write_layout(_Sink(out, None, count), images, docker=fmt == "docker")
-            out.write(T.END)
-            out.flush()
-        else:
-            parent = os.path.dirname(os.path.abspath(output))
-            fd, tmp = tempfile.mkstemp(prefix=".layerfs-save-", dir=parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write_layout(_Sink(f, None, count), images, docker=fmt == "docker")
-                    f.write(T.END)
-                os.chmod(tmp, 0o644)
-                os.rename(tmp, output)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+        _write(images, output, fmt, count)
+    except StoreError as exc:
+        raise ExportError(f"{exc}: the store is damaged (run layerfs verify)") from None
     finally:
         for spooled in spool:
             spooled.close()
     return SaveResult(images, total)
 
 
-def _rmtree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+def _write(images: list[ImageExport], output: str, fmt: str, count: Callable[[int], None]) -> None:
+    """Write the layout; a file or directory appears only when complete."""
+    if fmt == "oci-dir":
+        if output == "-":
+            raise ExportError("the oci-dir format needs a directory: -o DIR")
+        if os.path.exists(output) and os.listdir(output):
+            raise ExportError(f"{output} exists and is not empty")
+        parent = os.path.dirname(os.path.abspath(output))
+        tmp = tempfile.mkdtemp(prefix=".layerfs-save-", dir=parent)
+        try:
+            write_layout(_Sink(None, tmp, count), images, docker=False)
+            os.chmod(tmp, 0o755)
+            if os.path.exists(output):
+                os.rmdir(output)
+            os.rename(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    elif output == "-":
+        out = sys.stdout.buffer
+        write_layout(_Sink(out, None, count), images, docker=fmt == "docker")
+        out.write(T.END)
+        out.flush()
+    else:
+        parent = os.path.dirname(os.path.abspath(output))
+        fd, tmp = tempfile.mkstemp(prefix=".layerfs-save-", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write_layout(_Sink(f, None, count), images, docker=fmt == "docker")
+                f.write(T.END)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, output)
+        except BaseException:
+            os.unlink(tmp)
+            raise

@@ -216,7 +216,8 @@ class Store:
     )
 
     def __init__(self, path: str | None = None, *, readonly: bool = False, create: bool = True) -> None:
-        self.path = path or default_path()
+        # absolute: mount daemons change directory to / and reopen the store by this path
+        self.path = os.path.abspath(path or default_path())
         self.readonly = readonly
         if not os.path.isdir(self.path):
             if readonly or not create:

@@ -1,0 +1,709 @@
+"""Containers run by the real runc: run (foreground, -i, -d, --rm), the process options,
+create/start/stop/rm, ps and logs, diff and commit, bind mounts, setup errors (exit 125),
+rmi of an image a container uses, and ``bundle`` run by runc directly.
+
+Every test leaves nothing behind: the autouse ``no_container_left_behind`` removes the
+store's containers with ``rm -f`` and then checks that no mount, runc state or monitor
+process of the test remains."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CLIResult, make_layout, member, tar_bytes
+from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
+    force_unmount,
+    mounted,
+    need_fuse,
+    no_mount_left_behind,
+    wait_until,
+)
+
+pytestmark = [
+    pytest.mark.usefixtures("need_fuse"),
+    pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed (apt install runc)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="running containers with runc needs root"),
+]
+SAMPLE = "layerfs-sample:latest"
+RUNC_ROOT = "/run/layerfs/runc"  # where layerfs keeps runc's state
+HELLO = f"hello from the layerfs sample image on {os.uname().machine}\nlayerfs-sample\n"
+SETUP_FAILED = 125
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _mount_lines_below(base: str) -> list[str]:
+    base = os.path.realpath(base)
+    with open("/proc/mounts") as f:
+        return [line.strip() for line in f if base in line]
+
+
+def _runc_state() -> set[str]:
+    try:
+        return set(os.listdir(RUNC_ROOT))
+    except FileNotFoundError:
+        return set()
+
+
+def _runc_state_of(names: set[str], base: str) -> list[str]:
+    """Those of ``names`` (runc state directories) that belong to containers below ``base``
+    (a state without a readable state.json counts: it appeared during the test)."""
+    out = []
+    for name in names:
+        try:
+            with open(os.path.join(RUNC_ROOT, name, "state.json")) as f:
+                if base not in f.read():
+                    continue
+        except OSError:
+            if not os.path.isdir(os.path.join(RUNC_ROOT, name)):
+                continue
+        out.append(name)
+    return out
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (container monitors name the store)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if text in cmd:
+            out.append(f"{pid}: {cmd}")
+    return out
+
+
+def one_line_error(res: CLIResult) -> str:
+    """The single ``layerfs: ...`` line a failed verb writes to stderr."""
+    lines = res.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("layerfs: "), f"stderr is not one line: {res.err!r}"
+    return lines[0]
+
+
+def ps(cli: Callable[..., CLIResult], *flags: str) -> list[dict[str, Any]]:
+    out = cli("ps", "--json", *flags).json()
+    assert isinstance(out, list)
+    return out
+
+
+def container_dir(store_path: str, cid: str) -> str:
+    return os.path.join(store_path, "containers", cid)
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture
+def sample(cli: Callable[..., CLIResult], sample_layout: str) -> str:
+    cli("import", sample_layout)
+    return SAMPLE
+
+
+@pytest.fixture
+def cli_input(store_path: str) -> Callable[..., CLIResult]:
+    """``cli`` with stdin: ``cli_input(*args, input=TEXT)`` (``input=None``: the caller's stdin
+    is /dev/null)."""
+
+    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> CLIResult:
+        e = dict(os.environ, LAYERFS_STORE=store_path)
+        e.update(env or {})
+        p = subprocess.run(
+            [sys.executable, "-m", "layerfs", *args],
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
+            capture_output=True,
+            text=True,
+            env=e,
+            timeout=60,
+        )
+        return CLIResult(p.returncode, p.stdout, p.stderr)
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def no_container_left_behind(
+    cli: Callable[..., CLIResult], store_path: str, tmp_path: Path
+) -> Iterator[None]:
+    """After each test: ``rm -f`` every container of the store, then nothing of the test may
+    stay: no container, no mount below its tmp dir, no runc state, no monitor process."""
+    runc_before = _runc_state()
+    yield
+    base = os.path.realpath(tmp_path)
+    problems = []
+    if os.path.isdir(store_path):
+        ids = cli("ps", "-aq", check=False).out.split()
+        if ids:
+            res = cli("rm", "-f", *ids, check=False)
+            if res.code != 0:
+                problems.append(f"rm -f {' '.join(ids)} exited {res.code}: {res.err.strip()}")
+        left = cli("ps", "-aq", check=False).out.split()
+        if left:
+            problems.append(f"containers left after rm -f: {left}")
+    # a monitor finishes its unmount just after it records the exit: give it a moment
+    wait_until(lambda: not _mount_lines_below(base) and not _processes_mentioning(store_path), timeout=10)
+    mounts = _mount_lines_below(base)
+    if mounts:
+        problems.append(f"mounts left behind: {mounts}")
+        for line in sorted(mounts, key=len, reverse=True):
+            force_unmount(line.split()[1])
+    procs = _processes_mentioning(store_path)
+    if procs:
+        problems.append(f"processes left behind: {procs}")
+    runc_left = _runc_state_of(_runc_state() - runc_before, base)
+    if runc_left:
+        problems.append(f"runc state left behind in {RUNC_ROOT}: {runc_left}")
+        runc = shutil.which("runc") or "runc"
+        for name in runc_left:
+            subprocess.run([runc, "--root", RUNC_ROOT, "delete", "--force", name], capture_output=True)
+    assert not problems, "\n".join(problems)
+
+
+# -- 1. run: output and exit code ------------------------------------------------------------
+def test_run_passes_output_and_exit_code_through(cli, sample):
+    res = cli("run", sample)
+    assert (res.code, res.out, res.err) == (0, HELLO, "")
+
+    res = cli("run", sample, "sh", "-c", "echo out; echo err >&2; exit 7", check=False)
+    assert (res.code, res.out, res.err) == (7, "out\n", "err\n")
+
+    # both are recorded as exited, with their codes
+    codes = sorted((c["state"], c["exit_code"]) for c in ps(cli, "-a"))
+    assert codes == [("exited", 0), ("exited", 7)]
+    assert ps(cli) == []  # none is running
+
+
+# -- 2. process options ------------------------------------------------------------------------
+def test_env_workdir_hostname_user(cli, sample):
+    script = 'env; echo "pwd=$(pwd)"; echo "uname=$(uname -n)"; id'
+    res = cli(
+        "run",
+        "-e",
+        "FOO=bar",
+        "-e",
+        "SPACED=a b=c",
+        "-w",
+        "/tmp/wd",
+        "--hostname",
+        "myhost",
+        "-u",
+        "nobody",
+        sample,
+        "sh",
+        "-c",
+        script,
+    )
+    env = dict(line.split("=", 1) for line in res.out.splitlines() if "=" in line and "(" not in line)
+    assert env["FOO"] == "bar"
+    assert env["SPACED"] == "a b=c"
+    assert env["PATH"] == "/bin"  # the image's Env
+    assert env["HOSTNAME"] == "myhost"
+    assert "pwd=/tmp/wd" in res.out.splitlines()  # made although the image lacks it
+    assert "uname=myhost" in res.out.splitlines()  # the kernel's host name, not just $HOSTNAME
+    # a name from the image's /etc/passwd, its group from /etc/group
+    assert res.out.splitlines()[-1] == "uid=65534(nobody) gid=65534(nogroup)"
+
+    res = cli("run", "-u", "1234:5678", sample, "sh", "-c", "id -u; id -g")
+    assert res.out == "1234\n5678\n"
+    res = cli("run", "-u", "nobody:root", sample, "sh", "-c", "id -u; id -g")
+    assert res.out == "65534\n0\n"
+
+    # the defaults: root, the image's WorkingDir, the short id as the host name
+    cid = cli("create", sample, "sh", "-c", 'id; echo "$(pwd) $(uname -n) $HOSTNAME"').out.strip()
+    assert len(cid) == 64
+    res = cli("start", "-a", cid)
+    assert res.out == f"uid=0(root) gid=0(root)\n/app {cid[:12]} {cid[:12]}\n"
+
+
+def test_entrypoint_and_command(cli, sample):
+    # the image's Cmd is replaced by the command given
+    assert cli("run", sample, "echo", "a", "b").out == "a b\n"
+    # --entrypoint replaces the entrypoint and drops the image's Cmd, as docker does
+    assert cli("run", "--entrypoint", "/bin/echo", sample).out == "\n"
+    assert cli("run", "--entrypoint", "/bin/echo", sample, "x", "y").out == "x y\n"
+
+
+def test_unknown_user_is_a_setup_error(cli, sample):
+    res = cli("run", "-u", "nosuchuser", sample, "id", check=False)
+    assert res.code == SETUP_FAILED
+    assert "nosuchuser" in one_line_error(res)
+    res = cli("run", "-u", "nobody:nosuchgroup", sample, "id", check=False)
+    assert res.code == SETUP_FAILED
+    assert "nosuchgroup" in one_line_error(res)
+
+
+def test_user_from_a_custom_image(cli, tmp_path):
+    """A user the image defines (User in its config) with supplementary groups."""
+    busybox = next(p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p))
+    with open(busybox, "rb") as f:
+        bb = f.read()
+    layer = tar_bytes(
+        [
+            member("bin", kind=tarfile.DIRTYPE, mode=0o755),
+            member("bin/busybox", bb, mode=0o755),
+            member("bin/sh", kind=tarfile.SYMTYPE, link="busybox", mode=0o777),
+            member("bin/id", kind=tarfile.SYMTYPE, link="busybox", mode=0o777),
+            member("etc", kind=tarfile.DIRTYPE, mode=0o755),
+            member(
+                "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nalice:x:1500:1600:Alice:/home/alice:/bin/sh\n"
+            ),
+            member("etc/group", b"root:x:0:\nstaff:x:1600:\nwheel:x:1700:alice\naudio:x:1800:bob,alice\n"),
+        ]
+    )
+    layout = make_layout(
+        tmp_path / "user-layout",
+        [layer],
+        ref="withuser:latest",
+        config_extra={"config": {"Cmd": ["id"], "User": "alice", "Env": ["PATH=/bin"]}},
+    )
+    cli("import", layout)
+    out = cli("run", "withuser:latest").out
+    ids, _, groups = out.strip().partition(" groups=")
+    assert ids == "uid=1500(alice) gid=1600(staff)", out
+    # the groups that list alice (not audio's bob alone); the primary group may or may not be repeated
+    assert set(groups.split(",")) - {"1600(staff)"} == {"1700(wheel)", "1800(audio)"}, out
+    assert cli("run", "-u", "0", "withuser:latest").out.startswith("uid=0(root) gid=0(root)")
+
+
+# -- 3. stdin ----------------------------------------------------------------------------------
+def test_stdin_only_with_interactive(cli_input, sample):
+    data = "line one\nline two\n" + "x" * 100_000 + "\n"
+    res = cli_input("run", "-i", sample, "cat", input=data)
+    assert (res.code, res.err) == (0, "")
+    assert res.out == data
+
+    # without -i the container reads nothing, even when we have input
+    res = cli_input("run", sample, "sh", "-c", 'cat; echo "end"', input="must not arrive\n")
+    assert (res.code, res.out) == (0, "end\n")
+
+
+# -- 4. changes persist across stop/start; rm removes them --------------------------------------
+def test_changes_survive_stop_and_start_until_rm(cli, sample, store_path):
+    # first start: one line in /f, wait; the next start finds two lines and exits
+    script = (
+        "echo x >> /f; cat /f; "
+        'test "$(wc -l < /f)" -ge 2 && exit 0; '
+        'trap "exit 3" TERM; echo ready; sleep 1000 & wait'
+    )
+    cid = cli("run", "-d", "--name", "keeper", sample, "sh", "-c", script).out.strip()
+    assert len(cid) == 64
+    assert wait_until(lambda: "ready" in cli("logs", "keeper").out, timeout=15), cli("logs", "keeper")
+    assert [c["state"] for c in ps(cli)] == ["running"]
+
+    assert cli("stop", "-t", "5", "keeper").out == "keeper\n"
+    [rec] = ps(cli, "-a")
+    assert (rec["state"], rec["exit_code"]) == ("exited", 3)  # SIGTERM reached the process
+    assert cli("diff", "keeper").out == "A /f\n"
+    with open(os.path.join(container_dir(store_path, cid), "upper", "f")) as f:
+        assert f.read() == "x\n"
+
+    res = cli("start", "-a", "keeper")
+    assert (res.code, res.out) == (0, "x\nx\n")
+    assert cli("diff", "keeper").out == "A /f\n"
+    assert cli("diff", "--json", "keeper").json() == [{"kind": "A", "path": "/f"}]
+
+    assert cli("rm", "keeper").out == "keeper\n"
+    assert not os.path.exists(container_dir(store_path, cid))
+    assert ps(cli, "-a") == []
+    # a new container of the same image starts from the image
+    assert cli("run", sample, "sh", "-c", "test -e /f && echo present || echo absent").out == "absent\n"
+
+
+def test_start_detached_reruns_command(cli, sample):
+    cid = cli("create", "--name", "later", sample, "sh", "-c", "echo run >> /log; cat /log").out.strip()
+    [rec] = ps(cli, "-a")
+    assert (rec["id"], rec["state"], rec["status"]) == (cid, "created", "Created")
+    assert ps(cli) == []
+    for _ in (1, 2):
+        assert cli("start", "later").out == "later\n"
+        assert wait_until(lambda: ps(cli, "-a")[0]["state"] == "exited", timeout=15)
+        assert ps(cli, "-a")[0]["exit_code"] == 0
+    # the log has both runs' output: the second one saw the first one's change
+    assert cli("logs", "later").out == "run\nrun\nrun\n"
+
+
+# -- 5. commit ---------------------------------------------------------------------------------
+def test_commit_delete_replace_add(cli, sample):
+    parent = cli("inspect", sample).json()[0]
+    cli(
+        "run",
+        "--name",
+        "changer",
+        sample,
+        "sh",
+        "-c",
+        "rm /etc/hostname && echo replaced > /etc/os-release && echo added > /added",
+    )
+    changes = {(c["kind"], c["path"]) for c in cli("diff", "--json", "changer").json()}
+    assert changes == {("C", "/etc"), ("D", "/etc/hostname"), ("C", "/etc/os-release"), ("A", "/added")}
+
+    res = cli(
+        "commit",
+        "--json",
+        "-m",
+        "delete, replace, add",
+        "-a",
+        "Tess Ter <tess@example.com>",
+        "-c",
+        'CMD ["cat", "/added"]',
+        "changer",
+        "committed:v1",
+    ).json()
+    assert res["image_id"].startswith("sha256:") and res["layer"].startswith("sha256:")
+    assert res["layer_new"] is True
+    assert res["bytes_stored"] > 0
+
+    new = cli("inspect", "committed:v1").json()[0]
+    assert new["Id"] == res["image_id"]
+    assert new["RootFS"]["Layers"] == parent["RootFS"]["Layers"] + [res["layer"]]
+    assert new["Author"] == "Tess Ter <tess@example.com>"
+    assert new["Config"]["Cmd"] == ["cat", "/added"]
+    assert new["Config"]["WorkingDir"] == "/app"  # the rest of the config is the parent's
+
+    check = "test -e /etc/hostname && echo hostname-present || echo hostname-gone; cat /etc/os-release /added"
+    out = cli("run", "--rm", "committed:v1", "sh", "-c", check).out
+    assert out == "hostname-gone\nreplaced\nadded\n"
+    assert cli("run", "--rm", "committed:v1").out == "added\n"  # the -c CMD
+    # the parent is untouched
+    out = cli("run", "--rm", sample, "sh", "-c", check.replace("/added", "/etc/passwd")).out
+    assert out.startswith("hostname-present\nNAME=")
+
+    history = cli("history", "--json", "committed:v1").json()
+    assert history[0]["comment"] == "delete, replace, add"
+    assert history[0]["empty_layer"] is False
+    assert "delete, replace, add" in cli("history", "committed:v1").out
+
+
+def test_commit_of_an_unchanged_container_adds_no_layer(cli, sample):
+    parent = cli("inspect", sample).json()[0]
+    cli("run", "--name", "idle", sample, "true")
+    assert cli("diff", "idle").out == ""  # /dev, /proc, /sys made for runc are no changes
+    res = cli("commit", "--json", "idle", "idle:v1").json()
+    assert res["layer"] is None
+    assert res["layer_new"] is False
+    assert res["bytes_stored"] < 4096  # a config and a manifest
+    new = cli("inspect", "idle:v1").json()[0]
+    assert new["Id"] == res["image_id"] != parent["Id"]
+    assert new["RootFS"]["Layers"] == parent["RootFS"]["Layers"]
+    assert cli("history", "--json", "idle:v1").json()[0]["empty_layer"] is True
+    # and the committed image runs
+    assert cli("run", "--rm", "idle:v1").out == HELLO
+
+
+def test_commit_of_the_same_tree_gives_the_same_layer(cli, sample):
+    script = "mkdir -p /srv/d && echo same > /srv/d/f && touch -d @1700000000 /srv/d/f /srv/d /srv"
+    results = []
+    for name in ("twin1", "twin2"):
+        cli("run", "--name", name, sample, "sh", "-c", script)
+        results.append(cli("commit", "--json", name, f"{name}:latest").json())
+    first, second = results
+    assert first["layer"] is not None
+    assert first["layer"] == second["layer"]
+    assert (first["layer_new"], second["layer_new"]) == (True, False)
+    assert second["bytes_stored"] < 4096  # only the new config and manifest
+    for name in ("twin1", "twin2"):
+        assert cli("run", "--rm", f"{name}:latest", "cat", "/srv/d/f").out == "same\n"
+
+
+# -- 6. bind mounts ------------------------------------------------------------------------------
+def test_volume_read_write_and_read_only(cli, sample, tmp_path):
+    host = tmp_path / "vol"
+    host.mkdir()
+    (host / "in.txt").write_text("from the host\n")
+
+    res = cli(
+        "run",
+        "--rm",
+        "-v",
+        f"{host}:/data",
+        sample,
+        "sh",
+        "-c",
+        "cat /data/in.txt; echo back > /data/out.txt",
+    )
+    assert res.out == "from the host\n"
+    assert (host / "out.txt").read_text() == "back\n"
+
+    res = cli(
+        "run",
+        "--rm",
+        "-v",
+        f"{host}:/data:ro",
+        sample,
+        "sh",
+        "-c",
+        "cat /data/in.txt; echo nope > /data/ro.txt",
+        check=False,
+    )
+    assert res.code != 0
+    assert res.out == "from the host\n"
+    assert "Read-only file system" in res.err
+    assert not (host / "ro.txt").exists()
+
+    # a missing host directory is made, as docker does
+    fresh = tmp_path / "fresh"
+    cli("run", "--rm", "-v", f"{fresh}:/mnt/fresh", sample, "sh", "-c", "echo made > /mnt/fresh/x")
+    assert (fresh / "x").read_text() == "made\n"
+
+
+@pytest.mark.parametrize("spec", ["relative:/data", "/abs:relative", "/a:/b:rw:x", "/a:/b:rx", "/a"])
+def test_bad_volume_spec(cli, sample, spec):
+    res = cli("run", "-v", spec, sample, "true", check=False)
+    assert res.code == SETUP_FAILED
+    assert "volume" in one_line_error(res)
+    assert ps(cli, "-a") == []
+
+
+# -- 7. ps, stop, logs, rm ----------------------------------------------------------------------
+def test_ps_stop_logs_and_rm(cli, sample, store_path):
+    cid = cli(
+        "run",
+        "-d",
+        "--name",
+        "bg",
+        sample,
+        "sh",
+        "-c",
+        'echo "to stdout"; echo "to stderr" >&2; exec sleep 1000',
+    ).out.strip()
+    [rec] = ps(cli)
+    assert (rec["id"], rec["name"], rec["state"], rec["image"]) == (cid, "bg", "running", sample)
+    assert rec["status"].startswith("Up ")
+    assert cli("ps", "-q").out == cid[:12] + "\n"
+    table = cli("ps").out.splitlines()
+    assert table[0].split()[:2] == ["CONTAINER", "ID"] and table[1].startswith(cid[:12])
+    assert table[1].split()[-1] == "bg"
+    assert wait_until(lambda: cli("logs", "bg").out.count("to std") == 2, timeout=15)
+    assert sorted(cli("logs", cid[:8]).out.splitlines()) == ["to stderr", "to stdout"]  # by id prefix
+
+    # rm of a running container: refused, and it keeps running
+    res = cli("rm", "bg", check=False)
+    assert res.code == 1
+    assert "running" in one_line_error(res)
+    assert [c["state"] for c in ps(cli)] == ["running"]
+
+    cli("stop", "-t", "1", "bg")  # sleep as pid 1 ignores SIGTERM: killed after 1 s
+    assert ps(cli) == []
+    assert cli("ps", "-q").out == ""
+    [rec] = ps(cli, "-a")
+    assert (rec["state"], rec["exit_code"]) == ("exited", 137)
+    assert rec["status"].startswith("Exited (137)")
+    assert not mounted(os.path.join(container_dir(store_path, cid), "rootfs"))
+    assert sorted(cli("logs", "bg").out.splitlines()) == ["to stderr", "to stdout"]
+    cli("stop", "bg")  # stopping a stopped container is fine
+    cli("rm", "bg")
+    assert ps(cli, "-a") == []
+    res = cli("logs", "bg", check=False)
+    assert res.code == 1 and "no such container" in one_line_error(res)
+
+
+def test_rm_force_kills_a_running_container(cli, sample, store_path):
+    cid = cli("run", "-d", sample, "sleep", "1000").out.strip()
+    assert [c["state"] for c in ps(cli)] == ["running"]
+    rootfs = os.path.join(container_dir(store_path, cid), "rootfs")
+    assert mounted(rootfs)
+    assert cli("rm", "-f", cid).out == cid + "\n"
+    assert ps(cli, "-a") == []
+    assert not os.path.exists(container_dir(store_path, cid))
+    assert not mounted(rootfs)
+    assert cid not in _runc_state()
+
+
+def test_stop_then_immediate_start_keeps_the_new_mount(cli, sample, store_path):
+    """A stopped container's monitor unmounts after it records the exit; a ``start`` right
+    after ``stop`` must not lose its fresh mount to that unmount."""
+    script = 'trap "exit 0" TERM; echo up; sleep 1000 & wait'
+    cid = cli("run", "-d", "--name", "again", sample, "sh", "-c", script).out.strip()
+    rootfs = os.path.join(container_dir(store_path, cid), "rootfs")
+    for _ in range(5):
+        assert wait_until(lambda: cli("logs", "again").out.count("up") >= 1, timeout=15)
+        cli("stop", "-t", "5", "again")
+        cli("start", "again")
+        assert wait_until(lambda: ps(cli) != [], timeout=15)
+        assert wait_until(lambda: mounted(rootfs), timeout=5)
+    # the running container still sees its root filesystem
+    assert [c["state"] for c in ps(cli)] == ["running"]
+    assert mounted(rootfs)
+    assert os.path.exists(os.path.join(rootfs, "app", "run.sh"))
+
+
+# -- 8. setup errors -----------------------------------------------------------------------------
+def test_setup_errors_exit_125_with_one_line(cli, sample, tmp_path):
+    # an image without Entrypoint and Cmd
+    layout = make_layout(
+        tmp_path / "nocmd",
+        [tar_bytes([member("hello.txt", b"hi\n")])],
+        ref="nocmd:latest",
+        config_extra={"config": {"Env": ["PATH=/bin"]}},
+    )
+    cli("import", layout)
+    for verb in ("run", "create"):
+        res = cli(verb, "nocmd:latest", check=False)
+        assert res.code == SETUP_FAILED, res
+        assert "no command" in one_line_error(res)
+    assert ps(cli, "-a") == []
+
+    # the OCI runtime is missing
+    for runtime in ("/nonexistent-runc", "no-such-runtime-here"):
+        res = cli("run", sample, "true", check=False, env={"LAYERFS_RUNTIME": runtime})
+        assert res.code == SETUP_FAILED, res
+        assert runtime in one_line_error(res)
+        res = cli("run", "-d", sample, "true", check=False, env={"LAYERFS_RUNTIME": runtime})
+        assert res.code == SETUP_FAILED, res
+        one_line_error(res)
+        assert ps(cli, "-a") == []  # nothing was created
+
+    # an unknown image
+    res = cli("run", "no-such-image:latest", "true", check=False)
+    assert res.code == SETUP_FAILED
+    assert "no-such-image" in one_line_error(res)
+
+    # a name already in use
+    cli("create", "--name", "dup", sample)
+    res = cli("run", "--name", "dup", sample, "true", check=False)
+    assert res.code == SETUP_FAILED
+    assert "dup" in one_line_error(res)
+    res = cli("create", "--name", "bad name!", sample, check=False)
+    assert res.code == SETUP_FAILED
+    one_line_error(res)
+    assert [c["name"] for c in ps(cli, "-a")] == ["dup"]
+
+    # -d with --rm is refused before anything is made
+    res = cli("run", "-d", "--rm", sample, "true", check=False)
+    assert res.code == SETUP_FAILED
+    one_line_error(res)
+    assert len(ps(cli, "-a")) == 1
+
+
+def test_start_of_a_container_whose_runtime_vanished(cli, sample):
+    cli("create", "--name", "norunc", sample, "true")
+    for args in (["start", "norunc"], ["start", "-a", "norunc"]):
+        res = cli(*args, check=False, env={"LAYERFS_RUNTIME": "/nonexistent-runc"})
+        assert res.code != 0, res
+        one_line_error(res)
+    [rec] = ps(cli, "-a")
+    assert rec["state"] == "created"
+
+
+def test_unknown_container(cli, sample):
+    for verb in ("start", "stop", "rm", "logs", "diff", "commit"):
+        res = cli(verb, "nonexistent", check=False)
+        assert res.code == 1, (verb, res)
+        assert "no such container" in one_line_error(res)
+
+
+# -- 9. rmi of an image in use -----------------------------------------------------------------
+def test_rmi_refuses_an_image_a_container_uses(cli, sample):
+    image_id = cli("inspect", sample).json()[0]["Id"]
+    cli("create", "--name", "user", sample)
+    res = cli("rmi", sample, check=False)
+    assert res.code == 1
+    assert "user" in res.err
+    assert [i["id"] for i in cli("images", "--json").json()] == [image_id]
+    # the container still runs: its image is whole
+    assert cli("start", "-a", "user").out == HELLO
+
+    cli("rm", "user")
+    cli("rmi", sample)
+    assert cli("images", "--json").json() == []
+
+
+# -- 10. bundle ---------------------------------------------------------------------------------
+def _runc_run(tmp_path: Path, bundle: str, name: str) -> subprocess.CompletedProcess[str]:
+    runc = shutil.which("runc")
+    assert runc is not None
+    root = str(tmp_path / "runc-root")
+    try:
+        return subprocess.run(
+            [runc, "--root", root, "run", "--bundle", bundle, name],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run([runc, "--root", root, "delete", "--force", name], capture_output=True)
+
+
+def test_bundle_runs_with_runc(cli, sample, tmp_path):
+    bundle = str(tmp_path / "bundle")
+    assert cli("bundle", sample, bundle).out == bundle + "\n"
+    rootfs = os.path.join(bundle, "rootfs")
+    try:
+        assert mounted(rootfs)
+        with open(os.path.join(bundle, "config.json")) as f:
+            config = json.load(f)
+        proc = config["process"]
+        assert proc["args"] == ["/app/run.sh"]
+        assert "PATH=/bin" in proc["env"]
+        assert proc["cwd"] == "/app"
+        assert proc["user"] == {"uid": 0, "gid": 0}
+        assert config["root"]["path"] == "rootfs"
+        res = _runc_run(tmp_path, bundle, "layerfs-bundle-test")
+        assert (res.returncode, res.stdout) == (0, HELLO), res.stderr
+        # the rootfs is writable, and the changes land in DIR/upper
+        with open(os.path.join(rootfs, "written-by-host"), "w") as f:
+            f.write("hi\n")
+        assert os.path.exists(os.path.join(bundle, "upper", "written-by-host"))
+    finally:
+        cli("umount", rootfs, check=False)
+    assert not mounted(rootfs)
+    # the image is untouched
+    assert (
+        cli("run", "--rm", sample, "sh", "-c", "test -e /written-by-host && echo yes || echo no").out
+        == "no\n"
+    )
+
+
+def test_bundle_with_command_and_options(cli, sample, tmp_path):
+    bundle = str(tmp_path / "b2")
+    cli("bundle", "-e", "GREETING=hi", "-w", "/srv", "-u", "nobody", "--hostname", "bhost", sample, bundle,
+        "sh", "-c", 'echo "$GREETING $(pwd) $(uname -n) $(id -u)"')  # fmt: skip
+    rootfs = os.path.join(bundle, "rootfs")
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            config = json.load(f)
+        assert config["process"]["args"][:2] == ["sh", "-c"]
+        assert config["process"]["cwd"] == "/srv"
+        assert config["process"]["user"]["uid"] == 65534
+        assert config["hostname"] == "bhost"
+        res = _runc_run(tmp_path, bundle, "layerfs-bundle-test2")
+        assert (res.returncode, res.stdout) == (0, "hi /srv bhost 65534\n"), res.stderr
+        # a second bundle in the same place is refused, and the mount stays
+        res2 = cli("bundle", sample, bundle, check=False)
+        assert res2.code == 1
+        one_line_error(res2)
+        assert mounted(rootfs)
+    finally:
+        cli("umount", rootfs, check=False)
+    assert not mounted(rootfs)
+
+
+# -- 11. --rm -----------------------------------------------------------------------------------
+def test_run_rm_removes_the_container(cli, sample, store_path):
+    res = cli("run", "--rm", sample)
+    assert (res.code, res.out) == (0, HELLO)
+    assert ps(cli, "-a") == []
+
+    res = cli("run", "--rm", sample, "sh", "-c", "echo bye; exit 3", check=False)
+    assert (res.code, res.out) == (3, "bye\n")
+    assert ps(cli, "-a") == []
+
+    # a command that cannot be run (runc fails) is removed too
+    res = cli("run", "--rm", sample, "/no/such/program", check=False)
+    assert res.code != 0
+    assert ps(cli, "-a") == []
+    assert os.listdir(os.path.join(store_path, "containers")) == []

@@ -93,7 +93,7 @@ def import_path(
     except SourceError as exc:
         raise ImportError_(str(exc)) from None
     try:
-        images = source.images(platform)
+        images = _one_per_manifest(source.images(platform))
         if tag and len(images) != 1:
             raise ImportError_(f"{path} holds {len(images)} images; --tag needs exactly one")
         results = []
@@ -105,6 +105,22 @@ def import_path(
         raise ImportError_(str(exc)) from None
     finally:
         source.close()
+
+
+def _one_per_manifest(images: list[ImageRef]) -> list[ImageRef]:
+    """An image named by several index entries (one per tag) is imported once, with every name."""
+    out: list[ImageRef] = []
+    seen: dict[str, ImageRef] = {}
+    for ref in images:
+        key = ref.manifest.digest if ref.manifest is not None else None
+        if key is not None and key in seen:
+            first = seen[key]
+            first.names = [*first.names, *(n for n in ref.names if n not in first.names)]
+            continue
+        if key is not None:
+            seen[key] = ref
+        out.append(ref)
+    return out
 
 
 def _import_one(

@@ -206,7 +206,7 @@ def test_commit_throughput(benchmark: Any, env: dict[str, str]) -> None:
         layout = os.path.join(base, f"umoci-layout-{n}")
         shutil.copytree(env["layout"], layout)
         subprocess.run(
-            ["umoci", "unpack", "--image", f"{layout}:layerfs-sample:latest", bundle],
+            ["umoci", "unpack", "--image", f"{layout}:latest", bundle],
             check=True,
             capture_output=True,
         )
@@ -216,7 +216,7 @@ def test_commit_throughput(benchmark: Any, env: dict[str, str]) -> None:
 
     def repack() -> None:
         subprocess.run(
-            ["umoci", "repack", "--image", f"{state['layout']}:layerfs-sample:latest", state["bundle"]],
+            ["umoci", "repack", "--image", f"{state['layout']}:latest", state["bundle"]],
             check=True,
             capture_output=True,
         )

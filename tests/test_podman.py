@@ -74,7 +74,7 @@ def docker_archive(sample_layout: str, tmp_path_factory: pytest.TempPathFactory)
             "skopeo",
             "copy",
             "--insecure-policy",
-            f"oci:{sample_layout}:layerfs-sample:latest",
+            f"oci:{sample_layout}:latest",
             f"docker-archive:{out}:layerfs-sample:latest",
         ],
         check=True,

@@ -813,7 +813,7 @@ def test_docker_sourced_image_saved_as_oci_layout(
     sample_layout: str, cli: CLI, saved: Saved, tmp_path: Path
 ) -> None:
     archive = str(tmp_path / "skopeo.tar")
-    skopeo("copy", "--quiet", f"oci:{sample_layout}:{SAMPLE}", f"docker-archive:{archive}:{SAMPLE}")
+    skopeo("copy", "--quiet", f"oci:{sample_layout}:latest", f"docker-archive:{archive}:{SAMPLE}")
     cli("load", "-i", archive)
     assert cli("images", "--json").json()[0]["id"] == saved.image_id
     out = str(tmp_path / "layout")

@@ -66,7 +66,7 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _bytes_blob(data: bytes, media_type: str) -> Blob:
+def bytes_blob(data: bytes, media_type: str) -> Blob:
     return Blob(_sha(data), len(data), media_type, lambda: (data,))
 
 
@@ -178,7 +178,7 @@ def plan(store: Store, image_id: bytes, names: list[str], spool: list[IO[bytes]]
             f"exact bytes; they were regenerated, so the exported image id is {_sha(config_bytes)[:19]}",
             file=sys.stderr,
         )
-    config = _bytes_blob(config_bytes, MT_OCI_CONFIG)
+    config = bytes_blob(config_bytes, MT_OCI_CONFIG)
     stored = rec.get("layer_descriptors", [])
     manifest_bytes = store.read_object(bytes.fromhex(rec["manifest"]))
     keep = (
@@ -203,7 +203,7 @@ def plan(store: Store, image_id: bytes, names: list[str], spool: list[IO[bytes]]
             },
             separators=(",", ":"),
         ).encode()
-    manifest = _bytes_blob(manifest_bytes, manifest_type)
+    manifest = bytes_blob(manifest_bytes, manifest_type)
     return ImageExport(config.digest, names, config, manifest, layers)
 
 
@@ -311,6 +311,11 @@ def write_layout(sink: _Sink, images: list[ImageExport], docker: bool) -> None:
                 repos.setdefault(repo, {})[tag] = img.layers[-1].digest[7:] if img.layers else ""
         data = _json(repos)
         sink.add("repositories", len(data), (data,))
+
+
+def write_oci_dir(path: str, images: list[ImageExport]) -> None:
+    """An OCI image layout at ``path`` (created or merged into), names annotated as ``save`` does."""
+    write_layout(_Sink(None, path, lambda n: None), images, docker=False)
 
 
 @dataclass

@@ -26,7 +26,8 @@ import shutil
 import sys
 import tarfile
 
-from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST
+from layerfs.tools.export import ImageExport, bytes_blob, write_oci_dir
+from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
 
 MTIME = 1_700_000_000
 APPLETS = [
@@ -173,18 +174,10 @@ def write_layout(out: str, busybox_path: str) -> str:
     """Write the OCI layout at ``out``; returns the manifest digest."""
     with open(busybox_path, "rb") as f:
         busybox = f.read()
-    os.makedirs(os.path.join(out, "blobs", "sha256"), exist_ok=True)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(out, "blobs", "sha256", digest), "wb") as f:
-            f.write(data)
-        return "sha256:" + digest
-
     layers, diff_ids = [], []
     for layer in build_layers(busybox):
         blob, raw = layer.blob()
-        layers.append({"mediaType": MT_OCI_LAYER + "+gzip", "digest": put(blob), "size": len(blob)})
+        layers.append(bytes_blob(blob, MT_OCI_LAYER + "+gzip"))
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(
         os.uname().machine, os.uname().machine
@@ -210,34 +203,16 @@ def write_layout(out: str, busybox_path: str) -> str:
     }
     if arch == "arm":
         config["variant"] = "v7"
-    cfg = json.dumps(config, sort_keys=True).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": MT_OCI_MANIFEST,
-            "config": {"mediaType": MT_OCI_CONFIG, "digest": put(cfg), "size": len(cfg)},
-            "layers": layers,
-        },
-        sort_keys=True,
-    ).encode()
-    man_digest = put(manifest)
-    index = {
+    config_blob = bytes_blob(json.dumps(config, sort_keys=True).encode(), MT_OCI_CONFIG)
+    manifest = {
         "schemaVersion": 2,
-        "mediaType": MT_OCI_INDEX,
-        "manifests": [
-            {
-                "mediaType": MT_OCI_MANIFEST,
-                "digest": man_digest,
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": REF_NAME},
-            }
-        ],
+        "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_blob.digest, "size": config_blob.size},
+        "layers": [{"mediaType": b.media_type, "digest": b.digest, "size": b.size} for b in layers],
     }
-    with open(os.path.join(out, "index.json"), "w") as index_file:
-        json.dump(index, index_file)
-    with open(os.path.join(out, "oci-layout"), "w") as layout_file:
-        json.dump({"imageLayoutVersion": "1.0.0"}, layout_file)
-    return man_digest
+    manifest_blob = bytes_blob(json.dumps(manifest, sort_keys=True).encode(), MT_OCI_MANIFEST)
+    write_oci_dir(out, [ImageExport(config_blob.digest, [REF_NAME], config_blob, manifest_blob, layers)])
+    return manifest_blob.digest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,8 @@ def _runc_state_of(names: set[str], base: str) -> list[str]:
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that mention ``text`` (container monitors name the store)."""
+    """Command lines of live processes that mention ``text`` (container monitors name the
+    store, bundle mount daemons their directory)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -154,13 +155,13 @@ def no_container_left_behind(
         if left:
             problems.append(f"containers left after rm -f: {left}")
     # a monitor finishes its unmount just after it records the exit: give it a moment
-    wait_until(lambda: not _mount_lines_below(base) and not _processes_mentioning(store_path), timeout=10)
+    wait_until(lambda: not _mount_lines_below(base) and not _processes_mentioning(base), timeout=10)
     mounts = _mount_lines_below(base)
     if mounts:
         problems.append(f"mounts left behind: {mounts}")
         for line in sorted(mounts, key=len, reverse=True):
             force_unmount(line.split()[1])
-    procs = _processes_mentioning(store_path)
+    procs = _processes_mentioning(base)
     if procs:
         problems.append(f"processes left behind: {procs}")
     runc_left = _runc_state_of(_runc_state() - runc_before, base)
@@ -528,7 +529,7 @@ def test_stop_then_immediate_start_keeps_the_new_mount(cli, sample, store_path):
     script = 'trap "exit 0" TERM; echo up; sleep 1000 & wait'
     cid = cli("run", "-d", "--name", "again", sample, "sh", "-c", script).out.strip()
     rootfs = os.path.join(container_dir(store_path, cid), "rootfs")
-    for _ in range(5):
+    for _ in range(3):
         assert wait_until(lambda: cli("logs", "again").out.count("up") >= 1, timeout=15)
         cli("stop", "-t", "5", "again")
         cli("start", "again")
@@ -538,6 +539,34 @@ def test_stop_then_immediate_start_keeps_the_new_mount(cli, sample, store_path):
     assert [c["state"] for c in ps(cli)] == ["running"]
     assert mounted(rootfs)
     assert os.path.exists(os.path.join(rootfs, "app", "run.sh"))
+
+
+@pytest.mark.parametrize("verb", [("stop", "-t", "0"), ("rm", "-f")], ids=["stop", "rm-f"])
+def test_stop_of_a_foreground_run_rm_container(cli, sample, store_path, verb):
+    """docker stop (and rm -f) of a container that ``run --rm`` runs in the foreground: the
+    run ends with 137 and removes the container; the stop itself succeeds."""
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    for round_ in range(2):
+        name = f"fg{round_}"
+        fg = subprocess.Popen(
+            [sys.executable, "-m", "layerfs", "run", "--rm", "--name", name, sample, "sleep", "1000"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert wait_until(lambda: [c["state"] for c in ps(cli)] == ["running"], timeout=15)
+            res = cli(*verb, name, check=False)
+            out, err = fg.communicate(timeout=30)
+        finally:
+            if fg.poll() is None:
+                fg.kill()
+                fg.wait()
+        assert (fg.returncode, err) == (137, ""), (out, err)
+        assert ps(cli, "-a") == []
+        assert (res.code, res.out, res.err) == (0, name + "\n", ""), res
 
 
 # -- 8. setup errors -----------------------------------------------------------------------------
@@ -565,6 +594,16 @@ def test_setup_errors_exit_125_with_one_line(cli, sample, tmp_path):
         assert res.code == SETUP_FAILED, res
         one_line_error(res)
         assert ps(cli, "-a") == []  # nothing was created
+
+    # a working directory that is a file in the image
+    res = cli("run", "--rm", "-w", "/etc/passwd", sample, "true", check=False)
+    assert res.code == SETUP_FAILED
+    assert "/etc/passwd is not a directory" in one_line_error(res)
+
+    # -t needs a terminal (the tests have none)
+    res = cli("run", "--rm", "-t", sample, "true", check=False)
+    assert res.code == 1
+    assert "not a TTY" in one_line_error(res)
 
     # an unknown image
     res = cli("run", "no-such-image:latest", "true", check=False)
@@ -702,8 +741,10 @@ def test_run_rm_removes_the_container(cli, sample, store_path):
     assert (res.code, res.out) == (3, "bye\n")
     assert ps(cli, "-a") == []
 
-    # a command that cannot be run (runc fails) is removed too
-    res = cli("run", "--rm", sample, "/no/such/program", check=False)
-    assert res.code != 0
-    assert ps(cli, "-a") == []
+    # a command the image does not have: docker's 127 and message; removed too
+    for missing in ("/no/such/program", "no-such-program"):
+        res = cli("run", "--rm", sample, missing, check=False)
+        assert res.code == 127
+        assert f'"{missing}": executable file not found' in one_line_error(res)
+        assert ps(cli, "-a") == []
     assert os.listdir(os.path.join(store_path, "containers")) == []

@@ -37,7 +37,14 @@ from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
 from layerfs.store import Store
 from layerfs.store.store import _boot_id, _proc_start
 from layerfs.tools import refs
-from layerfs.tools.runtime import RUNTIME_DIRS, ProcessOptions, Volume, prepare_rootfs, spec
+from layerfs.tools.runtime import (
+    RUNTIME_DIRS,
+    ProcessOptions,
+    Volume,
+    executable_exists,
+    prepare_rootfs,
+    spec,
+)
 from layerfs.union.index import ChainIndex, build
 from layerfs.union.lower import ChainLayer
 
@@ -48,7 +55,11 @@ _NAMES = "babbage curie darwin euler fermi gauss hopper knuth lovelace noether p
 
 
 class ContainerError(ValueError):
-    """One line for the user."""
+    """One line for the user; ``exit_code``, when set, is the status docker gives for it."""
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -254,8 +265,13 @@ def write_bundle(store: Store, c: Container) -> None:
     prepare_rootfs(c.rootfs, opts.workdir or config.get("WorkingDir") or "/")
     for v in opts.volumes:
         os.makedirs(v.source, exist_ok=True)  # docker creates a missing host directory too
+    runtime_spec = spec(config, c.rootfs, opts)
+    process = runtime_spec["process"]
+    if not executable_exists(c.rootfs, process["args"][0], process["env"]):
+        # docker's message and status; runc would only say "exec failed" and exit 1
+        raise ContainerError(f'exec: "{process["args"][0]}": executable file not found in $PATH', 127)
     with open(os.path.join(c.dir, "config.json"), "w") as f:
-        json.dump(spec(config, c.rootfs, opts), f, indent=1)
+        json.dump(runtime_spec, f, indent=1)
 
 
 def _set_running(c: Container) -> None:
@@ -281,11 +297,13 @@ def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int
         raise ContainerError(f"container {c.name} is already running")
     runc = _runc()
     _mount(store, c)
+    code: int | None = None
+    started = False
     try:
         write_bundle(store, c)
         subprocess.run([*runc, "delete", "--force", c.id], capture_output=True)  # a crashed run's leftovers
         _set_running(c)
-        code: int | None = None
+        started = True
         # the terminal's ^C reaches runc too, which passes it to the container: we just wait
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -300,9 +318,12 @@ def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int
                 signal.signal(signal.SIGTERM, old_term)
         finally:
             signal.signal(signal.SIGINT, old_int)
-            _set_exited(c, code)
     finally:
+        # unmounted before "exited" is recorded: a start right after a stop must not lose its
+        # new mount to this run's unmount
         _unmount(store, c)
+        if started:
+            _set_exited(c, code)
     assert code is not None
     return code if code >= 0 else 128 - code
 
@@ -353,7 +374,10 @@ def stop(store: Store, c: Container, *, timeout: float = 10.0) -> None:
         while True:
             if not sent:  # runc may not have created the container yet: try again
                 sent = subprocess.run([*runc, "kill", c.id, sig], capture_output=True).returncode == 0
-            c.state = load(c.dir).state
+            try:
+                c.state = load(c.dir).state
+            except FileNotFoundError:  # a foreground run --rm removed it as it ended
+                return
             if not c.running():
                 return
             if time.monotonic() >= deadline:
@@ -378,6 +402,8 @@ def remove(store: Store, c: Container, *, force: bool = False) -> None:
                 f"cannot remove container {c.name}: it is running (stop it first, or use rm -f)"
             )
         stop(store, c, timeout=0)
+        if not os.path.exists(c.dir):
+            return  # a foreground run --rm removed it as it ended
     _cleanup_dead(store, c)
     if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
         raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")

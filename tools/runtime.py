@@ -261,4 +261,21 @@ def prepare_rootfs(rootfs: str, cwd: str) -> None:
         os.makedirs(os.path.join(rootfs, os.fsdecode(d)), exist_ok=True)
     target = os.path.join(rootfs, cwd.lstrip("/"))
     if not os.path.isdir(target):
-        os.makedirs(target, exist_ok=True)
+        try:
+            os.makedirs(target, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RuntimeError_(f"the working directory {cwd} is not a directory in the image") from None
+
+
+def executable_exists(rootfs: str, name: str, env: list[str]) -> bool:
+    """Is there something called ``name`` to execute in the image (a path, or found on its $PATH)?
+    Names are looked up without following links, which could point outside ``rootfs``."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH[5:])
+        candidates = [os.path.join(d or ".", name) for d in path.split(":")]
+    absolute = [c for c in candidates if c.startswith("/")]
+    if not absolute:
+        return True  # a relative $PATH: leave the lookup to the runtime
+    return any(os.path.lexists(os.path.join(rootfs, c.lstrip("/"))) for c in absolute)

@@ -61,7 +61,9 @@ def errors(code: int = 1) -> Iterator[None]:
 
     try:
         yield
-    except (ContainerError, RuntimeError_, CommitError, RefError, StoreError, OSError) as exc:
+    except ContainerError as exc:
+        raise CLIError(str(exc), exc.exit_code or code) from None
+    except (RuntimeError_, CommitError, RefError, StoreError, OSError) as exc:
         raise CLIError(str(exc), code) from None
 
 

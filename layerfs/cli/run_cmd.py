@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from layerfs.cli.common import open_store
+from layerfs.cli.common import CLIError, open_store
 from layerfs.cli.containers import EXIT_SETUP, add_process_options, errors, process_options
 
 
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     if args.detach and (args.rm or args.tty):
         with errors(EXIT_SETUP):
             raise C.ContainerError("--rm and -t are not supported with -d")
+    if args.tty and not sys.stdin.isatty():
+        raise CLIError("the input device is not a TTY (drop -t)")
     with open_store(args) as store, errors(EXIT_SETUP):
         C.runtime()  # say it is missing before creating anything
         c = C.create(store, args.image, process_options(args), args.name)

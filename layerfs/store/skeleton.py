@@ -43,7 +43,11 @@ class SkeletonRecorder:
 
     def __init__(self, session: WriteSession, read: Callable[[int], bytes]) -> None:
         self._read = read
-        self._held = bytearray()  # stream bytes from _base on, not yet classified
+        # stream bytes not yet classified are _held[_pos:]; _base is the stream offset of _held[_pos]
+        # (an index, not deletions: many small files in one read would otherwise move the buffer
+        # once per file)
+        self._held = bytearray()
+        self._pos = 0
         self._base = 0
         self._skip_to = 0  # stream bytes below this offset are file contents
         self._out = bytearray()  # skeleton bytes not yet handed to the writer
@@ -56,18 +60,30 @@ class SkeletonRecorder:
 
     def read(self, n: int) -> bytes:
         data = self._read(n)
-        if data:
+        if not data:
+            return data
+        if self._pos == len(self._held):
+            self._held.clear()
+            self._pos = 0
+            # inside a large file: drop its bytes without copying them first
+            drop = min(self._skip_to - self._base, len(data)) if self._base < self._skip_to else 0
+            self._base += drop
+            self._held += memoryview(data)[drop:]
+        else:
+            if self._pos > len(self._held) // 2:
+                del self._held[: self._pos]
+                self._pos = 0
             self._held += data
             self._drop_contents()
         return data
 
     def _drop_contents(self) -> None:
-        if self._base < self._skip_to and self._held:
-            n = min(self._skip_to - self._base, len(self._held))
-            del self._held[:n]
+        if self._base < self._skip_to:
+            n = min(self._skip_to - self._base, len(self._held) - self._pos)
+            self._pos += n
             self._base += n
 
-    def _keep(self, data: bytes | bytearray) -> None:
+    def _keep(self, data: bytes | bytearray | memoryview) -> None:
         self._out += data
         self._raw_size += len(data)
         if len(self._out) >= CHUNK_SIZE:
@@ -82,8 +98,9 @@ class SkeletonRecorder:
         """Stream bytes [offset, offset + size) are a file's contents."""
         if offset < self._base or self._pending is not None:
             raise ValueError("skeleton ranges must be announced in stream order")
-        self._keep(self._held[: offset - self._base])
-        del self._held[: offset - self._base]
+        k = offset - self._base
+        self._keep(memoryview(self._held)[self._pos : self._pos + k])
+        self._pos += k
         self._base = offset
         self._skip_to = offset + size
         self._pending = (self._raw_size, size)
@@ -100,8 +117,9 @@ class SkeletonRecorder:
         """Everything read after the last contents is skeleton; returns the object's SHA-256."""
         if self._base < self._skip_to:
             raise ValueError("the stream ended inside a file's contents")
-        self._keep(self._held)
+        self._keep(memoryview(self._held)[self._pos :])
         self._held = bytearray()
+        self._pos = 0
         self._keep(bytes(self._table) + _TAIL.pack(self.splices, MAGIC))
         if self._out:
             piece = bytes(self._out)

@@ -83,10 +83,12 @@ class _HashingReader:
         self._read = read
         self.sha = hashlib.sha256()
         self.size = 0
+        self.hashing = True
 
     def read(self, n: int = READ_SIZE) -> bytes:
         data = self._read(n)
-        self.sha.update(data)
+        if self.hashing:
+            self.sha.update(data)
         self.size += len(data)
         return data
 
@@ -316,6 +318,8 @@ def import_layer(
     ``lower`` looks a path up in the merged lower layers (for hardlinks to them)."""
     raw = _HashingReader(blob.read)
     dec = _Decompressor(raw.read)
+    # an uncompressed blob is its own diff_id: hash its bytes once, not twice
+    raw.hashing = dec.kind != "tar"
     plain = _HashingReader(dec.read)
     reported = 0
 
@@ -367,7 +371,7 @@ def import_layer(
         feed.close()
     return LayerResult(
         diff_id="sha256:" + plain.sha.hexdigest(),
-        blob_digest="sha256:" + raw.sha.hexdigest(),
+        blob_digest="sha256:" + (raw.sha if raw.hashing else plain.sha).hexdigest(),
         blob_size=raw.size,
         tar_size=plain.size,
         entries=build.finish(),

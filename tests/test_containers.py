@@ -748,3 +748,118 @@ def test_run_rm_removes_the_container(cli, sample, store_path):
         assert f'"{missing}": executable file not found' in one_line_error(res)
         assert ps(cli, "-a") == []
     assert os.listdir(os.path.join(store_path, "containers")) == []
+
+
+# -- a hostile image, a host shared with other users ----------------------------------------------------
+def hostile_image(cli, tmp_path: Path, name: str, extra: list, config: dict[str, Any]) -> str:
+    with open("/bin/busybox", "rb") as f:
+        busybox = f.read()
+    members = [
+        member("bin", kind=tarfile.DIRTYPE, mode=0o755),
+        member("bin/busybox", busybox, mode=0o755),
+        member("bin/sh", kind=tarfile.SYMTYPE, link="busybox"),
+        member("bin/cat", kind=tarfile.SYMTYPE, link="busybox"),
+        member("etc", kind=tarfile.DIRTYPE, mode=0o755),
+        *extra,
+    ]
+    layout = make_layout(
+        tmp_path / name,
+        [tar_bytes(members)],
+        ref=f"{name}:latest",
+        config_extra={"config": {"Env": ["PATH=/bin"], **config}},
+    )
+    cli("import", layout)
+    return f"{name}:latest"
+
+
+def test_image_symlinks_never_reach_the_host(cli, tmp_path):
+    host_dir = tmp_path / "hostdir"
+    host_dir.mkdir()
+    host_passwd = tmp_path / "hostpasswd"
+    host_passwd.write_text("evil:x:4242:4343::/:/bin/sh\n")
+    image = hostile_image(
+        cli,
+        tmp_path,
+        "hostile",
+        [
+            member("esc", kind=tarfile.SYMTYPE, link=str(host_dir)),
+            member("etc/passwd", kind=tarfile.SYMTYPE, link=str(host_passwd)),
+            member("appreal", kind=tarfile.DIRTYPE, mode=0o755),
+            member("appreal/run", b"#!/bin/sh\necho ran\n", mode=0o755),
+            member("opt", kind=tarfile.DIRTYPE, mode=0o755),
+            member("opt/app", kind=tarfile.SYMTYPE, link="/appreal"),
+        ],
+        {"Cmd": ["/opt/app/run"], "WorkingDir": "/esc/created-by-layerfs"},
+    )
+    # the working directory is made inside the image (the link resolved as in a chroot)
+    res = cli("run", "--rm", image, check=False)
+    assert (res.code, res.out) == (0, "ran\n"), res  # found through the image's own link
+    assert os.listdir(host_dir) == []
+    # /etc/passwd is read inside the image: the host's file it names is not
+    res = cli("run", "--rm", "-u", "evil", image, "true", check=False)
+    assert res.code == SETUP_FAILED and "unable to find user evil" in one_line_error(res)
+
+
+def test_passwd_linked_to_a_device_is_not_read(cli, tmp_path):
+    image = hostile_image(
+        cli,
+        tmp_path,
+        "zero",
+        [member("etc/passwd", kind=tarfile.SYMTYPE, link="/dev/zero")],
+        {"Cmd": ["true"]},
+    )
+    res = cli("run", "--rm", "-u", "someone", image, "true", check=False)
+    assert res.code == SETUP_FAILED and "unable to find user someone" in one_line_error(res)
+
+
+def test_container_files_are_private_to_root(cli, sample, store_path):
+    cid = cli("create", sample, "true").out.strip()
+    for path in (os.path.join(store_path, "containers"), container_dir(store_path, cid)):
+        assert os.stat(path).st_mode & 0o077 == 0, oct(os.stat(path).st_mode)
+
+
+def test_network_host_without_raw_sockets_and_none(cli, sample):
+    cap_eff = "sh -c 'grep CapEff /proc/self/status'"
+    host = cli("run", "--rm", sample, "sh", "-c", cap_eff.split("'")[1]).out.split()[1]
+    none = cli("run", "--rm", "--network", "none", sample, "sh", "-c", cap_eff.split("'")[1]).out.split()[1]
+    cap_net_raw = 1 << 13
+    assert int(host, 16) & cap_net_raw == 0
+    assert int(none, 16) & cap_net_raw
+    assert cli("run", "--rm", "--network", "none", sample, "ls", "/sys/class/net").out.split() == ["lo"]
+
+
+def test_commit_of_a_running_container_pauses_it(cli, sample, store_path):
+    script = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done"
+    cid = cli("run", "-d", sample, "sh", "-c", script).out.strip()
+    assert wait_until(lambda: cli("diff", cid).out.strip() != "")
+    image = cli("commit", cid, "snap:1").out.strip()
+    assert image.startswith("sha256:")
+    assert int(cli("run", "--rm", "snap:1", "cat", "/count").out) >= 1
+    # resumed afterwards: still running, and still counting
+    running = [c for c in ps(cli) if c["id"] == cid]
+    assert running and running[0]["state"] == "running"
+    count = Path(container_dir(store_path, cid)) / "upper" / "count"
+    before = int(count.read_text() or 0)
+    assert wait_until(lambda: int(count.read_text() or 0) > before + 2)
+
+
+def test_concurrent_starts_run_one_container(cli, sample, store_path):
+    cid = cli("create", sample, "sleep", "1000").out.strip()
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "layerfs", "start", cid], env=env, stdout=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    # one monitor won (its mount daemon, forked from it, shares its command line); the others
+    # found the container locked and left
+    rootfs = os.path.join(container_dir(store_path, cid), "rootfs")
+    with open("/proc/mounts") as f:
+        assert [line.split()[1] for line in f].count(rootfs) == 1
+    listed = subprocess.run(
+        ["runc", "--root", "/run/layerfs/runc", "list", "-q"], capture_output=True, text=True
+    )
+    assert listed.stdout.split().count(cid) == 1
+    assert len(_processes_mentioning(f"monitor {store_path} {cid}")) == 2
+    cli("stop", "-t", "0", cid)
+    assert ps(cli, "-a")[0]["state"] == "exited"

@@ -820,3 +820,19 @@ def test_docker_sourced_image_saved_as_oci_layout(
     cli("save", "--format", "oci-dir", SAMPLE, "-o", out)
     assert json.loads(skopeo("inspect", f"oci:{out}:latest"))["Layers"] == saved.diff_ids
     run("umoci", "unpack", "--image", f"{out}:latest", str(tmp_path / "bundle"))
+
+
+def test_reimport_gives_an_old_layer_its_skeleton(
+    saved: Saved, cli: CLI, store_path: str, tmp_path: Path
+) -> None:
+    # a store from before skeletons: importing the image again reads those layers once more
+    cli("import", "-q", saved.outputs["docker"])
+    strip_skeletons(store_path, saved.diff_ids[1:2])
+    res = cli("import", "--json", saved.outputs["docker"]).json()
+    assert res[0]["layers_new"] == 1
+    assert all("skeleton" in rec for rec in cli("layers", "--json").json())
+    out = str(tmp_path / "again.tar")
+    res = cli("save", SAMPLE, "-o", out)
+    assert "regenerated" not in res.err
+    assert Path(out).read_bytes() == Path(saved.outputs["docker"]).read_bytes()
+    assert cli("verify", check=False).code == 0

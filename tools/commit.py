@@ -20,6 +20,7 @@ so ``save`` exports exactly the bytes the commit produced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from layerfs.store import Store, collect
+from layerfs.store import Store, StoreError, collect
 from layerfs.tools import tarwrite as T
 from layerfs.tools.layer import LayerError, import_layer
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
@@ -419,6 +420,7 @@ def commit(
             result.image_id = "sha256:" + cfg_sha.hex()
         result.bytes_stored = session.new_bytes
     except BaseException:
-        collect(store)  # what the aborted session wrote is unreachable: sweep it now
+        with contextlib.suppress(StoreError):  # the commit's own error is the one to report
+            collect(store)  # what the aborted session wrote is unreachable: sweep it now
         raise
     return result

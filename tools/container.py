@@ -21,6 +21,7 @@ rename), so a reader never sees half a record.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -29,7 +30,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,9 +40,11 @@ from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
 from layerfs.store import Store
 from layerfs.store.store import _boot_id, _proc_start
 from layerfs.tools import refs
+from layerfs.tools.commit import CommitError
 from layerfs.tools.runtime import (
     RUNTIME_DIRS,
     ProcessOptions,
+    RuntimeError_,
     Volume,
     executable_exists,
     prepare_rootfs,
@@ -102,10 +107,21 @@ class Container:
 
     def save(self) -> None:
         record = {k: v for k, v in asdict(self).items() if k != "dir"}
-        tmp = os.path.join(self.dir, ".container.json.tmp")
-        with open(tmp, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix=".container.json.", dir=self.dir)
+        with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=1)
         os.replace(tmp, os.path.join(self.dir, "container.json"))
+
+    def try_lock(self) -> int | None:
+        """The container's lock, held by whoever runs it (a foreground run or the monitor) from
+        mount to unmount; None if someone holds it.  Closing the descriptor releases it."""
+        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def running(self) -> bool:
         """Is its process (the foreground ``run`` or the monitor) alive?"""
@@ -136,8 +152,10 @@ def _ago(ts: float) -> str:
 
 
 def containers_dir(store: Store) -> str:
+    # 0700: a container's files (setuid ones too) must not be reachable by other host users,
+    # through its upper directory or its allow_other mount
     path = os.path.join(store.path, "containers")
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
     return path
 
 
@@ -213,7 +231,7 @@ def create(store: Store, image_ref: str, opts: ProcessOptions, name: str | None 
     c = Container(cid, name, image_id.hex(), image_ref, time.time(), options, missing)
     c.dir = os.path.join(containers_dir(store), cid)
     for d in (c.dir, c.upper, c.work, c.rootfs):
-        os.makedirs(d, exist_ok=True)
+        os.makedirs(d, mode=0o700, exist_ok=True)
     c.save()
     return c
 
@@ -293,12 +311,34 @@ def _set_exited(c: Container, code: int | None) -> None:
 
 def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int | None = None) -> int:
     """Mount, run the container's process to its end with runc, unmount; the exit code."""
-    if c.running():
-        raise ContainerError(f"container {c.name} is already running")
     runc = _runc()
+    lock = c.try_lock()
+    if lock is None:
+        raise ContainerError(f"container {c.name} is already running")
+    try:
+        return _execute_locked(store, c, runc, stdin, stdout)
+    finally:
+        os.close(lock)
+
+
+def _execute_locked(
+    store: Store, c: Container, runc: list[str], stdin: int | None, stdout: int | None
+) -> int:
     _mount(store, c)
     code: int | None = None
     started = False
+    proc: subprocess.Popen[bytes] | None = None
+    terminated = False
+
+    def on_term(signum: int, frame: object) -> None:
+        # SIGTERM to us (a monitor being stopped) goes to runc, which passes it on
+        nonlocal terminated
+        terminated = True
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         write_bundle(store, c)
         subprocess.run([*runc, "delete", "--force", c.id], capture_output=True)  # a crashed run's leftovers
@@ -310,15 +350,13 @@ def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int
             proc = subprocess.Popen(
                 [*runc, "run", "--bundle", c.dir, c.id], stdin=stdin, stdout=stdout, stderr=stdout
             )
-            # SIGTERM to us (a monitor being stopped) goes to runc, which passes it on
-            old_term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
-            try:
-                code = proc.wait()
-            finally:
-                signal.signal(signal.SIGTERM, old_term)
+            if terminated:  # asked to stop before runc was there to pass it on
+                proc.terminate()
+            code = proc.wait()
         finally:
             signal.signal(signal.SIGINT, old_int)
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         # unmounted before "exited" is recorded: a start right after a stop must not lose its
         # new mount to this run's unmount
         _unmount(store, c)
@@ -386,13 +424,58 @@ def stop(store: Store, c: Container, *, timeout: float = 10.0) -> None:
     raise ContainerError(f"container {c.name} did not stop")
 
 
-def _cleanup_dead(store: Store, c: Container) -> None:
-    """A container whose monitor died (kill -9, reboot): mark it exited and release its mount."""
+@contextlib.contextmanager
+def paused(c: Container) -> Iterator[None]:
+    """Freeze a running container's processes (``docker commit`` pauses too): its upper
+    directory holds still while it is read, and nothing in it can be swapped for a link."""
+    if not c.running():
+        yield
+        return
+    runc = _runc()
+    res = subprocess.run([*runc, "pause", c.id], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ContainerError(f"cannot pause container {c.name}: {res.stderr.strip() or 'runc pause failed'}")
+    try:
+        yield
+    finally:
+        subprocess.run([*runc, "resume", c.id], capture_output=True)
+
+
+def _wait_lock(c: Container, timeout: float) -> int | None:
+    """The container's lock, waiting out a short holder (another rm or stop cleaning up);
+    None if a run holds it that long.  FileNotFoundError if the container is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = c.try_lock()
+        if fd is not None or time.monotonic() >= deadline:
+            return fd
+        time.sleep(0.02)
+
+
+def _release(store: Store, c: Container) -> None:
+    """With the lock held: a container recorded as running has no process left (kill -9 of its
+    monitor, a reboot): mark it exited, drop runc's state, unmount."""
     if c.state.get("status") == "running":
         with contextlib.suppress(ContainerError):
             subprocess.run([*_runc(), "delete", "--force", c.id], capture_output=True)
         _set_exited(c, c.state.get("exit_code"))
     _unmount(store, c)
+
+
+def _cleanup_dead(store: Store, c: Container, timeout: float = 5.0) -> None:
+    try:
+        lock = _wait_lock(c, timeout)
+    except FileNotFoundError:
+        return  # removed meanwhile (a foreground run --rm as it ended)
+    if lock is None:
+        return  # being run again: nothing of it is dead
+    try:
+        c.state = load(c.dir).state
+        _release(store, c)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(lock)
 
 
 def remove(store: Store, c: Container, *, force: bool = False) -> None:
@@ -402,12 +485,23 @@ def remove(store: Store, c: Container, *, force: bool = False) -> None:
                 f"cannot remove container {c.name}: it is running (stop it first, or use rm -f)"
             )
         stop(store, c, timeout=0)
-        if not os.path.exists(c.dir):
-            return  # a foreground run --rm removed it as it ended
-    _cleanup_dead(store, c)
-    if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
-        raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")
-    shutil.rmtree(c.dir)
+    try:
+        lock = _wait_lock(c, 5.0)
+    except FileNotFoundError:
+        return  # a foreground run --rm removed it as it ended
+    if lock is None:
+        raise ContainerError(f"cannot remove container {c.name}: it is being started (stop it, or retry)")
+    try:  # locked to the end: no start can mount it while it is deleted
+        try:
+            c.state = load(c.dir).state
+        except FileNotFoundError:
+            return
+        _release(store, c)
+        if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
+            raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")
+        shutil.rmtree(c.dir)
+    finally:
+        os.close(lock)
 
 
 def monitor(store_path: str, cid: str) -> int:
@@ -415,12 +509,17 @@ def monitor(store_path: str, cid: str) -> int:
     store = Store(store_path)
     c = load(os.path.join(containers_dir(store), cid))
     devnull = os.open(os.devnull, os.O_RDONLY)
+    lock = c.try_lock()
+    if lock is None:
+        return 0  # started by someone else meanwhile: docker start of a running container is a no-op
     try:
-        return execute(store, c, stdin=devnull, stdout=1)
-    except ContainerError as exc:
+        return _execute_locked(store, c, _runc(), devnull, 1)
+    except (ContainerError, RuntimeError_, CommitError, OSError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
         _set_exited(c, None)
         return 125
+    finally:
+        os.close(lock)
 
 
 def main(argv: list[str]) -> int:

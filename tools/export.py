@@ -356,9 +356,15 @@ def save(
         total += n
         progress(n)
 
+    layer_ids = []
+    for image_id in chosen:
+        rec = store.get_image(image_id)
+        layer_ids += [bytes.fromhex(h) for h in rec["layers"]] if rec else []
     try:
-        images = [plan(store, image_id, names, spool) for image_id, names in chosen.items()]
-        _write(images, output, fmt, count)
+        # pinned: an rmi + gc meanwhile must not pull layers out from under a half-written archive
+        with store.pinned(layer_ids, "save"):
+            images = [plan(store, image_id, names, spool) for image_id, names in chosen.items()]
+            _write(images, output, fmt, count)
     except StoreError as exc:
         raise ExportError(f"{exc}: the store is damaged (run layerfs verify)") from None
     finally:

@@ -167,7 +167,8 @@ def _import_one(
         raise ImportError_(f"image is for {cfg_platform}, not {platform}")
     image_id = _sha(config_bytes)
 
-    todo = [i for i, d in enumerate(diff_ids) if store.get_layer(_raw(d)) is None]
+    # a layer stored before skeletons existed is read again, to gain its exact bytes
+    todo = [i for i, d in enumerate(diff_ids) if "skeleton" not in (store.get_layer(_raw(d)) or {})]
     total = sum(max(layer_descs[i].size, 0) for i in todo)
     bar = _progress_bar(total, progress)
     result = ImportResult(image_id, names, platform=ref.platform or cfg_platform, layer_ids=diff_ids)
@@ -199,6 +200,7 @@ def _import_one(
                             "skeleton": res.skeleton.hex(),
                             "created": time.time(),
                         },
+                        replace=True,  # a record without a skeleton gains one
                     )
                     done[diff_id] = res
                     result.layers_new += 1

@@ -8,14 +8,17 @@ The process follows the image config the way docker does: ``Entrypoint`` +
 mount, pid, ipc and uts namespaces, a fresh /proc, a tmpfs /dev with
 /dev/pts, /dev/shm and /dev/mqueue, a read-only /sys, masked and read-only
 kernel paths.  Two choices differ from runc's default, both what docker users
-expect: docker's default capability set, and the host's network (runc's
-default, a private network namespace, has nothing but loopback, and layerfs
-sets up no bridge).
+expect: docker's default capability set, and a network (``--network host``, the
+default: runc's private namespace has nothing but loopback, and layerfs sets up
+no bridge; ``--network none`` gives that namespace).  On the host network
+``CAP_NET_RAW`` is dropped: raw sockets on the host's interfaces would let a
+container sniff and spoof host traffic.  No seccomp profile is applied.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +81,7 @@ class ProcessOptions:
     volumes: list[Volume] = field(default_factory=list)
     hostname: str = ""
     tty: bool = False
+    network: str = "host"  # "host" or "none" (a namespace with loopback only)
 
 
 def process_args(image_config: dict[str, Any], opts: ProcessOptions) -> list[str]:
@@ -111,12 +115,50 @@ def environment(image_config: dict[str, Any], opts: ProcessOptions) -> list[str]
     return [f"{k}={v}" for k, v in env.items()]
 
 
+def in_root(root: str, path: str, *, follow_last: bool = True) -> str:
+    """The host path of ``path`` inside ``root``, its symlinks resolved as a chroot would.
+
+    The rootfs is the image, mounted: the host kernel would follow an image's symlink
+    (``/etc/passwd -> /etc/shadow``, ``esc -> /``) out of it.  Here every link is read and
+    resolved against ``root``, and ``..`` stops at it, so the result is always inside."""
+    pending = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        host = os.path.join(root, *done, part)
+        if (pending or follow_last) and os.path.islink(host):
+            links += 1
+            if links > 40:
+                raise RuntimeError_(f"too many levels of symbolic links in {path} (in the image)")
+            target = os.readlink(host)
+            if target.startswith("/"):
+                done = []
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+            continue
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+_MAX_DB = 4 << 20
+
+
 def _read_db(rootfs: str, name: str) -> list[list[str]]:
+    """An /etc database of the image: a regular file only (not a device or FIFO a hostile image
+    links to), read up to a size limit."""
     try:
-        with open(os.path.join(rootfs, "etc", name), errors="replace") as f:
-            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+        fd = os.open(in_root(rootfs, f"/etc/{name}"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return []
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        text = f.read(_MAX_DB).decode(errors="replace")
+    return [line.split(":") for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int]]:
@@ -212,6 +254,11 @@ def spec(
             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
         },
     ]
+    if opts.network not in ("host", "none"):
+        raise RuntimeError_(f"network {opts.network!r}: layerfs sets up no bridge; use host or none")
+    namespaces = ["pid", "ipc", "uts", "mount"] + (["network"] if opts.network == "none" else [])
+    # raw sockets on the host's own interfaces would let a container sniff and spoof host traffic
+    caps = [c for c in CAPABILITIES if not (opts.network == "host" and c == "CAP_NET_RAW")]
     for v in opts.volumes:
         mounts.append(
             {
@@ -229,7 +276,7 @@ def spec(
             "args": process_args(image_config, opts),
             "env": environment(image_config, opts),
             "cwd": cwd,
-            "capabilities": {k: list(CAPABILITIES) for k in ("bounding", "effective", "permitted")},
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "noNewPrivileges": False,
         },
         "root": {"path": root_path, "readonly": False},
@@ -237,7 +284,7 @@ def spec(
         "mounts": mounts,
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            "namespaces": [{"type": t} for t in namespaces],
             "maskedPaths": [
                 "/proc/acpi",
                 "/proc/asound",
@@ -256,10 +303,13 @@ def spec(
 
 
 def prepare_rootfs(rootfs: str, cwd: str) -> None:
-    """Make the mount points runc needs and the working directory, where the image lacks them."""
+    """Make the mount points runc needs and the working directory, where the image lacks them
+    (inside the rootfs: see ``in_root``)."""
     for d in RUNTIME_DIRS:
-        os.makedirs(os.path.join(rootfs, os.fsdecode(d)), exist_ok=True)
-    target = os.path.join(rootfs, cwd.lstrip("/"))
+        path = os.path.join(rootfs, os.fsdecode(d))
+        if not os.path.lexists(path):
+            os.mkdir(path, 0o755)
+    target = in_root(rootfs, cwd)
     if not os.path.isdir(target):
         try:
             os.makedirs(target, exist_ok=True)
@@ -269,7 +319,7 @@ def prepare_rootfs(rootfs: str, cwd: str) -> None:
 
 def executable_exists(rootfs: str, name: str, env: list[str]) -> bool:
     """Is there something called ``name`` to execute in the image (a path, or found on its $PATH)?
-    Names are looked up without following links, which could point outside ``rootfs``."""
+    Links are resolved inside the image (``in_root``), never on the host."""
     if "/" in name:
         candidates = [name]
     else:
@@ -278,4 +328,4 @@ def executable_exists(rootfs: str, name: str, env: list[str]) -> bool:
     absolute = [c for c in candidates if c.startswith("/")]
     if not absolute:
         return True  # a relative $PATH: leave the lookup to the runtime
-    return any(os.path.lexists(os.path.join(rootfs, c.lstrip("/"))) for c in absolute)
+    return any(os.path.lexists(in_root(rootfs, c)) for c in absolute)

@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
         assert image is not None
         config = json.loads(store.read_object(bytes.fromhex(image["config"]))).get("config") or {}
         opts.hostname = opts.hostname or args.name or image_id.hex()[:12]
+        # 0700: the image's files (setuid ones too) are reachable through the allow_other mount
+        os.makedirs(bundle, mode=0o700, exist_ok=True)
+        os.chmod(bundle, 0o700)
         os.makedirs(rootfs, exist_ok=True)
         if os.listdir(rootfs):
             raise CLIError(f"{rootfs} is not empty (already a bundle?)")

@@ -36,17 +36,18 @@ def run(args: argparse.Namespace) -> int:
         c = C.find(store, args.container)
         name = normalize(args.name) if args.name else None
         cmd = c.options.get("command") or []
-        res = commit(
-            store,
-            bytes.fromhex(c.image),
-            c.upper,
-            name,
-            message=args.message,
-            author=args.author,
-            created_by=shlex.join(cmd) if cmd else f"layerfs commit {c.name}",
-            changes=args.change,
-            skip=c.skip,
-        )
+        with C.paused(c):
+            res = commit(
+                store,
+                bytes.fromhex(c.image),
+                c.upper,
+                name,
+                message=args.message,
+                author=args.author,
+                created_by=shlex.join(cmd) if cmd else f"layerfs commit {c.name}",
+                changes=args.change,
+                skip=c.skip,
+            )
     if args.json:
         print_json(res.__dict__)
     else:

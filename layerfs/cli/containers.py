@@ -35,6 +35,13 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--entrypoint", help='replace the image\'s entrypoint ("" clears it)')
     p.add_argument("--hostname", default="", help="container host name (default: the short id)")
+    p.add_argument(
+        "--network",
+        "--net",
+        default="host",
+        choices=["host", "none"],
+        help="host (default: no bridge is set up) or none (loopback only)",
+    )
 
 
 def process_options(args: argparse.Namespace) -> ProcessOptions:
@@ -49,6 +56,7 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
         volumes=[Volume.parse(v) for v in args.volume],
         hostname=args.hostname,
         tty=bool(getattr(args, "tty", False)),
+        network=args.network,
     )
 
 

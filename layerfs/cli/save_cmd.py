@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="saving", file=sys.stderr, leave=False)
-    with open_store(args, readonly=True) as store:
+    with open_store(args) as store:  # writable: the save pins its layers with a lease
         try:
             res = save(
                 store, args.images, output, args.format, progress=bar.update if bar else lambda n: None

@@ -20,6 +20,7 @@ thread.  Several processes may use one store; LMDB serialises the writers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -465,6 +466,26 @@ class Store:
             return False
         return _proc_start(int(lease["pid"])) == lease.get("start")
 
+    @contextlib.contextmanager
+    def pinned(self, layer_ids: list[bytes], purpose: str) -> Iterator[None]:
+        """Keep these layers (and all they reference) from gc while the block runs, as a mount
+        does: a lease naming them, dropped at the end (or reclaimed by gc if we die)."""
+        lease_id = secrets.token_bytes(8)
+        lease = {
+            "pid": os.getpid(),
+            "start": _proc_start(os.getpid()),
+            "boot": _boot_id(),
+            "created": time.time(),
+            "purpose": purpose,
+            "layers": [lid.hex() for lid in layer_ids],
+        }
+        self.write(lambda txn: txn.put(lease_id, json.dumps(lease).encode(), db=self._db["leases"]))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(StoreError):
+                self.write(lambda txn: self.drop_lease(txn, lease_id))
+
     def drop_chain(self, txn: lmdb.Transaction, chain: bytes) -> None:
         """Delete a chain's merged index (summary and records)."""
         txn.delete(chain, db=self._db["chains"])
@@ -607,12 +628,15 @@ class WriteSession:
         return w.finish(sha)
 
     # -- deferred records --------------------------------------------------------
-    def put_layer(self, layer_id: bytes, entries: list[Entry], info: dict[str, Any]) -> None:
-        """Record a layer; it becomes visible when the session commits."""
+    def put_layer(
+        self, layer_id: bytes, entries: list[Entry], info: dict[str, Any], *, replace: bool = False
+    ) -> None:
+        """Record a layer; it becomes visible when the session commits.  An existing record of
+        the same layer is kept unless ``replace`` (a richer record of the same bytes)."""
         table = self.add_blob(encode_table(entries))
         record = dict(info, table=table.hex(), entries=len(entries))
         data = json.dumps(record, sort_keys=True).encode()
-        self._final.append(lambda txn: self._put(txn, "layers", layer_id, data, overwrite=False))
+        self._final.append(lambda txn: self._put(txn, "layers", layer_id, data, overwrite=replace))
 
     def put_image(self, image_id: bytes, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True).encode()

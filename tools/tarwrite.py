@@ -21,7 +21,8 @@ REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5"
 
 
 class ContentsChanged(ValueError):
-    """A member's contents did not add up to the size its header announced."""
+    """A member cannot be written as announced: contents that do not add up to its size, or
+    values no tar header can hold."""
 
 
 class Member(NamedTuple):
@@ -67,6 +68,8 @@ def _block(name: bytes, typ: bytes, m: Member, size: int, linkname: bytes) -> by
     h[157 : 157 + len(linkname)] = linkname
     h[257:265] = b"ustar\x0000"
     if typ in (CHR, BLK):
+        if not (_fits(m.devmajor, 8) and _fits(m.devminor, 8)):
+            raise ContentsChanged(f"{name!r}: device {m.devmajor}:{m.devminor} does not fit a tar header")
         h[329:337] = _octal(m.devmajor, 8)
         h[337:345] = _octal(m.devminor, 8)
     h[148:156] = b"%06o\0 " % sum(h)

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import stat
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerfs.store import Store, StoreError
-from layerfs.store.store import _boot_id, _proc_start, chain_id
+from layerfs.store.store import chain_id
 from layerfs.union.index import ChainIndex, build, index_ready
 from layerfs.union.lower import ChainLayer, DirLayer, Lower, Stack
 
@@ -232,16 +231,7 @@ def _serve(
     from layerfs.union.view import UnionView
 
     store = Store(store_path)
-    lease_id = secrets.token_bytes(8)
-    lease = {
-        "pid": os.getpid(),
-        "start": _proc_start(os.getpid()),
-        "boot": _boot_id(),
-        "created": time.time(),
-        "purpose": "mount",
-        "layers": [lid.hex() for lid in spec.layers],
-    }
-    store.write(lambda txn: txn.put(lease_id, json.dumps(lease).encode(), db=store.db("leases")))
+    lease_id = store.add_lease("mount", spec.layers)
     record = dict(record, pid=os.getpid())
     reg = os.path.join(_registry(store), f"{record['id']}.json")
     image_layer = ChainLayer(store, ChainIndex(store, chain))

@@ -36,7 +36,10 @@ def overlay_helper() -> str:
 
 
 class Podman:
-    def __init__(self, base: str, mount_program: str) -> None:
+    """podman on its own storage under ``base`` (``storage``: driver options), events and cgroups
+    kept local."""
+
+    def __init__(self, base: str, storage: list[str]) -> None:
         self.base = base
         self.args = [
             "podman",
@@ -44,10 +47,7 @@ class Podman:
             os.path.join(base, "root"),
             "--runroot",
             os.path.join(base, "run"),
-            "--storage-driver",
-            "overlay",
-            "--storage-opt",
-            f"overlay.mount_program={mount_program}",
+            *storage,
             "--cgroup-manager",
             "cgroupfs",
             "--events-backend",
@@ -93,7 +93,7 @@ def trees(docker_archive: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         ("layerfs", overlay_helper()),
     ):
         base = tempfile.mkdtemp(prefix="lfpm-", dir="/tmp")  # podman: runroot <= 50 characters
-        p = Podman(base, program)
+        p = Podman(base, ["--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"])
         try:
             p("load", "-i", docker_archive)
             container = p("create", "docker.io/library/layerfs-sample:latest")

@@ -30,6 +30,7 @@ from typing import Any
 import lmdb
 import pytest
 from conftest import make_layout, member, tar_bytes
+from test_podman import Podman
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
     HARDLINKS,
     assert_same,
@@ -432,45 +433,15 @@ def test_umoci_unpack_equals_mount(saved: Saved, sample_tree: dict[str, Any], tm
 
 
 # -- 5. podman --------------------------------------------------------------------------------------
-class Podman:
-    """podman on its own storage (vfs: no mount helper needed), events and cgroups kept local."""
-
-    def __init__(self) -> None:
-        self.base = tempfile.mkdtemp(prefix="lfsave-", dir="/tmp")  # runroot paths must be short
-        self.args = [
-            "podman",
-            "--root",
-            os.path.join(self.base, "root"),
-            "--runroot",
-            os.path.join(self.base, "run"),
-            "--storage-driver",
-            "vfs",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--events-backend",
-            "file",
-        ]
-
-    def __call__(self, *args: str) -> str:
-        res = subprocess.run([*self.args, *args], capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, f"podman {' '.join(args)}: {res.stderr}"
-        return res.stdout.strip()
-
-    def close(self) -> None:
-        subprocess.run([*self.args, "rm", "-af"], capture_output=True, timeout=120)
-        subprocess.run([*self.args, "rmi", "-af"], capture_output=True, timeout=120)
-        for m in sorted(mounts_below(self.base), reverse=True):
-            force_unmount(m)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
 @pytest.fixture
 def podman() -> Iterator[Podman]:
-    p = Podman()
+    # vfs: no mount helper needed; runroot paths must be short
+    p = Podman(tempfile.mkdtemp(prefix="lfsave-", dir="/tmp"), ["--storage-driver", "vfs"])
     try:
         yield p
     finally:
         p.close()
+        shutil.rmtree(p.base, ignore_errors=True)
 
 
 def export_tree(path: str) -> dict[str, Any]:

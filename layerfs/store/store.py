@@ -466,20 +466,30 @@ class Store:
             return False
         return _proc_start(int(lease["pid"])) == lease.get("start")
 
-    @contextlib.contextmanager
-    def pinned(self, layer_ids: list[bytes], purpose: str) -> Iterator[None]:
-        """Keep these layers (and all they reference) from gc while the block runs, as a mount
-        does: a lease naming them, dropped at the end (or reclaimed by gc if we die)."""
-        lease_id = secrets.token_bytes(8)
-        lease = {
+    def add_lease(
+        self, purpose: str, layer_ids: list[bytes] | None = None, lease_id: bytes | None = None
+    ) -> bytes:
+        """A lease of this process (gc reclaims it once the process is gone); ``layer_ids``
+        pins those layers and everything they reference."""
+        lease_id = lease_id or secrets.token_bytes(8)
+        lease: dict[str, Any] = {
             "pid": os.getpid(),
             "start": _proc_start(os.getpid()),
             "boot": _boot_id(),
             "created": time.time(),
             "purpose": purpose,
-            "layers": [lid.hex() for lid in layer_ids],
         }
-        self.write(lambda txn: txn.put(lease_id, json.dumps(lease).encode(), db=self._db["leases"]))
+        if layer_ids is not None:
+            lease["layers"] = [lid.hex() for lid in layer_ids]
+        data = json.dumps(lease).encode()
+        self.write(lambda txn: txn.put(lease_id, data, db=self._db["leases"]))
+        return lease_id
+
+    @contextlib.contextmanager
+    def pinned(self, layer_ids: list[bytes], purpose: str) -> Iterator[None]:
+        """Keep these layers (and all they reference) from gc while the block runs, as a mount
+        does: a lease naming them, dropped at the end (or reclaimed by gc if we die)."""
+        lease_id = self.add_lease(purpose, layer_ids)
         try:
             yield
         finally:
@@ -566,14 +576,7 @@ class WriteSession:
         self.new_objects = 0
         self.new_bytes = 0
         self._closed = False
-        lease = {
-            "pid": os.getpid(),
-            "start": _proc_start(os.getpid()),
-            "boot": _boot_id(),
-            "created": time.time(),
-            "purpose": purpose,
-        }
-        store.write(lambda txn: txn.put(self.lease_id, json.dumps(lease).encode(), db=store.db("leases")))
+        store.add_lease(purpose, lease_id=self.lease_id)
 
     def __enter__(self) -> WriteSession:
         return self

@@ -34,10 +34,18 @@ from typing import Any, NamedTuple
 
 from layerfs.store import Store, StoreError, collect
 from layerfs.tools import tarwrite as T
-from layerfs.tools.layer import LayerError, import_layer
+from layerfs.tools.layer import LayerError, import_layer, opaque_member, whiteout_member
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
 from layerfs.union.index import ChainIndex, build
-from layerfs.union.lower import OPAQUE_FILE, WH_PREFIX, ChainLayer, host_xattrs, is_opaque_dir
+from layerfs.union.lower import (
+    OPAQUE_FILE,
+    WH_PREFIX,
+    ChainLayer,
+    host_xattrs,
+    is_opaque_dir,
+    is_whiteout,
+    join_path,
+)
 
 READ_SIZE = 1 << 20
 
@@ -51,10 +59,6 @@ class UpperItem(NamedTuple):
     st: os.stat_result
     whiteout: bool  # hides ``path`` in the image
     opaque: bool  # a directory hiding the image's directory at ``path``
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
@@ -72,10 +76,10 @@ def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
         for name in names:
             if name == OPAQUE_FILE:
                 continue
-            path = rel + b"/" + name if rel else name
+            path = join_path(rel, name)
             if name.startswith(WH_PREFIX):
                 target = name[len(WH_PREFIX) :]
-                tpath = rel + b"/" + target if rel else target
+                tpath = join_path(rel, target)
                 yield UpperItem(tpath, os.lstat(os.path.join(root, path)), True, False)
                 continue
             if name in fallback_whiteouts:
@@ -88,7 +92,7 @@ def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
                 and not os.listdir(os.path.join(root, path))
             ):
                 continue
-            if _is_whiteout(st):
+            if is_whiteout(st):
                 yield UpperItem(path, st, True, False)
             elif stat.S_ISDIR(st.st_mode):
                 yield UpperItem(path, st, False, is_opaque_dir(os.path.join(root, path)))
@@ -146,12 +150,12 @@ def layer_members(upper: str, skip: Iterable[bytes] = ()) -> Iterator[tuple[T.Me
     first_name: dict[tuple[int, int], bytes] = {}
     items = list(scan(upper, skip))
     # siblings in member-name order: a whiteout is named .wh.<name>
-    items.sort(key=lambda i: _member_name(i.path, i.whiteout).split(b"/"))
+    items.sort(key=lambda i: (whiteout_member(i.path).name if i.whiteout else i.path).split(b"/"))
     for item in items:
-        name = _member_name(item.path, item.whiteout)
         if item.whiteout:
-            yield T.Member(name, T.REG, 0o644), ()
+            yield whiteout_member(item.path), ()
             continue
+        name = item.path
         st = item.st
         host = os.path.join(root, item.path)
         m = T.Member(
@@ -167,7 +171,7 @@ def layer_members(upper: str, skip: Iterable[bytes] = ()) -> Iterator[tuple[T.Me
         if stat.S_ISDIR(st.st_mode):
             yield m._replace(type=T.DIR), ()
             if item.opaque:
-                yield T.Member(name + b"/" + OPAQUE_FILE, T.REG, 0o644), ()
+                yield opaque_member(name), ()
             continue
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             # only regular files become link members: importers refuse links to anything else
@@ -186,13 +190,6 @@ def layer_members(upper: str, skip: Iterable[bytes] = ()) -> Iterator[tuple[T.Me
         elif stat.S_ISFIFO(st.st_mode):
             yield m._replace(type=T.FIFO), ()
         # sockets have no tar form: left out, as docker and tar do
-
-
-def _member_name(path: bytes, whiteout: bool) -> bytes:
-    if not whiteout:
-        return path
-    parent, _, base = path.rpartition(b"/")
-    return (parent + b"/" if parent else b"") + WH_PREFIX + base
 
 
 class _IterReader:

@@ -35,6 +35,7 @@ from layerfs.store import Entry, Store, StoreError, skeleton
 from layerfs.store import entries as E
 from layerfs.tools import refs
 from layerfs.tools import tarwrite as T
+from layerfs.tools.layer import opaque_member, whiteout_member
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST
 
 FORMATS = ("docker", "oci-archive", "oci-dir")
@@ -88,8 +89,7 @@ def entry_members(store: Store, entries: list[Entry]) -> Iterator[tuple[T.Member
         if not e.path:
             continue  # the root's metadata is not part of a layer
         if e.kind == E.WHITEOUT:
-            parent, _, base = e.path.rpartition(b"/")
-            yield T.Member((parent + b"/" if parent else b"") + b".wh." + base, T.REG, 0o644), ()
+            yield whiteout_member(e.path), ()
             continue
         target = e.link if e.kind == E.HARDLINK and e.link in by_path else e.path if e.path in first else None
         if target is not None:
@@ -106,7 +106,7 @@ def entry_members(store: Store, entries: list[Entry]) -> Iterator[tuple[T.Member
             if not e.flags & E.IMPLICIT:
                 yield _member(e)._replace(type=T.DIR), ()
             if e.flags & E.OPAQUE:
-                yield T.Member(e.path + b"/.wh..wh..opq", T.REG, 0o644), ()
+                yield opaque_member(e.path), ()
         else:
             typ = {E.SYMLINK: T.SYMLINK, E.CHR: T.CHR, E.BLK: T.BLK, E.FIFO: T.FIFO}[e.kind]
             yield _member(e)._replace(type=typ, linkname=e.link, devmajor=e.devmajor, devminor=e.devminor), ()

@@ -72,16 +72,22 @@ class Layer(Protocol):
     def link_group(self, node: Node) -> list[bytes]: ...
 
 
-def _parent(path: bytes) -> bytes:
+# paths are relative, "/"-separated bytes; b"" is the root
+def parent_path(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
 
 
-def _name(path: bytes) -> bytes:
+def base_name(path: bytes) -> bytes:
     return path.rpartition(b"/")[2]
 
 
-def _join(parent: bytes, name: bytes) -> bytes:
+def join_path(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """An upper-directory whiteout in the kernel's format: a 0/0 character device."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 class ChainLayer:
@@ -192,12 +198,14 @@ class DirLayer:
         try:
             st = os.lstat(host)
         except (FileNotFoundError, NotADirectoryError):
-            if path and os.path.lexists(self._host(_join(_parent(path), WH_PREFIX + _name(path)))):
+            if path and os.path.lexists(
+                self._host(join_path(parent_path(path), WH_PREFIX + base_name(path)))
+            ):
                 return Probe(WHITEOUT)
             return Probe(MISSING)
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             return Probe(WHITEOUT)
-        if path and _name(path).startswith(WH_PREFIX):
+        if path and base_name(path).startswith(WH_PREFIX):
             return Probe(MISSING)  # bookkeeping of the format, never an entry
         return Probe(FOUND, self._node(host, st), stat.S_ISDIR(st.st_mode) and is_opaque_dir(host))
 
@@ -271,7 +279,7 @@ class Stack:
         None if ``path`` is not a directory of the merged tree."""
         if path in self._active:
             return self._active[path]
-        candidates = list(range(len(self.layers))) if not path else self._layers_of_dir(_parent(path))
+        candidates = list(range(len(self.layers))) if not path else self._layers_of_dir(parent_path(path))
         active: list[int] | None = None
         if candidates is not None:
             active = []
@@ -303,7 +311,7 @@ class Stack:
             if node is None:
                 return None
             return node._replace(ino=ROOT_INO, nlink=1 if len(top or ()) > 1 else node.nlink)
-        parents = self._layers_of_dir(_parent(path))
+        parents = self._layers_of_dir(parent_path(path))
         if parents is None:
             return None
         for i in parents:

@@ -52,8 +52,12 @@ from layerfs.union.lower import (
     PRIVATE_XATTR_PREFIXES,
     WH_PREFIX,
     Lower,
+    base_name,
     host_statfs,
     is_opaque_dir,
+    is_whiteout,
+    join_path,
+    parent_path,
 )
 
 UPPER_INO = 1 << 40
@@ -67,22 +71,6 @@ _INO = struct.Struct("<Q")
 
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
-
-
-def _parent(path: bytes) -> bytes:
-    return path.rpartition(b"/")[0]
-
-
-def _name(path: bytes) -> bytes:
-    return path.rpartition(b"/")[2]
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 @dataclass
@@ -221,7 +209,7 @@ class UnionView:
 
     def _wh_file(self, path: bytes) -> bool:
         """The ``.wh.<name>`` fallback whiteout for ``path`` exists in the upper dir."""
-        return os.path.lexists(self._up(_join(_parent(path), WH_PREFIX + _name(path))))
+        return os.path.lexists(self._up(join_path(parent_path(path), WH_PREFIX + base_name(path))))
 
     def _lower_visible(self, dir_path: bytes) -> bool:
         """Can lower entries show below ``dir_path``?  (No upper whiteout/opaque/non-dir above.)"""
@@ -232,7 +220,7 @@ class UnionView:
             return cached
         if dir_path == b"":
             vis = not self._opaque(b"")
-        elif not self._lower_visible(_parent(dir_path)):
+        elif not self._lower_visible(parent_path(dir_path)):
             vis = False
         else:
             st = self._ulstat(dir_path)
@@ -246,7 +234,7 @@ class UnionView:
     def _lower(self, path: bytes) -> Node | None:
         """The lower node visible at ``path`` (ignoring an upper entry at ``path`` itself)."""
         if path and (
-            not self._lower_visible(_parent(path)) or (self.upper is not None and self._wh_file(path))
+            not self._lower_visible(parent_path(path)) or (self.upper is not None and self._wh_file(path))
         ):
             return None
         return self.lower.lookup(path)
@@ -255,10 +243,10 @@ class UnionView:
         """What ``path`` is: an upper ``stat_result`` or a lower ``Node``; ENOENT if neither."""
         st = self._ulstat(path)
         if st is not None:
-            if _is_whiteout(st):
+            if is_whiteout(st):
                 raise _err(errno.ENOENT)
             return st
-        if self.upper is not None and _name(path).startswith(WH_PREFIX):
+        if self.upper is not None and base_name(path).startswith(WH_PREFIX):
             raise _err(errno.ENOENT)  # fallback whiteouts are bookkeeping, never shown
         node = self._lower(path)
         if node is None:
@@ -378,10 +366,10 @@ class UnionView:
                             hidden.add(name[len(WH_PREFIX) :])
                         continue
                     st = d.stat(follow_symlinks=False)
-                    if _is_whiteout(st):
+                    if is_whiteout(st):
                         hidden.add(name)
                     else:
-                        out.append((name, self._ino_of(_join(path, name), st), stat.S_IFMT(st.st_mode)))
+                        out.append((name, self._ino_of(join_path(path, name), st), stat.S_IFMT(st.st_mode)))
             lower_ok = self._lower_visible(path)
         else:
             lower_ok = True
@@ -652,7 +640,7 @@ class UnionView:
         """Copy a directory and everything visible below it into the upper directory."""
         self._copy_up(path)
         for name, _, mode in self.readdir(path):
-            child = _join(path, name)
+            child = join_path(path, name)
             self._copy_up(child)
             if stat.S_ISDIR(mode):
                 self._copy_up_tree(child)
@@ -712,7 +700,7 @@ class UnionView:
             pass
         else:
             raise _err(errno.EEXIST)
-        parent = _parent(path)
+        parent = parent_path(path)
         pr = self.resolve(parent)
         if not (
             isinstance(pr, Node) and pr.is_dir or isinstance(pr, os.stat_result) and stat.S_ISDIR(pr.st_mode)
@@ -722,10 +710,10 @@ class UnionView:
         up = self._up(path)
         st = self._ulstat(path)
         replaced = False
-        if st is not None and _is_whiteout(st):
+        if st is not None and is_whiteout(st):
             os.unlink(up)
             replaced = True
-        wh = self._up(_join(parent, WH_PREFIX + _name(path)))
+        wh = self._up(join_path(parent, WH_PREFIX + base_name(path)))
         if os.path.lexists(wh):
             os.unlink(wh)
             replaced = True
@@ -733,7 +721,7 @@ class UnionView:
 
     def _setgid_parent(self, path: bytes) -> int | None:
         """The group of ``path``'s (copied-up) parent if that directory is setgid."""
-        st = os.lstat(self._up(_parent(path)))
+        st = os.lstat(self._up(parent_path(path)))
         return st.st_gid if st.st_mode & stat.S_ISGID else None
 
     def _new_gid(self, path: bytes, gid: int) -> int:
@@ -743,7 +731,7 @@ class UnionView:
         return gid if parent_gid is None else parent_gid
 
     def _whiteout(self, path: bytes) -> None:
-        self._copy_up(_parent(path))
+        self._copy_up(parent_path(path))
         up = self._up(path)
         if self._mknod_ok:
             # as the kernel does: whiteouts are hardlinks of one 0/0 device in the work
@@ -759,7 +747,7 @@ class UnionView:
                 return
             except PermissionError:
                 self._mknod_ok = False  # unprivileged: fall back to .wh. files from now on
-        with open(self._up(_join(_parent(path), WH_PREFIX + _name(path))), "wb"):
+        with open(self._up(join_path(parent_path(path), WH_PREFIX + base_name(path))), "wb"):
             pass
 
     def _shared_whiteout(self) -> bytes:
@@ -767,7 +755,7 @@ class UnionView:
         wh = os.path.join(self.work, b"whiteout")
         try:
             st = os.lstat(wh)
-            if _is_whiteout(st) and st.st_nlink < 60000:  # ext4 caps links at 65000
+            if is_whiteout(st) and st.st_nlink < 60000:  # ext4 caps links at 65000
                 return wh
             os.unlink(wh)
         except FileNotFoundError:
@@ -791,7 +779,7 @@ class UnionView:
         if isinstance(r, os.stat_result):
             return
         if path:
-            self._copy_up(_parent(path))
+            self._copy_up(parent_path(path))
         if r.kind == E.REG and r.nlink > 1:
             names = self.lower.link_group(r)
             first = self._copy_one(path, r, data)
@@ -803,7 +791,7 @@ class UnionView:
                 except OSError:
                     continue
                 if isinstance(o, Node) and o.ino == r.ino:
-                    self._copy_up(_parent(other))
+                    self._copy_up(parent_path(other))
                     dst = self._up(other)
                     with _parent_times_kept(dst):
                         os.link(first, dst)
@@ -889,7 +877,7 @@ def _drop_whiteouts(path: bytes) -> None:
                 os.unlink(d.path)
             elif d.is_dir(follow_symlinks=False):
                 _drop_whiteouts(d.path)
-            elif not d.is_file(follow_symlinks=False) and _is_whiteout(d.stat(follow_symlinks=False)):
+            elif not d.is_file(follow_symlinks=False) and is_whiteout(d.stat(follow_symlinks=False)):
                 os.unlink(d.path)
 
 

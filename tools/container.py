@@ -192,19 +192,20 @@ def users_of(store: Store, image_id: bytes) -> list[Container]:
     return [c for c in all_containers(store) if c.image == image_id.hex()]
 
 
-def _image_config(store: Store, image_id: bytes) -> dict[str, Any]:
+def _image(store: Store, image_id: bytes) -> dict[str, Any]:
     image = store.get_image(image_id)
     if image is None:
         raise ContainerError(f"image sha256:{image_id.hex()} is not in the store (removed with rmi -f?)")
-    config = json.loads(store.read_object(bytes.fromhex(image["config"])))
+    return image
+
+
+def _image_config(store: Store, image_id: bytes) -> dict[str, Any]:
+    config = json.loads(store.read_object(bytes.fromhex(_image(store, image_id)["config"])))
     return dict(config.get("config") or {})
 
 
 def _layers(store: Store, image_id: bytes) -> list[bytes]:
-    image = store.get_image(image_id)
-    if image is None:
-        raise ContainerError(f"image sha256:{image_id.hex()} is not in the store (removed with rmi -f?)")
-    return [bytes.fromhex(h) for h in image["layers"]]
+    return [bytes.fromhex(h) for h in _image(store, image_id)["layers"]]
 
 
 def create(store: Store, image_ref: str, opts: ProcessOptions, name: str | None = None) -> Container:
@@ -249,26 +250,25 @@ def _runc(*args: str) -> list[str]:
     return [runtime(), "--root", RUNC_ROOT, *args]
 
 
-def _mount(store: Store, c: Container) -> None:
-    image_id = bytes.fromhex(c.image)
-    if mounted_fuse(c.rootfs) is not None:  # left by a crashed run: start from a clean mount
-        with contextlib.suppress(MountError):
-            umount(store, c.rootfs)
+def mount_writable(store: Store, image_id: bytes, rootfs: str, upper: str, work: str, name: str) -> None:
+    """The image on ``rootfs``, writable into ``upper``, for a runtime (``allow_other``: the
+    container's processes may run as any user)."""
     spec_ = MountSpec(
-        image_id,
-        _layers(store, image_id),
-        c.rootfs,
-        upper=c.upper,
-        work=c.work,
-        name=c.image_ref,
-        allow_other=True,  # the container's processes may run as any user
+        image_id, _layers(store, image_id), rootfs, upper=upper, work=work, name=name, allow_other=True
     )
     try:
         mount(store, spec_)
     except MountError as exc:
-        raise ContainerError(f"cannot mount the container's filesystem: {exc}") from None
+        raise ContainerError(f"cannot mount {name} on {rootfs}: {exc}") from None
     finally:
         store.reopen()  # mount() hands the environment to its daemon
+
+
+def _mount(store: Store, c: Container) -> None:
+    if mounted_fuse(c.rootfs) is not None:  # left by a crashed run: start from a clean mount
+        with contextlib.suppress(MountError):
+            umount(store, c.rootfs)
+    mount_writable(store, bytes.fromhex(c.image), c.rootfs, c.upper, c.work, c.image_ref)
 
 
 def _unmount(store: Store, c: Container) -> None:
@@ -277,19 +277,25 @@ def _unmount(store: Store, c: Container) -> None:
             umount(store, c.rootfs)
 
 
-def write_bundle(store: Store, c: Container) -> None:
-    config = _image_config(store, bytes.fromhex(c.image))
-    opts = c.process
-    prepare_rootfs(c.rootfs, opts.workdir or config.get("WorkingDir") or "/")
+def write_runtime_config(store: Store, image_id: bytes, rootfs: str, opts: ProcessOptions, path: str) -> None:
+    """``config.json`` for the image mounted on ``rootfs``; the mount points, working directory
+    and volume sources it needs are made, and a command the image lacks is refused."""
+    runtime_spec = spec(_image_config(store, image_id), rootfs, opts)
+    process = runtime_spec["process"]
+    prepare_rootfs(rootfs, process["cwd"])
     for v in opts.volumes:
         os.makedirs(v.source, exist_ok=True)  # docker creates a missing host directory too
-    runtime_spec = spec(config, c.rootfs, opts)
-    process = runtime_spec["process"]
-    if not executable_exists(c.rootfs, process["args"][0], process["env"]):
+    if not executable_exists(rootfs, process["args"][0], process["env"]):
         # docker's message and status; runc would only say "exec failed" and exit 1
         raise ContainerError(f'exec: "{process["args"][0]}": executable file not found in $PATH', 127)
-    with open(os.path.join(c.dir, "config.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(runtime_spec, f, indent=1)
+
+
+def write_bundle(store: Store, c: Container) -> None:
+    write_runtime_config(
+        store, bytes.fromhex(c.image), c.rootfs, c.process, os.path.join(c.dir, "config.json")
+    )
 
 
 def _set_running(c: Container) -> None:

@@ -8,7 +8,6 @@ the image is mounted writable on ``DIR/rootfs``, its changes kept in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from layerfs.cli.common import CLIError, open_store
@@ -25,18 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.mount import MountError, MountSpec, mount, umount
+    from layerfs.mount import umount
+    from layerfs.tools.container import mount_writable, write_runtime_config
     from layerfs.tools.refs import resolve
-    from layerfs.tools.runtime import prepare_rootfs, spec
 
     bundle = os.path.abspath(args.dir)
     rootfs = os.path.join(bundle, "rootfs")
     opts = process_options(args)
     with open_store(args) as store, errors():
         image_id = resolve(store, args.image)
-        image = store.get_image(image_id)
-        assert image is not None
-        config = json.loads(store.read_object(bytes.fromhex(image["config"]))).get("config") or {}
         opts.hostname = opts.hostname or args.name or image_id.hex()[:12]
         # 0700: the image's files (setuid ones too) are reachable through the allow_other mount
         os.makedirs(bundle, mode=0o700, exist_ok=True)
@@ -44,25 +40,10 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(rootfs, exist_ok=True)
         if os.listdir(rootfs):
             raise CLIError(f"{rootfs} is not empty (already a bundle?)")
-        m = MountSpec(
-            image_id,
-            [bytes.fromhex(h) for h in image["layers"]],
-            rootfs,
-            upper=os.path.join(bundle, "upper"),
-            work=os.path.join(bundle, "work"),
-            name=args.image,
-            allow_other=True,
-        )
+        upper, work = os.path.join(bundle, "upper"), os.path.join(bundle, "work")
+        mount_writable(store, image_id, rootfs, upper, work, args.image)
         try:
-            mount(store, m)
-        except MountError as exc:
-            raise CLIError(f"cannot mount {args.image} on {rootfs}: {exc}") from None
-        store.reopen()
-        try:
-            runtime_spec = spec(config, rootfs, opts)
-            prepare_rootfs(rootfs, runtime_spec["process"]["cwd"])
-            with open(os.path.join(bundle, "config.json"), "w") as f:
-                json.dump(runtime_spec, f, indent=1)
+            write_runtime_config(store, image_id, rootfs, opts, os.path.join(bundle, "config.json"))
         except BaseException:
             umount(store, rootfs)
             raise

@@ -79,25 +79,27 @@ def entry_members(store: Store, entries: list[Entry]) -> Iterator[tuple[T.Member
     path in that order and the other names link to it (a link must follow its target)."""
     ordered = sorted(entries, key=lambda e: e.path.split(b"/"))
     by_path = {e.path: e for e in ordered}
-    first: dict[bytes, bytes] = {}  # group's file path (as stored) -> first name in member order
+
+    def group(e: Entry) -> bytes:  # a hardlink group is named by its file's stored path
+        return e.link if e.kind == E.HARDLINK and e.link in by_path else e.path
+
+    linked = {group(e) for e in ordered if e.kind == E.HARDLINK}
+    first: dict[bytes, bytes] = {}  # group -> its first name in member order
     for e in ordered:
-        if e.kind == E.HARDLINK and e.link in by_path:
-            first.setdefault(e.link, min(e.link, e.path, key=lambda p: p.split(b"/")))
-            if e.path.split(b"/") < first[e.link].split(b"/"):
-                first[e.link] = e.path
+        if group(e) in linked:
+            first.setdefault(group(e), e.path)
     for e in ordered:
         if not e.path:
             continue  # the root's metadata is not part of a layer
         if e.kind == E.WHITEOUT:
             yield whiteout_member(e.path), ()
             continue
-        target = e.link if e.kind == E.HARDLINK and e.link in by_path else e.path if e.path in first else None
-        if target is not None:
-            head = first[target]
+        if group(e) in first:
+            head = first[group(e)]
             if e.path != head:
                 yield _member(e)._replace(type=T.HARDLINK, linkname=head), ()
                 continue
-            e = by_path[target]._replace(path=e.path)  # the group's file, under its first name
+            e = by_path[group(e)]._replace(path=e.path)  # the group's file, under its first name
         if e.kind == E.REG:
             yield _member(e)._replace(size=e.size), (_contents(store, e.content, e.size) if e.content else ())
         elif e.kind == E.HARDLINK:  # its target is not in this layer: cannot happen after import

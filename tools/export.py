@@ -343,8 +343,7 @@ def save(
     for ref in references:
         image_id = refs.resolve(store, ref)
         names = chosen.setdefault(image_id, [])
-        hexpart = ref.removeprefix("sha256:")
-        if not all(c in "0123456789abcdef" for c in hexpart) or len(hexpart) < 4:
+        if refs.id_part(ref) is None:
             name = refs.normalize(ref)
             if name not in names:
                 names.append(name)

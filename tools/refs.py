@@ -47,11 +47,18 @@ def normalize(ref: str) -> str:
     return f"{name}:{tag}"
 
 
+def id_part(ref: str) -> str | None:
+    """The hex of an image id or id prefix (``sha256:`` optional), or None for a name."""
+    ref = ref.strip()
+    hexpart = ref[7:] if ref.startswith("sha256:") else ref
+    return hexpart if _HEX.match(hexpart) else None
+
+
 def resolve(store: Store, ref: str) -> bytes:
     """An image id (raw sha256) from a name[:tag], a full id or a unique id prefix."""
     ref = ref.strip()
-    hexpart = ref[7:] if ref.startswith("sha256:") else ref
-    if _HEX.match(hexpart):
+    hexpart = id_part(ref)
+    if hexpart is not None:
         if len(hexpart) == 64:
             image_id = bytes.fromhex(hexpart)
             if store.get_image(image_id) is not None:

@@ -389,14 +389,11 @@ def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
     finally:
         os.close(log)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fresh = load(c.dir)
-        if fresh.state.get("pid") == proc.pid or proc.poll() is not None:
-            break
+    while time.monotonic() < deadline and load(c.dir).state.get("pid") != proc.pid and proc.poll() is None:
         time.sleep(0.02)
-    if proc.poll() is not None and proc.returncode != 0 and load(c.dir).state.get("pid") != proc.pid:
+    c.state = load(c.dir).state  # read after the monitor's last word
+    if proc.poll() is not None and proc.returncode != 0 and c.state.get("pid") != proc.pid:
         raise ContainerError(f"container {c.name} failed to start: {_last_line(c.log)}")
-    c.state = load(c.dir).state
 
 
 def _last_line(path: str) -> str:

@@ -61,9 +61,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from uniongen import UnionImage, UnionParams, ensure  # noqa: E402
 
-# layerfs-overlay: layerfs's fuse-overlayfs drop-in over the very directories fuse-overlayfs gets
-FS = ("kernel", "fuse-overlayfs", "layerfs", "layerfs-overlay")
-DAEMONS = ("fuse-overlayfs", "layerfs", "layerfs-overlay")
+# layerfs-overlay: layerfs's fuse-overlayfs drop-in over the very directories fuse-overlayfs gets;
+# layerfs and layerfs-overlay run the C FUSE core, layerfs-py the same mount on the pure-Python twin
+FS = ("kernel", "fuse-overlayfs", "layerfs", "layerfs-overlay", "layerfs-py")
+DAEMONS = ("fuse-overlayfs", "layerfs", "layerfs-overlay", "layerfs-py")
+LAYERFS_MOUNTS = ("layerfs", "layerfs-py")  # `layerfs mount` of the stored image
+CORE = {"layerfs": "c", "layerfs-overlay": "c", "layerfs-py": "python"}
+
+
+def _env(fs: str) -> dict[str, str]:
+    return dict(os.environ, LAYERFS_FUSE=CORE.get(fs, "c"))
+
+
 OVERLAY_CMD = {
     "fuse-overlayfs": ["fuse-overlayfs"],
     "layerfs-overlay": [sys.executable, "-m", "layerfs.overlay"],
@@ -123,6 +132,9 @@ def _ratios(row: str) -> dict[str, float]:
     drop_in, fovl = res.get("layerfs-overlay"), res.get("fuse-overlayfs")
     if drop_in is not None and drop_in.best and fovl is not None and fovl.best:
         out["layerfs-overlay/fuse-overlayfs"] = drop_in.best / fovl.best
+    twin = res.get("layerfs-py")
+    if twin is not None and twin.best and fovl is not None and fovl.best:
+        out["layerfs-py/fuse-overlayfs"] = twin.best / fovl.best
     return out
 
 
@@ -157,10 +169,13 @@ class _Summary:
             return
         tr = terminalreporter
         tr.write_sep("=", "union filesystem: layerfs vs fuse-overlayfs vs kernel overlay (this run)")
-        tr.write_line("best-of-rounds wall seconds; ratio > 1: layerfs is slower; cpu: daemon CPU s / wall")
+        tr.write_line(
+            "best-of-rounds wall seconds; ratio > 1: layerfs is slower; cpu: daemon CPU s / wall; "
+            "layerfs and lfs-ovl: C FUSE core, lfs-py: the pure-Python twin"
+        )
         head = (
             f"{'row':<44} {'kernel':>8} {'fuse-ovl':>8} {'layerfs':>8} {'lfs-ovl':>8}  {'lfs/fovl':>8}"
-            f" {'lfs/kern':>8} {'lovl/fovl':>9}  {'cpu fovl':>8} {'cpu lfs':>8}"
+            f" {'lfs/kern':>8} {'lovl/fovl':>9}  {'cpu fovl':>8} {'cpu lfs':>8}  {'lfs-py':>8} {'py/fovl':>8}"
         )
         tr.write_line(head)
         tr.write_line("-" * len(head))
@@ -183,7 +198,9 @@ class _Summary:
                 f"{_fmt(res['layerfs-overlay'].best if 'layerfs-overlay' in res else None):>8}  "
                 f"{_ratio(ratios.get('layerfs/fuse-overlayfs'))} {_ratio(ratios.get('layerfs/kernel'))} "
                 f"{_ratio(ratios.get('layerfs-overlay/fuse-overlayfs')):>9}  "
-                f"{cpu('fuse-overlayfs'):>8} {cpu('layerfs'):>8}"
+                f"{cpu('fuse-overlayfs'):>8} {cpu('layerfs'):>8}  "
+                f"{_fmt(res['layerfs-py'].best if 'layerfs-py' in res else None):>8} "
+                f"{_ratio(ratios.get('layerfs-py/fuse-overlayfs'))}"
             )
         rss = RESULTS.get("walk-wide", {})
         for fs in DAEMONS:
@@ -323,11 +340,11 @@ class Mounter:
         m = Mount(fs, mnt, scratch=scratch, store=store)
         self.active.append(m)
         try:
-            if fs == "layerfs":
+            if fs in LAYERFS_MOUNTS:
                 cmd = self.layerfs_cmd("mount", image.ref, mnt, store=store)
                 if scratch:
                     cmd += ["--upper", os.path.join(scratch, "upper")]
-                res = subprocess.run(cmd, capture_output=True, text=True)
+                res = subprocess.run(cmd, capture_output=True, text=True, env=_env(fs))
                 if res.returncode != 0:
                     raise RuntimeError(f"{' '.join(cmd[2:])}: {res.stderr.strip()}")
                 m.pid = self._layerfs_pid(mnt, store or self.store)
@@ -363,6 +380,7 @@ class Mounter:
                     [*OVERLAY_CMD[fs], "-f", "-o", opts, mnt],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
+                    env=_env(fs),
                 )
                 m.pid = m.proc.pid
                 _wait_mounted(mnt, m.proc)
@@ -401,7 +419,7 @@ class Mounter:
 
     def umount(self, m: Mount) -> None:
         try:
-            if m.fs == "layerfs":
+            if m.fs in LAYERFS_MOUNTS:
                 subprocess.run(self.layerfs_cmd("umount", m.mnt, store=m.store), capture_output=True)
             elif m.fs in OVERLAY_CMD:
                 subprocess.run(["fusermount3", "-u", m.mnt], capture_output=True)
@@ -753,6 +771,7 @@ def test_same_tree(union_env: Env) -> None:
     assert trees["kernel"] == trees["fuse-overlayfs"]
     assert trees["kernel"] == trees["layerfs"]
     assert trees["kernel"] == trees["layerfs-overlay"]
+    assert trees["kernel"] == trees["layerfs-py"]
     n_small = sum(1 for k in trees["kernel"] if k.startswith("data/") and trees["kernel"][k] != "dir")
     assert n_small == len(env.main.info["small_files"])
     NOTES.append(
@@ -865,11 +884,16 @@ def _ready_row(
     def target() -> None:
         m = state["m"]
         t0 = time.perf_counter()
-        if fs == "layerfs":
-            subprocess.run(env.mounter.layerfs_cmd("mount", image.ref, mnt, store=m.store), check=True)
+        if fs in LAYERFS_MOUNTS:
+            subprocess.run(
+                env.mounter.layerfs_cmd("mount", image.ref, mnt, store=m.store), check=True, env=_env(fs)
+            )
         elif fs in OVERLAY_CMD:
             subprocess.run(
-                [*OVERLAY_CMD[fs], "-o", f"lowerdir={lowers}", mnt], check=True, stderr=subprocess.DEVNULL
+                [*OVERLAY_CMD[fs], "-o", f"lowerdir={lowers}", mnt],
+                check=True,
+                stderr=subprocess.DEVNULL,
+                env=_env(fs),
             )
         else:
             subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowers}", mnt], check=True)

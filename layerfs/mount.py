@@ -227,7 +227,7 @@ def _serve(
     on_ready: Callable[[], None],
     debug: bool,
 ) -> None:
-    from layerfs.fuseadapter import serve
+    from layerfs.fuse import serve
     from layerfs.union.view import UnionView
 
     store = Store(store_path)

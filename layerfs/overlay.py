@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         abs_work = os.path.abspath(work) if work else None
 
         def run(ready: Callable[[], None]) -> None:
-            from layerfs.fuseadapter import serve
+            from layerfs.fuse import serve
             from layerfs.union.view import UnionView
 
             view = UnionView(

@@ -50,6 +50,22 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return str(request.param)
 
 
+def _fuse_cores() -> list[str]:
+    try:
+        from layerfs import _cfuse  # noqa: F401
+    except ImportError:
+        return ["python"]
+    return ["c", "python"]
+
+
+@pytest.fixture(scope="module", params=_fuse_cores())
+def fuse_core(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a module's mounts once with each FUSE core (the daemons inherit LAYERFS_FUSE)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAYERFS_FUSE", request.param)
+        yield str(request.param)
+
+
 @dataclass
 class CLIResult:
     code: int

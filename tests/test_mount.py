@@ -24,7 +24,7 @@ from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are f
     wait_until,
 )
 
-pytestmark = pytest.mark.usefixtures("need_fuse")
+pytestmark = pytest.mark.usefixtures("need_fuse", "fuse_core")
 SAMPLE = "layerfs-sample:latest"
 
 

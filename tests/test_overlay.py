@@ -34,6 +34,9 @@ from unionutil import (
     upper_snapshot,
 )
 
+# each core serves every case: the twin and the C core must not drift
+pytestmark = pytest.mark.usefixtures("fuse_core")
+
 HELPER = [sys.executable, "-m", "layerfs.overlay"]
 
 

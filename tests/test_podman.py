@@ -20,12 +20,15 @@ from typing import Any
 import pytest
 from unionutil import force_unmount, fuse_unavailable, mounts_below, snapshot
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("podman") is None
-    or shutil.which("skopeo") is None
-    or shutil.which("fuse-overlayfs") is None,
-    reason="podman, skopeo and fuse-overlayfs are needed (.ci/install installs them)",
-)
+pytestmark = [
+    pytest.mark.usefixtures("fuse_core"),
+    pytest.mark.skipif(
+        shutil.which("podman") is None
+        or shutil.which("skopeo") is None
+        or shutil.which("fuse-overlayfs") is None,
+        reason="podman, skopeo and fuse-overlayfs are needed (.ci/install installs them)",
+    ),
+]
 
 
 def overlay_helper() -> str:

@@ -48,6 +48,9 @@ from unionutil import (  # noqa: F401 - no_mount_left_behind is an autouse fixtu
     upper_snapshot,
 )
 
+# each core serves every case: the twin and the C core must not drift
+pytestmark = pytest.mark.usefixtures("fuse_core")
+
 MT = 1_700_000_000
 # vfs_cap_data revision 2 (20 bytes): cap_net_bind_service,cap_net_raw+ep
 CAPABILITY = struct.pack("<IIIII", 0x02000001, (1 << 10) | (1 << 13), 0, 0, 0)

@@ -1,4 +1,4 @@
-"""``layerfs version``: versions of layerfs, its tar parser backend and libraries."""
+"""``layerfs version``: versions of layerfs, its tar parser backend, FUSE core and libraries."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ def run(args: argparse.Namespace) -> int:
     import lmdb
     import zstandard
 
+    from layerfs.fuse import core
     from layerfs.tarstream import BACKEND
 
     info = {
         "version": __version__,
         "tar_parser": BACKEND,
+        "fuse_core": core(),
         "python": platform.python_version(),
         "lmdb": lmdb.version(),
         "zstandard": zstandard.__version__,
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(info)
     else:
         print(
-            f"layerfs {__version__} (tar parser: {BACKEND}; python {info['python']}; "
+            f"layerfs {__version__} (tar parser: {BACKEND}; fuse core: {info['fuse_core']}; python {info['python']}; "
             f"lmdb {'.'.join(map(str, info['lmdb']))}; zstd {info['zstandard']}; {info['machine']})"
         )
     return 0

@@ -78,6 +78,7 @@ class _LowerFile:
     content: bytes | None
     size: int
     chunks: list[Chunk]
+    node: Node
     last_end: int = 0
 
 
@@ -305,6 +306,31 @@ class UnionView:
             "st_ctime": st.st_ctime_ns,
         }
 
+    def handle_fd(self, fh: int) -> int:
+        """The host descriptor behind an open upper file (a FUSE core may read and write it
+        directly), or -1 for a lower file, whose bytes come from the store."""
+        h = self._handles.get(fh)
+        return h.fd if isinstance(h, _UpperFile) else -1
+
+    def fgetattr(self, fh: int) -> dict[str, int]:
+        """Attributes of an open file, whatever became of its names."""
+        h = self._handles.get(fh)
+        if isinstance(h, _LowerFile):
+            return self._node_attr(h.node)
+        if h is None:
+            raise _err(errno.EBADF)
+        st = os.fstat(h.fd)
+        attr = self._stat_attr(b"", st)
+        ino = self._upper_ino.get(st.st_ino)
+        if ino is None:
+            try:
+                ino = _INO.unpack(_first_fxattr(h.fd, INO_XATTRS))[0]
+            except OSError:
+                ino = st.st_ino + UPPER_INO
+            self._upper_ino[st.st_ino] = ino
+        attr["st_ino"] = ino
+        return attr
+
     def _ino_of(self, path: bytes, st: os.stat_result) -> int:
         if not path:
             return ROOT_INO
@@ -423,7 +449,7 @@ class UnionView:
                 if rec is None:
                     raise _err(errno.EIO)
                 chunks = decode_object(rec)[1]
-        return _LowerFile(r.content, r.size, chunks)
+        return _LowerFile(r.content, r.size, chunks, r)
 
     def _new_handle(self, h: _LowerFile | _UpperFile) -> int:
         fh = self._next_fh
@@ -466,7 +492,7 @@ class UnionView:
         if self.upper is None:
             raise _err(errno.EROFS)
 
-    def write(self, fh: int, data: bytes, offset: int) -> int:
+    def write(self, fh: int, data: bytes | memoryview, offset: int) -> int:
         h = self._handles[fh]
         if not isinstance(h, _UpperFile):
             raise _err(errno.EBADF)
@@ -866,6 +892,15 @@ def _first_xattr(path: bytes, names: tuple[bytes, ...]) -> bytes:
         except OSError:
             pass
     return os.getxattr(path, names[-1], follow_symlinks=False)
+
+
+def _first_fxattr(fd: int, names: tuple[bytes, ...]) -> bytes:
+    for name in names[:-1]:
+        try:
+            return os.getxattr(fd, name)
+        except OSError:
+            pass
+    return os.getxattr(fd, names[-1])
 
 
 def _drop_whiteouts(path: bytes) -> None:

@@ -1,4 +1,4 @@
-"""FUSE protocol adapter: translates mfusepy (libfuse3 high-level) calls to a ``UnionView``.
+"""The pure-Python FUSE core: translates mfusepy (libfuse3 high-level) calls to a ``UnionView``.
 
 This is a protocol adapter only: no filesystem logic lives here.  Paths arrive
 as ``/a/b`` strings (surrogate-escaped) and go to the view as relative bytes;

@@ -1,0 +1,1575 @@
+/*
+ * layerfs._cfuse: the FUSE request path in C, on the kernel's low-level (inode-based) protocol.
+ *
+ * It speaks /dev/fuse directly rather than through libfuse: Debian bookworm's libfuse (3.14)
+ * predates FUSE passthrough (3.16), and the protocol needs no library to negotiate INIT flags,
+ * answer READDIRPLUS or send invalidation notices.  The kernel ABI is <linux/fuse.h>; what our
+ * build headers may lack is defined below.
+ *
+ * What lives here: the dispatch loop, the inode table (one kernel inode per object: the view's
+ * inode number is the node id, so hardlink names share a node; lookup counts and FORGET honoured),
+ * a dentry table (parent, name) -> node that gives every node a path for the path-based union
+ * view, READDIRPLUS (a directory's listing and attributes in one request), and reads and writes of
+ * upper-directory files on their host descriptors without the GIL.  The union rules (lookup order,
+ * whiteouts, copy-up) stay in Python: the ops object (layerfs/fuse/lowlevel.py) is called with
+ * paths and returns attribute tuples.
+ *
+ * Threading: one thread serves the device; the GIL is held only while Python is called.
+ * All bytes from the kernel are checked against the request length before use.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef FUSE_MAX_PAGES
+#define FUSE_MAX_PAGES (1 << 22)
+#endif
+#ifndef FUSE_CACHE_SYMLINKS
+#define FUSE_CACHE_SYMLINKS (1 << 23)
+#endif
+
+#ifndef RENAME_EXCHANGE
+#define RENAME_EXCHANGE (1 << 1)
+#endif
+
+#define ROOT_ID 1
+#define MAX_WRITE (1u << 20)          /* 1 MiB requests: a quarter of the round trips of 128 KiB */
+#define BUF_SIZE (MAX_WRITE + 65536)  /* the kernel wants room for the headers as well */
+#define ATTR_TUPLE_LEN 11
+
+/* ---- the inode and dentry tables ------------------------------------------------------- */
+
+struct node;
+
+struct dentry {                 /* one name of a node: (parent node id, name) */
+    struct dentry *hnext;       /* the dentry hash chain */
+    struct dentry *nnext;       /* the node's other names */
+    struct node *node;
+    uint64_t parent;
+    uint32_t hash;
+    uint32_t len;
+    char name[];
+};
+
+struct node {
+    struct node *hnext;
+    struct dentry *names;
+    uint64_t id;
+    uint64_t nlookup;           /* the kernel's references (LOOKUP, READDIRPLUS, CREATE, ...) */
+    uint64_t children;          /* dentries naming this node as parent: it must outlive them */
+    uint64_t opens;             /* open handles: an unlinked open file keeps its node */
+};
+
+struct table {
+    struct node **nodes;
+    size_t nnodes, nodecap;
+    struct dentry **dentries;
+    size_t ndentries, dentcap;
+};
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return x;
+}
+
+static uint32_t name_hash(uint64_t parent, const char *name, size_t len)
+{
+    uint64_t h = mix64(parent) ^ 1469598103934665603ULL;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)name[i]) * 1099511628211ULL;
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+static int table_init(struct table *t)
+{
+    t->nodecap = 1024;
+    t->dentcap = 1024;
+    t->nodes = calloc(t->nodecap, sizeof(*t->nodes));
+    t->dentries = calloc(t->dentcap, sizeof(*t->dentries));
+    t->nnodes = t->ndentries = 0;
+    return t->nodes && t->dentries ? 0 : -1;
+}
+
+static struct node *node_get(struct table *t, uint64_t id)
+{
+    for (struct node *n = t->nodes[mix64(id) & (t->nodecap - 1)]; n; n = n->hnext)
+        if (n->id == id)
+            return n;
+    return NULL;
+}
+
+static void node_rehash(struct table *t)
+{
+    size_t cap = t->nodecap * 2;
+    struct node **nn = calloc(cap, sizeof(*nn));
+    if (!nn)
+        return; /* keep the old (longer) chains */
+    for (size_t i = 0; i < t->nodecap; i++) {
+        struct node *n = t->nodes[i];
+        while (n) {
+            struct node *next = n->hnext;
+            size_t b = mix64(n->id) & (cap - 1);
+            n->hnext = nn[b];
+            nn[b] = n;
+            n = next;
+        }
+    }
+    free(t->nodes);
+    t->nodes = nn;
+    t->nodecap = cap;
+}
+
+static struct node *node_make(struct table *t, uint64_t id)
+{
+    struct node *n = node_get(t, id);
+    if (n)
+        return n;
+    n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    n->id = id;
+    if (t->nnodes + 1 > t->nodecap)
+        node_rehash(t);
+    size_t b = mix64(id) & (t->nodecap - 1);
+    n->hnext = t->nodes[b];
+    t->nodes[b] = n;
+    t->nnodes++;
+    return n;
+}
+
+static struct dentry *dentry_get(struct table *t, uint64_t parent, const char *name, size_t len)
+{
+    uint32_t h = name_hash(parent, name, len);
+    for (struct dentry *d = t->dentries[h & (t->dentcap - 1)]; d; d = d->hnext)
+        if (d->hash == h && d->parent == parent && d->len == len && memcmp(d->name, name, len) == 0)
+            return d;
+    return NULL;
+}
+
+static void dentry_rehash(struct table *t)
+{
+    size_t cap = t->dentcap * 2;
+    struct dentry **nd = calloc(cap, sizeof(*nd));
+    if (!nd)
+        return;
+    for (size_t i = 0; i < t->dentcap; i++) {
+        struct dentry *d = t->dentries[i];
+        while (d) {
+            struct dentry *next = d->hnext;
+            d->hnext = nd[d->hash & (cap - 1)];
+            nd[d->hash & (cap - 1)] = d;
+            d = next;
+        }
+    }
+    free(t->dentries);
+    t->dentries = nd;
+    t->dentcap = cap;
+}
+
+static void node_maybe_free(struct table *t, struct node *n);
+
+static void dentry_unhash(struct table *t, struct dentry *d)
+{
+    struct dentry **p = &t->dentries[d->hash & (t->dentcap - 1)];
+    while (*p && *p != d)
+        p = &(*p)->hnext;
+    if (*p)
+        *p = d->hnext;
+    struct dentry **q = &d->node->names;
+    while (*q && *q != d)
+        q = &(*q)->nnext;
+    if (*q)
+        *q = d->nnext;
+    t->ndentries--;
+}
+
+/* Forget one name; frees the node (and, in turn, its parent) once nothing refers to it. */
+static void dentry_drop(struct table *t, struct dentry *d)
+{
+    struct node *node = d->node;
+    struct node *parent = node_get(t, d->parent);
+    dentry_unhash(t, d);
+    free(d);
+    if (parent) {
+        parent->children--;
+        node_maybe_free(t, parent);
+    }
+    node_maybe_free(t, node);
+}
+
+static void node_maybe_free(struct table *t, struct node *n)
+{
+    /* iterative: a chain of parents freed one after another must not recurse per level */
+    while (n && n->id != ROOT_ID && n->nlookup == 0 && n->children == 0 && n->opens == 0) {
+        struct node *parent = NULL;
+        while (n->names) {
+            struct dentry *d = n->names;
+            struct node *p = node_get(t, d->parent);
+            dentry_unhash(t, d);
+            free(d);
+            if (p) {
+                p->children--;
+                parent = p; /* a node rarely has two parents (hardlinks); the rest wait */
+                if (n->names)
+                    node_maybe_free(t, p);
+            }
+        }
+        struct node **pp = &t->nodes[mix64(n->id) & (t->nodecap - 1)];
+        while (*pp && *pp != n)
+            pp = &(*pp)->hnext;
+        if (*pp)
+            *pp = n->hnext;
+        t->nnodes--;
+        free(n);
+        n = parent;
+    }
+}
+
+/* Record that (parent, name) names node: moves the name from whatever node had it before. */
+static int dentry_set(struct table *t, uint64_t parent, const char *name, size_t len, struct node *node)
+{
+    struct dentry *d = dentry_get(t, parent, name, len);
+    if (d) {
+        if (d->node == node)
+            return 0;
+        dentry_drop(t, d);
+    }
+    struct node *p = node_get(t, parent);
+    if (!p)
+        return -1;
+    d = malloc(sizeof(*d) + len + 1);
+    if (!d)
+        return -1;
+    d->parent = parent;
+    d->len = (uint32_t)len;
+    memcpy(d->name, name, len);
+    d->name[len] = 0;
+    d->hash = name_hash(parent, name, len);
+    d->node = node;
+    if (t->ndentries + 1 > t->dentcap)
+        dentry_rehash(t);
+    d->hnext = t->dentries[d->hash & (t->dentcap - 1)];
+    t->dentries[d->hash & (t->dentcap - 1)] = d;
+    d->nnext = node->names;
+    node->names = d;
+    t->ndentries++;
+    p->children++;
+    return 0;
+}
+
+static void dentry_forget(struct table *t, uint64_t parent, const char *name, size_t len)
+{
+    struct dentry *d = dentry_get(t, parent, name, len);
+    if (d)
+        dentry_drop(t, d);
+}
+
+/* The path of a node relative to the root ("" for the root), built leaf first into a growing
+ * buffer and reversed: no recursion, whatever the depth.  Returns a new bytes object, or NULL
+ * with errno ESTALE when the node has no name left. */
+struct pathbuf {
+    char *p;
+    size_t len, cap;
+};
+
+static int pb_reserve(struct pathbuf *b, size_t more)
+{
+    if (b->len + more <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + more)
+        cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p)
+        return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int node_path(struct table *t, uint64_t id, struct pathbuf *out)
+{
+    /* segments are collected leaf first, each stored reversed, then the whole is reversed */
+    out->len = 0;
+    size_t guard = 0;
+    while (id != ROOT_ID) {
+        struct node *n = node_get(t, id);
+        if (!n || !n->names || ++guard > (1u << 24))
+            return -ESTALE;
+        struct dentry *d = n->names;
+        if (pb_reserve(out, d->len + 1))
+            return -ENOMEM;
+        if (out->len)
+            out->p[out->len++] = '/';
+        for (size_t i = 0; i < d->len; i++)
+            out->p[out->len++] = d->name[d->len - 1 - i];
+        id = d->parent;
+    }
+    for (size_t i = 0, j = out->len ? out->len - 1 : 0; i < j; i++, j--) {
+        char c = out->p[i];
+        out->p[i] = out->p[j];
+        out->p[j] = c;
+    }
+    return 0;
+}
+
+/* ---- handles ------------------------------------------------------------------------------ */
+
+struct handle {
+    PyObject *pyfh;             /* the ops object's handle (None for C-only handles) */
+    int fd;                     /* a host descriptor read and written here, or -1 */
+    uint64_t node;
+    /* directories: the listing taken at the first READDIR, served by offset after that */
+    PyObject *listing;
+};
+
+/* ---- the session ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    PyObject *ops;
+    int writable;
+    int debug;
+    double entry_timeout, attr_timeout, negative_timeout;
+    struct table t;
+    struct pathbuf pb, pb2;
+    char *buf;
+    uint32_t proto_minor;
+    int no_open;                /* read-only mounts: OPEN answered ENOSYS, reads come by path */
+    uint64_t generation;
+    uint64_t requests;
+} Session;
+
+static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
+{
+    struct fuse_out_header h;
+    struct iovec iov[2];
+    h.len = (uint32_t)(sizeof(h) + (error ? 0 : len));
+    h.error = error;
+    h.unique = unique;
+    iov[0].iov_base = &h;
+    iov[0].iov_len = sizeof(h);
+    iov[1].iov_base = (void *)data;
+    iov[1].iov_len = error ? 0 : len;
+    ssize_t n = writev(s->fd, iov, error || !len ? 1 : 2);
+    /* ENOENT: the request was interrupted and the kernel no longer waits for it */
+    if (n < 0 && errno != ENOENT && s->debug)
+        fprintf(stderr, "layerfs: reply to %llu failed: %s\n", (unsigned long long)unique, strerror(errno));
+    return 0;
+}
+
+static int reply_err(Session *s, uint64_t unique, int err)
+{
+    return reply(s, unique, -err, NULL, 0);
+}
+
+static void split_timeout(double t, uint64_t *sec, uint32_t *nsec)
+{
+    if (t < 0)
+        t = 0;
+    *sec = (uint64_t)t;
+    *nsec = (uint32_t)((t - (double)*sec) * 1e9);
+}
+
+/* The errno of the pending Python exception (cleared): OSError's errno, else EIO after
+ * printing the traceback to the daemon's log. */
+static int py_errno(void)
+{
+    PyObject *type, *value, *tb;
+    int err = EIO;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value && PyErr_GivenExceptionMatches(type, PyExc_OSError)) {
+        PyObject *e = PyObject_GetAttrString(value, "errno");
+        if (e && PyLong_Check(e)) {
+            long v = PyLong_AsLong(e);
+            if (v > 0 && v < 4096)
+                err = (int)v;
+        }
+        Py_XDECREF(e);
+        PyErr_Clear();
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return err;
+    }
+    PyErr_Restore(type, value, tb);
+    PyErr_Print();
+    return EIO;
+}
+
+/* (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns) */
+static int attr_from_tuple(PyObject *tup, struct fuse_attr *a)
+{
+    if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) < ATTR_TUPLE_LEN) {
+        PyErr_SetString(PyExc_TypeError, "attributes must be an 11-tuple");
+        return -1;
+    }
+    unsigned long long v[ATTR_TUPLE_LEN];
+    for (int i = 0; i < ATTR_TUPLE_LEN; i++) {
+        PyObject *o = PyTuple_GET_ITEM(tup, i);
+        if (i >= 8) {
+            long long ns = PyLong_AsLongLong(o);
+            v[i] = (unsigned long long)ns;
+        } else {
+            v[i] = PyLong_AsUnsignedLongLongMask(o);
+        }
+        if (PyErr_Occurred())
+            return -1;
+    }
+    memset(a, 0, sizeof(*a));
+    a->ino = v[0];
+    a->mode = (uint32_t)v[1];
+    a->nlink = (uint32_t)v[2];
+    a->uid = (uint32_t)v[3];
+    a->gid = (uint32_t)v[4];
+    a->rdev = (uint32_t)v[5];
+    a->size = v[6];
+    a->blocks = v[7];
+    a->blksize = 4096;
+    long long t[3] = {(long long)v[8], (long long)v[9], (long long)v[10]};
+    uint64_t *sec[3] = {&a->atime, &a->mtime, &a->ctime};
+    uint32_t *nsec[3] = {&a->atimensec, &a->mtimensec, &a->ctimensec};
+    for (int i = 0; i < 3; i++) {
+        long long s_ = t[i] / 1000000000LL, ns = t[i] % 1000000000LL;
+        if (ns < 0) { /* before 1970: floor division */
+            ns += 1000000000LL;
+            s_ -= 1;
+        }
+        *sec[i] = (uint64_t)s_;
+        *nsec[i] = (uint32_t)ns;
+    }
+    return 0;
+}
+
+static void fill_entry(Session *s, struct fuse_entry_out *e, const struct fuse_attr *a)
+{
+    memset(e, 0, sizeof(*e));
+    e->nodeid = a->ino;
+    e->generation = s->generation;
+    split_timeout(s->entry_timeout, &e->entry_valid, &e->entry_valid_nsec);
+    split_timeout(s->attr_timeout, &e->attr_valid, &e->attr_valid_nsec);
+    e->attr = *a;
+}
+
+/* A node the kernel now holds one more reference to, named (parent, name). */
+static int remember(Session *s, uint64_t parent, const char *name, size_t len, const struct fuse_attr *a)
+{
+    struct node *n = node_make(&s->t, a->ino);
+    if (!n)
+        return -ENOMEM;
+    if (dentry_set(&s->t, parent, name, len, n) < 0) {
+        node_maybe_free(&s->t, n);
+        return -ESTALE;
+    }
+    n->nlookup++;
+    return 0;
+}
+
+static PyObject *path_bytes(Session *s, uint64_t id, struct pathbuf *pb, int *err)
+{
+    int r = node_path(&s->t, id, pb);
+    if (r < 0) {
+        *err = -r;
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize(pb->p, (Py_ssize_t)pb->len);
+}
+
+static PyObject *child_path(Session *s, uint64_t parent, const char *name, size_t len, struct pathbuf *pb,
+                            int *err)
+{
+    int r = node_path(&s->t, parent, pb);
+    if (r < 0) {
+        *err = -r;
+        return NULL;
+    }
+    if (pb_reserve(pb, len + 1)) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    if (pb->len)
+        pb->p[pb->len++] = '/';
+    memcpy(pb->p + pb->len, name, len);
+    pb->len += len;
+    return PyBytes_FromStringAndSize(pb->p, (Py_ssize_t)pb->len);
+}
+
+/* ---- request handlers (called with the GIL held) ----------------------------------------- */
+
+/* Reply with an entry for an attribute tuple the ops returned for (parent, name). */
+static void reply_entry_from(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len,
+                             PyObject *res)
+{
+    struct fuse_attr a;
+    struct fuse_entry_out e;
+    if (!res || attr_from_tuple(res, &a) < 0) {
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    int r = remember(s, parent, name, len, &a);
+    if (r < 0) {
+        reply_err(s, unique, -r);
+        return;
+    }
+    fill_entry(s, &e, &a);
+    reply(s, unique, 0, &e, sizeof(e));
+}
+
+static void do_lookup(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len)
+{
+    int err = 0;
+    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res = PyObject_CallMethod(s->ops, "lookup", "O", path);
+    Py_DECREF(path);
+    if (!res) {
+        err = py_errno();
+        if (err == ENOENT) {
+            /* a negative entry the kernel may cache: node id 0 with a timeout */
+            struct fuse_entry_out e;
+            memset(&e, 0, sizeof(e));
+            split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
+            dentry_forget(&s->t, parent, name, len);
+            reply(s, unique, 0, &e, sizeof(e));
+            return;
+        }
+        reply_err(s, unique, err);
+        return;
+    }
+    reply_entry_from(s, unique, parent, name, len, res);
+    Py_DECREF(res);
+}
+
+static void forget_one(Session *s, uint64_t id, uint64_t count)
+{
+    struct node *n = node_get(&s->t, id);
+    if (!n)
+        return;
+    n->nlookup = n->nlookup > count ? n->nlookup - count : 0;
+    node_maybe_free(&s->t, n);
+}
+
+static void reply_attr(Session *s, uint64_t unique, PyObject *res)
+{
+    struct fuse_attr_out o;
+    memset(&o, 0, sizeof(o));
+    if (!res || attr_from_tuple(res, &o.attr) < 0) {
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    split_timeout(s->attr_timeout, &o.attr_valid, &o.attr_valid_nsec);
+    reply(s, unique, 0, &o, sizeof(o));
+}
+
+static struct handle *handle_new(PyObject *pyfh, int fd, uint64_t node)
+{
+    struct handle *h = calloc(1, sizeof(*h));
+    if (!h)
+        return NULL;
+    Py_XINCREF(pyfh);
+    h->pyfh = pyfh;
+    h->fd = fd;
+    h->node = node;
+    return h;
+}
+
+static void do_getattr(Session *s, uint64_t unique, uint64_t id, const struct fuse_getattr_in *in)
+{
+    PyObject *res;
+    if (in && (in->getattr_flags & FUSE_GETATTR_FH) && in->fh) {
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        if (h->pyfh && h->pyfh != Py_None) {
+            res = PyObject_CallMethod(s->ops, "fgetattr", "O", h->pyfh);
+            reply_attr(s, unique, res);
+            Py_XDECREF(res);
+            return;
+        }
+    }
+    int err = 0;
+    PyObject *path = path_bytes(s, id, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    res = PyObject_CallMethod(s->ops, "getattr", "O", path);
+    Py_DECREF(path);
+    reply_attr(s, unique, res);
+    Py_XDECREF(res);
+}
+
+static void do_setattr(Session *s, uint64_t unique, uint64_t id, const struct fuse_setattr_in *in)
+{
+    int err = 0;
+    PyObject *path = path_bytes(s, id, &s->pb, &err);
+    PyObject *pyfh = Py_None;
+    if ((in->valid & FATTR_FH) && in->fh) {
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        if (h->pyfh)
+            pyfh = h->pyfh;
+    }
+    if (!path) {
+        if (pyfh == Py_None) {
+            reply_err(s, unique, err);
+            return;
+        }
+        path = Py_None;
+        Py_INCREF(path);
+    }
+    long long atime = -1, mtime = -1; /* -1: leave alone, -2: now */
+    if (in->valid & FATTR_ATIME_NOW)
+        atime = -2;
+    else if (in->valid & FATTR_ATIME)
+        atime = (long long)in->atime * 1000000000LL + in->atimensec;
+    if (in->valid & FATTR_MTIME_NOW)
+        mtime = -2;
+    else if (in->valid & FATTR_MTIME)
+        mtime = (long long)in->mtime * 1000000000LL + in->mtimensec;
+    PyObject *res = PyObject_CallMethod(
+        s->ops, "setattr", "OOiLLLLLL", path, pyfh, (int)(in->valid & (FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_SIZE)),
+        (long long)in->mode, (long long)in->uid, (long long)in->gid, (long long)in->size, atime, mtime);
+    Py_DECREF(path);
+    reply_attr(s, unique, res);
+    Py_XDECREF(res);
+}
+
+static void do_readlink(Session *s, uint64_t unique, uint64_t id)
+{
+    int err = 0;
+    PyObject *path = path_bytes(s, id, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res = PyObject_CallMethod(s->ops, "readlink", "O", path);
+    Py_DECREF(path);
+    if (!res || !PyBytes_Check(res)) {
+        if (res)
+            PyErr_SetString(PyExc_TypeError, "readlink must return bytes");
+        reply_err(s, unique, py_errno());
+        Py_XDECREF(res);
+        return;
+    }
+    reply(s, unique, 0, PyBytes_AS_STRING(res), (size_t)PyBytes_GET_SIZE(res));
+    Py_DECREF(res);
+}
+
+/* mkdir, mknod, symlink and link all answer with the new entry */
+static void do_make(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len, const char *method,
+                    const char *fmt, PyObject *a1, long long a2, long long a3, const struct fuse_in_header *ih)
+{
+    int err = 0;
+    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res;
+    if (!strcmp(fmt, "mode"))
+        res = PyObject_CallMethod(s->ops, method, "OLLII", path, a2, a3, ih->uid, ih->gid);
+    else if (!strcmp(fmt, "symlink"))
+        res = PyObject_CallMethod(s->ops, method, "OOII", path, a1, ih->uid, ih->gid);
+    else /* link: a1 is the existing path */
+        res = PyObject_CallMethod(s->ops, method, "OO", a1, path);
+    Py_DECREF(path);
+    reply_entry_from(s, unique, parent, name, len, res);
+    Py_XDECREF(res);
+}
+
+static void do_unlink(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len, const char *method)
+{
+    int err = 0;
+    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res = PyObject_CallMethod(s->ops, method, "O", path);
+    Py_DECREF(path);
+    if (!res) {
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    Py_DECREF(res);
+    dentry_forget(&s->t, parent, name, len);
+    reply_err(s, unique, 0);
+}
+
+static void do_rename(Session *s, uint64_t unique, uint64_t olddir, const char *oldname, size_t oldlen,
+                      uint64_t newdir, const char *newname, size_t newlen, uint32_t flags)
+{
+    int err = 0;
+    PyObject *oldp = child_path(s, olddir, oldname, oldlen, &s->pb, &err);
+    if (!oldp) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *newp = child_path(s, newdir, newname, newlen, &s->pb2, &err);
+    if (!newp) {
+        Py_DECREF(oldp);
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res = PyObject_CallMethod(s->ops, "rename", "OOI", oldp, newp, flags);
+    Py_DECREF(oldp);
+    Py_DECREF(newp);
+    if (!res) {
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    Py_DECREF(res);
+    struct dentry *src = dentry_get(&s->t, olddir, oldname, oldlen);
+    struct dentry *dst = dentry_get(&s->t, newdir, newname, newlen);
+    struct node *srcnode = src ? src->node : NULL;
+    struct node *dstnode = dst ? dst->node : NULL;
+    if (flags & RENAME_EXCHANGE) {
+        if (srcnode)
+            srcnode->nlookup++; /* hold both while their names are swapped */
+        if (dstnode)
+            dstnode->nlookup++;
+        if (src)
+            dentry_drop(&s->t, src);
+        if (dst)
+            dentry_drop(&s->t, dst);
+        if (srcnode) {
+            dentry_set(&s->t, newdir, newname, newlen, srcnode);
+            srcnode->nlookup--;
+        }
+        if (dstnode) {
+            dentry_set(&s->t, olddir, oldname, oldlen, dstnode);
+            dstnode->nlookup--;
+        }
+        node_maybe_free(&s->t, srcnode);
+        node_maybe_free(&s->t, dstnode);
+    } else if (srcnode) {
+        srcnode->nlookup++;
+        dentry_drop(&s->t, src);
+        dentry_set(&s->t, newdir, newname, newlen, srcnode); /* drops the replaced name too */
+        srcnode->nlookup--;
+        node_maybe_free(&s->t, srcnode);
+    } else if (dst) {
+        dentry_drop(&s->t, dst);
+    }
+    reply_err(s, unique, 0);
+}
+
+static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, int dir)
+{
+    struct fuse_open_out o;
+    memset(&o, 0, sizeof(o));
+    if (dir) {
+        struct handle *h = handle_new(NULL, -1, id);
+        if (!h) {
+            reply_err(s, unique, ENOMEM);
+            return;
+        }
+        o.fh = (uint64_t)(uintptr_t)h;
+        if (!s->writable)
+            o.open_flags = FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR;
+        reply(s, unique, 0, &o, sizeof(o));
+        return;
+    }
+    if (!s->writable) {
+        /* the kernel remembers ENOSYS: no OPEN or RELEASE for the rest of the mount, reads by
+         * path with the page cache kept across opens (lower files never change) */
+        s->no_open = 1;
+        reply_err(s, unique, ENOSYS);
+        return;
+    }
+    int err = 0;
+    PyObject *path = path_bytes(s, id, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res = PyObject_CallMethod(s->ops, "open", "OI", path, flags);
+    Py_DECREF(path);
+    PyObject *pyfh;
+    int fd;
+    if (!res || !PyArg_ParseTuple(res, "Oi", &pyfh, &fd)) {
+        Py_XDECREF(res);
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    struct handle *h = handle_new(pyfh, fd, id);
+    Py_DECREF(res);
+    if (!h) {
+        reply_err(s, unique, ENOMEM);
+        return;
+    }
+    struct node *n = node_get(&s->t, id);
+    if (n)
+        n->opens++;
+    o.fh = (uint64_t)(uintptr_t)h;
+    o.open_flags = FOPEN_KEEP_CACHE; /* every change goes through this mount */
+    reply(s, unique, 0, &o, sizeof(o));
+}
+
+static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct fuse_create_in *in, const char *name,
+                      size_t len, const struct fuse_in_header *ih)
+{
+    int err = 0;
+    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res = PyObject_CallMethod(s->ops, "create", "OIIII", path, in->mode, in->flags, ih->uid, ih->gid);
+    Py_DECREF(path);
+    PyObject *pyfh, *attr;
+    int fd;
+    if (!res || !PyArg_ParseTuple(res, "OiO", &pyfh, &fd, &attr)) {
+        Py_XDECREF(res);
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    struct {
+        struct fuse_entry_out e;
+        struct fuse_open_out o;
+    } out;
+    struct fuse_attr a;
+    if (attr_from_tuple(attr, &a) < 0) {
+        Py_DECREF(res);
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    int r = remember(s, parent, name, len, &a);
+    struct handle *h = r < 0 ? NULL : handle_new(pyfh, fd, a.ino);
+    Py_DECREF(res);
+    if (!h) {
+        reply_err(s, unique, r < 0 ? -r : ENOMEM);
+        return;
+    }
+    node_get(&s->t, a.ino)->opens++;
+    fill_entry(s, &out.e, &a);
+    memset(&out.o, 0, sizeof(out.o));
+    out.o.fh = (uint64_t)(uintptr_t)h;
+    out.o.open_flags = FOPEN_KEEP_CACHE;
+    reply(s, unique, 0, &out, sizeof(out));
+}
+
+static void do_release(Session *s, uint64_t unique, uint64_t fh, int dir)
+{
+    struct handle *h = (struct handle *)(uintptr_t)fh;
+    if (!h) {
+        reply_err(s, unique, 0);
+        return;
+    }
+    if (h->pyfh && h->pyfh != Py_None) {
+        PyObject *res = PyObject_CallMethod(s->ops, "release", "O", h->pyfh);
+        if (!res)
+            py_errno();
+        Py_XDECREF(res);
+    }
+    if (!dir) {
+        struct node *n = node_get(&s->t, h->node);
+        if (n && n->opens) {
+            n->opens--;
+            node_maybe_free(&s->t, n);
+        }
+    }
+    Py_XDECREF(h->pyfh);
+    Py_XDECREF(h->listing);
+    free(h);
+    reply_err(s, unique, 0);
+}
+
+/* READDIR / READDIRPLUS from the handle's listing: [(name, attr tuple or None), ...] where the
+ * first two are "." and "..".  The offset of an entry is its index + 1. */
+static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fuse_read_in *in, int plus)
+{
+    struct handle *h = (struct handle *)(uintptr_t)in->fh;
+    if (!h) {
+        reply_err(s, unique, EBADF);
+        return;
+    }
+    if (!h->listing || in->offset == 0) {
+        int err = 0;
+        PyObject *path = path_bytes(s, id, &s->pb, &err);
+        if (!path) {
+            reply_err(s, unique, err);
+            return;
+        }
+        PyObject *res = PyObject_CallMethod(s->ops, "readdir", "O", path);
+        Py_DECREF(path);
+        if (!res || !PyList_Check(res)) {
+            if (res)
+                PyErr_SetString(PyExc_TypeError, "readdir must return a list");
+            Py_XDECREF(res);
+            reply_err(s, unique, py_errno());
+            return;
+        }
+        Py_XDECREF(h->listing);
+        h->listing = res;
+    }
+    size_t cap = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+    char *out = s->buf + BUF_SIZE; /* the second half of the buffer is the reply area */
+    size_t used = 0;
+    Py_ssize_t n = PyList_GET_SIZE(h->listing);
+    for (Py_ssize_t i = (Py_ssize_t)in->offset; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(h->listing, i);
+        PyObject *pyname, *attr;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+            break;
+        pyname = PyTuple_GET_ITEM(item, 0);
+        attr = PyTuple_GET_ITEM(item, 1);
+        if (!PyBytes_Check(pyname))
+            break;
+        const char *name = PyBytes_AS_STRING(pyname);
+        size_t len = (size_t)PyBytes_GET_SIZE(pyname);
+        struct fuse_attr a;
+        if (attr_from_tuple(attr, &a) < 0) {
+            PyErr_Clear();
+            continue;
+        }
+        int dot = (len == 1 && name[0] == '.') || (len == 2 && name[0] == '.' && name[1] == '.');
+        size_t base = plus ? FUSE_NAME_OFFSET_DIRENTPLUS : FUSE_NAME_OFFSET;
+        size_t rec = FUSE_DIRENT_ALIGN(base + len);
+        if (used + rec > cap)
+            break;
+        char *p = out + used;
+        memset(p, 0, rec);
+        struct fuse_dirent *de;
+        if (plus) {
+            struct fuse_direntplus *dp = (struct fuse_direntplus *)p;
+            if (!dot) {
+                if (remember(s, id, name, len, &a) < 0)
+                    break;
+                fill_entry(s, &dp->entry_out, &a);
+            } else {
+                dp->entry_out.attr.ino = a.ino; /* node id 0: the kernel does not count it */
+                dp->entry_out.attr.mode = a.mode;
+            }
+            de = &dp->dirent;
+        } else {
+            de = (struct fuse_dirent *)p;
+        }
+        de->ino = a.ino;
+        de->off = (uint64_t)i + 1;
+        de->namelen = (uint32_t)len;
+        de->type = (a.mode & S_IFMT) >> 12;
+        memcpy(de->name, name, len);
+        used += rec;
+    }
+    reply(s, unique, 0, out, used);
+}
+
+static void do_read(Session *s, uint64_t unique, uint64_t id, const struct fuse_read_in *in)
+{
+    struct handle *h = (struct handle *)(uintptr_t)in->fh;
+    PyObject *res;
+    if (h && h->fd >= 0) { /* an upper file: read it here, without the GIL */
+        size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+        char *out = s->buf + BUF_SIZE;
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = pread(h->fd, out, size, (off_t)in->offset);
+        Py_END_ALLOW_THREADS
+        if (n < 0)
+            reply_err(s, unique, errno);
+        else
+            reply(s, unique, 0, out, (size_t)n);
+        return;
+    }
+    if (h && h->pyfh) {
+        res = PyObject_CallMethod(s->ops, "read", "OIK", h->pyfh, in->size, (unsigned long long)in->offset);
+    } else {
+        int err = 0;
+        PyObject *path = path_bytes(s, id, &s->pb, &err);
+        if (!path) {
+            reply_err(s, unique, err);
+            return;
+        }
+        res = PyObject_CallMethod(s->ops, "read_path", "OIK", path, in->size, (unsigned long long)in->offset);
+        Py_DECREF(path);
+    }
+    Py_buffer view;
+    if (!res || PyObject_GetBuffer(res, &view, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(res);
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    size_t len = (size_t)view.len < in->size ? (size_t)view.len : in->size;
+    reply(s, unique, 0, view.buf, len);
+    PyBuffer_Release(&view);
+    Py_DECREF(res);
+}
+
+static void call_simple(Session *s, uint64_t unique, PyObject *res)
+{
+    if (!res) {
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    Py_DECREF(res);
+    reply_err(s, unique, 0);
+}
+
+static void do_statfs(Session *s, uint64_t unique)
+{
+    PyObject *res = PyObject_CallMethod(s->ops, "statfs", NULL);
+    struct fuse_statfs_out o;
+    memset(&o, 0, sizeof(o));
+    unsigned long long blocks, bfree, bavail, files, ffree;
+    unsigned int bsize, namelen, frsize;
+    if (!res || !PyArg_ParseTuple(res, "KKKKKIII", &blocks, &bfree, &bavail, &files, &ffree, &bsize, &namelen,
+                                  &frsize)) {
+        Py_XDECREF(res);
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    Py_DECREF(res);
+    o.st.blocks = blocks;
+    o.st.bfree = bfree;
+    o.st.bavail = bavail;
+    o.st.files = files;
+    o.st.ffree = ffree;
+    o.st.bsize = bsize;
+    o.st.namelen = namelen;
+    o.st.frsize = frsize;
+    reply(s, unique, 0, &o, sizeof(o));
+}
+
+static void do_getxattr(Session *s, uint64_t unique, uint64_t id, const char *name, uint32_t size, int list)
+{
+    int err = 0;
+    PyObject *path = path_bytes(s, id, &s->pb, &err);
+    if (!path) {
+        reply_err(s, unique, err);
+        return;
+    }
+    PyObject *res = list ? PyObject_CallMethod(s->ops, "listxattr", "O", path)
+                         : PyObject_CallMethod(s->ops, "getxattr", "Oy", path, name);
+    Py_DECREF(path);
+    if (!res || !PyBytes_Check(res)) {
+        if (res)
+            PyErr_SetString(PyExc_TypeError, "xattr calls return bytes");
+        Py_XDECREF(res);
+        reply_err(s, unique, py_errno());
+        return;
+    }
+    size_t len = (size_t)PyBytes_GET_SIZE(res);
+    if (size == 0) {
+        struct fuse_getxattr_out o = {.size = (uint32_t)len};
+        reply(s, unique, 0, &o, sizeof(o));
+    } else if (len > size) {
+        reply_err(s, unique, ERANGE);
+    } else {
+        reply(s, unique, 0, PyBytes_AS_STRING(res), len);
+    }
+    Py_DECREF(res);
+}
+
+/* ---- the loop --------------------------------------------------------------------------------- */
+
+#define NEED(n)                                                                                              \
+    do {                                                                                                     \
+        if (blen < (size_t)(n)) {                                                                            \
+            reply_err(s, ih->unique, EINVAL);                                                                \
+            return;                                                                                          \
+        }                                                                                                    \
+    } while (0)
+
+/* a NUL-terminated name inside the request, or NULL */
+static const char *take_name(const char **p, size_t *left, size_t *len)
+{
+    const char *start = *p;
+    const char *end = memchr(start, 0, *left);
+    if (!end)
+        return NULL;
+    *len = (size_t)(end - start);
+    *left -= *len + 1;
+    *p = end + 1;
+    return start;
+}
+
+static void do_init(Session *s, const struct fuse_in_header *ih, const char *body, size_t blen)
+{
+    NEED(sizeof(uint32_t) * 4);
+    const struct fuse_init_in *in = (const struct fuse_init_in *)body;
+    struct fuse_init_out o;
+    memset(&o, 0, sizeof(o));
+    o.major = FUSE_KERNEL_VERSION;
+    o.minor = FUSE_KERNEL_MINOR_VERSION;
+    if (in->major != FUSE_KERNEL_VERSION) {
+        /* the kernel retries with our major if it is lower; 7 is all there is */
+        reply(s, ih->unique, 0, &o, 8);
+        return;
+    }
+    s->proto_minor = in->minor < FUSE_KERNEL_MINOR_VERSION ? in->minor : FUSE_KERNEL_MINOR_VERSION;
+    uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES |
+                    FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_EXPORT_SUPPORT | FUSE_PARALLEL_DIROPS;
+    o.flags = in->flags & want;
+    o.max_readahead = in->max_readahead;
+    o.max_write = MAX_WRITE;
+    o.max_pages = (uint16_t)(MAX_WRITE / 4096);
+    o.max_background = 64;
+    o.congestion_threshold = 48;
+    o.time_gran = 1;
+    reply(s, ih->unique, 0, &o, sizeof(o));
+}
+
+static void dispatch(Session *s, const char *req, size_t n)
+{
+    const struct fuse_in_header *ih = (const struct fuse_in_header *)req;
+    const char *body = req + sizeof(*ih);
+    size_t blen = n - sizeof(*ih);
+    uint64_t u = ih->unique, id = ih->nodeid;
+    const char *p = body;
+    size_t left = blen, len, len2;
+    const char *name, *name2;
+
+    if (s->debug)
+        fprintf(stderr, "layerfs: op %u node %llu\n", ih->opcode, (unsigned long long)id);
+    switch (ih->opcode) {
+    case FUSE_INIT:
+        do_init(s, ih, body, blen);
+        return;
+    case FUSE_DESTROY:
+        reply_err(s, u, 0);
+        return;
+    case FUSE_FORGET:
+        NEED(sizeof(struct fuse_forget_in));
+        forget_one(s, id, ((const struct fuse_forget_in *)body)->nlookup);
+        return; /* no reply */
+    case FUSE_BATCH_FORGET: {
+        NEED(sizeof(struct fuse_batch_forget_in));
+        const struct fuse_batch_forget_in *bf = (const struct fuse_batch_forget_in *)body;
+        const struct fuse_forget_one *one = (const struct fuse_forget_one *)(bf + 1);
+        size_t count = (blen - sizeof(*bf)) / sizeof(*one);
+        if (bf->count < count)
+            count = bf->count;
+        for (size_t i = 0; i < count; i++)
+            forget_one(s, one[i].nodeid, one[i].nlookup);
+        return;
+    }
+    case FUSE_INTERRUPT:
+        return; /* every request is answered promptly; nothing to cancel */
+    case FUSE_LOOKUP:
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        do_lookup(s, u, id, name, len);
+        return;
+    case FUSE_GETATTR:
+        do_getattr(s, u, id, blen >= sizeof(struct fuse_getattr_in) ? (const struct fuse_getattr_in *)body : NULL);
+        return;
+    case FUSE_SETATTR:
+        NEED(sizeof(struct fuse_setattr_in));
+        do_setattr(s, u, id, (const struct fuse_setattr_in *)body);
+        return;
+    case FUSE_READLINK:
+        do_readlink(s, u, id);
+        return;
+    case FUSE_MKNOD: {
+        NEED(sizeof(struct fuse_mknod_in));
+        const struct fuse_mknod_in *in = (const struct fuse_mknod_in *)body;
+        p += sizeof(*in);
+        left -= sizeof(*in);
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        do_make(s, u, id, name, len, "mknod", "mode", NULL, in->mode, in->rdev, ih);
+        return;
+    }
+    case FUSE_MKDIR: {
+        NEED(sizeof(struct fuse_mkdir_in));
+        const struct fuse_mkdir_in *in = (const struct fuse_mkdir_in *)body;
+        p += sizeof(*in);
+        left -= sizeof(*in);
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        do_make(s, u, id, name, len, "mkdir", "mode", NULL, in->mode, 0, ih);
+        return;
+    }
+    case FUSE_SYMLINK: {
+        if (!(name = take_name(&p, &left, &len)) || !(name2 = take_name(&p, &left, &len2)))
+            break;
+        /* the new entry's name comes first, then the link target */
+        PyObject *target = PyBytes_FromStringAndSize(name2, (Py_ssize_t)len2);
+        if (!target) {
+            reply_err(s, u, py_errno());
+            return;
+        }
+        do_make(s, u, id, name, len, "symlink", "symlink", target, 0, 0, ih);
+        Py_DECREF(target);
+        return;
+    }
+    case FUSE_LINK: {
+        NEED(sizeof(struct fuse_link_in));
+        const struct fuse_link_in *in = (const struct fuse_link_in *)body;
+        p += sizeof(*in);
+        left -= sizeof(*in);
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        int err = 0;
+        PyObject *old = path_bytes(s, in->oldnodeid, &s->pb2, &err);
+        if (!old) {
+            reply_err(s, u, err);
+            return;
+        }
+        do_make(s, u, id, name, len, "link", "link", old, 0, 0, ih);
+        Py_DECREF(old);
+        return;
+    }
+    case FUSE_UNLINK:
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        do_unlink(s, u, id, name, len, "unlink");
+        return;
+    case FUSE_RMDIR:
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        do_unlink(s, u, id, name, len, "rmdir");
+        return;
+    case FUSE_RENAME:
+    case FUSE_RENAME2: {
+        uint64_t newdir;
+        uint32_t flags = 0;
+        if (ih->opcode == FUSE_RENAME) {
+            NEED(sizeof(struct fuse_rename_in));
+            newdir = ((const struct fuse_rename_in *)body)->newdir;
+            p += sizeof(struct fuse_rename_in);
+            left -= sizeof(struct fuse_rename_in);
+        } else {
+            NEED(sizeof(struct fuse_rename2_in));
+            newdir = ((const struct fuse_rename2_in *)body)->newdir;
+            flags = ((const struct fuse_rename2_in *)body)->flags;
+            p += sizeof(struct fuse_rename2_in);
+            left -= sizeof(struct fuse_rename2_in);
+        }
+        if (!(name = take_name(&p, &left, &len)) || !(name2 = take_name(&p, &left, &len2)))
+            break;
+        do_rename(s, u, id, name, len, newdir, name2, len2, flags);
+        return;
+    }
+    case FUSE_OPEN:
+        NEED(sizeof(struct fuse_open_in));
+        do_open(s, u, id, ((const struct fuse_open_in *)body)->flags, 0);
+        return;
+    case FUSE_OPENDIR:
+        do_open(s, u, id, 0, 1);
+        return;
+    case FUSE_CREATE: {
+        NEED(sizeof(struct fuse_create_in));
+        const struct fuse_create_in *in = (const struct fuse_create_in *)body;
+        p += sizeof(*in);
+        left -= sizeof(*in);
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        do_create(s, u, id, in, name, len, ih);
+        return;
+    }
+    case FUSE_READ:
+        NEED(sizeof(struct fuse_read_in));
+        do_read(s, u, id, (const struct fuse_read_in *)body);
+        return;
+    case FUSE_WRITE: {
+        NEED(sizeof(struct fuse_write_in));
+        const struct fuse_write_in *in = (const struct fuse_write_in *)body;
+        if (blen - sizeof(*in) < in->size)
+            break;
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        if (!h || !h->pyfh) {
+            reply_err(s, u, EBADF);
+            return;
+        }
+        if (h->fd >= 0) { /* an upper file: written here, without the GIL */
+            ssize_t n;
+            Py_BEGIN_ALLOW_THREADS
+            n = pwrite(h->fd, in + 1, in->size, (off_t)in->offset);
+            Py_END_ALLOW_THREADS
+            if (n < 0) {
+                reply_err(s, u, errno);
+                return;
+            }
+            struct fuse_write_out o = {.size = (uint32_t)n};
+            reply(s, u, 0, &o, sizeof(o));
+            return;
+        }
+        PyObject *data = PyMemoryView_FromMemory((char *)(in + 1), in->size, PyBUF_READ);
+        PyObject *res = data ? PyObject_CallMethod(s->ops, "write", "OOK", h->pyfh, data,
+                                                   (unsigned long long)in->offset)
+                             : NULL;
+        Py_XDECREF(data);
+        if (!res) {
+            reply_err(s, u, py_errno());
+            return;
+        }
+        struct fuse_write_out o = {.size = (uint32_t)PyLong_AsUnsignedLong(res)};
+        Py_DECREF(res);
+        reply(s, u, 0, &o, sizeof(o));
+        return;
+    }
+    case FUSE_STATFS:
+        do_statfs(s, u);
+        return;
+    case FUSE_RELEASE:
+    case FUSE_RELEASEDIR:
+        NEED(sizeof(struct fuse_release_in));
+        do_release(s, u, ((const struct fuse_release_in *)body)->fh, ih->opcode == FUSE_RELEASEDIR);
+        return;
+    case FUSE_FLUSH:
+        reply_err(s, u, 0); /* writes go straight to the upper file: nothing is buffered here */
+        return;
+    case FUSE_FSYNC:
+    case FUSE_FSYNCDIR: {
+        NEED(sizeof(struct fuse_fsync_in));
+        const struct fuse_fsync_in *in = (const struct fuse_fsync_in *)body;
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        if (!h || !h->pyfh) {
+            reply_err(s, u, 0);
+            return;
+        }
+        call_simple(s, u, PyObject_CallMethod(s->ops, "fsync", "Oi", h->pyfh, (int)(in->fsync_flags & 1)));
+        return;
+    }
+    case FUSE_FALLOCATE: {
+        NEED(sizeof(struct fuse_fallocate_in));
+        const struct fuse_fallocate_in *in = (const struct fuse_fallocate_in *)body;
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        if (!h || !h->pyfh) {
+            reply_err(s, u, EBADF);
+            return;
+        }
+        call_simple(s, u,
+                    PyObject_CallMethod(s->ops, "fallocate", "OIKK", h->pyfh, in->mode,
+                                        (unsigned long long)in->offset, (unsigned long long)in->length));
+        return;
+    }
+    case FUSE_READDIR:
+    case FUSE_READDIRPLUS:
+        NEED(sizeof(struct fuse_read_in));
+        do_readdir(s, u, id, (const struct fuse_read_in *)body, ih->opcode == FUSE_READDIRPLUS);
+        return;
+    case FUSE_GETXATTR: {
+        NEED(sizeof(struct fuse_getxattr_in));
+        const struct fuse_getxattr_in *in = (const struct fuse_getxattr_in *)body;
+        p += sizeof(*in);
+        left -= sizeof(*in);
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        do_getxattr(s, u, id, name, in->size, 0);
+        return;
+    }
+    case FUSE_LISTXATTR:
+        NEED(sizeof(struct fuse_getxattr_in));
+        do_getxattr(s, u, id, NULL, ((const struct fuse_getxattr_in *)body)->size, 1);
+        return;
+    case FUSE_SETXATTR: {
+        NEED(FUSE_COMPAT_SETXATTR_IN_SIZE);
+        const struct fuse_setxattr_in *in = (const struct fuse_setxattr_in *)body;
+        p += FUSE_COMPAT_SETXATTR_IN_SIZE;
+        left -= FUSE_COMPAT_SETXATTR_IN_SIZE;
+        if (!(name = take_name(&p, &left, &len)) || left < in->size)
+            break;
+        int err = 0;
+        PyObject *path = path_bytes(s, id, &s->pb, &err);
+        if (!path) {
+            reply_err(s, u, err);
+            return;
+        }
+        call_simple(s, u,
+                    PyObject_CallMethod(s->ops, "setxattr", "Oy#y#I", path, name, (Py_ssize_t)len, p,
+                                        (Py_ssize_t)in->size, in->flags));
+        Py_DECREF(path);
+        return;
+    }
+    case FUSE_REMOVEXATTR: {
+        if (!(name = take_name(&p, &left, &len)))
+            break;
+        int err = 0;
+        PyObject *path = path_bytes(s, id, &s->pb, &err);
+        if (!path) {
+            reply_err(s, u, err);
+            return;
+        }
+        call_simple(s, u, PyObject_CallMethod(s->ops, "removexattr", "Oy#", path, name, (Py_ssize_t)len));
+        Py_DECREF(path);
+        return;
+    }
+    case FUSE_ACCESS:
+    default:
+        /* ACCESS: default_permissions checks; locks, ioctl, poll, bmap, lseek, copy_file_range:
+         * the kernel does them itself or reports that the filesystem does not */
+        reply_err(s, u, ENOSYS);
+        return;
+    }
+    reply_err(s, u, EINVAL); /* a malformed request */
+}
+
+/* ---- the Python type -------------------------------------------------------------------------- */
+
+static int Session_init(Session *s, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "ops", "writable", "entry_timeout", "attr_timeout", "negative_timeout", "debug",
+                             NULL};
+    s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddp", kwlist, &s->fd, &s->ops, &s->writable, &s->entry_timeout,
+                                     &s->attr_timeout, &s->negative_timeout, &s->debug))
+        return -1;
+    Py_INCREF(s->ops);
+    if (table_init(&s->t) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    struct node *root = node_make(&s->t, ROOT_ID);
+    s->buf = malloc(2 * BUF_SIZE);
+    if (!root || !s->buf) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    root->nlookup = 1;
+    s->generation = 1;
+    return 0;
+}
+
+static void Session_dealloc(Session *s)
+{
+    Py_XDECREF(s->ops);
+    if (s->t.nodes) {
+        for (size_t i = 0; i < s->t.dentcap; i++) {
+            struct dentry *d = s->t.dentries[i];
+            while (d) {
+                struct dentry *next = d->hnext;
+                free(d);
+                d = next;
+            }
+        }
+        for (size_t i = 0; i < s->t.nodecap; i++) {
+            struct node *n = s->t.nodes[i];
+            while (n) {
+                struct node *next = n->hnext;
+                free(n);
+                n = next;
+            }
+        }
+        free(s->t.nodes);
+        free(s->t.dentries);
+    }
+    free(s->pb.p);
+    free(s->pb2.p);
+    free(s->buf);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+/* Serve until the file system is unmounted.  Returns None; raises on a device error, or with
+ * the exception of a signal handler (which usually unmounts first). */
+static PyObject *Session_run(Session *s, PyObject *unused)
+{
+    for (;;) {
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = read(s->fd, s->buf, BUF_SIZE);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            if (errno == ENOENT || errno == EAGAIN)
+                continue; /* an interrupted request vanished before we read it */
+            if (errno == ENODEV)
+                break; /* unmounted */
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if ((size_t)n < sizeof(struct fuse_in_header))
+            continue;
+        const struct fuse_in_header *ih = (const struct fuse_in_header *)s->buf;
+        if (ih->len != (uint32_t)n)
+            continue;
+        s->requests++;
+        dispatch(s, s->buf, (size_t)n);
+        if (PyErr_Occurred()) /* a handler left one behind: report it, keep serving */
+            PyErr_Print();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_stats(Session *s, PyObject *unused)
+{
+    return Py_BuildValue("{s:K,s:n,s:n}", "requests", (unsigned long long)s->requests, "nodes",
+                         (Py_ssize_t)s->t.nnodes, "names", (Py_ssize_t)s->t.ndentries);
+}
+
+static PyObject *Session_inval_entry(Session *s, PyObject *args)
+{
+    unsigned long long parent;
+    const char *name;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "Ky#", &parent, &name, &len))
+        return NULL;
+    struct fuse_out_header h;
+    struct fuse_notify_inval_entry_out o;
+    memset(&o, 0, sizeof(o));
+    o.parent = parent;
+    o.namelen = (uint32_t)len;
+    h.len = (uint32_t)(sizeof(h) + sizeof(o) + (size_t)len + 1);
+    h.error = FUSE_NOTIFY_INVAL_ENTRY;
+    h.unique = 0;
+    struct iovec iov[4] = {{&h, sizeof(h)}, {&o, sizeof(o)}, {(void *)name, (size_t)len}, {"", 1}};
+    ssize_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = writev(s->fd, iov, 4);
+    Py_END_ALLOW_THREADS
+    if (r < 0 && errno != ENOENT)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Session_methods[] = {
+    {"run", (PyCFunction)Session_run, METH_NOARGS, "Serve requests until the file system is unmounted."},
+    {"stats", (PyCFunction)Session_stats, METH_NOARGS, "Requests served, nodes and names held."},
+    {"inval_entry", (PyCFunction)Session_inval_entry, METH_VARARGS,
+     "Tell the kernel to drop its cached entry (parent node id, name)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "layerfs._cfuse.Session",
+    .tp_basicsize = sizeof(Session),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Session_init,
+    .tp_dealloc = (destructor)Session_dealloc,
+    .tp_methods = Session_methods,
+    .tp_doc = "A FUSE session on an open /dev/fuse descriptor, serving an ops object.",
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "layerfs._cfuse", "The FUSE request path in C (low-level protocol).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cfuse(void)
+{
+    if (PyType_Ready(&SessionType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&SessionType);
+    if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0) {
+        Py_DECREF(&SessionType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "PROTOCOL_MINOR", FUSE_KERNEL_MINOR_VERSION);
+    return m;
+}

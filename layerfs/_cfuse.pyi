@@ -1,0 +1,21 @@
+"""Stubs for ``layerfs._cfuse``, the C FUSE core (ext/fusecore.c); its Python half and the
+calls it makes are in ``layerfs.fuse.lowlevel``."""
+
+from typing import Any, Final
+
+PROTOCOL_MINOR: Final[int]
+
+class Session:
+    def __init__(
+        self,
+        fd: int,
+        ops: Any,
+        writable: bool = False,
+        entry_timeout: float = 1.0,
+        attr_timeout: float = 1.0,
+        negative_timeout: float = 1.0,
+        debug: bool = False,
+    ) -> None: ...
+    def run(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def inval_entry(self, parent: int, name: bytes) -> None: ...

@@ -1,0 +1,348 @@
+"""The C FUSE core's Python half: mounting, and the calls the C request path makes into the view.
+
+``layerfs._cfuse.Session`` reads the kernel's requests, keeps the inode and name tables and
+answers what needs no union rule; it calls ``CoreOps`` with paths (relative bytes, ``b""`` is
+the root) for everything else.  ``CoreOps`` only translates: attribute dicts become the tuples
+the C side packs, handles become (handle, host descriptor) pairs.  ``OSError`` raised here
+reaches the kernel as its errno; anything else is logged and answered with EIO.
+
+Mounting uses mount(2) where we may (root), else fusermount3 with its descriptor-passing
+protocol, so the core needs no libfuse.  Not thread-safe: the C loop is single-threaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from layerfs.union.lower import join_path, parent_path
+from layerfs.union.view import UnionView
+
+Attr = tuple[int, int, int, int, int, int, int, int, int, int, int]
+
+RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
+RW_TIMEOUT = 1.0
+# the host descriptor must accept unaligned buffers: O_DIRECT semantics end at the kernel's
+# page cache (the C core does not set FOPEN_DIRECT_IO), so the host file is opened without it
+_HOST_FLAG_MASK = ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL)
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_SYNCHRONOUS, MS_NOATIME, MS_NODIRATIME = 16, 1024, 2048
+MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
+MNT_DETACH = 2
+# generic mount flags by name: (flag, set by the plain name)
+_FLAGS = {
+    "suid": (MS_NOSUID, False),
+    "dev": (MS_NODEV, False),
+    "exec": (MS_NOEXEC, False),
+    "atime": (MS_NOATIME, False),
+    "diratime": (MS_NODIRATIME, False),
+    "relatime": (MS_RELATIME, True),
+    "strictatime": (MS_STRICTATIME, True),
+    "sync": (MS_SYNCHRONOUS, True),
+}
+
+
+def _attr(a: dict[str, int]) -> Attr:
+    return (
+        a["st_ino"],
+        a["st_mode"],
+        a["st_nlink"],
+        a["st_uid"],
+        a["st_gid"],
+        a["st_rdev"],
+        a["st_size"],
+        a["st_blocks"],
+        a["st_atime"],
+        a["st_mtime"],
+        a["st_ctime"],
+    )
+
+
+class CoreOps:
+    """What the C core asks of the union view (see ext/fusecore.c for the call sites)."""
+
+    def __init__(self, view: UnionView) -> None:
+        self.view = view
+
+    # -- names and attributes --------------------------------------------------------
+    def lookup(self, path: bytes) -> Attr:
+        return _attr(self.view.getattr(path))
+
+    getattr = lookup
+
+    def fgetattr(self, fh: int) -> Attr:
+        return _attr(self.view.fgetattr(fh))
+
+    def readdir(self, path: bytes) -> list[tuple[bytes, Attr]]:
+        """The whole listing with attributes (READDIRPLUS answers from it), "." and ".." first."""
+        view = self.view
+        here = _attr(view.getattr(path))
+        up = _attr(view.getattr(parent_path(path))) if path else here
+        out = [(b".", here), (b"..", up)]
+        for name, _, _ in view.readdir(path):
+            try:
+                out.append((name, _attr(view.getattr(join_path(path, name)))))
+            except OSError:
+                continue  # gone between the listing and its stat: leave it out
+        return out
+
+    def readlink(self, path: bytes) -> bytes:
+        return self.view.readlink(path)
+
+    def statfs(self) -> tuple[int, ...]:
+        s = self.view.statfs()
+        return (
+            s["f_blocks"],
+            s["f_bfree"],
+            s["f_bavail"],
+            s["f_files"],
+            s["f_ffree"],
+            s["f_bsize"],
+            s["f_namemax"],
+            s["f_frsize"],
+        )
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes:
+        return self.view.getxattr(path, name)
+
+    def listxattr(self, path: bytes) -> bytes:
+        names = self.view.listxattr(path)
+        return b"".join(n + b"\0" for n in names)
+
+    # -- files -------------------------------------------------------------------------
+    def open(self, path: bytes, flags: int) -> tuple[int, int]:
+        fh = self.view.open(path, flags & _HOST_FLAG_MASK)
+        return fh, self.view.handle_fd(fh)
+
+    def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, int, Attr]:
+        fh = self.view.create(path, mode, flags & _HOST_FLAG_MASK, uid, gid)
+        return fh, self.view.handle_fd(fh), self.fgetattr(fh)
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        return self.view.read(fh, size, offset)
+
+    def read_path(self, path: bytes, size: int, offset: int) -> bytes:
+        return self.view.read_path(path, size, offset)
+
+    def write(self, fh: int, data: memoryview, offset: int) -> int:
+        return self.view.write(fh, data, offset)
+
+    def release(self, fh: int) -> None:
+        self.view.release(fh)
+
+    def fsync(self, fh: int, datasync: int) -> None:
+        self.view.fsync(fh, bool(datasync))
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self.view.fallocate(fh, mode, offset, length)
+
+    # -- changes -----------------------------------------------------------------------
+    def setattr(
+        self,
+        path: bytes | None,
+        fh: int | None,
+        valid: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        size: int,
+        atime: int,
+        mtime: int,
+    ) -> Attr:
+        view = self.view
+        if path is None:  # an open file whose every name is gone: only its handle is left
+            if valid & ~8 or atime != -1 or mtime != -1:
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            if valid & 8:
+                fd = view.handle_fd(fh) if fh is not None else -1
+                if fd < 0:
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+                os.ftruncate(fd, size)
+            return self.fgetattr(fh) if fh is not None else self.getattr(b"")
+        if valid & 1:
+            view.chmod(path, mode)
+        if valid & 6:
+            view.chown(path, uid if valid & 2 else -1, gid if valid & 4 else -1)
+        if valid & 8:
+            view.truncate(path, size, fh)
+        if atime != -1 or mtime != -1:
+            now = time.time_ns()
+            view.utimens(
+                path,
+                None if atime == -1 else now if atime == -2 else atime,
+                None if mtime == -1 else now if mtime == -2 else mtime,
+            )
+        return self.getattr(path)
+
+    def mkdir(self, path: bytes, mode: int, _rdev: int, uid: int, gid: int) -> Attr:
+        self.view.mkdir(path, mode, uid, gid)
+        return self.getattr(path)
+
+    def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        self.view.mknod(path, mode, rdev, uid, gid)
+        return self.getattr(path)
+
+    def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        self.view.symlink(path, target, uid, gid)
+        return self.getattr(path)
+
+    def link(self, existing: bytes, new: bytes) -> Attr:
+        self.view.link(existing, new)
+        return self.getattr(new)
+
+    def unlink(self, path: bytes) -> None:
+        self.view.unlink(path)
+
+    def rmdir(self, path: bytes) -> None:
+        self.view.rmdir(path)
+
+    def rename(self, old: bytes, new: bytes, flags: int) -> None:
+        self.view.rename(old, new, flags)
+
+    def setxattr(self, path: bytes, name: bytes, value: bytes, flags: int) -> None:
+        self.view.setxattr(path, name, value, flags)
+
+    def removexattr(self, path: bytes, name: bytes) -> None:
+        self.view.removexattr(path, name)
+
+
+# -- mounting ------------------------------------------------------------------------------
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _mount_flags(read_only: bool, mount_options: dict[str, bool]) -> tuple[int, list[str]]:
+    flags = MS_RDONLY if read_only else 0
+    names = ["ro"] if read_only else []
+    for name, on in mount_options.items():
+        bit, plain_sets = _FLAGS.get(name, (0, False))
+        if not bit:
+            continue
+        if on == plain_sets:
+            flags |= bit
+        else:
+            flags &= ~bit
+        names.append(name if on else "no" + name)
+    return flags, names
+
+
+def mount_fuse(
+    mountpoint: str,
+    *,
+    fsname: str,
+    subtype: str,
+    read_only: bool,
+    allow_other: bool,
+    mount_options: dict[str, bool],
+) -> int:
+    """Mount a FUSE file system at ``mountpoint``; returns the open /dev/fuse descriptor."""
+    flags, names = _mount_flags(read_only, mount_options)
+    st = os.stat(mountpoint)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    data = f"fd={fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},group_id={os.getgid()}"
+    data += ",default_permissions" + (",allow_other" if allow_other else "")
+    rc = _libc.mount(
+        fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(), flags, data.encode()
+    )
+    if rc == 0:
+        return fd
+    err = ctypes.get_errno()
+    os.close(fd)
+    if err not in (errno.EPERM, errno.EACCES):
+        raise OSError(err, f"mount {mountpoint}: {os.strerror(err)}")
+    del st
+    opts = [f"fsname={fsname}", f"subtype={subtype}", "default_permissions", *names]
+    if allow_other:
+        opts.append("allow_other")
+    return _fusermount(mountpoint, ",".join(o.replace(",", "\\,") for o in opts))
+
+
+def _fusermount(mountpoint: str, options: str) -> int:
+    """Unprivileged: fusermount3 mounts and hands the descriptor back over a socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        proc = subprocess.run(
+            ["fusermount3", "-o", options, "--", mountpoint],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        theirs.close()
+        if proc.returncode != 0:
+            raise OSError(errno.EPERM, proc.stderr.strip() or f"fusermount3 exited {proc.returncode}")
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        if not fds:
+            raise OSError(errno.EIO, "fusermount3 passed no descriptor")
+        return fds[0]
+    finally:
+        ours.close()
+        if theirs.fileno() >= 0:
+            theirs.close()
+
+
+def unmount_lazily(mountpoint: str) -> None:
+    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) == 0:
+        return
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def serve(
+    view: UnionView,
+    mountpoint: str,
+    *,
+    fsname: str,
+    allow_other: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    debug: bool = False,
+    subtype: str = "layerfs",
+    mount_options: dict[str, bool] | None = None,
+) -> None:
+    """Mount and serve until unmounted; SIGINT, SIGTERM and SIGHUP unmount (lazily, as a busy
+    mount cannot go at once) and the loop ends when the kernel lets go."""
+    from layerfs import _cfuse
+
+    if not os.path.exists("/dev/fuse"):
+        raise OSError(errno.ENODEV, "/dev/fuse is missing: FUSE is not available here")
+    options = {"dev": True, "suid": True}
+    options.update(mount_options or {})
+    fd = mount_fuse(
+        mountpoint,
+        fsname=fsname,
+        subtype=subtype,
+        read_only=not view.writable,
+        allow_other=allow_other,
+        mount_options=options,
+    )
+    timeout = RW_TIMEOUT if view.writable else RO_TIMEOUT
+    session = _cfuse.Session(
+        fd,
+        CoreOps(view),
+        writable=view.writable,
+        entry_timeout=timeout,
+        attr_timeout=timeout,
+        negative_timeout=timeout,
+        debug=debug,
+    )
+
+    def stop(signum: int, frame: Any) -> None:
+        unmount_lazily(mountpoint)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        if on_ready is not None:
+            on_ready()
+        session.run()
+    finally:
+        os.close(fd)

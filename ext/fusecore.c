@@ -32,6 +32,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "fusestore.h"
+
 #ifndef FUSE_MAX_PAGES
 #define FUSE_MAX_PAGES (1 << 22)
 #endif
@@ -69,6 +71,8 @@ struct node {
     uint64_t nlookup;           /* the kernel's references (LOOKUP, READDIRPLUS, CREATE, ...) */
     uint64_t children;          /* dentries naming this node as parent: it must outlive them */
     uint64_t opens;             /* open handles: an unlinked open file keeps its node */
+    struct fuse_attr attr;      /* the last attributes sent: what is left once every name is gone */
+    int has_attr;
 };
 
 struct table {
@@ -335,6 +339,10 @@ struct handle {
     uint64_t node;
     /* directories: the listing taken at the first READDIR, served by offset after that */
     PyObject *listing;
+    /* directories read from the store: where the last reply stopped, to resume there */
+    uint64_t last_off;
+    size_t last_len;
+    char last_name[256];
 };
 
 /* ---- the session ------------------------------------------------------------------------------ */
@@ -353,6 +361,8 @@ typedef struct {
     int no_open;                /* read-only mounts: OPEN answered ENOSYS, reads come by path */
     uint64_t generation;
     uint64_t requests;
+    uint64_t fast_requests;
+    struct fs_store *store;     /* read-only mounts of a stored image: served from it in C */
 } Session;
 
 static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
@@ -478,6 +488,8 @@ static int remember(Session *s, uint64_t parent, const char *name, size_t len, c
         return -ESTALE;
     }
     n->nlookup++;
+    n->attr = *a;
+    n->has_attr = 1;
     return 0;
 }
 
@@ -568,7 +580,7 @@ static void forget_one(Session *s, uint64_t id, uint64_t count)
     node_maybe_free(&s->t, n);
 }
 
-static void reply_attr(Session *s, uint64_t unique, PyObject *res)
+static void reply_attr(Session *s, uint64_t unique, uint64_t id, PyObject *res)
 {
     struct fuse_attr_out o;
     memset(&o, 0, sizeof(o));
@@ -576,8 +588,28 @@ static void reply_attr(Session *s, uint64_t unique, PyObject *res)
         reply_err(s, unique, py_errno());
         return;
     }
+    struct node *n = node_get(&s->t, id);
+    if (n) {
+        n->attr = o.attr;
+        n->has_attr = 1;
+    }
     split_timeout(s->attr_timeout, &o.attr_valid, &o.attr_valid_nsec);
     reply(s, unique, 0, &o, sizeof(o));
+}
+
+/* A node whose every name is gone (unlinked, or a directory renamed over) but which the kernel
+ * still holds, open: as the kernel's own file systems, it is still there with no links. */
+static int reply_orphan(Session *s, uint64_t unique, uint64_t id)
+{
+    struct node *n = node_get(&s->t, id);
+    if (!n || !n->has_attr || n->names)
+        return 0;
+    struct fuse_attr_out o;
+    memset(&o, 0, sizeof(o));
+    o.attr = n->attr;
+    o.attr.nlink = 0;
+    reply(s, unique, 0, &o, sizeof(o));
+    return 1;
 }
 
 static struct handle *handle_new(PyObject *pyfh, int fd, uint64_t node)
@@ -599,7 +631,7 @@ static void do_getattr(Session *s, uint64_t unique, uint64_t id, const struct fu
         struct handle *h = (struct handle *)(uintptr_t)in->fh;
         if (h->pyfh && h->pyfh != Py_None) {
             res = PyObject_CallMethod(s->ops, "fgetattr", "O", h->pyfh);
-            reply_attr(s, unique, res);
+            reply_attr(s, unique, id, res);
             Py_XDECREF(res);
             return;
         }
@@ -607,12 +639,13 @@ static void do_getattr(Session *s, uint64_t unique, uint64_t id, const struct fu
     int err = 0;
     PyObject *path = path_bytes(s, id, &s->pb, &err);
     if (!path) {
-        reply_err(s, unique, err);
+        if (!reply_orphan(s, unique, id))
+            reply_err(s, unique, err);
         return;
     }
     res = PyObject_CallMethod(s->ops, "getattr", "O", path);
     Py_DECREF(path);
-    reply_attr(s, unique, res);
+    reply_attr(s, unique, id, res);
     Py_XDECREF(res);
 }
 
@@ -647,7 +680,7 @@ static void do_setattr(Session *s, uint64_t unique, uint64_t id, const struct fu
         s->ops, "setattr", "OOiLLLLLL", path, pyfh, (int)(in->valid & (FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_SIZE)),
         (long long)in->mode, (long long)in->uid, (long long)in->gid, (long long)in->size, atime, mtime);
     Py_DECREF(path);
-    reply_attr(s, unique, res);
+    reply_attr(s, unique, id, res);
     Py_XDECREF(res);
 }
 
@@ -1078,6 +1111,334 @@ static void do_getxattr(Session *s, uint64_t unique, uint64_t id, const char *na
     Py_DECREF(res);
 }
 
+/* ---- read-only mounts of a stored image, served from the store without Python ---------------- */
+
+static const char *take_name(const char **p, size_t *left, size_t *len);
+
+static void attr_from_inode(struct fuse_attr *a, uint64_t ino, const struct fs_inode *n)
+{
+    memset(a, 0, sizeof(*a));
+    a->ino = ino;
+    a->mode = n->mode;
+    a->nlink = n->nlink;
+    a->uid = n->uid;
+    a->gid = n->gid;
+    a->rdev = (uint32_t)n->rdev;
+    a->size = S_ISLNK(n->mode) ? n->link_len : n->size;
+    a->blocks = (a->size + 511) / 512;
+    a->blksize = 65536;
+    long long sec = n->mtime_ns / 1000000000LL, ns = n->mtime_ns % 1000000000LL;
+    if (ns < 0) {
+        ns += 1000000000LL;
+        sec -= 1;
+    }
+    a->atime = a->mtime = a->ctime = (uint64_t)sec;
+    a->atimensec = a->mtimensec = a->ctimensec = (uint32_t)ns;
+}
+
+static void fast_lookup(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len)
+{
+    uint64_t ino;
+    struct fs_inode n;
+    struct fuse_entry_out e;
+    int r = fs_store_lookup(s->store, parent, name, len, &ino);
+    if (r == -ENOENT) {
+        memset(&e, 0, sizeof(e));
+        split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
+        reply(s, u, 0, &e, sizeof(e));
+        return;
+    }
+    if (r == 0)
+        r = fs_store_inode(s->store, ino, &n);
+    if (r < 0) {
+        reply_err(s, u, r == -ENOENT ? EIO : -r); /* a listed name without an inode: damaged */
+        return;
+    }
+    struct fuse_attr a;
+    attr_from_inode(&a, ino, &n);
+    fill_entry(s, &e, &a);
+    reply(s, u, 0, &e, sizeof(e));
+}
+
+static void fast_getattr(Session *s, uint64_t u, uint64_t ino)
+{
+    struct fs_inode n;
+    struct fuse_attr_out o;
+    int r = fs_store_inode(s->store, ino, &n);
+    if (r < 0) {
+        reply_err(s, u, r == -ENOENT ? ESTALE : -r);
+        return;
+    }
+    memset(&o, 0, sizeof(o));
+    attr_from_inode(&o.attr, ino, &n);
+    split_timeout(s->attr_timeout, &o.attr_valid, &o.attr_valid_nsec);
+    reply(s, u, 0, &o, sizeof(o));
+}
+
+/* Append one entry to a READDIR(PLUS) reply; 0 if it does not fit. */
+static int put_dirent(Session *s, char *out, size_t *used, size_t cap, int plus, const char *name, size_t len,
+                      uint64_t off, uint64_t ino, uint32_t mode, const struct fs_inode *n)
+{
+    size_t base = plus ? FUSE_NAME_OFFSET_DIRENTPLUS : FUSE_NAME_OFFSET;
+    size_t rec = FUSE_DIRENT_ALIGN(base + len);
+    if (*used + rec > cap)
+        return 0;
+    char *p = out + *used;
+    memset(p, 0, rec);
+    struct fuse_dirent *de;
+    if (plus) {
+        struct fuse_direntplus *dp = (struct fuse_direntplus *)p;
+        if (n) {
+            struct fuse_attr a;
+            attr_from_inode(&a, ino, n);
+            fill_entry(s, &dp->entry_out, &a);
+        } else { /* "." and "..": node id 0, the kernel neither links nor counts them */
+            dp->entry_out.attr.ino = ino;
+            dp->entry_out.attr.mode = mode;
+        }
+        de = &dp->dirent;
+    } else {
+        de = (struct fuse_dirent *)p;
+    }
+    de->ino = ino;
+    de->off = off;
+    de->namelen = (uint32_t)len;
+    de->type = (mode & S_IFMT) >> 12;
+    memcpy(de->name, name, len);
+    *used += rec;
+    return 1;
+}
+
+static void fast_readdir(Session *s, uint64_t u, uint64_t dir, const struct fuse_read_in *in, int plus)
+{
+    struct handle *h = (struct handle *)(uintptr_t)in->fh;
+    size_t cap = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+    char *out = s->buf + BUF_SIZE;
+    size_t used = 0;
+    uint64_t off = in->offset;
+    if (!h) {
+        reply_err(s, u, EBADF);
+        return;
+    }
+    if (off < 1 && !put_dirent(s, out, &used, cap, plus, ".", 1, 1, dir, S_IFDIR, NULL))
+        goto done;
+    if (off < 2 && !put_dirent(s, out, &used, cap, plus, "..", 2, 2, dir, S_IFDIR, NULL))
+        goto done;
+    if (off < 2)
+        off = 2;
+    /* where to start: after the name the last reply ended with, or (a seekdir) by counting */
+    int r;
+    uint64_t skip = 0;
+    if (off > 2 && off == h->last_off) {
+        r = fs_store_dir_start(s->store, dir, h->last_name, h->last_len);
+    } else {
+        r = fs_store_dir_start(s->store, dir, NULL, 0);
+        skip = off - 2;
+    }
+    struct fs_dirent de;
+    while (r > 0 && (r = fs_store_dir_next(s->store, &de)) > 0) {
+        if (skip) {
+            skip--;
+            continue;
+        }
+        struct fs_inode n;
+        int ri = plus ? fs_store_inode(s->store, de.ino, &n) : 0;
+        if (ri < 0) {
+            r = ri;
+            break;
+        }
+        if (!put_dirent(s, out, &used, cap, plus, de.name, de.name_len, off + 1, de.ino, de.mode, plus ? &n : NULL))
+            break;
+        off++;
+        h->last_off = off;
+        h->last_len = de.name_len;
+        memcpy(h->last_name, de.name, de.name_len);
+    }
+    if (r < 0 && used == 0) {
+        reply_err(s, u, EIO);
+        return;
+    }
+done:
+    reply(s, u, 0, out, used);
+}
+
+static void fast_xattr(Session *s, uint64_t u, uint64_t ino, const char *name, size_t name_len, uint32_t size,
+                       int list)
+{
+    struct fs_inode n;
+    int r = fs_store_inode(s->store, ino, &n);
+    if (r < 0) {
+        reply_err(s, u, r == -ENOENT ? ESTALE : -r);
+        return;
+    }
+    char *out = s->buf + BUF_SIZE;
+    size_t len = 0, x = 0;
+    int found = 0;
+    for (unsigned i = 0; i < n.xattr_count; i++) {
+        size_t nl = (size_t)(n.xattrs[x] | n.xattrs[x + 1] << 8);
+        size_t vl = (size_t)n.xattrs[x + 2] | (size_t)n.xattrs[x + 3] << 8 | (size_t)n.xattrs[x + 4] << 16 |
+                    (size_t)n.xattrs[x + 5] << 24;
+        const char *xn = (const char *)n.xattrs + x + 6;
+        if (list) {
+            if (len + nl + 1 <= BUF_SIZE) {
+                memcpy(out + len, xn, nl);
+                out[len + nl] = 0;
+            }
+            len += nl + 1;
+        } else if (nl == name_len && memcmp(xn, name, nl) == 0) {
+            len = vl;
+            if (vl <= BUF_SIZE)
+                memcpy(out, xn + nl, vl);
+            found = 1;
+            break;
+        }
+        x += 6 + nl + vl;
+    }
+    if (!list && !found) {
+        reply_err(s, u, ENODATA);
+    } else if (size == 0) {
+        struct fuse_getxattr_out o = {.size = (uint32_t)len};
+        reply(s, u, 0, &o, sizeof(o));
+    } else if (len > size || len > BUF_SIZE) {
+        reply_err(s, u, ERANGE);
+    } else {
+        reply(s, u, 0, out, len);
+    }
+}
+
+static void fast_read(Session *s, uint64_t u, uint64_t ino, const struct fuse_read_in *in)
+{
+    struct fs_inode n;
+    int r = fs_store_inode(s->store, ino, &n);
+    if (r < 0) {
+        reply_err(s, u, r == -ENOENT ? ESTALE : -r);
+        return;
+    }
+    if (!S_ISREG(n.mode)) {
+        reply_err(s, u, S_ISDIR(n.mode) ? EISDIR : EINVAL);
+        return;
+    }
+    size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+    long got = fs_store_read(s->store, &n, ino, s->buf + BUF_SIZE, size, in->offset);
+    if (got < 0)
+        reply_err(s, u, (int)-got);
+    else
+        reply(s, u, 0, s->buf + BUF_SIZE, (size_t)got);
+}
+
+/* Serve a request from the store without Python; 0 if it is not one of those (called without
+ * the GIL: nothing here touches a Python object). */
+static int fast_dispatch(Session *s, const char *req, size_t n)
+{
+    const struct fuse_in_header *ih = (const struct fuse_in_header *)req;
+    const char *body = req + sizeof(*ih);
+    size_t blen = n - sizeof(*ih), len;
+    const char *p = body, *name;
+    size_t left = blen;
+    uint64_t u = ih->unique, id = ih->nodeid;
+    switch (ih->opcode) {
+    case FUSE_FORGET:
+    case FUSE_BATCH_FORGET:
+    case FUSE_INTERRUPT:
+        return 1; /* no table to keep: node ids are the index's inode numbers */
+    case FUSE_OPEN:
+        s->no_open = 1;
+        reply_err(s, u, ENOSYS);
+        return 1;
+    case FUSE_OPENDIR: {
+        struct handle *h = calloc(1, sizeof(*h));
+        if (!h) {
+            reply_err(s, u, ENOMEM);
+            return 1;
+        }
+        h->fd = -1;
+        h->node = id;
+        struct fuse_open_out o;
+        memset(&o, 0, sizeof(o));
+        o.fh = (uint64_t)(uintptr_t)h;
+        o.open_flags = FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR;
+        reply(s, u, 0, &o, sizeof(o));
+        return 1;
+    }
+    case FUSE_RELEASEDIR:
+        if (blen < sizeof(struct fuse_release_in))
+            break;
+        free((void *)(uintptr_t)((const struct fuse_release_in *)body)->fh);
+        reply_err(s, u, 0);
+        return 1;
+    case FUSE_LOOKUP:
+    case FUSE_GETATTR:
+    case FUSE_READDIR:
+    case FUSE_READDIRPLUS:
+    case FUSE_READLINK:
+    case FUSE_GETXATTR:
+    case FUSE_LISTXATTR:
+    case FUSE_READ:
+        break;
+    default:
+        return 0;
+    }
+    if (fs_store_begin(s->store) < 0) {
+        reply_err(s, u, EIO);
+        return 1;
+    }
+    s->fast_requests++;
+    switch (ih->opcode) {
+    case FUSE_LOOKUP:
+        if ((name = take_name(&p, &left, &len)))
+            fast_lookup(s, u, id, name, len);
+        else
+            reply_err(s, u, EINVAL);
+        break;
+    case FUSE_GETATTR:
+        fast_getattr(s, u, id);
+        break;
+    case FUSE_READDIR:
+    case FUSE_READDIRPLUS:
+        if (blen >= sizeof(struct fuse_read_in))
+            fast_readdir(s, u, id, (const struct fuse_read_in *)body, ih->opcode == FUSE_READDIRPLUS);
+        else
+            reply_err(s, u, EINVAL);
+        break;
+    case FUSE_READLINK: {
+        struct fs_inode node;
+        int r = fs_store_inode(s->store, id, &node);
+        if (r < 0)
+            reply_err(s, u, r == -ENOENT ? ESTALE : -r);
+        else if (!S_ISLNK(node.mode))
+            reply_err(s, u, EINVAL);
+        else
+            reply(s, u, 0, node.link, node.link_len);
+        break;
+    }
+    case FUSE_GETXATTR:
+        if (blen >= sizeof(struct fuse_getxattr_in)) {
+            p += sizeof(struct fuse_getxattr_in);
+            left -= sizeof(struct fuse_getxattr_in);
+            if ((name = take_name(&p, &left, &len))) {
+                fast_xattr(s, u, id, name, len, ((const struct fuse_getxattr_in *)body)->size, 0);
+                break;
+            }
+        }
+        reply_err(s, u, EINVAL);
+        break;
+    case FUSE_LISTXATTR:
+        if (blen >= sizeof(struct fuse_getxattr_in))
+            fast_xattr(s, u, id, NULL, 0, ((const struct fuse_getxattr_in *)body)->size, 1);
+        else
+            reply_err(s, u, EINVAL);
+        break;
+    case FUSE_READ:
+        if (blen >= sizeof(struct fuse_read_in))
+            fast_read(s, u, id, (const struct fuse_read_in *)body);
+        else
+            reply_err(s, u, EINVAL);
+        break;
+    }
+    fs_store_end(s->store);
+    return 1;
+}
+
 /* ---- the loop --------------------------------------------------------------------------------- */
 
 #define NEED(n)                                                                                              \
@@ -1348,6 +1709,14 @@ static void dispatch(Session *s, const char *req, size_t n)
             reply_err(s, u, EBADF);
             return;
         }
+        if (h->fd >= 0) { /* every mode the upper file system has (punch hole, zero range, ...) */
+            int r;
+            Py_BEGIN_ALLOW_THREADS
+            r = fallocate(h->fd, (int)in->mode, (off_t)in->offset, (off_t)in->length);
+            Py_END_ALLOW_THREADS
+            reply_err(s, u, r < 0 ? errno : 0);
+            return;
+        }
         call_simple(s, u,
                     PyObject_CallMethod(s->ops, "fallocate", "OIKK", h->pyfh, in->mode,
                                         (unsigned long long)in->offset, (unsigned long long)in->length));
@@ -1419,11 +1788,31 @@ static void dispatch(Session *s, const char *req, size_t n)
 static int Session_init(Session *s, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd", "ops", "writable", "entry_timeout", "attr_timeout", "negative_timeout", "debug",
-                             NULL};
+                             "store", "chain_prefix", NULL};
+    PyObject *store_path = Py_None;
+    const char *prefix = NULL;
+    Py_ssize_t prefix_len = 0;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddp", kwlist, &s->fd, &s->ops, &s->writable, &s->entry_timeout,
-                                     &s->attr_timeout, &s->negative_timeout, &s->debug))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#", kwlist, &s->fd, &s->ops, &s->writable,
+                                     &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
+                                     &store_path, &prefix, &prefix_len))
         return -1;
+    if (store_path != Py_None) {
+        PyObject *encoded;
+        char err[512];
+        if (s->writable || prefix_len != 8) {
+            PyErr_SetString(PyExc_ValueError, "the store serves read-only mounts of one chain (8-byte prefix)");
+            return -1;
+        }
+        if (!PyUnicode_FSConverter(store_path, &encoded))
+            return -1;
+        s->store = fs_store_open(PyBytes_AS_STRING(encoded), (const unsigned char *)prefix, err, sizeof(err));
+        Py_DECREF(encoded);
+        if (!s->store) {
+            PyErr_SetString(PyExc_OSError, err);
+            return -1;
+        }
+    }
     Py_INCREF(s->ops);
     if (table_init(&s->t) < 0) {
         PyErr_NoMemory();
@@ -1442,6 +1831,7 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
 
 static void Session_dealloc(Session *s)
 {
+    fs_store_close(s->store);
     Py_XDECREF(s->ops);
     if (s->t.nodes) {
         for (size_t i = 0; i < s->t.dentcap; i++) {
@@ -1475,38 +1865,51 @@ static PyObject *Session_run(Session *s, PyObject *unused)
 {
     for (;;) {
         ssize_t n;
-        Py_BEGIN_ALLOW_THREADS
+        int handled = 0, err = 0;
+        PyThreadState *ts = PyEval_SaveThread();
         n = read(s->fd, s->buf, BUF_SIZE);
-        Py_END_ALLOW_THREADS
+        if (n < 0)
+            err = errno;
+        else if (s->store && (size_t)n >= sizeof(struct fuse_in_header) &&
+                 ((const struct fuse_in_header *)s->buf)->len == (uint32_t)n)
+            handled = fast_dispatch(s, s->buf, (size_t)n);
+        PyEval_RestoreThread(ts);
         if (n < 0) {
-            if (errno == EINTR) {
+            if (err == EINTR) {
                 if (PyErr_CheckSignals() < 0)
                     return NULL;
                 continue;
             }
-            if (errno == ENOENT || errno == EAGAIN)
+            if (err == ENOENT || err == EAGAIN)
                 continue; /* an interrupted request vanished before we read it */
-            if (errno == ENODEV)
+            if (err == ENODEV)
                 break; /* unmounted */
+            errno = err;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        if ((size_t)n < sizeof(struct fuse_in_header))
-            continue;
-        const struct fuse_in_header *ih = (const struct fuse_in_header *)s->buf;
-        if (ih->len != (uint32_t)n)
-            continue;
         s->requests++;
-        dispatch(s, s->buf, (size_t)n);
-        if (PyErr_Occurred()) /* a handler left one behind: report it, keep serving */
-            PyErr_Print();
+        if (!handled && (size_t)n >= sizeof(struct fuse_in_header) &&
+            ((const struct fuse_in_header *)s->buf)->len == (uint32_t)n) {
+            dispatch(s, s->buf, (size_t)n);
+            if (PyErr_Occurred()) /* a handler left one behind: report it, keep serving */
+                PyErr_Print();
+        }
+        if (s->store && fs_store_needs_pin(s->store)) {
+            /* the Python side renews the read transaction that keeps our snapshots' pages */
+            PyObject *res = PyObject_CallMethod(s->ops, "pin", NULL);
+            if (!res)
+                PyErr_Print();
+            Py_XDECREF(res);
+        }
     }
     Py_RETURN_NONE;
 }
 
 static PyObject *Session_stats(Session *s, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:n,s:n}", "requests", (unsigned long long)s->requests, "nodes",
-                         (Py_ssize_t)s->t.nnodes, "names", (Py_ssize_t)s->t.ndentries);
+    return Py_BuildValue("{s:K,s:K,s:n,s:n}", "requests", (unsigned long long)s->requests, "from_store",
+                         (unsigned long long)s->fast_requests, "nodes", (Py_ssize_t)s->t.nnodes, "names",
+                         (Py_ssize_t)s->t.ndentries);
 }
 
 static PyObject *Session_inval_entry(Session *s, PyObject *args)

@@ -33,9 +33,13 @@ MOUNT_FLAGS = {
     "noexec": ("exec", False),
     "atime": ("atime", True),
     "noatime": ("atime", False),
+    "diratime": ("diratime", True),
+    "nodiratime": ("diratime", False),
+    "strictatime": ("strictatime", True),
+    "relatime": ("relatime", True),
 }
 # accepted silently: what the layout implies or what layerfs always does
-QUIET = {"rw", "default_permissions", "fsname", "subtype", "suid", "dev", "exec", "async", "relatime"}
+QUIET = {"rw", "default_permissions", "fsname", "subtype", "suid", "dev", "exec", "async"}
 
 
 class UsageError(Exception):
@@ -100,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     work = options.pop("workdir", None) or None
     read_only = "ro" in options
     options.pop("ro", None)
-    allow_other = "allow_other" in options
+    # as fuse-overlayfs: a mount made by root is for every user (the kernel's permission checks
+    # still apply through default_permissions)
+    allow_other = "allow_other" in options or os.geteuid() == 0
     options.pop("allow_other", None)
     flags: dict[str, bool] = {}
     for key in list(options):
@@ -130,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             raise MountError("/dev/fuse is missing: FUSE is not available on this machine")
         writable_upper = None if read_only else upper
         lower_dirs = [os.path.abspath(d) for d in lowers]
+        if read_only and upper is not None:
+            # as the kernel: `ro` with an upper directory shows it, read-only, above the lowers
+            lower_dirs.insert(0, os.path.abspath(upper))
         abs_work = os.path.abspath(work) if work else None
 
         def run(ready: Callable[[], None]) -> None:

@@ -33,17 +33,14 @@ UTIME_OMIT = (1 << 30) - 2
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 1.0
 MAX_REQUEST = 1 << 20
+LIBFUSE_FLAGS = ("dev", "suid", "exec", "atime")  # the generic mount flags libfuse passes on
 TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
 TRIM_ABOVE = 8 << 20
 
 
 def _trim_if_large(view: UnionView) -> None:
-    with open("/proc/self/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"RssFile:"):
-                if int(line.split()[1]) * 1024 > TRIM_ABOVE and view.store is not None:
-                    view.store.trim_map()
-                return
+    if view.store is not None:
+        view.store.trim_map_above(TRIM_ABOVE)
 
 
 def _p(path: str) -> bytes:
@@ -303,6 +300,8 @@ def serve(
         "suid": True,
     }
     for name, on in (mount_options or {}).items():
+        if name not in LIBFUSE_FLAGS:
+            continue  # libfuse 3.14 refuses the mount over diratime, relatime, strictatime
         options.pop(name, None)
         options.pop("no" + name, None)
         options[name if on else "no" + name] = True

@@ -24,16 +24,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from layerfs.union.lower import join_path, parent_path
+from layerfs.union.lower import ChainLayer, join_path, parent_path
 from layerfs.union.view import UnionView
 
 Attr = tuple[int, int, int, int, int, int, int, int, int, int, int]
 
+TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
+TRIM_ABOVE = 8 << 20
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 1.0
-# the host descriptor must accept unaligned buffers: O_DIRECT semantics end at the kernel's
-# page cache (the C core does not set FOPEN_DIRECT_IO), so the host file is opened without it
-_HOST_FLAG_MASK = ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL)
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_SYNCHRONOUS, MS_NOATIME, MS_NODIRATIME = 16, 1024, 2048
@@ -68,14 +67,42 @@ def _attr(a: dict[str, int]) -> Attr:
     )
 
 
+def _trim_if_large(view: UnionView) -> None:
+    """A walk maps the store's B-tree pages into the daemon; past TRIM_ABOVE they are dropped
+    from its resident set (they stay in the page cache)."""
+    if view.store is not None:
+        view.store.trim_map_above(TRIM_ABOVE)
+
+
 class CoreOps:
     """What the C core asks of the union view (see ext/fusecore.c for the call sites)."""
 
     def __init__(self, view: UnionView) -> None:
         self.view = view
+        self._calls = 0
+        self._pin: Any = None
+
+    def pin(self) -> None:
+        """Hold (and renew: about once a second) a read transaction of the store, so that no
+        page of a snapshot the C side reads is reused by a writer (see ext/fusestore.h)."""
+        store = self.view.store
+        if store is None:
+            return
+        old, self._pin = self._pin, store.read()
+        if old is not None:
+            old.abort()
+        _trim_if_large(self.view)
+
+    def unpin(self) -> None:
+        if self._pin is not None:
+            self._pin.abort()
+            self._pin = None
 
     # -- names and attributes --------------------------------------------------------
     def lookup(self, path: bytes) -> Attr:
+        self._calls += 1
+        if self._calls % TRIM_EVERY == 0:
+            _trim_if_large(self.view)
         return _attr(self.view.getattr(path))
 
     getattr = lookup
@@ -86,6 +113,9 @@ class CoreOps:
     def readdir(self, path: bytes) -> list[tuple[bytes, Attr]]:
         """The whole listing with attributes (READDIRPLUS answers from it), "." and ".." first."""
         view = self.view
+        self._calls += 1
+        if self._calls % (TRIM_EVERY // 64) == 0:
+            _trim_if_large(view)
         here = _attr(view.getattr(path))
         up = _attr(view.getattr(parent_path(path))) if path else here
         out = [(b".", here), (b"..", up)]
@@ -121,11 +151,11 @@ class CoreOps:
 
     # -- files -------------------------------------------------------------------------
     def open(self, path: bytes, flags: int) -> tuple[int, int]:
-        fh = self.view.open(path, flags & _HOST_FLAG_MASK)
+        fh = self.view.open(path, flags)
         return fh, self.view.handle_fd(fh)
 
     def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, int, Attr]:
-        fh = self.view.create(path, mode, flags & _HOST_FLAG_MASK, uid, gid)
+        fh = self.view.create(path, mode, flags, uid, gid)
         return fh, self.view.handle_fd(fh), self.fgetattr(fh)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -325,15 +355,28 @@ def serve(
         mount_options=options,
     )
     timeout = RW_TIMEOUT if view.writable else RO_TIMEOUT
-    session = _cfuse.Session(
-        fd,
-        CoreOps(view),
-        writable=view.writable,
-        entry_timeout=timeout,
-        attr_timeout=timeout,
-        negative_timeout=timeout,
-        debug=debug,
-    )
+    ops = CoreOps(view)
+    from_store: dict[str, Any] = {}
+    if not view.writable and isinstance(view.lower, ChainLayer) and view.store is not None:
+        # a read-only mount of one stored image: the C core answers from the store itself
+        ops.pin()
+        from_store = {"store": view.store.path, "chain_prefix": view.lower.index.prefix}
+    try:
+        session = _cfuse.Session(
+            fd,
+            ops,
+            writable=view.writable,
+            entry_timeout=timeout,
+            attr_timeout=timeout,
+            negative_timeout=timeout,
+            debug=debug,
+            **from_store,
+        )
+    except BaseException:
+        ops.unpin()
+        os.close(fd)
+        unmount_lazily(mountpoint)
+        raise
 
     def stop(signum: int, frame: Any) -> None:
         unmount_lazily(mountpoint)
@@ -345,4 +388,6 @@ def serve(
             on_ready()
         session.run()
     finally:
+        del session  # closes the C side's store handle before the pin is dropped
+        ops.unpin()
         os.close(fd)

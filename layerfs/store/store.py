@@ -307,6 +307,15 @@ class Store:
                     f"cannot write to the store at {self.path}: {exc}{self._space_hint()}"
                 ) from None
 
+    def trim_map_above(self, limit: int) -> None:
+        """``trim_map`` once this process has more than ``limit`` bytes of files mapped."""
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssFile:"):
+                    if int(line.split()[1]) * 1024 > limit:
+                        self.trim_map()
+                    return
+
     def trim_map(self) -> None:
         """Drop this process's mappings of the store's pages (MADV_DONTNEED).
 

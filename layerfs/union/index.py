@@ -334,6 +334,11 @@ class ChainIndex:
                 raise LookupError(f"chain {chain.hex()} has no index")
             self.summary = json.loads(bytes(summary))
 
+    @property
+    def prefix(self) -> bytes:
+        """The key prefix of this chain's records (what a reader outside Python needs)."""
+        return self._prefix
+
     def lookup(self, txn: lmdb.Transaction, path: bytes) -> int | None:
         """The inode at ``path``: one B-tree get per component not already cached."""
         if not path:

@@ -67,6 +67,12 @@ CACHE_BYTES = 32 << 20  # decompressed lower chunks kept for re-reads
 READ_AHEAD = 16  # chunks (1 MiB) decompressed ahead of a sequential reader
 READ_AHEAD_WORKERS = 2  # zstd releases the GIL: the reader mostly waits, so use both cores
 _INO = struct.Struct("<Q")
+LONG_PATH = 3800  # host paths from this long go through a directory descriptor (PATH_MAX: 4096)
+DIR_FDS = 16
+# O_DIRECT is not passed on to the upper file: what a caller asks of it (no page cache between
+# it and the file) ends at the FUSE mount, and on the host file it would demand buffers aligned
+# to the block size, which the request buffers of a FUSE daemon are not (EINVAL on every write)
+_HOST_FLAGS = ~os.O_DIRECT
 
 
 def _err(code: int) -> OSError:
@@ -182,6 +188,7 @@ class UnionView:
         self._looked_up: dict[bytes, Node] = {}  # read-only: files just stat'ed, for read_path
         self._next_fh = 1
         self._vis: dict[bytes, bool] = {}
+        self._dir_fds: dict[bytes, int] = {}  # deep upper directories (see _up)
         self._upper_ino: dict[int, int] = {}
         self._tmp = 0
         self._mknod_ok = True
@@ -192,8 +199,44 @@ class UnionView:
 
     # -- resolution ---------------------------------------------------------------
     def _up(self, path: bytes) -> bytes:
+        """The host path of ``path`` in the upper directory.  One past PATH_MAX (a deep tree
+        made through the mount) goes through a descriptor of its parent directory instead,
+        as the kernel itself works relative to directories: ``/proc/self/fd/N/name``."""
         assert self.upper is not None
-        return os.path.join(self.upper, path) if path else self.upper
+        full = os.path.join(self.upper, path) if path else self.upper
+        if len(full) < LONG_PATH:
+            return full
+        parent, _, name = path.rpartition(b"/")
+        return b"/proc/self/fd/%d/%s" % (self._dir_fd(parent), name)
+
+    def _dir_fd(self, path: bytes) -> int:
+        """An O_PATH descriptor of the upper directory ``path``, opened one component at a time
+        (never following a symlink); a few are kept, until a rename or rmdir moves directories."""
+        fd = self._dir_fds.get(path)
+        if fd is not None:
+            return fd
+        assert self.upper is not None
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.upper, flags)
+        try:
+            for part in path.split(b"/") if path else []:
+                nxt = os.open(part, flags, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except OSError:
+            os.close(fd)
+            raise
+        if len(self._dir_fds) >= DIR_FDS:
+            os.close(self._dir_fds.pop(next(iter(self._dir_fds))))
+        self._dir_fds[path] = fd
+        return fd
+
+    def _moved(self) -> None:
+        """Directories were renamed or removed: forget what was cached by path."""
+        self._vis.clear()
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
 
     def _ulstat(self, path: bytes) -> os.stat_result | None:
         if self.upper is None:
@@ -406,6 +449,7 @@ class UnionView:
 
     # -- reading ----------------------------------------------------------------------
     def open(self, path: bytes, flags: int) -> int:
+        flags &= _HOST_FLAGS
         wants_write = flags & (os.O_WRONLY | os.O_RDWR) or flags & os.O_TRUNC
         if wants_write:
             self._need_rw()
@@ -521,6 +565,7 @@ class UnionView:
         os.truncate(self._up(path), length)
 
     def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
+        flags &= _HOST_FLAGS
         self._need_rw()
         self._prepare_new(path)
         gid = self._new_gid(path, gid)
@@ -593,7 +638,7 @@ class UnionView:
         if self.readdir(path):
             raise _err(errno.ENOTEMPTY)
         self._remove(path, r)
-        self._vis.clear()
+        self._moved()
 
     def _remove(self, path: bytes, r: os.stat_result | Node) -> None:
         """Remove ``path`` from the merged view: delete the upper object, whiteout the lower."""
@@ -660,7 +705,7 @@ class UnionView:
             self._set_opaque(self._up(new))
         if old_lower:
             self._whiteout(old)
-        self._vis.clear()
+        self._moved()
 
     def _copy_up_tree(self, path: bytes) -> None:
         """Copy a directory and everything visible below it into the upper directory."""
@@ -880,7 +925,7 @@ def _parent_times_kept(path: bytes) -> Iterator[None]:
     """A copy-up is not a change of the directory it lands in: its times stay (as overlayfs keeps
     them), or a commit would record every copied-up file's parent as changed now."""
     parent = os.path.dirname(path)
-    st = os.lstat(parent)
+    st = os.stat(parent)  # a directory; stat, not lstat: it may be a /proc/self/fd link (_up)
     yield
     os.utime(parent, ns=(st.st_atime_ns, st.st_mtime_ns))
 

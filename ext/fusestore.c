@@ -1,0 +1,408 @@
+/* The store as the C FUSE core reads it (see fusestore.h for the why of the LMDB handle). */
+#include "fusestore.h"
+
+#include <errno.h>
+#include <lmdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <zstd.h>
+
+#define XXH_INLINE_ALL /* the system's header, inlined: XXH3 is a handful of vector loops */
+#include <xxhash.h>
+
+#define PREFIX_LEN 8
+#define REC_FIXED 46              /* <BBIIIIQqQHH */
+#define HAS_CONTENT 0x80
+#define OBJ_HEAD 13               /* <BQI: version, size, chunk count */
+#define OBJ_CHUNK 29              /* <QIIIQB: pack, offset, stored, raw, xxh3, codec */
+#define MAX_CHUNK (4u << 20)      /* a chunk larger than this is a damaged record, not data */
+#define CACHE_SLOTS 64            /* decompressed chunks kept for reads that cover part of one */
+#define PIN_NS 1000000000LL
+
+struct cache_slot {
+    uint64_t pack;
+    uint32_t offset;
+    uint32_t len;
+    uint32_t cap;
+    int used;
+    char *data;
+};
+
+struct fs_store {
+    MDB_env *env;
+    MDB_dbi dbi_union, dbi_objects, dbi_packs;
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    unsigned char prefix[PREFIX_LEN];
+    unsigned char dirkey[PREFIX_LEN + 1 + 8];
+    ZSTD_DCtx *dctx;
+    struct cache_slot cache[CACHE_SLOTS];
+    long long last_pin_ns;
+};
+
+static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t le32(const unsigned char *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+static uint64_t le64(const unsigned char *p) { return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32; }
+
+static void put_be64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char)v;
+        v >>= 8;
+    }
+}
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], char *err, size_t errlen)
+{
+    struct fs_store *st = calloc(1, sizeof(*st));
+    MDB_txn *txn = NULL;
+    int rc;
+    if (!st) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    memcpy(st->prefix, prefix, PREFIX_LEN);
+    if ((rc = mdb_env_create(&st->env)) || (rc = mdb_env_set_maxdbs(st->env, 16)) ||
+        /* address space only: the pages are the data file's, mapped read-only and shared */
+        (rc = mdb_env_set_mapsize(st->env, sizeof(void *) >= 8 ? (size_t)1 << 40 : (size_t)768 << 20)) ||
+        (rc = mdb_env_open(st->env, path, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600)) ||
+        (rc = mdb_txn_begin(st->env, NULL, MDB_RDONLY, &txn)) ||
+        (rc = mdb_dbi_open(txn, "union", 0, &st->dbi_union)) ||
+        (rc = mdb_dbi_open(txn, "objects", 0, &st->dbi_objects)) ||
+        (rc = mdb_dbi_open(txn, "packs", 0, &st->dbi_packs)) || (rc = mdb_txn_commit(txn))) {
+        snprintf(err, errlen, "cannot open the store at %s: %s", path, mdb_strerror(rc));
+        if (txn && rc)
+            mdb_txn_abort(txn);
+        fs_store_close(st);
+        return NULL;
+    }
+    if ((rc = mdb_txn_begin(st->env, NULL, MDB_RDONLY, &st->txn))) {
+        snprintf(err, errlen, "cannot read the store at %s: %s", path, mdb_strerror(rc));
+        fs_store_close(st);
+        return NULL;
+    }
+    mdb_txn_reset(st->txn);
+    st->dctx = ZSTD_createDCtx();
+    if (!st->dctx) {
+        snprintf(err, errlen, "out of memory");
+        fs_store_close(st);
+        return NULL;
+    }
+    st->last_pin_ns = now_ns();
+    return st;
+}
+
+void fs_store_close(struct fs_store *st)
+{
+    if (!st)
+        return;
+    if (st->cur)
+        mdb_cursor_close(st->cur);
+    if (st->txn)
+        mdb_txn_abort(st->txn);
+    if (st->env)
+        mdb_env_close(st->env);
+    if (st->dctx)
+        ZSTD_freeDCtx(st->dctx);
+    for (int i = 0; i < CACHE_SLOTS; i++)
+        free(st->cache[i].data);
+    free(st);
+}
+
+int fs_store_begin(struct fs_store *st)
+{
+    int rc = mdb_txn_renew(st->txn);
+    if (rc == MDB_MAP_RESIZED) { /* another process grew the store past our map: adopt it */
+        mdb_env_set_mapsize(st->env, 0);
+        rc = mdb_txn_renew(st->txn);
+    }
+    if (rc) {
+        fprintf(stderr, "layerfs: cannot read the store: %s\n", mdb_strerror(rc));
+        return -EIO;
+    }
+    return 0;
+}
+
+void fs_store_end(struct fs_store *st)
+{
+    if (st->cur) {
+        mdb_cursor_close(st->cur);
+        st->cur = NULL;
+    }
+    mdb_txn_reset(st->txn);
+}
+
+int fs_store_needs_pin(struct fs_store *st)
+{
+    long long t = now_ns();
+    if (t - st->last_pin_ns < PIN_NS)
+        return 0;
+    st->last_pin_ns = t;
+    return 1;
+}
+
+static int bad_record(uint64_t ino, const char *what)
+{
+    fprintf(stderr, "layerfs: the index record of inode %llu is damaged (%s)\n", (unsigned long long)ino, what);
+    return -EIO;
+}
+
+int fs_store_inode(struct fs_store *st, uint64_t ino, struct fs_inode *out)
+{
+    unsigned char key[PREFIX_LEN + 1 + 8];
+    memcpy(key, st->prefix, PREFIX_LEN);
+    key[PREFIX_LEN] = 'I';
+    put_be64(key + PREFIX_LEN + 1, ino);
+    MDB_val k = {sizeof(key), key}, v;
+    int rc = mdb_get(st->txn, st->dbi_union, &k, &v);
+    if (rc == MDB_NOTFOUND)
+        return -ENOENT;
+    if (rc)
+        return -EIO;
+    const unsigned char *p = v.mv_data;
+    size_t n = v.mv_size;
+    if (n < REC_FIXED)
+        return bad_record(ino, "short");
+    out->kind = p[0];
+    out->flags = p[1];
+    out->mode = le32(p + 2);
+    out->uid = le32(p + 6);
+    out->gid = le32(p + 10);
+    out->nlink = le32(p + 14);
+    out->size = le64(p + 18);
+    out->mtime_ns = (int64_t)le64(p + 26);
+    out->rdev = le64(p + 34);
+    out->link_len = le16(p + 42);
+    out->xattr_count = le16(p + 44);
+    size_t pos = REC_FIXED;
+    out->content = NULL;
+    if (out->flags & HAS_CONTENT) {
+        if (n < pos + 32)
+            return bad_record(ino, "content id");
+        out->content = p + pos;
+        pos += 32;
+    }
+    if (n < pos + out->link_len)
+        return bad_record(ino, "link target");
+    out->link = (const char *)p + pos;
+    pos += out->link_len;
+    out->xattrs = p + pos;
+    out->xattrs_len = n - pos;
+    /* the xattr list must account for the rest of the record exactly */
+    size_t x = 0;
+    for (unsigned i = 0; i < out->xattr_count; i++) {
+        if (out->xattrs_len - x < 6)
+            return bad_record(ino, "xattrs");
+        size_t nl = le16(out->xattrs + x), vl = le32(out->xattrs + x + 2);
+        if (out->xattrs_len - x - 6 < nl + vl)
+            return bad_record(ino, "xattrs");
+        x += 6 + nl + vl;
+    }
+    if (x != out->xattrs_len)
+        return bad_record(ino, "trailing bytes");
+    return 0;
+}
+
+static void dir_key(struct fs_store *st, uint64_t dir)
+{
+    memcpy(st->dirkey, st->prefix, PREFIX_LEN);
+    st->dirkey[PREFIX_LEN] = 'D';
+    put_be64(st->dirkey + PREFIX_LEN + 1, dir);
+}
+
+int fs_store_lookup(struct fs_store *st, uint64_t parent, const char *name, size_t len, uint64_t *ino)
+{
+    unsigned char key[PREFIX_LEN + 1 + 8 + 256];
+    if (len == 0 || len > 255)
+        return -ENOENT;
+    dir_key(st, parent);
+    memcpy(key, st->dirkey, sizeof(st->dirkey));
+    memcpy(key + sizeof(st->dirkey), name, len);
+    MDB_val k = {sizeof(st->dirkey) + len, key}, v;
+    int rc = mdb_get(st->txn, st->dbi_union, &k, &v);
+    if (rc == MDB_NOTFOUND)
+        return -ENOENT;
+    if (rc || v.mv_size < 12)
+        return -EIO;
+    *ino = le64(v.mv_data);
+    return 0;
+}
+
+int fs_store_dir_start(struct fs_store *st, uint64_t dir, const char *after, size_t after_len)
+{
+    unsigned char key[PREFIX_LEN + 1 + 8 + 256];
+    if (after_len > 255)
+        return -EINVAL;
+    if (!st->cur && mdb_cursor_open(st->txn, st->dbi_union, &st->cur))
+        return -EIO;
+    dir_key(st, dir);
+    memcpy(key, st->dirkey, sizeof(st->dirkey));
+    if (after)
+        memcpy(key + sizeof(st->dirkey), after, after_len);
+    MDB_val k = {sizeof(st->dirkey) + (after ? after_len : 0), key}, v;
+    int rc = mdb_cursor_get(st->cur, &k, &v, MDB_SET_RANGE);
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    if (rc)
+        return -EIO;
+    /* resuming: the name given was sent already */
+    if (after && k.mv_size == sizeof(st->dirkey) + after_len &&
+        memcmp((const char *)k.mv_data + sizeof(st->dirkey), after, after_len) == 0) {
+        rc = mdb_cursor_get(st->cur, &k, &v, MDB_NEXT);
+        if (rc == MDB_NOTFOUND)
+            return 0;
+        if (rc)
+            return -EIO;
+    }
+    return 1;
+}
+
+int fs_store_dir_next(struct fs_store *st, struct fs_dirent *out)
+{
+    MDB_val k, v;
+    if (!st->cur)
+        return 0;
+    int rc = mdb_cursor_get(st->cur, &k, &v, MDB_GET_CURRENT);
+    if (rc == MDB_NOTFOUND || rc == EINVAL)
+        return 0;
+    if (rc)
+        return -EIO;
+    if (k.mv_size <= sizeof(st->dirkey) || memcmp(k.mv_data, st->dirkey, sizeof(st->dirkey)) != 0)
+        return 0; /* past the directory */
+    if (v.mv_size < 12)
+        return -EIO;
+    out->name = (const char *)k.mv_data + sizeof(st->dirkey);
+    out->name_len = k.mv_size - sizeof(st->dirkey);
+    out->ino = le64(v.mv_data);
+    out->mode = le32((const unsigned char *)v.mv_data + 8);
+    rc = mdb_cursor_get(st->cur, &k, &v, MDB_NEXT);
+    if (rc == MDB_NOTFOUND) { /* the entry given out is the last: leave the cursor past it */
+        mdb_cursor_close(st->cur);
+        st->cur = NULL;
+    } else if (rc) {
+        return -EIO;
+    }
+    return 1;
+}
+
+static int chunk_error(uint64_t ino, const unsigned char *content, uint64_t pack, uint32_t off, const char *what)
+{
+    char hex[65];
+    for (int i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", content[i]);
+    fprintf(stderr, "layerfs: inode %llu: object %s: chunk in pack %llu at %u %s\n", (unsigned long long)ino, hex,
+            (unsigned long long)pack, off, what);
+    return -EIO;
+}
+
+/* One chunk's bytes, verified, into dst (which has room for raw bytes). */
+static int chunk_into(struct fs_store *st, uint64_t ino, const unsigned char *content, const unsigned char *c,
+                      char *dst)
+{
+    uint64_t pack = le64(c);
+    uint32_t off = le32(c + 8), stored = le32(c + 12), raw = le32(c + 16);
+    uint64_t xxh = le64(c + 20);
+    uint8_t codec = c[28];
+    unsigned char key[8];
+    put_be64(key, pack);
+    MDB_val k = {8, key}, v;
+    int rc = mdb_get(st->txn, st->dbi_packs, &k, &v);
+    if (rc || (uint64_t)off + stored > v.mv_size)
+        return chunk_error(ino, content, pack, off, "is missing (pack gone or short)");
+    const char *src = (const char *)v.mv_data + off;
+    if (codec == 0) {
+        if (stored != raw)
+            return chunk_error(ino, content, pack, off, "has a wrong length");
+        memcpy(dst, src, raw);
+    } else if (codec == 1) {
+        size_t got = ZSTD_decompressDCtx(st->dctx, dst, raw, src, stored);
+        if (ZSTD_isError(got) || got != raw)
+            return chunk_error(ino, content, pack, off, "does not decompress");
+    } else {
+        return chunk_error(ino, content, pack, off, "has an unknown codec");
+    }
+    if (XXH3_64bits(dst, raw) != xxh)
+        return chunk_error(ino, content, pack, off, "fails its checksum");
+    return 0;
+}
+
+long fs_store_read(struct fs_store *st, const struct fs_inode *inode, uint64_t ino, char *buf, size_t size,
+                   uint64_t offset)
+{
+    if (!inode->content || offset >= inode->size || size == 0)
+        return 0;
+    MDB_val k = {32, (void *)inode->content}, v;
+    int rc = mdb_get(st->txn, st->dbi_objects, &k, &v);
+    if (rc)
+        return chunk_error(ino, inode->content, 0, 0, "record is missing");
+    const unsigned char *rec = v.mv_data;
+    if (v.mv_size < OBJ_HEAD || rec[0] != 1)
+        return chunk_error(ino, inode->content, 0, 0, "record is malformed");
+    uint64_t osize = le64(rec + 1);
+    uint32_t count = le32(rec + 9);
+    if (v.mv_size != OBJ_HEAD + (size_t)count * OBJ_CHUNK || count == 0)
+        return chunk_error(ino, inode->content, 0, 0, "record is malformed");
+    const unsigned char *chunks = rec + OBJ_HEAD;
+    uint64_t csize = le32(chunks + 16); /* every chunk but the last has the first one's size */
+    if (csize == 0 || csize > MAX_CHUNK)
+        return chunk_error(ino, inode->content, 0, 0, "record is malformed");
+    uint64_t end = offset + size;
+    if (end > osize)
+        end = osize;
+    if (end > inode->size)
+        end = inode->size;
+    if (offset >= end)
+        return 0;
+    uint64_t first = offset / csize, last = (end - 1) / csize;
+    if (last >= count)
+        return chunk_error(ino, inode->content, 0, 0, "record is shorter than the file");
+    size_t done = 0;
+    for (uint64_t i = first; i <= last; i++) {
+        const unsigned char *c = chunks + i * OBJ_CHUNK;
+        uint64_t base = i * csize;
+        uint32_t raw = le32(c + 16);
+        if (raw > csize || (i + 1 < count && raw != csize))
+            return chunk_error(ino, inode->content, le64(c), le32(c + 8), "has a wrong length");
+        uint64_t from = offset > base ? offset - base : 0;
+        uint64_t to = end - base < raw ? end - base : raw;
+        if (from >= to)
+            break;
+        if (from == 0 && to == raw) { /* the whole chunk: straight into the reply */
+            if ((rc = chunk_into(st, ino, inode->content, c, buf + done)))
+                return rc;
+        } else { /* part of one: through the cache, the rest is likely read next */
+            uint64_t pack = le64(c);
+            uint32_t coff = le32(c + 8);
+            struct cache_slot *slot = &st->cache[(pack * 31 + coff / 64) % CACHE_SLOTS];
+            if (!slot->used || slot->pack != pack || slot->offset != coff || slot->len != raw) {
+                slot->used = 0;
+                if (slot->cap < raw) {
+                    char *bigger = realloc(slot->data, raw);
+                    if (!bigger)
+                        return -ENOMEM;
+                    slot->data = bigger;
+                    slot->cap = raw;
+                }
+                if ((rc = chunk_into(st, ino, inode->content, c, slot->data)))
+                    return rc;
+                slot->pack = pack;
+                slot->offset = coff;
+                slot->len = raw;
+                slot->used = 1;
+            }
+            memcpy(buf + done, slot->data + from, to - from);
+        }
+        done += to - from;
+    }
+    return (long)done;
+}

@@ -1345,6 +1345,15 @@ static int fast_dispatch(Session *s, const char *req, size_t n)
         s->no_open = 1;
         reply_err(s, u, ENOSYS);
         return 1;
+    case FUSE_FLUSH:
+        reply_err(s, u, ENOSYS); /* see dispatch */
+        return 1;
+    case FUSE_RELEASE:
+        reply_err(s, u, 0);
+        return 1;
+    case FUSE_ACCESS:
+        reply_err(s, u, ENOSYS); /* default_permissions: the kernel checks */
+        return 1;
     case FUSE_OPENDIR: {
         struct handle *h = calloc(1, sizeof(*h));
         if (!h) {
@@ -1498,8 +1507,6 @@ static void dispatch(Session *s, const char *req, size_t n)
     size_t left = blen, len, len2;
     const char *name, *name2;
 
-    if (s->debug)
-        fprintf(stderr, "layerfs: op %u node %llu\n", ih->opcode, (unsigned long long)id);
     switch (ih->opcode) {
     case FUSE_INIT:
         do_init(s, ih, body, blen);
@@ -1687,7 +1694,9 @@ static void dispatch(Session *s, const char *req, size_t n)
         do_release(s, u, ((const struct fuse_release_in *)body)->fh, ih->opcode == FUSE_RELEASEDIR);
         return;
     case FUSE_FLUSH:
-        reply_err(s, u, 0); /* writes go straight to the upper file: nothing is buffered here */
+        /* writes go straight to the upper file, nothing is buffered here: ENOSYS tells the kernel
+         * to stop sending FLUSH at every close (a round trip per file) */
+        reply_err(s, u, ENOSYS);
         return;
     case FUSE_FSYNC:
     case FUSE_FSYNCDIR: {
@@ -1870,6 +1879,12 @@ static PyObject *Session_run(Session *s, PyObject *unused)
         n = read(s->fd, s->buf, BUF_SIZE);
         if (n < 0)
             err = errno;
+        if (n >= (ssize_t)sizeof(struct fuse_in_header) && s->debug)
+            fprintf(stderr, "layerfs: op %u node %llu len %u\n", ((const struct fuse_in_header *)s->buf)->opcode,
+                    (unsigned long long)((const struct fuse_in_header *)s->buf)->nodeid,
+                    ((const struct fuse_in_header *)s->buf)->len);
+        if (n < 0)
+            ;
         else if (s->store && (size_t)n >= sizeof(struct fuse_in_header) &&
                  ((const struct fuse_in_header *)s->buf)->len == (uint32_t)n)
             handled = fast_dispatch(s, s->buf, (size_t)n);

@@ -30,6 +30,9 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fusestore.h"
@@ -347,7 +350,16 @@ struct handle {
 
 /* ---- the session ------------------------------------------------------------------------------ */
 
-typedef struct {
+/* A thread serving the device: its own buffer (request, then reply area) and store reader. */
+struct worker {
+    struct Session *s;
+    char *buf;
+    struct fs_store *store;
+    pthread_t thread;
+    int started;
+};
+
+typedef struct Session {
     PyObject_HEAD
     int fd;
     PyObject *ops;
@@ -363,6 +375,13 @@ typedef struct {
     uint64_t requests;
     uint64_t fast_requests;
     struct fs_store *store;     /* read-only mounts of a stored image: served from it in C */
+    struct fuse_statfs_out statfs;
+    /* more threads serve a read-only mount from the store (none of them calls Python); they
+     * read under pin_lock, which renewing the Python-held pinning transaction takes for writing */
+    struct worker *workers;
+    int nworkers;
+    pthread_rwlock_t pin_lock;
+    long long last_pin_ns;
 } Session;
 
 static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
@@ -1114,6 +1133,7 @@ static void do_getxattr(Session *s, uint64_t unique, uint64_t id, const char *na
 /* ---- read-only mounts of a stored image, served from the store without Python ---------------- */
 
 static const char *take_name(const char **p, size_t *left, size_t *len);
+static void do_init(Session *s, const struct fuse_in_header *ih, const char *body, size_t blen);
 
 static void attr_from_inode(struct fuse_attr *a, uint64_t ino, const struct fs_inode *n)
 {
@@ -1136,12 +1156,12 @@ static void attr_from_inode(struct fuse_attr *a, uint64_t ino, const struct fs_i
     a->atimensec = a->mtimensec = a->ctimensec = (uint32_t)ns;
 }
 
-static void fast_lookup(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len)
+static void fast_lookup(Session *s, struct worker *w, uint64_t u, uint64_t parent, const char *name, size_t len)
 {
     uint64_t ino;
     struct fs_inode n;
     struct fuse_entry_out e;
-    int r = fs_store_lookup(s->store, parent, name, len, &ino);
+    int r = fs_store_lookup(w->store, parent, name, len, &ino);
     if (r == -ENOENT) {
         memset(&e, 0, sizeof(e));
         split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
@@ -1149,7 +1169,7 @@ static void fast_lookup(Session *s, uint64_t u, uint64_t parent, const char *nam
         return;
     }
     if (r == 0)
-        r = fs_store_inode(s->store, ino, &n);
+        r = fs_store_inode(w->store, ino, &n);
     if (r < 0) {
         reply_err(s, u, r == -ENOENT ? EIO : -r); /* a listed name without an inode: damaged */
         return;
@@ -1160,11 +1180,11 @@ static void fast_lookup(Session *s, uint64_t u, uint64_t parent, const char *nam
     reply(s, u, 0, &e, sizeof(e));
 }
 
-static void fast_getattr(Session *s, uint64_t u, uint64_t ino)
+static void fast_getattr(Session *s, struct worker *w, uint64_t u, uint64_t ino)
 {
     struct fs_inode n;
     struct fuse_attr_out o;
-    int r = fs_store_inode(s->store, ino, &n);
+    int r = fs_store_inode(w->store, ino, &n);
     if (r < 0) {
         reply_err(s, u, r == -ENOENT ? ESTALE : -r);
         return;
@@ -1209,11 +1229,11 @@ static int put_dirent(Session *s, char *out, size_t *used, size_t cap, int plus,
     return 1;
 }
 
-static void fast_readdir(Session *s, uint64_t u, uint64_t dir, const struct fuse_read_in *in, int plus)
+static void fast_readdir(Session *s, struct worker *w, uint64_t u, uint64_t dir, const struct fuse_read_in *in, int plus)
 {
     struct handle *h = (struct handle *)(uintptr_t)in->fh;
     size_t cap = in->size < BUF_SIZE ? in->size : BUF_SIZE;
-    char *out = s->buf + BUF_SIZE;
+    char *out = w->buf + BUF_SIZE;
     size_t used = 0;
     uint64_t off = in->offset;
     if (!h) {
@@ -1230,19 +1250,19 @@ static void fast_readdir(Session *s, uint64_t u, uint64_t dir, const struct fuse
     int r;
     uint64_t skip = 0;
     if (off > 2 && off == h->last_off) {
-        r = fs_store_dir_start(s->store, dir, h->last_name, h->last_len);
+        r = fs_store_dir_start(w->store, dir, h->last_name, h->last_len);
     } else {
-        r = fs_store_dir_start(s->store, dir, NULL, 0);
+        r = fs_store_dir_start(w->store, dir, NULL, 0);
         skip = off - 2;
     }
     struct fs_dirent de;
-    while (r > 0 && (r = fs_store_dir_next(s->store, &de)) > 0) {
+    while (r > 0 && (r = fs_store_dir_next(w->store, &de)) > 0) {
         if (skip) {
             skip--;
             continue;
         }
         struct fs_inode n;
-        int ri = plus ? fs_store_inode(s->store, de.ino, &n) : 0;
+        int ri = plus ? fs_store_inode(w->store, de.ino, &n) : 0;
         if (ri < 0) {
             r = ri;
             break;
@@ -1262,16 +1282,16 @@ done:
     reply(s, u, 0, out, used);
 }
 
-static void fast_xattr(Session *s, uint64_t u, uint64_t ino, const char *name, size_t name_len, uint32_t size,
+static void fast_xattr(Session *s, struct worker *w, uint64_t u, uint64_t ino, const char *name, size_t name_len, uint32_t size,
                        int list)
 {
     struct fs_inode n;
-    int r = fs_store_inode(s->store, ino, &n);
+    int r = fs_store_inode(w->store, ino, &n);
     if (r < 0) {
         reply_err(s, u, r == -ENOENT ? ESTALE : -r);
         return;
     }
-    char *out = s->buf + BUF_SIZE;
+    char *out = w->buf + BUF_SIZE;
     size_t len = 0, x = 0;
     int found = 0;
     for (unsigned i = 0; i < n.xattr_count; i++) {
@@ -1306,10 +1326,10 @@ static void fast_xattr(Session *s, uint64_t u, uint64_t ino, const char *name, s
     }
 }
 
-static void fast_read(Session *s, uint64_t u, uint64_t ino, const struct fuse_read_in *in)
+static void fast_read(Session *s, struct worker *w, uint64_t u, uint64_t ino, const struct fuse_read_in *in)
 {
     struct fs_inode n;
-    int r = fs_store_inode(s->store, ino, &n);
+    int r = fs_store_inode(w->store, ino, &n);
     if (r < 0) {
         reply_err(s, u, r == -ENOENT ? ESTALE : -r);
         return;
@@ -1319,16 +1339,16 @@ static void fast_read(Session *s, uint64_t u, uint64_t ino, const struct fuse_re
         return;
     }
     size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
-    long got = fs_store_read(s->store, &n, ino, s->buf + BUF_SIZE, size, in->offset);
+    long got = fs_store_read(w->store, &n, ino, w->buf + BUF_SIZE, size, in->offset);
     if (got < 0)
         reply_err(s, u, (int)-got);
     else
-        reply(s, u, 0, s->buf + BUF_SIZE, (size_t)got);
+        reply(s, u, 0, w->buf + BUF_SIZE, (size_t)got);
 }
 
 /* Serve a request from the store without Python; 0 if it is not one of those (called without
  * the GIL: nothing here touches a Python object). */
-static int fast_dispatch(Session *s, const char *req, size_t n)
+static int fast_dispatch(Session *s, struct worker *w, const char *req, size_t n)
 {
     const struct fuse_in_header *ih = (const struct fuse_in_header *)req;
     const char *body = req + sizeof(*ih);
@@ -1337,6 +1357,12 @@ static int fast_dispatch(Session *s, const char *req, size_t n)
     size_t left = blen;
     uint64_t u = ih->unique, id = ih->nodeid;
     switch (ih->opcode) {
+    case FUSE_INIT:
+        do_init(s, ih, body, blen);
+        return 1;
+    case FUSE_DESTROY:
+        reply_err(s, u, 0);
+        return 1;
     case FUSE_FORGET:
     case FUSE_BATCH_FORGET:
     case FUSE_INTERRUPT:
@@ -1353,6 +1379,9 @@ static int fast_dispatch(Session *s, const char *req, size_t n)
         return 1;
     case FUSE_ACCESS:
         reply_err(s, u, ENOSYS); /* default_permissions: the kernel checks */
+        return 1;
+    case FUSE_STATFS:
+        reply(s, u, 0, &s->statfs, sizeof(s->statfs));
         return 1;
     case FUSE_OPENDIR: {
         struct handle *h = calloc(1, sizeof(*h));
@@ -1387,31 +1416,31 @@ static int fast_dispatch(Session *s, const char *req, size_t n)
     default:
         return 0;
     }
-    if (fs_store_begin(s->store) < 0) {
+    if (fs_store_begin(w->store) < 0) {
         reply_err(s, u, EIO);
         return 1;
     }
-    s->fast_requests++;
+    __atomic_add_fetch(&s->fast_requests, 1, __ATOMIC_RELAXED);
     switch (ih->opcode) {
     case FUSE_LOOKUP:
         if ((name = take_name(&p, &left, &len)))
-            fast_lookup(s, u, id, name, len);
+            fast_lookup(s, w, u, id, name, len);
         else
             reply_err(s, u, EINVAL);
         break;
     case FUSE_GETATTR:
-        fast_getattr(s, u, id);
+        fast_getattr(s, w, u, id);
         break;
     case FUSE_READDIR:
     case FUSE_READDIRPLUS:
         if (blen >= sizeof(struct fuse_read_in))
-            fast_readdir(s, u, id, (const struct fuse_read_in *)body, ih->opcode == FUSE_READDIRPLUS);
+            fast_readdir(s, w, u, id, (const struct fuse_read_in *)body, ih->opcode == FUSE_READDIRPLUS);
         else
             reply_err(s, u, EINVAL);
         break;
     case FUSE_READLINK: {
         struct fs_inode node;
-        int r = fs_store_inode(s->store, id, &node);
+        int r = fs_store_inode(w->store, id, &node);
         if (r < 0)
             reply_err(s, u, r == -ENOENT ? ESTALE : -r);
         else if (!S_ISLNK(node.mode))
@@ -1425,7 +1454,7 @@ static int fast_dispatch(Session *s, const char *req, size_t n)
             p += sizeof(struct fuse_getxattr_in);
             left -= sizeof(struct fuse_getxattr_in);
             if ((name = take_name(&p, &left, &len))) {
-                fast_xattr(s, u, id, name, len, ((const struct fuse_getxattr_in *)body)->size, 0);
+                fast_xattr(s, w, u, id, name, len, ((const struct fuse_getxattr_in *)body)->size, 0);
                 break;
             }
         }
@@ -1433,18 +1462,18 @@ static int fast_dispatch(Session *s, const char *req, size_t n)
         break;
     case FUSE_LISTXATTR:
         if (blen >= sizeof(struct fuse_getxattr_in))
-            fast_xattr(s, u, id, NULL, 0, ((const struct fuse_getxattr_in *)body)->size, 1);
+            fast_xattr(s, w, u, id, NULL, 0, ((const struct fuse_getxattr_in *)body)->size, 1);
         else
             reply_err(s, u, EINVAL);
         break;
     case FUSE_READ:
         if (blen >= sizeof(struct fuse_read_in))
-            fast_read(s, u, id, (const struct fuse_read_in *)body);
+            fast_read(s, w, u, id, (const struct fuse_read_in *)body);
         else
             reply_err(s, u, EINVAL);
         break;
     }
-    fs_store_end(s->store);
+    fs_store_end(w->store);
     return 1;
 }
 
@@ -1488,7 +1517,9 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
     uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES |
                     FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_EXPORT_SUPPORT | FUSE_PARALLEL_DIROPS;
     o.flags = in->flags & want;
-    o.max_readahead = in->max_readahead;
+    /* the kernel takes the smaller of this and its device's read-ahead, which the Python side
+     * raised to a request's size before mounting: 1 MiB READs instead of 128 KiB ones */
+    o.max_readahead = MAX_WRITE;
     o.max_write = MAX_WRITE;
     o.max_pages = (uint16_t)(MAX_WRITE / 4096);
     o.max_background = 64;
@@ -1796,31 +1827,65 @@ static void dispatch(Session *s, const char *req, size_t n)
 
 static int Session_init(Session *s, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fd", "ops", "writable", "entry_timeout", "attr_timeout", "negative_timeout", "debug",
-                             "store", "chain_prefix", NULL};
-    PyObject *store_path = Py_None;
+    static char *kwlist[] = {"fd",    "ops",          "writable", "entry_timeout", "attr_timeout", "negative_timeout",
+                             "debug", "store",        "chain_prefix", "statfs", "threads", NULL};
+    PyObject *store_path = Py_None, *statfs = Py_None;
     const char *prefix = NULL;
     Py_ssize_t prefix_len = 0;
+    int threads = 1;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#", kwlist, &s->fd, &s->ops, &s->writable,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#Oi", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
-                                     &store_path, &prefix, &prefix_len))
+                                     &store_path, &prefix, &prefix_len, &statfs, &threads))
         return -1;
+    if (store_path == Py_None)
+        threads = 1; /* the Python request path is single-threaded */
+    if (threads < 1 || threads > 64) {
+        PyErr_SetString(PyExc_ValueError, "threads must be 1 to 64");
+        return -1;
+    }
+    s->workers = calloc((size_t)threads, sizeof(*s->workers));
+    if (!s->workers) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    s->nworkers = threads;
+    if (pthread_rwlock_init(&s->pin_lock, NULL)) {
+        PyErr_SetString(PyExc_OSError, "cannot create a lock");
+        return -1;
+    }
     if (store_path != Py_None) {
         PyObject *encoded;
         char err[512];
+        unsigned long long f[5];
+        unsigned int bsize, namelen, frsize;
         if (s->writable || prefix_len != 8) {
             PyErr_SetString(PyExc_ValueError, "the store serves read-only mounts of one chain (8-byte prefix)");
             return -1;
         }
+        if (!PyArg_ParseTuple(statfs, "KKKKKIII", &f[0], &f[1], &f[2], &f[3], &f[4], &bsize, &namelen, &frsize))
+            return -1;
+        s->statfs.st.blocks = f[0];
+        s->statfs.st.bfree = f[1];
+        s->statfs.st.bavail = f[2];
+        s->statfs.st.files = f[3];
+        s->statfs.st.ffree = f[4];
+        s->statfs.st.bsize = bsize;
+        s->statfs.st.namelen = namelen;
+        s->statfs.st.frsize = frsize;
         if (!PyUnicode_FSConverter(store_path, &encoded))
             return -1;
-        s->store = fs_store_open(PyBytes_AS_STRING(encoded), (const unsigned char *)prefix, err, sizeof(err));
-        Py_DECREF(encoded);
-        if (!s->store) {
-            PyErr_SetString(PyExc_OSError, err);
-            return -1;
+        for (int i = 0; i < threads; i++) {
+            s->workers[i].store =
+                fs_store_open(PyBytes_AS_STRING(encoded), (const unsigned char *)prefix, err, sizeof(err));
+            if (!s->workers[i].store) {
+                Py_DECREF(encoded);
+                PyErr_SetString(PyExc_OSError, err);
+                return -1;
+            }
         }
+        Py_DECREF(encoded);
+        s->store = s->workers[0].store;
     }
     Py_INCREF(s->ops);
     if (table_init(&s->t) < 0) {
@@ -1828,8 +1893,15 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
         return -1;
     }
     struct node *root = node_make(&s->t, ROOT_ID);
-    s->buf = malloc(2 * BUF_SIZE);
-    if (!root || !s->buf) {
+    for (int i = 0; i < s->nworkers; i++) {
+        s->workers[i].s = s;
+        if (!(s->workers[i].buf = malloc(2 * BUF_SIZE))) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    s->buf = s->workers[0].buf;
+    if (!root) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1840,7 +1912,13 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
 
 static void Session_dealloc(Session *s)
 {
-    fs_store_close(s->store);
+    for (int i = 0; i < s->nworkers; i++) {
+        fs_store_close(s->workers[i].store);
+        free(s->workers[i].buf);
+    }
+    free(s->workers);
+    if (s->nworkers)
+        pthread_rwlock_destroy(&s->pin_lock);
     Py_XDECREF(s->ops);
     if (s->t.nodes) {
         for (size_t i = 0; i < s->t.dentcap; i++) {
@@ -1864,59 +1942,137 @@ static void Session_dealloc(Session *s)
     }
     free(s->pb.p);
     free(s->pb2.p);
-    free(s->buf);
     Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+/* Serve until the file system is unmounted.  Returns None; raises on a device error, or with
+ * the exception of a signal handler (which usually unmounts first). */
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* About once a second, one thread has the Python side renew the read transaction that keeps
+ * the pages of our snapshots (ext/fusestore.h), while no store read is under way. */
+static void maybe_pin(Session *s, int have_gil)
+{
+    long long t = now_ns(), last = __atomic_load_n(&s->last_pin_ns, __ATOMIC_RELAXED);
+    if (t - last < 1000000000LL ||
+        !__atomic_compare_exchange_n(&s->last_pin_ns, &last, t, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        return;
+    PyGILState_STATE g = PyGILState_UNLOCKED;
+    if (!have_gil)
+        g = PyGILState_Ensure();
+    pthread_rwlock_wrlock(&s->pin_lock);
+    PyObject *res = PyObject_CallMethod(s->ops, "pin", NULL);
+    if (!res)
+        PyErr_Print();
+    Py_XDECREF(res);
+    pthread_rwlock_unlock(&s->pin_lock);
+    if (!have_gil)
+        PyGILState_Release(g);
+}
+
+static int valid_request(const char *buf, ssize_t n)
+{
+    return n >= (ssize_t)sizeof(struct fuse_in_header) && ((const struct fuse_in_header *)buf)->len == (uint32_t)n;
+}
+
+static int serve_fast(Session *s, struct worker *w, ssize_t n)
+{
+    pthread_rwlock_rdlock(&s->pin_lock);
+    int handled = fast_dispatch(s, w, w->buf, (size_t)n);
+    pthread_rwlock_unlock(&s->pin_lock);
+    return handled;
+}
+
+/* A thread beside the main one (read-only mounts from the store only): never calls Python but
+ * to renew the pin; what the store cannot answer gets ENOSYS. */
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    Session *s = w->s;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the main thread's: it unmounts */
+    for (;;) {
+        ssize_t n = read(s->fd, w->buf, BUF_SIZE);
+        if (n < 0) {
+            if (errno == EINTR || errno == ENOENT || errno == EAGAIN)
+                continue;
+            break; /* ENODEV: unmounted */
+        }
+        if (!valid_request(w->buf, n))
+            continue;
+        __atomic_add_fetch(&s->requests, 1, __ATOMIC_RELAXED);
+        if (!serve_fast(s, w, n))
+            reply_err(s, ((const struct fuse_in_header *)w->buf)->unique, ENOSYS);
+        maybe_pin(s, 0);
+    }
+    return NULL;
+}
+
+static void join_workers(Session *s)
+{
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 1; i < s->nworkers; i++)
+        if (s->workers[i].started) {
+            pthread_join(s->workers[i].thread, NULL);
+            s->workers[i].started = 0;
+        }
+    Py_END_ALLOW_THREADS
 }
 
 /* Serve until the file system is unmounted.  Returns None; raises on a device error, or with
  * the exception of a signal handler (which usually unmounts first). */
 static PyObject *Session_run(Session *s, PyObject *unused)
 {
+    struct worker *w = &s->workers[0];
+    s->last_pin_ns = now_ns();
+    for (int i = 1; i < s->nworkers && s->store; i++)
+        s->workers[i].started = pthread_create(&s->workers[i].thread, NULL, worker_main, &s->workers[i]) == 0;
     for (;;) {
         ssize_t n;
         int handled = 0, err = 0;
         PyThreadState *ts = PyEval_SaveThread();
-        n = read(s->fd, s->buf, BUF_SIZE);
+        n = read(s->fd, w->buf, BUF_SIZE);
         if (n < 0)
             err = errno;
         if (n >= (ssize_t)sizeof(struct fuse_in_header) && s->debug)
-            fprintf(stderr, "layerfs: op %u node %llu len %u\n", ((const struct fuse_in_header *)s->buf)->opcode,
-                    (unsigned long long)((const struct fuse_in_header *)s->buf)->nodeid,
-                    ((const struct fuse_in_header *)s->buf)->len);
-        if (n < 0)
-            ;
-        else if (s->store && (size_t)n >= sizeof(struct fuse_in_header) &&
-                 ((const struct fuse_in_header *)s->buf)->len == (uint32_t)n)
-            handled = fast_dispatch(s, s->buf, (size_t)n);
+            fprintf(stderr, "layerfs: op %u node %llu len %u\n", ((const struct fuse_in_header *)w->buf)->opcode,
+                    (unsigned long long)((const struct fuse_in_header *)w->buf)->nodeid,
+                    ((const struct fuse_in_header *)w->buf)->len);
+        if (s->store && valid_request(w->buf, n))
+            handled = serve_fast(s, w, n);
         PyEval_RestoreThread(ts);
         if (n < 0) {
             if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0)
+                if (PyErr_CheckSignals() < 0) {
+                    join_workers(s);
                     return NULL;
+                }
                 continue;
             }
             if (err == ENOENT || err == EAGAIN)
                 continue; /* an interrupted request vanished before we read it */
             if (err == ENODEV)
                 break; /* unmounted */
+            join_workers(s);
             errno = err;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        s->requests++;
-        if (!handled && (size_t)n >= sizeof(struct fuse_in_header) &&
-            ((const struct fuse_in_header *)s->buf)->len == (uint32_t)n) {
-            dispatch(s, s->buf, (size_t)n);
+        __atomic_add_fetch(&s->requests, 1, __ATOMIC_RELAXED);
+        if (!handled && valid_request(w->buf, n)) {
+            dispatch(s, w->buf, (size_t)n);
             if (PyErr_Occurred()) /* a handler left one behind: report it, keep serving */
                 PyErr_Print();
         }
-        if (s->store && fs_store_needs_pin(s->store)) {
-            /* the Python side renews the read transaction that keeps our snapshots' pages */
-            PyObject *res = PyObject_CallMethod(s->ops, "pin", NULL);
-            if (!res)
-                PyErr_Print();
-            Py_XDECREF(res);
-        }
+        if (s->store)
+            maybe_pin(s, 1);
     }
+    join_workers(s);
     Py_RETURN_NONE;
 }
 

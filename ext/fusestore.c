@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <zstd.h>
 
 #define XXH_INLINE_ALL /* the system's header, inlined: XXH3 is a handful of vector loops */
@@ -20,7 +19,6 @@
 #define OBJ_CHUNK 29              /* <QIIIQB: pack, offset, stored, raw, xxh3, codec */
 #define MAX_CHUNK (4u << 20)      /* a chunk larger than this is a damaged record, not data */
 #define CACHE_SLOTS 64            /* decompressed chunks kept for reads that cover part of one */
-#define PIN_NS 1000000000LL
 
 struct cache_slot {
     uint64_t pack;
@@ -40,7 +38,6 @@ struct fs_store {
     unsigned char dirkey[PREFIX_LEN + 1 + 8];
     ZSTD_DCtx *dctx;
     struct cache_slot cache[CACHE_SLOTS];
-    long long last_pin_ns;
 };
 
 static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
@@ -53,13 +50,6 @@ static void put_be64(unsigned char *p, uint64_t v)
         p[i] = (unsigned char)v;
         v >>= 8;
     }
-}
-
-static long long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
 struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], char *err, size_t errlen)
@@ -98,7 +88,6 @@ struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], 
         fs_store_close(st);
         return NULL;
     }
-    st->last_pin_ns = now_ns();
     return st;
 }
 
@@ -140,15 +129,6 @@ void fs_store_end(struct fs_store *st)
         st->cur = NULL;
     }
     mdb_txn_reset(st->txn);
-}
-
-int fs_store_needs_pin(struct fs_store *st)
-{
-    long long t = now_ns();
-    if (t - st->last_pin_ns < PIN_NS)
-        return 0;
-    st->last_pin_ns = t;
-    return 1;
 }
 
 static int bad_record(uint64_t ino, const char *what)

@@ -7,10 +7,12 @@
  * lock.mdb (a second ordinary handle in a process that also has py-lmdb's would reset the lock
  * file under the other: LMDB's locks are per process).  Without a reader slot of its own, what
  * keeps writers from reusing the pages it reads is a read transaction the Python side of the
- * daemon holds and renews (fs_store_needs_pin says when): every snapshot read here is at least as
- * new as that pinned one, and LMDB reuses no page freed after the oldest pinned snapshot.
+ * daemon holds and renews about once a second, never while a read is under way here: every
+ * snapshot read here is at least as new as that pinned one, and LMDB reuses no page freed after
+ * the oldest pinned snapshot.
  *
- * Not thread-safe: one reader transaction, one decompression context, one chunk cache.
+ * Not thread-safe: one reader transaction, one decompression context, one chunk cache; a thread
+ * opens its own (the handles share nothing but the data file's pages).
  */
 #ifndef LAYERFS_FUSESTORE_H
 #define LAYERFS_FUSESTORE_H
@@ -67,8 +69,5 @@ int fs_store_dir_next(struct fs_store *st, struct fs_dirent *out);
  * (a chunk fails its checksum or does not decompress; logged with the object and chunk). */
 long fs_store_read(struct fs_store *st, const struct fs_inode *inode, uint64_t ino, char *buf, size_t size,
                    uint64_t offset);
-
-/* Whether the Python side should renew its pinning transaction now (about once a second). */
-int fs_store_needs_pin(struct fs_store *st);
 
 #endif

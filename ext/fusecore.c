@@ -48,6 +48,18 @@
 #define RENAME_EXCHANGE (1 << 1)
 #endif
 
+/* FUSE passthrough (kernel 6.9, protocol 7.40), newer than the build's <linux/fuse.h> may be */
+#define PT_INIT_EXT (1u << 30)
+#define PT_FLAG2 (1u << 5) /* FUSE_PASSTHROUGH >> 32 */
+#define PT_FOPEN (1u << 7) /* FOPEN_PASSTHROUGH */
+struct pt_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define PT_BACKING_OPEN _IOW(229, 1, struct pt_backing_map)
+#define PT_BACKING_CLOSE _IOW(229, 2, uint32_t)
+
 #define ROOT_ID 1
 #define MAX_WRITE (1u << 20)          /* 1 MiB requests: a quarter of the round trips of 128 KiB */
 #define BUF_SIZE (MAX_WRITE + 65536)  /* the kernel wants room for the headers as well */
@@ -74,6 +86,7 @@ struct node {
     uint64_t nlookup;           /* the kernel's references (LOOKUP, READDIRPLUS, CREATE, ...) */
     uint64_t children;          /* dentries naming this node as parent: it must outlive them */
     uint64_t opens;             /* open handles: an unlinked open file keeps its node */
+    uint64_t cached_opens;      /* opens through the page cache: the kernel refuses passthrough then */
     struct fuse_attr attr;      /* the last attributes sent: what is left once every name is gone */
     int has_attr;
 };
@@ -339,6 +352,8 @@ static int node_path(struct table *t, uint64_t id, struct pathbuf *out)
 struct handle {
     PyObject *pyfh;             /* the ops object's handle (None for C-only handles) */
     int fd;                     /* a host descriptor read and written here, or -1 */
+    int backing_id;             /* > 0: the kernel reads and writes fd itself (passthrough) */
+    int counted_cached;         /* counted in its node's cached_opens */
     uint64_t node;
     /* directories: the listing taken at the first READDIR, served by offset after that */
     PyObject *listing;
@@ -371,6 +386,8 @@ typedef struct Session {
     char *buf;
     uint32_t proto_minor;
     int no_open;                /* read-only mounts: OPEN answered ENOSYS, reads come by path */
+    int passthrough;            /* the kernel took FUSE_PASSTHROUGH at INIT */
+    int try_passthrough;        /* offer it (writable mounts of a privileged daemon) */
     uint64_t generation;
     uint64_t requests;
     uint64_t fast_requests;
@@ -823,6 +840,30 @@ static void do_rename(Session *s, uint64_t unique, uint64_t olddir, const char *
     reply_err(s, unique, 0);
 }
 
+/* How the kernel is to do I/O on a newly opened file: through passthrough to the host file
+ * where it can (sets *backing_id), else through its page cache, kept across opens since every
+ * change goes through this mount.  The kernel refuses passthrough on an inode that has opens
+ * through the page cache (a lower file read before its copy-up), so those opens count. */
+static uint32_t open_mode(Session *s, struct handle *h, struct node *n, uint32_t *backing_id)
+{
+    if (s->passthrough && h->fd >= 0 && (!n || n->cached_opens == 0)) {
+        struct pt_backing_map map = {.fd = h->fd};
+        int id = ioctl(s->fd, PT_BACKING_OPEN, &map);
+        if (id > 0) {
+            h->backing_id = id;
+            *backing_id = (uint32_t)id;
+            return PT_FOPEN;
+        }
+        if (errno == EPERM || errno == ENOTTY || errno == EINVAL)
+            s->passthrough = 0; /* not ours to use: stop asking */
+    }
+    if (n) {
+        n->cached_opens++;
+        h->counted_cached = 1;
+    }
+    return FOPEN_KEEP_CACHE;
+}
+
 static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, int dir)
 {
     struct fuse_open_out o;
@@ -871,7 +912,7 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
     if (n)
         n->opens++;
     o.fh = (uint64_t)(uintptr_t)h;
-    o.open_flags = FOPEN_KEEP_CACHE; /* every change goes through this mount */
+    o.open_flags = open_mode(s, h, n, &o.padding);
     reply(s, unique, 0, &o, sizeof(o));
 }
 
@@ -910,11 +951,12 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
         reply_err(s, unique, r < 0 ? -r : ENOMEM);
         return;
     }
-    node_get(&s->t, a.ino)->opens++;
+    struct node *n = node_get(&s->t, a.ino);
+    n->opens++;
     fill_entry(s, &out.e, &a);
     memset(&out.o, 0, sizeof(out.o));
     out.o.fh = (uint64_t)(uintptr_t)h;
-    out.o.open_flags = FOPEN_KEEP_CACHE;
+    out.o.open_flags = open_mode(s, h, n, &out.o.padding);
     reply(s, unique, 0, &out, sizeof(out));
 }
 
@@ -931,8 +973,14 @@ static void do_release(Session *s, uint64_t unique, uint64_t fh, int dir)
             py_errno();
         Py_XDECREF(res);
     }
+    if (h->backing_id > 0) {
+        uint32_t id = (uint32_t)h->backing_id;
+        ioctl(s->fd, PT_BACKING_CLOSE, &id);
+    }
     if (!dir) {
         struct node *n = node_get(&s->t, h->node);
+        if (n && h->counted_cached && n->cached_opens)
+            n->cached_opens--;
         if (n && n->opens) {
             n->opens--;
             node_maybe_free(&s->t, n);
@@ -1517,6 +1565,19 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
     uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES |
                     FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_EXPORT_SUPPORT | FUSE_PARALLEL_DIROPS;
     o.flags = in->flags & want;
+    /* passthrough: reads and writes of upper files go from the kernel to the host file without
+     * a round trip.  Writable mounts only (read-only ones read the store); the ioctl that names a
+     * backing file needs CAP_SYS_ADMIN, so unprivileged daemons do without.  Stack depth 1: the
+     * upper directory sits on a plain file system, and this mount can still be a lower of one
+     * overlay. */
+    if (s->writable && s->try_passthrough && (in->flags & PT_INIT_EXT) && blen >= sizeof(*in) &&
+        (in->flags2 & PT_FLAG2)) {
+        o.flags |= PT_INIT_EXT;
+        o.flags2 = PT_FLAG2;
+        o.unused[0] = 1; /* max_stack_depth, a field of protocol 7.40 */
+        o.minor = 40;
+        s->passthrough = 1;
+    }
     /* the kernel takes the smaller of this and its device's read-ahead, which the Python side
      * raised to a request's size before mounting: 1 MiB READs instead of 128 KiB ones */
     o.max_readahead = MAX_WRITE;
@@ -1828,15 +1889,15 @@ static void dispatch(Session *s, const char *req, size_t n)
 static int Session_init(Session *s, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd",    "ops",          "writable", "entry_timeout", "attr_timeout", "negative_timeout",
-                             "debug", "store",        "chain_prefix", "statfs", "threads", NULL};
+                             "debug", "store",        "chain_prefix", "statfs", "threads", "passthrough", NULL};
     PyObject *store_path = Py_None, *statfs = Py_None;
     const char *prefix = NULL;
     Py_ssize_t prefix_len = 0;
     int threads = 1;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#Oi", kwlist, &s->fd, &s->ops, &s->writable,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#Oip", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
-                                     &store_path, &prefix, &prefix_len, &statfs, &threads))
+                                     &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough))
         return -1;
     if (store_path == Py_None)
         threads = 1; /* the Python request path is single-threaded */

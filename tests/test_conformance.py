@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -245,3 +246,38 @@ def test_atime_options_reach_the_mount(dirs: Dirs, fuse_core: str) -> None:
     with overlay(dirs, "strictatime") as mnt, open("/proc/self/mountinfo") as f:
         flags = next(x for x in f if f" {os.path.realpath(mnt)} " in x).split()[5].split(",")
     assert "relatime" not in flags or fuse_core == "python"
+
+
+def test_upper_files_are_read_and_written_by_the_kernel(dirs: Dirs, fuse_core: str) -> None:
+    """FUSE passthrough: once an upper file is open, its reads and writes go from the kernel to
+    the host file; no READ or WRITE request reaches the daemon (its --debug log lists each)."""
+    if fuse_core == "python" or os.geteuid() != 0:
+        pytest.skip("passthrough is the C core's, for a privileged daemon")
+    log_path = os.path.join(os.path.dirname(dirs.mnt), "daemon.log")
+    opts = f"lowerdir={dirs.lower},upperdir={dirs.upper},workdir={dirs.work}"
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(
+            [*HELPER, "-d", "-o", opts, dirs.mnt], stderr=log, stdout=subprocess.DEVNULL
+        )
+        try:
+            for _ in range(500):
+                if mounted(dirs.mnt):
+                    break
+                time.sleep(0.01)
+            data = os.urandom(1 << 20) * 4
+            with open(os.path.join(dirs.mnt, "big"), "wb") as f:
+                f.write(data)
+            with open(os.path.join(dirs.mnt, "big"), "rb") as f:
+                assert f.read() == data
+            with open(os.path.join(dirs.mnt, "file"), "r+b") as f:  # copied up, then passed through
+                f.write(b"LOWER")
+            with open(os.path.join(dirs.upper, "file"), "rb") as f:
+                assert f.read(11) == b"LOWER data\n"
+        finally:
+            subprocess.run(["fusermount3", "-u", dirs.mnt], capture_output=True)
+            force_unmount(dirs.mnt)
+            daemon.wait(timeout=30)
+    with open(log_path) as f:
+        ops = [line.split()[2] for line in f if line.startswith("layerfs: op ")]
+    assert ops.count("16") == 0 and ops.count("15") == 0, "READ/WRITE reached the daemon"
+    assert "35" in ops  # CREATE: the log did list the requests

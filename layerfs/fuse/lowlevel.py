@@ -396,6 +396,9 @@ def serve(
             attr_timeout=timeout,
             negative_timeout=timeout,
             debug=debug,
+            # upper files read and written by the kernel itself (FUSE_DEV_IOC_BACKING_OPEN is
+            # for privileged servers only; LAYERFS_PASSTHROUGH=0 turns it off)
+            passthrough=os.geteuid() == 0 and os.environ.get("LAYERFS_PASSTHROUGH", "1") != "0",
             **from_store,
         )
     except BaseException:

@@ -89,6 +89,9 @@ struct node {
     uint64_t cached_opens;      /* opens through the page cache: the kernel refuses passthrough then */
     struct fuse_attr attr;      /* the last attributes sent: what is left once every name is gone */
     int has_attr;
+    /* known to have no security.capability: the kernel asks before every write (to drop it),
+     * a round trip into Python each time; only SETXATTR/REMOVEXATTR through us can add one */
+    int no_caps;
 };
 
 struct table {
@@ -560,6 +563,26 @@ static PyObject *child_path(Session *s, uint64_t parent, const char *name, size_
 
 /* ---- request handlers (called with the GIL held) ----------------------------------------- */
 
+/* The path of node `id` for a call into Python; NULL once the error is answered. */
+static PyObject *path_or_reply(Session *s, uint64_t unique, uint64_t id)
+{
+    int err = 0;
+    PyObject *path = path_bytes(s, id, &s->pb, &err);
+    if (!path)
+        reply_err(s, unique, err);
+    return path;
+}
+
+static PyObject *child_or_reply(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len,
+                                struct pathbuf *pb)
+{
+    int err = 0;
+    PyObject *path = child_path(s, parent, name, len, pb, &err);
+    if (!path)
+        reply_err(s, unique, err);
+    return path;
+}
+
 /* Reply with an entry for an attribute tuple the ops returned for (parent, name). */
 static void reply_entry_from(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len,
                              PyObject *res)
@@ -581,16 +604,13 @@ static void reply_entry_from(Session *s, uint64_t unique, uint64_t parent, const
 
 static void do_lookup(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len)
 {
-    int err = 0;
-    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
-    if (!path) {
-        reply_err(s, unique, err);
+    PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
+    if (!path)
         return;
-    }
     PyObject *res = PyObject_CallMethod(s->ops, "lookup", "O", path);
     Py_DECREF(path);
     if (!res) {
-        err = py_errno();
+        int err = py_errno();
         if (err == ENOENT) {
             /* a negative entry the kernel may cache: node id 0 with a timeout */
             struct fuse_entry_out e;
@@ -722,12 +742,9 @@ static void do_setattr(Session *s, uint64_t unique, uint64_t id, const struct fu
 
 static void do_readlink(Session *s, uint64_t unique, uint64_t id)
 {
-    int err = 0;
-    PyObject *path = path_bytes(s, id, &s->pb, &err);
-    if (!path) {
-        reply_err(s, unique, err);
+    PyObject *path = path_or_reply(s, unique, id);
+    if (!path)
         return;
-    }
     PyObject *res = PyObject_CallMethod(s->ops, "readlink", "O", path);
     Py_DECREF(path);
     if (!res || !PyBytes_Check(res)) {
@@ -745,12 +762,9 @@ static void do_readlink(Session *s, uint64_t unique, uint64_t id)
 static void do_make(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len, const char *method,
                     const char *fmt, PyObject *a1, long long a2, long long a3, const struct fuse_in_header *ih)
 {
-    int err = 0;
-    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
-    if (!path) {
-        reply_err(s, unique, err);
+    PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
+    if (!path)
         return;
-    }
     PyObject *res;
     if (!strcmp(fmt, "mode"))
         res = PyObject_CallMethod(s->ops, method, "OLLII", path, a2, a3, ih->uid, ih->gid);
@@ -765,12 +779,9 @@ static void do_make(Session *s, uint64_t unique, uint64_t parent, const char *na
 
 static void do_unlink(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len, const char *method)
 {
-    int err = 0;
-    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
-    if (!path) {
-        reply_err(s, unique, err);
+    PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
+    if (!path)
         return;
-    }
     PyObject *res = PyObject_CallMethod(s->ops, method, "O", path);
     Py_DECREF(path);
     if (!res) {
@@ -887,12 +898,9 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply_err(s, unique, ENOSYS);
         return;
     }
-    int err = 0;
-    PyObject *path = path_bytes(s, id, &s->pb, &err);
-    if (!path) {
-        reply_err(s, unique, err);
+    PyObject *path = path_or_reply(s, unique, id);
+    if (!path)
         return;
-    }
     PyObject *res = PyObject_CallMethod(s->ops, "open", "OI", path, flags);
     Py_DECREF(path);
     PyObject *pyfh;
@@ -919,12 +927,9 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
 static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct fuse_create_in *in, const char *name,
                       size_t len, const struct fuse_in_header *ih)
 {
-    int err = 0;
-    PyObject *path = child_path(s, parent, name, len, &s->pb, &err);
-    if (!path) {
-        reply_err(s, unique, err);
+    PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
+    if (!path)
         return;
-    }
     PyObject *res = PyObject_CallMethod(s->ops, "create", "OIIII", path, in->mode, in->flags, ih->uid, ih->gid);
     Py_DECREF(path);
     PyObject *pyfh, *attr;
@@ -1148,9 +1153,17 @@ static void do_statfs(Session *s, uint64_t unique)
     reply(s, unique, 0, &o, sizeof(o));
 }
 
+#define CAPS_XATTR "security.capability"
+
 static void do_getxattr(Session *s, uint64_t unique, uint64_t id, const char *name, uint32_t size, int list)
 {
     int err = 0;
+    int caps = !list && strcmp(name, CAPS_XATTR) == 0;
+    struct node *n = caps ? node_get(&s->t, id) : NULL;
+    if (n && n->no_caps) {
+        reply_err(s, unique, ENODATA);
+        return;
+    }
     PyObject *path = path_bytes(s, id, &s->pb, &err);
     if (!path) {
         reply_err(s, unique, err);
@@ -1163,7 +1176,10 @@ static void do_getxattr(Session *s, uint64_t unique, uint64_t id, const char *na
         if (res)
             PyErr_SetString(PyExc_TypeError, "xattr calls return bytes");
         Py_XDECREF(res);
-        reply_err(s, unique, py_errno());
+        err = py_errno();
+        if (n && err == ENODATA)
+            n->no_caps = 1;
+        reply_err(s, unique, err);
         return;
     }
     size_t len = (size_t)PyBytes_GET_SIZE(res);
@@ -1849,12 +1865,12 @@ static void dispatch(Session *s, const char *req, size_t n)
         left -= FUSE_COMPAT_SETXATTR_IN_SIZE;
         if (!(name = take_name(&p, &left, &len)) || left < in->size)
             break;
-        int err = 0;
-        PyObject *path = path_bytes(s, id, &s->pb, &err);
-        if (!path) {
-            reply_err(s, u, err);
+        PyObject *path = path_or_reply(s, u, id);
+        if (!path)
             return;
-        }
+        struct node *xn = node_get(&s->t, id);
+        if (xn)
+            xn->no_caps = 0;
         call_simple(s, u,
                     PyObject_CallMethod(s->ops, "setxattr", "Oy#y#I", path, name, (Py_ssize_t)len, p,
                                         (Py_ssize_t)in->size, in->flags));
@@ -1864,12 +1880,12 @@ static void dispatch(Session *s, const char *req, size_t n)
     case FUSE_REMOVEXATTR: {
         if (!(name = take_name(&p, &left, &len)))
             break;
-        int err = 0;
-        PyObject *path = path_bytes(s, id, &s->pb, &err);
-        if (!path) {
-            reply_err(s, u, err);
+        PyObject *path = path_or_reply(s, u, id);
+        if (!path)
             return;
-        }
+        struct node *xn = node_get(&s->t, id);
+        if (xn)
+            xn->no_caps = 0;
         call_simple(s, u, PyObject_CallMethod(s->ops, "removexattr", "Oy#", path, name, (Py_ssize_t)len));
         Py_DECREF(path);
         return;

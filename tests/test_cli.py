@@ -38,3 +38,7 @@ def test_version_reports_backend(cli):
     info = cli("version", "--json").json()
     assert info["tar_parser"] in ("c", "python")
     assert cli("version", env={"LAYERFS_IMPL": "python"}).out.count("tar parser: python") == 1
+    assert info["fuse_core"] in ("c", "python")
+    assert cli("version", "--json", env={"LAYERFS_IMPL": "python"}).json()["fuse_core"] == "python"
+    assert cli("version", "--json", env={"LAYERFS_FUSE": "python"}).json()["fuse_core"] == "python"
+    assert cli("version", "--json", env={"LAYERFS_FUSE": "c"}).json()["fuse_core"] == "c"

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -281,3 +282,25 @@ def test_upper_files_are_read_and_written_by_the_kernel(dirs: Dirs, fuse_core: s
         ops = [line.split()[2] for line in f if line.startswith("layerfs: op ")]
     assert ops.count("16") == 0 and ops.count("15") == 0, "READ/WRITE reached the daemon"
     assert "35" in ops  # CREATE: the log did list the requests
+
+
+def test_file_capabilities_are_dropped_by_a_write(dirs: Dirs) -> None:
+    """As on any Linux file system: a write drops security.capability (the kernel asks for it
+    before every write; the C core remembers a file has none until an xattr call changes that)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    caps = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # v2, effective, cap_net_raw
+    with overlay(dirs) as mnt:
+        p = os.path.join(mnt, "tool")
+        with open(p, "wb") as f:
+            f.write(b"#!/bin/sh\n")
+            f.write(b"true\n")  # a second write: the "no capability" answer is now remembered
+        os.setxattr(p, "security.capability", caps)
+        assert os.getxattr(p, "security.capability") == caps
+        with open(p, "ab") as f:
+            f.write(b"# changed\n")
+        with pytest.raises(OSError) as exc:
+            os.getxattr(p, "security.capability")
+        assert exc.value.errno == errno.ENODATA
+        os.setxattr(p, "security.capability", caps)
+        assert os.getxattr(p, "security.capability") == caps

@@ -103,7 +103,8 @@ def test_wheel_runs_the_main_job(installed, tmp_path, need_fuse):  # noqa: F811 
     assert "layerfs-sample" in _run(layerfs, "images", env=env)
     _run(layerfs, "df", env=env)
     _run(layerfs, "verify", env=env)
-    assert "tar parser: c" in _run(layerfs, "version", env=env)
+    version = _run(layerfs, "version", env=env)
+    assert "tar parser: c" in version and "fuse core: c" in version, version
     _run(layerfs, "mount", "layerfs-sample", mnt, env=env)
     try:
         out = _run("chroot", mnt, "/app/run.sh", env=env)

@@ -391,6 +391,16 @@ def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and load(c.dir).state.get("pid") != proc.pid and proc.poll() is None:
         time.sleep(0.02)
+    # as docker: back once the container runs, not once its monitor does (the monitor records
+    # "running" before runc has made the container; `runc list` right after must show it)
+    runc = _runc()
+    while (
+        time.monotonic() < deadline
+        and load(c.dir).state.get("pid") == proc.pid
+        and proc.poll() is None
+        and subprocess.run([*runc, "state", c.id], capture_output=True).returncode != 0
+    ):
+        time.sleep(0.01)
     c.state = load(c.dir).state  # read after the monitor's last word
     if proc.poll() is not None and proc.returncode != 0 and c.state.get("pid") != proc.pid:
         raise ContainerError(f"container {c.name} failed to start: {_last_line(c.log)}")

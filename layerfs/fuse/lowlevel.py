@@ -33,7 +33,8 @@ READ_AHEAD_KIB = 1024  # as large as a request (MAX_WRITE in ext/fusecore.c)
 TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
 TRIM_ABOVE = 8 << 20
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
-RW_TIMEOUT = 1.0
+RW_TIMEOUT = 3600.0  # writable mounts too: every change goes through the mount, and the kernel
+# drops what its own requests change (one inode per object: no other name of a file goes stale)
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_SYNCHRONOUS, MS_NOATIME, MS_NODIRATIME = 16, 1024, 2048
@@ -357,7 +358,12 @@ def serve(
     mount_options: dict[str, bool] | None = None,
 ) -> None:
     """Mount and serve until unmounted; SIGINT, SIGTERM and SIGHUP unmount (lazily, as a busy
-    mount cannot go at once) and the loop ends when the kernel lets go."""
+    mount cannot go at once) and the loop ends when the kernel lets go.
+
+    ``fsname`` and ``subtype`` name the mount (``fuse.SUBTYPE`` in mountinfo); ``on_ready`` is
+    called once the kernel has the mount; ``mount_options`` are generic mount flags (``dev``,
+    ``suid``, ``exec``, ``atime``, ``diratime``, ``relatime``, ``strictatime``: True to set,
+    False for the ``no`` form) over the defaults; ``debug`` logs every request to stderr."""
     from layerfs import _cfuse
 
     if not os.path.exists("/dev/fuse"):

@@ -92,6 +92,10 @@ ROWS: dict[str, str] = {
     "copy-up": "rw    copy-up 2k x 16 KiB (append 1 B)",
     "rm-rf": "rw    rm -rf 20k-entry lower tree",
     "exec": "cold  chroot busybox sh: 200 x /bin/true",
+    "rw-cold-stat": "rw    cold os.walk + lstat (writable mount)",
+    "rw-cold-read-small": "rw    cold open+read 20k x 1 KiB (writable)",
+    "write-big": "rw    write a new 256 MiB file",
+    "rewrite-big": "rw    rewrite 256 MiB of a copied-up file",
     "warm-stat": "warm  os.walk + lstat, every entry",
     "warm-read-small": "warm  open+read 20k files of 1 KiB",
     "ready-main": "ready mount to ready, 3 layers",
@@ -694,9 +698,10 @@ def run_row(
     rounds: int = ROUNDS,
     rw: bool = False,
     warm: Callable[[str], Any] | None = None,
+    before: Callable[[str], Any] | None = None,
 ) -> Result:
     """``work(mountpoint)`` timed on a fresh mount every round (``warm``: on one mount,
-    after ``warm`` ran once)."""
+    after ``warm`` ran once; ``before``: run untimed on each fresh mount first)."""
     image = image or env.main
     benchmark.group = f"union {row}"
     result = Result()
@@ -711,6 +716,8 @@ def run_row(
         release()
         m = env.mounter.mount(fs, image, rw=rw, profile=row)
         state["m"] = m
+        if before is not None:
+            before(m.mnt)
         return (m.mnt,), {}
 
     def target(mnt: str) -> None:
@@ -832,6 +839,48 @@ def test_rm_rf(benchmark: Any, union_env: Env, fs: str) -> None:
 
 def test_exec(benchmark: Any, union_env: Env, fs: str) -> None:
     run_row(benchmark, union_env, "exec", fs, run_exec)
+
+
+def test_rw_cold_stat(benchmark: Any, union_env: Env, fs: str) -> None:
+    """A container's root file system is a writable mount: the same walk through one."""
+    run_row(benchmark, union_env, "rw-cold-stat", fs, union_env.walk, rw=True)
+
+
+def test_rw_cold_read_small(benchmark: Any, union_env: Env, fs: str) -> None:
+    run_row(benchmark, union_env, "rw-cold-read-small", fs, union_env.read_small, rw=True)
+
+
+def _write_file(path: str, size: int, flags: int) -> None:
+    buf = os.urandom(1 << 20)
+    fd = os.open(path, flags, 0o644)
+    try:
+        for _ in range(size >> 20):
+            os.write(fd, buf)
+    finally:
+        os.close(fd)
+
+
+def test_write_big(benchmark: Any, union_env: Env, fs: str) -> None:
+    size = union_env.main.info["big_size"]
+
+    def work(mnt: str) -> None:
+        _write_file(os.path.join(mnt, "new-big"), size, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+    run_row(benchmark, union_env, "write-big", fs, work, rw=True, rounds=SLOW_ROUNDS)
+
+
+def test_rewrite_big(benchmark: Any, union_env: Env, fs: str) -> None:
+    """Overwrite the big lower file in place once it is copied up (the copy-up itself is not timed)."""
+    info = union_env.main.info
+
+    def copy_up(mnt: str) -> None:
+        with open(os.path.join(mnt, info["big"]), "r+b") as f:
+            f.write(b"\0")
+
+    def work(mnt: str) -> None:
+        _write_file(os.path.join(mnt, info["big"]), info["big_size"], os.O_WRONLY)
+
+    run_row(benchmark, union_env, "rewrite-big", fs, work, rw=True, rounds=SLOW_ROUNDS, before=copy_up)
 
 
 def test_warm_stat(benchmark: Any, union_env: Env, fs: str) -> None:

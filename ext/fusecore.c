@@ -357,6 +357,7 @@ struct handle {
     int fd;                     /* a host descriptor read and written here, or -1 */
     int backing_id;             /* > 0: the kernel reads and writes fd itself (passthrough) */
     int counted_cached;         /* counted in its node's cached_opens */
+    uint64_t lower_ino;         /* > 0: a lower file read from the store (the index's inode) */
     uint64_t node;
     /* directories: the listing taken at the first READDIR, served by offset after that */
     PyObject *listing;
@@ -395,6 +396,7 @@ typedef struct Session {
     uint64_t requests;
     uint64_t fast_requests;
     struct fs_store *store;     /* read-only mounts of a stored image: served from it in C */
+    struct fs_store *lower_reader; /* writable mounts of one: lower files read from it in C */
     struct fuse_statfs_out statfs;
     /* more threads serve a read-only mount from the store (none of them calls Python); they
      * read under pin_lock, which renewing the Python-held pinning transaction takes for writing */
@@ -905,12 +907,21 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
     Py_DECREF(path);
     PyObject *pyfh;
     int fd;
-    if (!res || !PyArg_ParseTuple(res, "Oi", &pyfh, &fd)) {
+    unsigned long long lower_ino = 0;
+    if (!res || !PyArg_ParseTuple(res, "Oi|K", &pyfh, &fd, &lower_ino)) {
         Py_XDECREF(res);
         reply_err(s, unique, py_errno());
         return;
     }
-    struct handle *h = handle_new(pyfh, fd, id);
+    /* a lower file of the stored image opened for reading: read here, from the store */
+    if (pyfh == Py_None && !(lower_ino && s->lower_reader)) {
+        Py_DECREF(res);
+        reply_err(s, unique, EIO);
+        return;
+    }
+    struct handle *h = handle_new(pyfh == Py_None ? NULL : pyfh, fd, id);
+    if (h)
+        h->lower_ino = pyfh == Py_None ? lower_ino : 0;
     Py_DECREF(res);
     if (!h) {
         reply_err(s, unique, ENOMEM);
@@ -1081,6 +1092,28 @@ static void do_read(Session *s, uint64_t unique, uint64_t id, const struct fuse_
 {
     struct handle *h = (struct handle *)(uintptr_t)in->fh;
     PyObject *res;
+    if (h && h->lower_ino && s->lower_reader) {
+        struct fs_inode n;
+        size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+        long got = -EIO;
+        int r;
+        Py_BEGIN_ALLOW_THREADS
+        r = fs_store_begin(s->lower_reader);
+        if (r == 0) {
+            r = fs_store_inode(s->lower_reader, h->lower_ino, &n);
+            if (r == 0)
+                got = fs_store_read(s->lower_reader, &n, h->lower_ino, s->buf + BUF_SIZE, size, in->offset);
+            else
+                got = r == -ENOENT ? -ESTALE : r;
+            fs_store_end(s->lower_reader);
+        }
+        Py_END_ALLOW_THREADS
+        if (got < 0)
+            reply_err(s, unique, (int)-got);
+        else
+            reply(s, unique, 0, s->buf + BUF_SIZE, (size_t)got);
+        return;
+    }
     if (h && h->fd >= 0) { /* an upper file: read it here, without the GIL */
         size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
         char *out = s->buf + BUF_SIZE;
@@ -1915,7 +1948,7 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
                                      &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough))
         return -1;
-    if (store_path == Py_None)
+    if (store_path == Py_None || s->writable)
         threads = 1; /* the Python request path is single-threaded */
     if (threads < 1 || threads > 64) {
         PyErr_SetString(PyExc_ValueError, "threads must be 1 to 64");
@@ -1934,12 +1967,28 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
     if (store_path != Py_None) {
         PyObject *encoded;
         char err[512];
-        unsigned long long f[5];
-        unsigned int bsize, namelen, frsize;
-        if (s->writable || prefix_len != 8) {
-            PyErr_SetString(PyExc_ValueError, "the store serves read-only mounts of one chain (8-byte prefix)");
+        if (prefix_len != 8) {
+            PyErr_SetString(PyExc_ValueError, "the store serves one chain (an 8-byte prefix)");
             return -1;
         }
+        if (s->writable) { /* the union rules stay in Python; lower file contents come from here */
+            if (!PyUnicode_FSConverter(store_path, &encoded))
+                return -1;
+            s->lower_reader =
+                fs_store_open(PyBytes_AS_STRING(encoded), (const unsigned char *)prefix, err, sizeof(err));
+            Py_DECREF(encoded);
+            if (!s->lower_reader) {
+                PyErr_SetString(PyExc_OSError, err);
+                return -1;
+            }
+            store_path = Py_None;
+        }
+    }
+    if (store_path != Py_None) {
+        PyObject *encoded;
+        char err[512];
+        unsigned long long f[5];
+        unsigned int bsize, namelen, frsize;
         if (!PyArg_ParseTuple(statfs, "KKKKKIII", &f[0], &f[1], &f[2], &f[3], &f[4], &bsize, &namelen, &frsize))
             return -1;
         s->statfs.st.blocks = f[0];
@@ -1989,6 +2038,7 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
 
 static void Session_dealloc(Session *s)
 {
+    fs_store_close(s->lower_reader);
     for (int i = 0; i < s->nworkers; i++) {
         fs_store_close(s->workers[i].store);
         free(s->workers[i].buf);
@@ -2146,7 +2196,7 @@ static PyObject *Session_run(Session *s, PyObject *unused)
             if (PyErr_Occurred()) /* a handler left one behind: report it, keep serving */
                 PyErr_Print();
         }
-        if (s->store)
+        if (s->store || s->lower_reader)
             maybe_pin(s, 1);
     }
     join_workers(s);

@@ -83,6 +83,7 @@ class CoreOps:
         self.view = view
         self._calls = 0
         self._pin: Any = None
+        self.stored_reads = False  # the C side reads lower files from the store
 
     def pin(self) -> None:
         """Hold (and renew: about once a second) a read transaction of the store, so that no
@@ -152,9 +153,15 @@ class CoreOps:
         return b"".join(n + b"\0" for n in names)
 
     # -- files -------------------------------------------------------------------------
-    def open(self, path: bytes, flags: int) -> tuple[int, int]:
+    def open(self, path: bytes, flags: int) -> tuple[int | None, int, int]:
+        """(view handle, host descriptor or -1, 0); or (None, -1, index inode) for a lower file
+        opened for reading, which the C side reads from the store itself (no handle here)."""
+        if self.stored_reads and not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            ino = self.view.stored_lower_ino(path)
+            if ino is not None:
+                return None, -1, ino
         fh = self.view.open(path, flags)
-        return fh, self.view.handle_fd(fh)
+        return fh, self.view.handle_fd(fh), 0
 
     def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, int, Attr]:
         fh = self.view.create(path, mode, flags, uid, gid)
@@ -383,7 +390,12 @@ def serve(
     timeout = RW_TIMEOUT if view.writable else RO_TIMEOUT
     ops = CoreOps(view)
     from_store: dict[str, Any] = {}
-    if not view.writable and isinstance(view.lower, ChainLayer) and view.store is not None:
+    if view.writable and isinstance(view.lower, ChainLayer) and view.store is not None:
+        # a writable mount of one stored image: lower files opened for reading are read by C
+        ops.pin()
+        ops.stored_reads = True
+        from_store = {"store": view.store.path, "chain_prefix": view.lower.index.prefix}
+    elif not view.writable and isinstance(view.lower, ChainLayer) and view.store is not None:
         # a read-only mount of one stored image: the C core answers from the store itself
         ops.pin()
         from_store = {

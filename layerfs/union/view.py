@@ -461,6 +461,14 @@ class UnionView:
             return self._new_handle(_UpperFile(os.open(self._up(path), flags | os.O_NOFOLLOW)))
         return self._new_handle(self._lower_file(r))
 
+    def stored_lower_ino(self, path: bytes) -> int | None:
+        """The index inode of ``path`` if it is a lower regular file whose contents are in the
+        store (what a reader outside Python can read by itself), else None."""
+        r = self.resolve(path)
+        if isinstance(r, Node) and r.kind == E.REG and r.host is None and self.store is not None:
+            return r.ino
+        return None
+
     def read_path(self, path: bytes, size: int, offset: int) -> bytes:
         """Read by path, without an open handle: what a read-only mount uses, so the kernel's
         OPEN and RELEASE never reach Python (libfuse answers them itself)."""

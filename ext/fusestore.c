@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <zstd.h>
 
@@ -19,6 +20,11 @@
 #define OBJ_CHUNK 29              /* <QIIIQB: pack, offset, stored, raw, xxh3, codec */
 #define MAX_CHUNK (4u << 20)      /* a chunk larger than this is a damaged record, not data */
 #define CACHE_SLOTS 64            /* decompressed chunks kept for reads that cover part of one */
+/* Requests between drops of the store pages mapped into this process: a walk of a large tree
+ * touches many B-tree pages, which would count in the daemon's resident memory for as long as
+ * the map lives.  Dropping them is safe at any time: the map is a shared read-only file map, so
+ * a page touched again is faulted back in from the page cache. */
+#define TRIM_EVERY 16384
 
 struct cache_slot {
     uint64_t pack;
@@ -37,6 +43,7 @@ struct fs_store {
     unsigned char prefix[PREFIX_LEN];
     unsigned char dirkey[PREFIX_LEN + 1 + 8];
     ZSTD_DCtx *dctx;
+    unsigned long requests;
     struct cache_slot cache[CACHE_SLOTS];
 };
 
@@ -108,8 +115,20 @@ void fs_store_close(struct fs_store *st)
     free(st);
 }
 
+static void trim_map(struct fs_store *st)
+{
+    MDB_envinfo info;
+    MDB_stat stat;
+    if (mdb_env_info(st->env, &info) || mdb_env_stat(st->env, &stat) || !info.me_mapaddr)
+        return;
+    size_t used = (size_t)(info.me_last_pgno + 1) * stat.ms_psize;
+    madvise(info.me_mapaddr, used < info.me_mapsize ? used : info.me_mapsize, MADV_DONTNEED);
+}
+
 int fs_store_begin(struct fs_store *st)
 {
+    if (++st->requests % TRIM_EVERY == 0)
+        trim_map(st); /* between transactions: nothing of the map is in use */
     int rc = mdb_txn_renew(st->txn);
     if (rc == MDB_MAP_RESIZED) { /* another process grew the store past our map: adopt it */
         mdb_env_set_mapsize(st->env, 0);

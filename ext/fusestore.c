@@ -20,11 +20,13 @@
 #define OBJ_CHUNK 29              /* <QIIIQB: pack, offset, stored, raw, xxh3, codec */
 #define MAX_CHUNK (4u << 20)      /* a chunk larger than this is a damaged record, not data */
 #define CACHE_SLOTS 64            /* decompressed chunks kept for reads that cover part of one */
-/* Requests between drops of the store pages mapped into this process: a walk of a large tree
- * touches many B-tree pages, which would count in the daemon's resident memory for as long as
- * the map lives.  Dropping them is safe at any time: the map is a shared read-only file map, so
- * a page touched again is faulted back in from the page cache. */
-#define TRIM_EVERY 16384
+/* Records read between drops of the store pages mapped into this process: a walk of a large
+ * tree touches many B-tree pages, which would count in the daemon's resident memory for as long
+ * as the map lives (one READDIRPLUS reads hundreds of records, so this counts records, not
+ * requests).  Dropping them is safe between transactions: the map is a shared read-only file
+ * map, so a page touched again is faulted back in from the page cache.  A drop costs
+ * microseconds. */
+#define TRIM_EVERY 4096
 
 struct cache_slot {
     uint64_t pack;
@@ -43,7 +45,9 @@ struct fs_store {
     unsigned char prefix[PREFIX_LEN];
     unsigned char dirkey[PREFIX_LEN + 1 + 8];
     ZSTD_DCtx *dctx;
-    unsigned long requests;
+    unsigned long touched; /* records read since the last drop */
+    char *map;             /* this handle's map of data.mdb (LMDB does not tell it) */
+    size_t map_len;
     struct cache_slot cache[CACHE_SLOTS];
 };
 
@@ -58,6 +62,8 @@ static void put_be64(unsigned char *p, uint64_t v)
         v >>= 8;
     }
 }
+
+static void find_map(struct fs_store *st, const void *p);
 
 struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], char *err, size_t errlen)
 {
@@ -88,6 +94,14 @@ struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], 
         fs_store_close(st);
         return NULL;
     }
+    /* where the map is, for trim_map: any record's address lies in it */
+    MDB_cursor *cur;
+    MDB_val k, v;
+    if (!mdb_cursor_open(st->txn, st->dbi_union, &cur)) { /* the transaction is still live */
+        if (!mdb_cursor_get(cur, &k, &v, MDB_FIRST))
+            find_map(st, v.mv_data);
+        mdb_cursor_close(cur);
+    }
     mdb_txn_reset(st->txn);
     st->dctx = ZSTD_createDCtx();
     if (!st->dctx) {
@@ -115,20 +129,40 @@ void fs_store_close(struct fs_store *st)
     free(st);
 }
 
+/* The map that holds `p` (a pointer LMDB gave us into its pages), from /proc/self/maps. */
+static void find_map(struct fs_store *st, const void *p)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    char line[512];
+    if (!f)
+        return;
+    while (fgets(line, sizeof(line), f)) {
+        unsigned long start, end;
+        if (sscanf(line, "%lx-%lx", &start, &end) == 2 && (uintptr_t)p >= start && (uintptr_t)p < end) {
+            st->map = (char *)start;
+            st->map_len = end - start;
+            break;
+        }
+    }
+    fclose(f);
+}
+
 static void trim_map(struct fs_store *st)
 {
     MDB_envinfo info;
     MDB_stat stat;
-    if (mdb_env_info(st->env, &info) || mdb_env_stat(st->env, &stat) || !info.me_mapaddr)
+    if (!st->map || mdb_env_info(st->env, &info) || mdb_env_stat(st->env, &stat))
         return;
     size_t used = (size_t)(info.me_last_pgno + 1) * stat.ms_psize;
-    madvise(info.me_mapaddr, used < info.me_mapsize ? used : info.me_mapsize, MADV_DONTNEED);
+    madvise(st->map, used < st->map_len ? used : st->map_len, MADV_DONTNEED);
 }
 
 int fs_store_begin(struct fs_store *st)
 {
-    if (++st->requests % TRIM_EVERY == 0)
+    if (st->touched >= TRIM_EVERY) {
         trim_map(st); /* between transactions: nothing of the map is in use */
+        st->touched = 0;
+    }
     int rc = mdb_txn_renew(st->txn);
     if (rc == MDB_MAP_RESIZED) { /* another process grew the store past our map: adopt it */
         mdb_env_set_mapsize(st->env, 0);
@@ -163,6 +197,7 @@ int fs_store_inode(struct fs_store *st, uint64_t ino, struct fs_inode *out)
     key[PREFIX_LEN] = 'I';
     put_be64(key + PREFIX_LEN + 1, ino);
     MDB_val k = {sizeof(key), key}, v;
+    st->touched++;
     int rc = mdb_get(st->txn, st->dbi_union, &k, &v);
     if (rc == MDB_NOTFOUND)
         return -ENOENT;
@@ -228,6 +263,7 @@ int fs_store_lookup(struct fs_store *st, uint64_t parent, const char *name, size
     memcpy(key, st->dirkey, sizeof(st->dirkey));
     memcpy(key + sizeof(st->dirkey), name, len);
     MDB_val k = {sizeof(st->dirkey) + len, key}, v;
+    st->touched++;
     int rc = mdb_get(st->txn, st->dbi_union, &k, &v);
     if (rc == MDB_NOTFOUND)
         return -ENOENT;
@@ -271,6 +307,7 @@ int fs_store_dir_next(struct fs_store *st, struct fs_dirent *out)
     MDB_val k, v;
     if (!st->cur)
         return 0;
+    st->touched++;
     int rc = mdb_cursor_get(st->cur, &k, &v, MDB_GET_CURRENT);
     if (rc == MDB_NOTFOUND || rc == EINVAL)
         return 0;
@@ -315,6 +352,7 @@ static int chunk_into(struct fs_store *st, uint64_t ino, const unsigned char *co
     unsigned char key[8];
     put_be64(key, pack);
     MDB_val k = {8, key}, v;
+    st->touched += 16; /* a chunk spans several pages */
     int rc = mdb_get(st->txn, st->dbi_packs, &k, &v);
     if (rc || (uint64_t)off + stored > v.mv_size)
         return chunk_error(ino, content, pack, off, "is missing (pack gone or short)");

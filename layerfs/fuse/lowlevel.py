@@ -285,20 +285,22 @@ def mount_fuse(
 ) -> int:
     """Mount a FUSE file system at ``mountpoint``; returns the open /dev/fuse descriptor."""
     flags, names = _mount_flags(read_only, mount_options)
-    st = os.stat(mountpoint)
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    data = f"fd={fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},group_id={os.getgid()}"
-    data += ",default_permissions" + (",allow_other" if allow_other else "")
-    rc = _libc.mount(
-        fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(), flags, data.encode()
-    )
-    if rc == 0:
-        return fd
-    err = ctypes.get_errno()
-    os.close(fd)
-    if err not in (errno.EPERM, errno.EACCES):
-        raise OSError(err, f"mount {mountpoint}: {os.strerror(err)}")
-    del st
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        fd = -1  # /dev/fuse is root's here: fusermount3 (setuid) opens it for us
+    if fd >= 0:
+        data = f"fd={fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},group_id={os.getgid()}"
+        data += ",default_permissions" + (",allow_other" if allow_other else "")
+        rc = _libc.mount(
+            fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(), flags, data.encode()
+        )
+        if rc == 0:
+            return fd
+        err = ctypes.get_errno()
+        os.close(fd)
+        if err not in (errno.EPERM, errno.EACCES):
+            raise OSError(err, f"mount {mountpoint}: {os.strerror(err)}")
     opts = [f"fsname={fsname}", f"subtype={subtype}", "default_permissions", *names]
     if allow_other:
         opts.append("allow_other")

@@ -969,6 +969,7 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
     }
     struct node *n = node_get(&s->t, a.ino);
     n->opens++;
+    n->no_caps = 1; /* a new file has no capability: spare the GETXATTR of its first write */
     fill_entry(s, &out.e, &a);
     memset(&out.o, 0, sizeof(out.o));
     out.o.fh = (uint64_t)(uintptr_t)h;

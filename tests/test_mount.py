@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 from conftest import make_layout, tar_bytes
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
+    extract_layers,
     layerfs_mount,
     mounted,
     need_fuse,
     no_mount_left_behind,
+    overlay_unavailable,
     wait_until,
 )
 
@@ -156,6 +158,60 @@ def test_umount_cleans_up_after_kill_9(cli, sample, tmp_path):
         assert not mounted(mnt)
         assert os.listdir(mnt) == []
         assert cli("mounts", "--json").json() == []
+
+
+def test_kill_9_mid_write_leaves_an_upper_the_kernel_mounts(cli, sample, sample_layout, tmp_path):
+    """The daemon killed while a writer creates, appends, deletes and renames: the upper
+    directory is still in the kernel's format (the kernel overlay mounts it over the layers)
+    and shows every change that completed before the kill."""
+    if overlay_unavailable(str(tmp_path)):
+        pytest.skip(overlay_unavailable(str(tmp_path)))
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "rw" / "upper")
+    writer = (
+        "import os, sys\n"
+        "m = sys.argv[1]\n"
+        "os.unlink(m + '/etc/hostname')\n"
+        "os.makedirs(m + '/app/new', exist_ok=True)\n"
+        "i = 0\n"
+        "while True:\n"
+        "    with open(f'{m}/app/new/f{i}', 'wb') as f:\n"
+        "        f.write(os.urandom(4096) * 16)\n"
+        "    with open(m + '/etc/passwd', 'ab') as f:\n"
+        "        f.write(b'x')\n"
+        "    os.rename(f'{m}/app/new/f{i}', f'{m}/app/new/g{i}')\n"
+        "    print(i, flush=True)\n"
+        "    i += 1\n"
+    )
+    with layerfs_mount(cli, sample, mnt, upper):
+        pid = _mount_record(cli, mnt)["pid"]
+        proc = subprocess.Popen([sys.executable, "-c", writer, mnt], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        done = [proc.stdout.readline() for _ in range(20)]  # 20 rounds completed, more under way
+        os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        assert wait_until(lambda: not _alive(pid))
+    completed = int(done[-1])
+    lowers = extract_layers(sample_layout, str(tmp_path / "layers"))
+    kmnt = str(tmp_path / "k")
+    os.makedirs(kmnt)
+    opts = f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},workdir={tmp_path / 'rw' / 'kwork'}"
+    os.makedirs(tmp_path / "rw" / "kwork")
+    res = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, kmnt], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    try:
+        assert not os.path.lexists(os.path.join(kmnt, "etc/hostname"))  # the whiteout holds
+        names = set(os.listdir(os.path.join(kmnt, "app/new")))
+        assert {f"g{i}" for i in range(completed + 1)} <= names
+        for i in range(completed + 1):
+            assert os.path.getsize(os.path.join(kmnt, f"app/new/g{i}")) == 65536
+        with open(os.path.join(kmnt, "etc/passwd"), "rb") as f:
+            assert f.read().endswith(b"x" * (completed + 1))
+        assert os.listdir(os.path.join(kmnt, "app")) and os.path.exists(os.path.join(kmnt, "app/run.sh"))
+    finally:
+        subprocess.run(["umount", kmnt], capture_output=True)
 
 
 def test_sigterm_unmounts(cli, sample, tmp_path):

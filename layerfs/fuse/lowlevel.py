@@ -20,6 +20,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -392,21 +393,20 @@ def serve(
     timeout = RW_TIMEOUT if view.writable else RO_TIMEOUT
     ops = CoreOps(view)
     from_store: dict[str, Any] = {}
-    if view.writable and isinstance(view.lower, ChainLayer) and view.store is not None:
-        # a writable mount of one stored image: lower files opened for reading are read by C
+    # the C side maps the store again (one map per thread): on a 32-bit userland the address
+    # space cannot hold that beside py-lmdb's map, so there Python reads the store
+    can_map = sys.maxsize > 2**32 and os.environ.get("LAYERFS_C_STORE", "1") != "0"
+    chain, store = view.lower, view.store
+    if can_map and isinstance(chain, ChainLayer) and store is not None:
         ops.pin()
-        ops.stored_reads = True
-        from_store = {"store": view.store.path, "chain_prefix": view.lower.index.prefix}
-    elif not view.writable and isinstance(view.lower, ChainLayer) and view.store is not None:
-        # a read-only mount of one stored image: the C core answers from the store itself
-        ops.pin()
-        from_store = {
-            "store": view.store.path,
-            "chain_prefix": view.lower.index.prefix,
-            "statfs": ops.statfs(),
-            # a thread per CPU (up to 4): zstd of one file's chunks runs on all of them at once
-            "threads": min(4, len(os.sched_getaffinity(0))),
-        }
+        from_store = {"store": store.path, "chain_prefix": chain.index.prefix}
+        if view.writable:
+            # a writable mount of one stored image: lower files opened for reading are read by C
+            ops.stored_reads = True
+        else:
+            # a read-only mount of one stored image: the C core answers from the store itself,
+            # on a thread per CPU (up to 4): zstd of one file's chunks runs on all of them at once
+            from_store.update(statfs=ops.statfs(), threads=min(4, len(os.sched_getaffinity(0))))
     try:
         session = _cfuse.Session(
             fd,

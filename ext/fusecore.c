@@ -1961,7 +1961,13 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
         return -1;
     }
     s->nworkers = threads;
-    if (pthread_rwlock_init(&s->pin_lock, NULL)) {
+    /* the pin renewal must not wait behind an endless stream of overlapping reads */
+    pthread_rwlockattr_t rwattr;
+    pthread_rwlockattr_init(&rwattr);
+    pthread_rwlockattr_setkind_np(&rwattr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int lock_failed = pthread_rwlock_init(&s->pin_lock, &rwattr);
+    pthread_rwlockattr_destroy(&rwattr);
+    if (lock_failed) {
         PyErr_SetString(PyExc_OSError, "cannot create a lock");
         return -1;
     }

@@ -4,18 +4,21 @@ signal, programs running inside, concurrent readers, read-only, and a 100k-entry
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_layout, tar_bytes
+from conftest import make_layout, member, tar_bytes
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
     extract_layers,
     layerfs_mount,
@@ -369,6 +372,58 @@ def test_statfs_describes_the_image(cli, sample, tmp_path):
         assert st.f_bsize == 4096 and st.f_namemax == 255
         assert st.f_blocks * st.f_bsize >= 3_000_000  # the sample holds ~3 MB of file data
         assert st.f_files == len(set(_inodes(mnt).values())) + 1  # every inode, with the root
+
+
+def test_reads_stay_right_while_other_images_come_and_go(cli, sample, tmp_path):
+    """The C core reads the store without an LMDB reader slot of its own (docs/FORMAT.md): while
+    imports, rmi and gc in other processes free and reuse pages, every read through a mount must
+    still return the image's bytes.  Each file's page cache is dropped before it is read again,
+    so every round's READs reach the daemon."""
+    mnt = str(tmp_path / "m")
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set() and n < 40:
+            layer = tar_bytes([member(f"f{i}", os.urandom(70_000)) for i in range(40)])
+            layout = make_layout(tmp_path / f"churn{n}", [layer], ref=f"churn:{n}", compress=False)
+            for args in (("import", layout), ("rmi", f"churn:{n}"), ("gc",)):
+                res = cli(*args, check=False)
+                if res.code != 0:
+                    errors.append(f"{args}: {res.err}")
+            n += 1
+
+    with layerfs_mount(cli, sample, mnt):
+        files = []
+        for d, _, names in os.walk(mnt):
+            files += [os.path.join(d, n) for n in names if stat.S_ISREG(os.lstat(os.path.join(d, n)).st_mode)]
+        expected = {}
+        for p in files:
+            with open(p, "rb") as f:
+                expected[p] = hashlib.sha256(f.read()).hexdigest()
+        worker = threading.Thread(target=churn)
+        worker.start()
+        rounds = 0
+        try:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline and worker.is_alive():
+                for p in files:
+                    fd = os.open(p, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        data = b""
+                        while chunk := os.read(fd, 1 << 20):
+                            data += chunk
+                    finally:
+                        os.close(fd)
+                    assert hashlib.sha256(data).hexdigest() == expected[p], p
+                rounds += 1
+        finally:
+            stop.set()
+            worker.join()
+    assert not errors, errors
+    assert rounds >= 2
 
 
 def test_rmi_and_gc_while_mounted_keep_the_mount_readable(cli, sample, tmp_path):

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="OPT",
         help="mount option; supported: allow_other",
     )
-    p.add_argument("--debug", action="store_true", help="libfuse debug output (with --foreground)")
+    p.add_argument("--debug", action="store_true", help="log every FUSE request (with --foreground)")
     p.set_defaults(func=run)
 
 

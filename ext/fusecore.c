@@ -388,8 +388,6 @@ typedef struct Session {
     struct table t;
     struct pathbuf pb, pb2;
     char *buf;
-    uint32_t proto_minor;
-    int no_open;                /* read-only mounts: OPEN answered ENOSYS, reads come by path */
     int passthrough;            /* the kernel took FUSE_PASSTHROUGH at INIT */
     int try_passthrough;        /* offer it (writable mounts of a privileged daemon) */
     uint64_t generation;
@@ -896,7 +894,6 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
     if (!s->writable) {
         /* the kernel remembers ENOSYS: no OPEN or RELEASE for the rest of the mount, reads by
          * path with the page cache kept across opens (lower files never change) */
-        s->no_open = 1;
         reply_err(s, unique, ENOSYS);
         return;
     }
@@ -1089,30 +1086,22 @@ static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fu
     reply(s, unique, 0, out, used);
 }
 
+static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, uint64_t ino,
+                       const struct fuse_read_in *in);
+
 static void do_read(Session *s, uint64_t unique, uint64_t id, const struct fuse_read_in *in)
 {
     struct handle *h = (struct handle *)(uintptr_t)in->fh;
     PyObject *res;
-    if (h && h->lower_ino && s->lower_reader) {
-        struct fs_inode n;
-        size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
-        long got = -EIO;
-        int r;
+    if (h && h->lower_ino && s->lower_reader) { /* a lower file: from the store, without the GIL */
         Py_BEGIN_ALLOW_THREADS
-        r = fs_store_begin(s->lower_reader);
-        if (r == 0) {
-            r = fs_store_inode(s->lower_reader, h->lower_ino, &n);
-            if (r == 0)
-                got = fs_store_read(s->lower_reader, &n, h->lower_ino, s->buf + BUF_SIZE, size, in->offset);
-            else
-                got = r == -ENOENT ? -ESTALE : r;
+        if (fs_store_begin(s->lower_reader) < 0) {
+            reply_err(s, unique, EIO);
+        } else {
+            store_read(s, s->lower_reader, s->buf + BUF_SIZE, unique, h->lower_ino, in);
             fs_store_end(s->lower_reader);
         }
         Py_END_ALLOW_THREADS
-        if (got < 0)
-            reply_err(s, unique, (int)-got);
-        else
-            reply(s, unique, 0, s->buf + BUF_SIZE, (size_t)got);
         return;
     }
     if (h && h->fd >= 0) { /* an upper file: read it here, without the GIL */
@@ -1424,10 +1413,12 @@ static void fast_xattr(Session *s, struct worker *w, uint64_t u, uint64_t ino, c
     }
 }
 
-static void fast_read(Session *s, struct worker *w, uint64_t u, uint64_t ino, const struct fuse_read_in *in)
+/* READ of a stored file's contents into `out`, the reply area (inside fs_store_begin/_end). */
+static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, uint64_t ino,
+                       const struct fuse_read_in *in)
 {
     struct fs_inode n;
-    int r = fs_store_inode(w->store, ino, &n);
+    int r = fs_store_inode(st, ino, &n);
     if (r < 0) {
         reply_err(s, u, r == -ENOENT ? ESTALE : -r);
         return;
@@ -1437,11 +1428,11 @@ static void fast_read(Session *s, struct worker *w, uint64_t u, uint64_t ino, co
         return;
     }
     size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
-    long got = fs_store_read(w->store, &n, ino, w->buf + BUF_SIZE, size, in->offset);
+    long got = fs_store_read(st, &n, ino, out, size, in->offset);
     if (got < 0)
         reply_err(s, u, (int)-got);
     else
-        reply(s, u, 0, w->buf + BUF_SIZE, (size_t)got);
+        reply(s, u, 0, out, (size_t)got);
 }
 
 /* Serve a request from the store without Python; 0 if it is not one of those (called without
@@ -1466,7 +1457,6 @@ static int fast_dispatch(Session *s, struct worker *w, const char *req, size_t n
     case FUSE_INTERRUPT:
         return 1; /* no table to keep: node ids are the index's inode numbers */
     case FUSE_OPEN:
-        s->no_open = 1;
         reply_err(s, u, ENOSYS);
         return 1;
     case FUSE_FLUSH:
@@ -1566,7 +1556,7 @@ static int fast_dispatch(Session *s, struct worker *w, const char *req, size_t n
         break;
     case FUSE_READ:
         if (blen >= sizeof(struct fuse_read_in))
-            fast_read(s, w, u, id, (const struct fuse_read_in *)body);
+            store_read(s, w->store, w->buf + BUF_SIZE, u, id, (const struct fuse_read_in *)body);
         else
             reply_err(s, u, EINVAL);
         break;
@@ -1611,7 +1601,6 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
         reply(s, ih->unique, 0, &o, 8);
         return;
     }
-    s->proto_minor = in->minor < FUSE_KERNEL_MINOR_VERSION ? in->minor : FUSE_KERNEL_MINOR_VERSION;
     uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES |
                     FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_EXPORT_SUPPORT | FUSE_PARALLEL_DIROPS;
     o.flags = in->flags & want;
@@ -2217,36 +2206,9 @@ static PyObject *Session_stats(Session *s, PyObject *unused)
                          (Py_ssize_t)s->t.ndentries);
 }
 
-static PyObject *Session_inval_entry(Session *s, PyObject *args)
-{
-    unsigned long long parent;
-    const char *name;
-    Py_ssize_t len;
-    if (!PyArg_ParseTuple(args, "Ky#", &parent, &name, &len))
-        return NULL;
-    struct fuse_out_header h;
-    struct fuse_notify_inval_entry_out o;
-    memset(&o, 0, sizeof(o));
-    o.parent = parent;
-    o.namelen = (uint32_t)len;
-    h.len = (uint32_t)(sizeof(h) + sizeof(o) + (size_t)len + 1);
-    h.error = FUSE_NOTIFY_INVAL_ENTRY;
-    h.unique = 0;
-    struct iovec iov[4] = {{&h, sizeof(h)}, {&o, sizeof(o)}, {(void *)name, (size_t)len}, {"", 1}};
-    ssize_t r;
-    Py_BEGIN_ALLOW_THREADS
-    r = writev(s->fd, iov, 4);
-    Py_END_ALLOW_THREADS
-    if (r < 0 && errno != ENOENT)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef Session_methods[] = {
     {"run", (PyCFunction)Session_run, METH_NOARGS, "Serve requests until the file system is unmounted."},
     {"stats", (PyCFunction)Session_stats, METH_NOARGS, "Requests served, nodes and names held."},
-    {"inval_entry", (PyCFunction)Session_inval_entry, METH_VARARGS,
-     "Tell the kernel to drop its cached entry (parent node id, name)."},
     {NULL, NULL, 0, NULL},
 };
 

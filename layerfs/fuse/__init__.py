@@ -18,6 +18,16 @@ from typing import Any
 
 from layerfs.union.view import UnionView
 
+TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
+TRIM_ABOVE = 8 << 20
+
+
+def trim_store_map(view: UnionView) -> None:
+    """A walk maps the store's B-tree pages into the daemon; past TRIM_ABOVE they are dropped
+    from its resident set (they stay in the page cache).  Both cores call this."""
+    if view.store is not None:
+        view.store.trim_map_above(TRIM_ABOVE)
+
 
 def core() -> str:
     """Which core serves mounts: ``c`` or ``python``."""

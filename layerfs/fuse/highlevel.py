@@ -24,6 +24,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would load libfus
 
 import mfusepy  # noqa: E402
 
+from layerfs.fuse import TRIM_EVERY, trim_store_map  # noqa: E402
 from layerfs.union.view import UnionView  # noqa: E402
 
 # libfuse's high-level API marks "now" and "leave alone" in tv_nsec of a zero tv_sec;
@@ -34,13 +35,6 @@ RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 1.0
 MAX_REQUEST = 1 << 20
 LIBFUSE_FLAGS = ("dev", "suid", "exec", "atime")  # the generic mount flags libfuse passes on
-TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
-TRIM_ABOVE = 8 << 20
-
-
-def _trim_if_large(view: UnionView) -> None:
-    if view.store is not None:
-        view.store.trim_map_above(TRIM_ABOVE)
 
 
 def _p(path: str) -> bytes:
@@ -257,7 +251,7 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         ops = self.operations
         ops._ops += 1
         if ops._ops % TRIM_EVERY == 0:
-            _trim_if_large(ops.view)
+            trim_store_map(ops.view)
         attrs = ops.view.getattr(path[1:] if path else b"")
         if ops.view.writable and ops._config is not None:
             # libfuse's high-level API gives every path its own kernel inode: a change made

@@ -25,14 +25,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from layerfs.fuse import TRIM_EVERY, trim_store_map
 from layerfs.union.lower import ChainLayer, join_path, parent_path
 from layerfs.union.view import UnionView
 
 Attr = tuple[int, int, int, int, int, int, int, int, int, int, int]
 
 READ_AHEAD_KIB = 1024  # as large as a request (MAX_WRITE in ext/fusecore.c)
-TRIM_EVERY = 4096  # lookups between checks of the store pages mapped into the daemon
-TRIM_ABOVE = 8 << 20
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 3600.0  # writable mounts too: every change goes through the mount, and the kernel
 # drops what its own requests change (one inode per object: no other name of a file goes stale)
@@ -70,13 +69,6 @@ def _attr(a: dict[str, int]) -> Attr:
     )
 
 
-def _trim_if_large(view: UnionView) -> None:
-    """A walk maps the store's B-tree pages into the daemon; past TRIM_ABOVE they are dropped
-    from its resident set (they stay in the page cache)."""
-    if view.store is not None:
-        view.store.trim_map_above(TRIM_ABOVE)
-
-
 class CoreOps:
     """What the C core asks of the union view (see ext/fusecore.c for the call sites)."""
 
@@ -95,7 +87,6 @@ class CoreOps:
         old, self._pin = self._pin, store.read()
         if old is not None:
             old.abort()
-        _trim_if_large(self.view)
 
     def unpin(self) -> None:
         if self._pin is not None:
@@ -106,7 +97,7 @@ class CoreOps:
     def lookup(self, path: bytes) -> Attr:
         self._calls += 1
         if self._calls % TRIM_EVERY == 0:
-            _trim_if_large(self.view)
+            trim_store_map(self.view)
         return _attr(self.view.getattr(path))
 
     getattr = lookup
@@ -119,7 +110,7 @@ class CoreOps:
         view = self.view
         self._calls += 1
         if self._calls % (TRIM_EVERY // 64) == 0:
-            _trim_if_large(view)
+            trim_store_map(view)
         here = _attr(view.getattr(path))
         up = _attr(view.getattr(parent_path(path))) if path else here
         out = [(b".", here), (b"..", up)]

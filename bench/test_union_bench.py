@@ -94,6 +94,8 @@ ROWS: dict[str, str] = {
     "exec": "cold  chroot busybox sh: 200 x /bin/true",
     "rw-cold-stat": "rw    cold os.walk + lstat (writable mount)",
     "rw-cold-read-small": "rw    cold open+read 20k x 1 KiB (writable)",
+    "rw-read-big": "rw    cold read 256 MiB, from the store",
+    "rw-cached-read-big": "rw    cold read 256 MiB, file cache filled",
     "write-big": "rw    write a new 256 MiB file",
     "rewrite-big": "rw    rewrite 256 MiB of a copied-up file",
     "warm-stat": "warm  os.walk + lstat, every entry",
@@ -848,6 +850,53 @@ def test_rw_cold_stat(benchmark: Any, union_env: Env, fs: str) -> None:
 
 def test_rw_cold_read_small(benchmark: Any, union_env: Env, fs: str) -> None:
     run_row(benchmark, union_env, "rw-cold-read-small", fs, union_env.read_small, rw=True)
+
+
+def _clear_file_cache(env: Env) -> None:
+    shutil.rmtree(os.path.join(env.store, "filecache"), ignore_errors=True)
+
+
+def test_rw_read_big(benchmark: Any, union_env: Env, fs: str) -> None:
+    """The big lower file through a writable mount with an empty file cache: decompressed from
+    the store by the daemon (layerfs fills the cache after the file is closed, untimed)."""
+    info = union_env.main.info
+
+    def work(mnt: str) -> None:
+        assert read_big(os.path.join(mnt, info["big"])) == info["big_size"]
+
+    run_row(
+        benchmark,
+        union_env,
+        "rw-read-big",
+        fs,
+        work,
+        rw=True,
+        before=lambda mnt: _clear_file_cache(union_env),
+    )
+
+
+def test_rw_cached_read_big(benchmark: Any, union_env: Env, fs: str) -> None:
+    """The same read once layerfs's file cache holds the file: the kernel reads the copy itself
+    (passthrough).  Peers have no such cache and do the same read as in rw-read-big; the copy,
+    like every backing file here, is in the host page cache."""
+    info = union_env.main.info
+    root = os.path.join(union_env.store, "filecache")
+
+    def fill(mnt: str) -> None:
+        if fs not in LAYERFS_MOUNTS or CORE[fs] != "c":
+            return
+        if not os.path.isdir(root) or not os.listdir(root):
+            read_big(os.path.join(mnt, info["big"]))  # the copy is made once it is closed
+            deadline = time.monotonic() + 60
+            while not (os.path.isdir(root) and os.listdir(root)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert os.listdir(root), "the file cache was not filled"
+        _prime([root])
+
+    def work(mnt: str) -> None:
+        assert read_big(os.path.join(mnt, info["big"])) == info["big_size"]
+
+    run_row(benchmark, union_env, "rw-cached-read-big", fs, work, rw=True, before=fill)
 
 
 def _write_file(path: str, size: int, flags: int) -> None:

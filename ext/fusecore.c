@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "filecache.h"
 #include "fusestore.h"
 
 #ifndef FUSE_MAX_PAGES
@@ -87,6 +88,12 @@ struct node {
     uint64_t children;          /* dentries naming this node as parent: it must outlive them */
     uint64_t opens;             /* open handles: an unlinked open file keeps its node */
     uint64_t cached_opens;      /* opens through the page cache: the kernel refuses passthrough then */
+    /* passthrough: the kernel takes one backing file per inode at a time (a second one is
+     * EBUSY), so every passthrough open of a node shares the first one's backing */
+    uint64_t pt_opens;
+    int backing_id;
+    int backing_mode;           /* O_RDONLY, O_WRONLY or O_RDWR */
+    int backing_copy;           /* the backing is a file cache copy (else an upper file) */
     struct fuse_attr attr;      /* the last attributes sent: what is left once every name is gone */
     int has_attr;
     /* known to have no security.capability: the kernel asks before every write (to drop it),
@@ -355,7 +362,11 @@ static int node_path(struct table *t, uint64_t id, struct pathbuf *out)
 struct handle {
     PyObject *pyfh;             /* the ops object's handle (None for C-only handles) */
     int fd;                     /* a host descriptor read and written here, or -1 */
-    int backing_id;             /* > 0: the kernel reads and writes fd itself (passthrough) */
+    int passthrough;            /* the kernel reads and writes its node's backing (counted) */
+    int owns_fd;                /* fd is ours to close (a file cache copy), not the view's */
+    int want_copy;              /* at RELEASE, have the file cache fill copy_id */
+    unsigned char copy_id[32];
+    uint64_t copy_size;
     int counted_cached;         /* counted in its node's cached_opens */
     uint64_t lower_ino;         /* > 0: a lower file read from the store (the index's inode) */
     uint64_t node;
@@ -395,6 +406,8 @@ typedef struct Session {
     uint64_t fast_requests;
     struct fs_store *store;     /* read-only mounts of a stored image: served from it in C */
     struct fs_store *lower_reader; /* writable mounts of one: lower files read from it in C */
+    struct fc *cache;           /* ... or from their decompressed copies (ext/filecache.h) */
+    struct fs_store *fill_reader; /* the file cache's thread reads the store through this one */
     struct fuse_statfs_out statfs;
     /* more threads serve a read-only mount from the store (none of them calls Python); they
      * read under pin_lock, which renewing the Python-held pinning transaction takes for writing */
@@ -705,9 +718,23 @@ static void do_getattr(Session *s, uint64_t unique, uint64_t id, const struct fu
     Py_XDECREF(res);
 }
 
+/* A lower file being read through its cached copy: the kernel would pass a writer through to
+ * the same copy (one backing per inode), so changing its contents waits until they close. */
+static void handle_close(Session *s, struct handle *h, int dir);
+
+static int copy_busy(Session *s, uint64_t id)
+{
+    struct node *n = node_get(&s->t, id);
+    return n && n->pt_opens && n->backing_copy;
+}
+
 static void do_setattr(Session *s, uint64_t unique, uint64_t id, const struct fuse_setattr_in *in)
 {
     int err = 0;
+    if ((in->valid & FATTR_SIZE) && copy_busy(s, id)) {
+        reply_err(s, unique, ETXTBSY);
+        return;
+    }
     PyObject *path = path_bytes(s, id, &s->pb, &err);
     PyObject *pyfh = Py_None;
     if ((in->valid & FATTR_FH) && in->fh) {
@@ -851,21 +878,52 @@ static void do_rename(Session *s, uint64_t unique, uint64_t olddir, const char *
     reply_err(s, unique, 0);
 }
 
-/* How the kernel is to do I/O on a newly opened file: through passthrough to the host file
- * where it can (sets *backing_id), else through its page cache, kept across opens since every
- * change goes through this mount.  The kernel refuses passthrough on an inode that has opens
- * through the page cache (a lower file read before its copy-up), so those opens count. */
-static uint32_t open_mode(Session *s, struct handle *h, struct node *n, uint32_t *backing_id)
+/* How the kernel is to do I/O on a newly opened file (`flags`: the open's): open flags, or
+ * -errno.  Passthrough to the host file where it can (sets *backing_id), else through its page
+ * cache, kept across opens since every change goes through this mount.  The kernel takes one
+ * backing file per inode, and while an inode has passthrough opens it refuses any open that is
+ * not one (EINVAL): later opens share the first one's backing, which for upper files is opened
+ * read-write for that; the rare open that cannot share it gets ETXTBSY, as a write to a running
+ * program does.  It refuses passthrough while an inode has page-cache opens, so those count. */
+static int open_mode(Session *s, struct handle *h, struct node *n, uint32_t flags, uint32_t *backing_id)
 {
-    if (s->passthrough && h->fd >= 0 && (!n || n->cached_opens == 0)) {
-        struct pt_backing_map map = {.fd = h->fd};
+    int mode = (int)(flags & O_ACCMODE);
+    if (n && n->pt_opens > 0) {
+        /* a reader may share a copy's backing even once the file is copied up: its contents
+         * cannot have changed (copy_busy) */
+        if (n->backing_mode == O_RDWR || n->backing_mode == mode) {
+            n->pt_opens++;
+            h->passthrough = 1;
+            *backing_id = (uint32_t)n->backing_id;
+            return PT_FOPEN;
+        }
+        return -ETXTBSY; /* the kernel refuses any other kind of open beside passthrough ones */
+    }
+    if (s->passthrough && n && h->fd >= 0 && n->cached_opens == 0) {
+        int fd = h->fd, reopened = -1;
+        if (!h->owns_fd && mode != O_RDWR) { /* an upper file: a backing later writers can share */
+            char path[64];
+            snprintf(path, sizeof(path), "/proc/self/fd/%d", h->fd);
+            if ((reopened = open(path, O_RDWR | O_CLOEXEC)) >= 0) {
+                fd = reopened;
+                mode = O_RDWR;
+            }
+        }
+        struct pt_backing_map map = {.fd = fd};
         int id = ioctl(s->fd, PT_BACKING_OPEN, &map);
+        int err = errno;
+        if (reopened >= 0)
+            close(reopened); /* the backing holds its own reference */
         if (id > 0) {
-            h->backing_id = id;
+            n->backing_id = id;
+            n->backing_mode = mode;
+            n->backing_copy = h->owns_fd;
+            n->pt_opens = 1;
+            h->passthrough = 1;
             *backing_id = (uint32_t)id;
             return PT_FOPEN;
         }
-        if (errno == EPERM || errno == ENOTTY || errno == EINVAL)
+        if (err == EPERM || err == ENOTTY || err == EINVAL)
             s->passthrough = 0; /* not ours to use: stop asking */
     }
     if (n) {
@@ -873,6 +931,44 @@ static uint32_t open_mode(Session *s, struct handle *h, struct node *n, uint32_t
         h->counted_cached = 1;
     }
     return FOPEN_KEEP_CACHE;
+}
+
+/* A lower file's decompressed copy in the file cache, opened for reading; or -1, and `h` is
+ * marked to have it filled once closed: a cold first read streams from the store, and the copy
+ * (decompressing the file a second time) does not compete with it. */
+static int cached_copy(Session *s, uint64_t ino, struct handle *h)
+{
+    struct fs_inode n;
+    int fd = -1;
+    Py_BEGIN_ALLOW_THREADS
+    if (fs_store_begin(s->lower_reader) == 0) {
+        int ok = fs_store_inode(s->lower_reader, ino, &n) == 0 && S_ISREG(n.mode) && n.content;
+        if (ok) {
+            memcpy(h->copy_id, n.content, 32);
+            h->copy_size = n.size;
+        }
+        fs_store_end(s->lower_reader);
+        if (ok && (fd = fc_lookup(s->cache, h->copy_id, h->copy_size)) < 0)
+            h->want_copy = 1;
+    }
+    Py_END_ALLOW_THREADS
+    return fd;
+}
+
+/* The file cache's reads (on its own thread, its own reader, under the pin lock). */
+static long fill_read(void *arg, uint64_t ino, char *buf, size_t size, uint64_t offset)
+{
+    Session *s = arg;
+    long got = -EIO;
+    pthread_rwlock_rdlock(&s->pin_lock);
+    if (fs_store_begin(s->fill_reader) == 0) {
+        struct fs_inode n;
+        int r = fs_store_inode(s->fill_reader, ino, &n);
+        got = r < 0 ? r : fs_store_read(s->fill_reader, &n, ino, buf, size, offset);
+        fs_store_end(s->fill_reader);
+    }
+    pthread_rwlock_unlock(&s->pin_lock);
+    return got;
 }
 
 static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, int dir)
@@ -897,6 +993,10 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply_err(s, unique, ENOSYS);
         return;
     }
+    if (((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) && copy_busy(s, id)) {
+        reply_err(s, unique, ETXTBSY);
+        return;
+    }
     PyObject *path = path_or_reply(s, unique, id);
     if (!path)
         return;
@@ -917,18 +1017,31 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         return;
     }
     struct handle *h = handle_new(pyfh == Py_None ? NULL : pyfh, fd, id);
-    if (h)
-        h->lower_ino = pyfh == Py_None ? lower_ino : 0;
     Py_DECREF(res);
     if (!h) {
         reply_err(s, unique, ENOMEM);
         return;
     }
+    if (pyfh == Py_None) {
+        int copy = s->cache ? cached_copy(s, lower_ino, h) : -1;
+        if (copy >= 0) { /* read by the kernel from the copy (or here, with pread) */
+            h->fd = copy;
+            h->owns_fd = 1;
+        } else {
+            h->lower_ino = lower_ino;
+        }
+    }
     struct node *n = node_get(&s->t, id);
     if (n)
         n->opens++;
     o.fh = (uint64_t)(uintptr_t)h;
-    o.open_flags = open_mode(s, h, n, &o.padding);
+    int how = open_mode(s, h, n, flags, &o.padding);
+    if (how < 0) {
+        handle_close(s, h, 0);
+        reply_err(s, unique, -how);
+        return;
+    }
+    o.open_flags = (uint32_t)how;
     reply(s, unique, 0, &o, sizeof(o));
 }
 
@@ -970,29 +1083,35 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
     fill_entry(s, &out.e, &a);
     memset(&out.o, 0, sizeof(out.o));
     out.o.fh = (uint64_t)(uintptr_t)h;
-    out.o.open_flags = open_mode(s, h, n, &out.o.padding);
+    int how = open_mode(s, h, n, in->flags, &out.o.padding);
+    if (how < 0) { /* a new inode has no other opens: not seen, but never a half-made reply */
+        handle_close(s, h, 0);
+        reply_err(s, unique, -how);
+        return;
+    }
+    out.o.open_flags = (uint32_t)how;
     reply(s, unique, 0, &out, sizeof(out));
 }
 
-static void do_release(Session *s, uint64_t unique, uint64_t fh, int dir)
+static void handle_close(Session *s, struct handle *h, int dir)
 {
-    struct handle *h = (struct handle *)(uintptr_t)fh;
-    if (!h) {
-        reply_err(s, unique, 0);
-        return;
-    }
     if (h->pyfh && h->pyfh != Py_None) {
         PyObject *res = PyObject_CallMethod(s->ops, "release", "O", h->pyfh);
         if (!res)
             py_errno();
         Py_XDECREF(res);
     }
-    if (h->backing_id > 0) {
-        uint32_t id = (uint32_t)h->backing_id;
-        ioctl(s->fd, PT_BACKING_CLOSE, &id);
-    }
+    if (h->owns_fd)
+        close(h->fd);
+    if (h->want_copy)
+        fc_want(s->cache, h->copy_id, h->lower_ino, h->copy_size);
     if (!dir) {
         struct node *n = node_get(&s->t, h->node);
+        if (n && h->passthrough && n->pt_opens && --n->pt_opens == 0) {
+            uint32_t id = (uint32_t)n->backing_id;
+            ioctl(s->fd, PT_BACKING_CLOSE, &id);
+            n->backing_id = 0;
+        }
         if (n && h->counted_cached && n->cached_opens)
             n->cached_opens--;
         if (n && n->opens) {
@@ -1003,6 +1122,13 @@ static void do_release(Session *s, uint64_t unique, uint64_t fh, int dir)
     Py_XDECREF(h->pyfh);
     Py_XDECREF(h->listing);
     free(h);
+}
+
+static void do_release(Session *s, uint64_t unique, uint64_t fh, int dir)
+{
+    struct handle *h = (struct handle *)(uintptr_t)fh;
+    if (h)
+        handle_close(s, h, dir);
     reply_err(s, unique, 0);
 }
 
@@ -1927,16 +2053,20 @@ static void dispatch(Session *s, const char *req, size_t n)
 
 static int Session_init(Session *s, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fd",    "ops",          "writable", "entry_timeout", "attr_timeout", "negative_timeout",
-                             "debug", "store",        "chain_prefix", "statfs", "threads", "passthrough", NULL};
-    PyObject *store_path = Py_None, *statfs = Py_None;
+    static char *kwlist[] = {"fd",         "ops",         "writable",        "entry_timeout",
+                             "attr_timeout", "negative_timeout", "debug",      "store",
+                             "chain_prefix", "statfs",      "threads",         "passthrough",
+                             "file_cache",   "file_cache_size", "file_cache_min", NULL};
+    PyObject *store_path = Py_None, *statfs = Py_None, *cache_dir = Py_None;
+    unsigned long long cache_size = 0, cache_min = 0;
     const char *prefix = NULL;
     Py_ssize_t prefix_len = 0;
     int threads = 1;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#Oip", kwlist, &s->fd, &s->ops, &s->writable,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKK", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
-                                     &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough))
+                                     &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough,
+                                     &cache_dir, &cache_size, &cache_min))
         return -1;
     if (store_path == Py_None || s->writable)
         threads = 1; /* the Python request path is single-threaded */
@@ -1972,11 +2102,29 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
                 return -1;
             s->lower_reader =
                 fs_store_open(PyBytes_AS_STRING(encoded), (const unsigned char *)prefix, err, sizeof(err));
-            Py_DECREF(encoded);
             if (!s->lower_reader) {
+                Py_DECREF(encoded);
                 PyErr_SetString(PyExc_OSError, err);
                 return -1;
             }
+            if (cache_dir != Py_None && cache_size > 0) {
+                PyObject *dir;
+                if (!PyUnicode_FSConverter(cache_dir, &dir)) {
+                    Py_DECREF(encoded);
+                    return -1;
+                }
+                s->fill_reader =
+                    fs_store_open(PyBytes_AS_STRING(encoded), (const unsigned char *)prefix, err, sizeof(err));
+                if (s->fill_reader)
+                    s->cache = fc_open(PyBytes_AS_STRING(dir), cache_size, cache_min, fill_read, s, err, sizeof(err));
+                Py_DECREF(dir);
+                if (!s->cache) { /* a luxury: without it lower files are read from the store */
+                    fprintf(stderr, "layerfs: no file cache: %s\n", err);
+                    fs_store_close(s->fill_reader);
+                    s->fill_reader = NULL;
+                }
+            }
+            Py_DECREF(encoded);
             store_path = Py_None;
         }
     }
@@ -2034,6 +2182,8 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
 
 static void Session_dealloc(Session *s)
 {
+    fc_close(s->cache); /* its thread reads through fill_reader */
+    fs_store_close(s->fill_reader);
     fs_store_close(s->lower_reader);
     for (int i = 0; i < s->nworkers; i++) {
         fs_store_close(s->workers[i].store);

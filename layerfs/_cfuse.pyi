@@ -20,6 +20,9 @@ class Session:
         statfs: tuple[int, ...] | None = None,
         threads: int = 1,
         passthrough: bool = False,
+        file_cache: str | None = None,
+        file_cache_size: int = 0,
+        file_cache_min: int = 0,
     ) -> None: ...
     def run(self) -> None: ...
     def stats(self) -> dict[str, int]: ...

@@ -284,6 +284,35 @@ def test_upper_files_are_read_and_written_by_the_kernel(dirs: Dirs, fuse_core: s
     assert "35" in ops  # CREATE: the log did list the requests
 
 
+def test_an_upper_file_open_several_times_at_once(dirs: Dirs) -> None:
+    """Readers and writers of one upper file at the same time (the kernel takes one passthrough
+    backing per inode: each open made its own, and the second open failed with EIO)."""
+    with overlay(dirs) as mnt:
+        p = os.path.join(mnt, "log")
+        with open(p, "wb") as w:
+            w.write(b"one\n")
+            w.flush()
+            with open(p, "rb") as r1, open(p, "rb") as r2:
+                assert r1.read() == b"one\n"
+                w.write(b"two\n")
+                w.flush()
+                assert r2.read() == b"one\ntwo\n"
+                with open(p, "r+b") as rw:
+                    rw.seek(0)
+                    rw.write(b"ONE")
+                r1.seek(0)
+                assert r1.read() == b"ONE\ntwo\n"
+        lower = os.path.join(mnt, "file")  # a lower file: a reader, then a writer copies it up
+        with open(lower, "rb") as r:
+            assert r.read(5) == b"lower"
+            with open(lower, "r+b") as w:
+                w.write(b"UPPER")
+            with open(lower, "rb") as again:
+                assert again.read(5) == b"UPPER"
+        with open(os.path.join(dirs.upper, "log"), "rb") as f:
+            assert f.read() == b"ONE\ntwo\n"
+
+
 def test_file_capabilities_are_dropped_by_a_write(dirs: Dirs) -> None:
     """As on any Linux file system: a write drops security.capability (the kernel asks for it
     before every write; the C core remembers a file has none until an xattr call changes that)."""

@@ -118,6 +118,7 @@ def test_kill_mid_import(big_layout: str, store_path: str, cli) -> None:
         "packs_removed": 0,
         "packs_compacted": 0,
         "bytes_reclaimed": 0,
+        "cached_files_removed": 0,
     }
 
 

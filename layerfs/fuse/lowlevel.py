@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from layerfs.fuse import TRIM_EVERY, trim_store_map
+from layerfs.store import filecache
 from layerfs.union.lower import ChainLayer, join_path, parent_path
 from layerfs.union.view import UnionView
 
@@ -392,8 +393,16 @@ def serve(
         ops.pin()
         from_store = {"store": store.path, "chain_prefix": chain.index.prefix}
         if view.writable:
-            # a writable mount of one stored image: lower files opened for reading are read by C
+            # a writable mount of one stored image: lower files opened for reading are read by C,
+            # from the store or from their decompressed copies in the file cache
             ops.stored_reads = True
+            size = filecache.bound(store.path)
+            if size > 0:
+                from_store.update(
+                    file_cache=filecache.directory(store.path),
+                    file_cache_size=size,
+                    file_cache_min=filecache.MIN_SIZE,
+                )
         else:
             # a read-only mount of one stored image: the C core answers from the store itself,
             # on a thread per CPU (up to 4): zstd of one file's chunks runs on all of them at once

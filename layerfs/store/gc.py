@@ -21,6 +21,7 @@ from typing import Any
 
 import lmdb
 
+from layerfs.store import filecache
 from layerfs.store.entries import decode_table
 from layerfs.store.payload import PACK_TARGET
 from layerfs.store.skeleton import splices
@@ -46,6 +47,7 @@ class GCResult:
     packs_removed: int = 0
     packs_compacted: int = 0
     bytes_reclaimed: int = 0
+    cached_files_removed: int = 0  # file cache copies of objects that are gone
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -70,7 +72,13 @@ def _spliced(store: Store, txn: lmdb.Transaction, skel: bytes) -> list[bytes]:
 
 
 def collect(store: Store) -> GCResult:
-    return store.write(lambda txn: _collect(store, txn))
+    res = store.write(lambda txn: _collect(store, txn))
+    with store.read() as txn:
+        objects = store.db("objects")
+        files, size = filecache.prune(store.path, lambda oid: txn.get(oid, db=objects) is not None)
+    res.cached_files_removed = files
+    res.bytes_reclaimed += size
+    return res
 
 
 def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerfs import hosttree
 from layerfs.store import Store, StoreError
 from layerfs.store.store import chain_id
 from layerfs.union.index import ChainIndex, build, index_ready
@@ -94,7 +94,7 @@ def prepare(store: Store, spec: MountSpec) -> None:
         for name in os.listdir(spec.work):
             with contextlib.suppress(OSError):
                 p = os.path.join(spec.work, name)
-                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+                hosttree.remove(p)
 
 
 def _init_upper_root(store: Store, chain: bytes, upper: str) -> None:
@@ -260,7 +260,8 @@ def _serve(
         with contextlib.suppress(OSError):
             os.unlink(reg)
         if spec.temporary_upper and spec.upper:
-            shutil.rmtree(os.path.dirname(os.path.abspath(spec.upper)), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                hosttree.remove(os.path.dirname(os.path.abspath(spec.upper)))
         store.close()
 
 
@@ -305,7 +306,8 @@ def umount(store: Store, mountpoint: str, *, timeout: float = 10.0) -> None:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(_registry(store), f"{rec['id']}.json"))
         if rec.get("temporary_upper") and rec.get("upper"):
-            shutil.rmtree(os.path.dirname(rec["upper"]), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                hosttree.remove(os.path.dirname(rec["upper"]))
 
 
 def _records(store: Store) -> list[dict[str, Any]]:

@@ -67,7 +67,8 @@ def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
     root = os.fsencode(upper)
     skipped = set(skip)
 
-    def walk(rel: bytes) -> Iterator[UpperItem]:
+    def listing(rel: bytes) -> Iterator[tuple[bytes, UpperItem | None]]:
+        """A directory's items by name; (path, None) after a directory's own item: descend."""
         host = os.path.join(root, rel) if rel else root
         names = sorted(os.listdir(host))
         fallback_whiteouts = {
@@ -80,7 +81,7 @@ def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
             if name.startswith(WH_PREFIX):
                 target = name[len(WH_PREFIX) :]
                 tpath = join_path(rel, target)
-                yield UpperItem(tpath, os.lstat(os.path.join(root, path)), True, False)
+                yield tpath, UpperItem(tpath, os.lstat(os.path.join(root, path)), True, False)
                 continue
             if name in fallback_whiteouts:
                 continue  # the .wh. file says deleted; a stale entry beside it does not count
@@ -93,14 +94,23 @@ def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
             ):
                 continue
             if is_whiteout(st):
-                yield UpperItem(path, st, True, False)
+                yield path, UpperItem(path, st, True, False)
             elif stat.S_ISDIR(st.st_mode):
-                yield UpperItem(path, st, False, is_opaque_dir(os.path.join(root, path)))
-                yield from walk(path)
+                yield path, UpperItem(path, st, False, is_opaque_dir(os.path.join(root, path)))
+                yield path, None
             else:
-                yield UpperItem(path, st, False, False)
+                yield path, UpperItem(path, st, False, False)
 
-    yield from walk(b"")
+    # depth first with a stack of listings, not recursion: the container decides the depth
+    stack = [listing(b"")]
+    while stack:
+        for path, item in stack[-1]:
+            if item is None:
+                stack.append(listing(path))
+                break
+            yield item
+        else:
+            stack.pop()
 
 
 # -- diff ----------------------------------------------------------------------------------

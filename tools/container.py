@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from layerfs import hosttree
 from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
 from layerfs.store import Store
 from layerfs.store.store import _boot_id, _proc_start
@@ -512,7 +513,7 @@ def remove(store: Store, c: Container, *, force: bool = False) -> None:
         _release(store, c)
         if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
             raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")
-        shutil.rmtree(c.dir)
+        hosttree.remove(c.dir)  # a container decides how deep its tree goes
     finally:
         os.close(lock)
 

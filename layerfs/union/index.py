@@ -139,11 +139,15 @@ def merge(tables: list[list[Entry]]) -> dict[bytes, tuple[Entry, int]]:
     merged: dict[bytes, tuple[Entry, int]] = {b"": (Entry(b"", E.DIR, 0o755), -1)}
     children: dict[bytes, set[bytes]] = {b"": set()}
 
+    # loops, not recursion: an image decides how deep its paths go
     def drop_below(path: bytes) -> None:
-        for name in children.pop(path, set()):
-            child = path + b"/" + name if path else name
-            drop_below(child)
-            merged.pop(child, None)
+        todo = [path]
+        while todo:
+            here = todo.pop()
+            for name in children.pop(here, set()):
+                child = here + b"/" + name if here else name
+                todo.append(child)
+                merged.pop(child, None)
         if path in merged and merged[path][0].kind == E.DIR:
             children[path] = set()
 
@@ -155,18 +159,21 @@ def merge(tables: list[list[Entry]]) -> dict[bytes, tuple[Entry, int]]:
             children.get(parent, set()).discard(name)
 
     def ensure_parent(path: bytes, layer: int) -> None:
-        parent = path.rpartition(b"/")[0]
-        if path == b"":
-            return
-        have = merged.get(parent)
-        if have is None or have[0].kind != E.DIR:
-            ensure_parent(parent, layer)
-            if have is not None:
+        """Make every ancestor of ``path`` a directory (implicit where the layers have none)."""
+        missing = []
+        while path:
+            path = path.rpartition(b"/")[0]
+            have = merged.get(path)
+            if have is not None and have[0].kind == E.DIR:
+                break
+            missing.append(path)
+        for parent in reversed(missing):
+            if parent in merged:
                 remove(parent)
             merged[parent] = (Entry(parent, E.DIR, 0o755, flags=E.IMPLICIT), layer)
             children[parent] = set()
-            gp, _, name = parent.rpartition(b"/")
             if parent:
+                gp, _, name = parent.rpartition(b"/")
                 children[gp].add(name)
 
     for layer, table in enumerate(tables):
@@ -340,25 +347,45 @@ class ChainIndex:
         return self._prefix
 
     def lookup(self, txn: lmdb.Transaction, path: bytes) -> int | None:
-        """The inode at ``path``: one B-tree get per component not already cached."""
+        """The inode at ``path``: one B-tree get per component not already cached (a loop, not
+        recursion: an image decides how deep its paths go)."""
         if not path:
             return ROOT_INO
         ino = self._dirs.get(path)
         if ino is not None:
             return ino
-        parent, _, name = path.rpartition(b"/")
-        parent_ino = self.lookup(txn, parent) if parent else ROOT_INO
-        if parent_ino is None:
-            return None
-        v = txn.get(self._prefix + b"D" + _U64.pack(parent_ino) + name, db=self._db)
-        if v is None:
-            return None
-        ino, mode = _DIRENT.unpack(v)
-        if stat.S_ISDIR(mode):
-            if len(self._dirs) >= DIR_CACHE:
-                self._dirs.clear()
-            self._dirs[path] = ino
-        return int(ino)
+        # up to the deepest directory already known, then down one component at a time
+        cut, ino = len(path), ROOT_INO
+        while True:
+            cut = path.rfind(b"/", 0, cut)
+            if cut < 0:
+                break
+            known = self._dirs.get(path[:cut])
+            if known is not None:
+                ino = known
+                break
+        start = cut + 1
+        while True:
+            end = path.find(b"/", start)
+            name = path[start:] if end < 0 else path[start:end]
+            v = txn.get(self._prefix + b"D" + _U64.pack(ino) + name, db=self._db)
+            if v is None:
+                return None
+            child, mode = _DIRENT.unpack(v)
+            if end < 0:
+                if stat.S_ISDIR(mode):
+                    self._remember(path, child)
+                return int(child)
+            if not stat.S_ISDIR(mode):
+                return None
+            ino = int(child)
+            self._remember(path[:end], ino)
+            start = end + 1
+
+    def _remember(self, path: bytes, ino: int) -> None:
+        if len(self._dirs) >= DIR_CACHE:
+            self._dirs.clear()
+        self._dirs[path] = ino
 
     def node(self, txn: lmdb.Transaction, ino: int) -> Node:
         rec = txn.get(self._prefix + b"I" + _U64.pack(ino), db=self._db)

@@ -30,6 +30,7 @@ import stat
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
+from layerfs import hosttree
 from layerfs.store import Store
 from layerfs.store import entries as E
 from layerfs.union.index import ROOT_INO, ChainIndex, Node
@@ -252,7 +253,7 @@ class DirLayer:
         """Every path of this layer with the node's host inode (scanned once, on demand)."""
         if self._by_ino is None:
             by_ino: dict[int, list[bytes]] = {}
-            for dirpath, _dirs, files in os.walk(self.root):
+            for dirpath, _dirs, files in hosttree.walk(self.root):
                 for name in files:
                     full = os.path.join(dirpath, name)
                     try:
@@ -279,30 +280,42 @@ class Stack:
         None if ``path`` is not a directory of the merged tree."""
         if path in self._active:
             return self._active[path]
-        candidates = list(range(len(self.layers))) if not path else self._layers_of_dir(parent_path(path))
-        active: list[int] | None = None
-        if candidates is not None:
-            active = []
-            for i in candidates:
-                p = self.layers[i].probe(path)
-                if p.state == WHITEOUT:
-                    break
-                if p.state == MISSING:
-                    continue
-                assert p.node is not None
-                if not p.node.is_dir:
-                    if not active:
-                        active = None  # the topmost entry is not a directory
-                    break
-                active.append(i)
-                if p.opaque:
-                    break
-            if active == []:
-                active = None
-        if len(self._active) >= ACTIVE_CACHE:
-            self._active.clear()
-        self._active[path] = active
-        return active
+        # climb to the nearest directory already known (a loop: images decide the depth),
+        # then work out each one below it, top down
+        pending = [path]
+        while pending[-1] and parent_path(pending[-1]) not in self._active:
+            pending.append(parent_path(pending[-1]))
+        top = pending[-1]
+        candidates = list(range(len(self.layers))) if not top else self._active[parent_path(top)]
+        for here in reversed(pending):
+            active = self._active_below(here, candidates)
+            if len(self._active) >= ACTIVE_CACHE:
+                self._active.clear()
+            self._active[here] = candidates = active
+        return candidates
+
+    def _active_below(self, path: bytes, candidates: list[int] | None) -> list[int] | None:
+        """Of the layers contributing to ``path``'s parent, those whose ``path`` is a directory
+        that shows in the merged one."""
+        if candidates is None:
+            return None
+        active: list[int] | None = []
+        for i in candidates:
+            p = self.layers[i].probe(path)
+            if p.state == WHITEOUT:
+                break
+            if p.state == MISSING:
+                continue
+            assert p.node is not None
+            if not p.node.is_dir:
+                if not active:
+                    active = None  # the topmost entry is not a directory
+                break
+            assert active is not None
+            active.append(i)
+            if p.opaque:
+                break
+        return active or None
 
     def lookup(self, path: bytes) -> Node | None:
         if not path:

@@ -42,6 +42,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from layerfs import hosttree
 from layerfs.store import Store
 from layerfs.store import entries as E
 from layerfs.store.store import Chunk, decode_object
@@ -187,7 +188,7 @@ class UnionView:
         self._path_files: dict[bytes, _LowerFile | _UpperFile] = {}  # read_path's recent files
         self._looked_up: dict[bytes, Node] = {}  # read-only: files just stat'ed, for read_path
         self._next_fh = 1
-        self._vis: dict[bytes, bool] = {}
+        self._vis = _PathCache()  # can lower entries show below this directory?
         self._dir_fds: dict[bytes, int] = {}  # deep upper directories (see _up)
         self._upper_ino: dict[int, int] = {}
         self._tmp = 0
@@ -231,9 +232,10 @@ class UnionView:
         self._dir_fds[path] = fd
         return fd
 
-    def _moved(self) -> None:
-        """Directories were renamed or removed: forget what was cached by path."""
-        self._vis.clear()
+    def _moved(self, *paths: bytes) -> None:
+        """Directories were renamed or removed: forget what was cached at and below them."""
+        for path in paths:
+            self._vis.drop(path)
         for fd in self._dir_fds.values():
             os.close(fd)
         self._dir_fds.clear()
@@ -253,27 +255,39 @@ class UnionView:
 
     def _wh_file(self, path: bytes) -> bool:
         """The ``.wh.<name>`` fallback whiteout for ``path`` exists in the upper dir."""
-        return os.path.lexists(self._up(join_path(parent_path(path), WH_PREFIX + base_name(path))))
+        try:
+            return os.path.lexists(self._up(join_path(parent_path(path), WH_PREFIX + base_name(path))))
+        except (FileNotFoundError, NotADirectoryError):  # a deep parent the upper lacks (see _up)
+            return False
 
     def _lower_visible(self, dir_path: bytes) -> bool:
         """Can lower entries show below ``dir_path``?  (No upper whiteout/opaque/non-dir above.)"""
         if self.upper is None:
             return True
-        cached = self._vis.get(dir_path)
-        if cached is not None:
-            return cached
-        if dir_path == b"":
-            vis = not self._opaque(b"")
-        elif not self._lower_visible(parent_path(dir_path)):
-            vis = False
-        else:
-            st = self._ulstat(dir_path)
-            if st is None:
-                vis = not self._wh_file(dir_path)
+        vis = self._vis.get(dir_path)
+        if vis is not None:
+            return vis
+        # climb to the nearest ancestor already known (a loop: images decide the depth), then
+        # decide each directory below it, top down
+        pending = [dir_path]
+        while pending[-1]:
+            vis = self._vis.get(parent_path(pending[-1]))
+            if vis is not None:
+                break
+            pending.append(parent_path(pending[-1]))
+        for path in reversed(pending):
+            if path == b"":
+                vis = not self._opaque(b"")
+            elif vis:
+                st = self._ulstat(path)
+                if st is None:
+                    vis = not self._wh_file(path)
+                else:
+                    vis = stat.S_ISDIR(st.st_mode) and not self._opaque(path)
             else:
-                vis = stat.S_ISDIR(st.st_mode) and not self._opaque(dir_path)
-        self._vis[dir_path] = vis
-        return vis
+                vis = False  # below a directory that hides the lower layers
+            self._vis.put(path, vis)
+        return bool(vis)
 
     def _lower(self, path: bytes) -> Node | None:
         """The lower node visible at ``path`` (ignoring an upper entry at ``path`` itself)."""
@@ -599,7 +613,7 @@ class UnionView:
         if replaced_whiteout or self._lower(path) is not None:
             # a directory re-created over a deleted lower one must not show the old contents
             self._set_opaque(up)
-        self._vis.clear()
+        self._vis.drop(path)
 
     def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> None:
         self._need_rw()
@@ -646,7 +660,7 @@ class UnionView:
         if self.readdir(path):
             raise _err(errno.ENOTEMPTY)
         self._remove(path, r)
-        self._moved()
+        self._moved(path)
 
     def _remove(self, path: bytes, r: os.stat_result | Node) -> None:
         """Remove ``path`` from the merged view: delete the upper object, whiteout the lower."""
@@ -654,7 +668,7 @@ class UnionView:
         if isinstance(r, os.stat_result):
             up = self._up(path)
             if stat.S_ISDIR(r.st_mode):
-                _clear_dir(up)  # only whiteouts and markers are left in it
+                hosttree.empty(up)  # only whiteouts and markers are left in it
                 os.rmdir(up)
             else:
                 os.unlink(up)
@@ -713,16 +727,19 @@ class UnionView:
             self._set_opaque(self._up(new))
         if old_lower:
             self._whiteout(old)
-        self._moved()
+        self._moved(old, new)
 
     def _copy_up_tree(self, path: bytes) -> None:
         """Copy a directory and everything visible below it into the upper directory."""
         self._copy_up(path)
-        for name, _, mode in self.readdir(path):
-            child = join_path(path, name)
-            self._copy_up(child)
-            if stat.S_ISDIR(mode):
-                self._copy_up_tree(child)
+        dirs = [path]
+        while dirs:
+            here = dirs.pop()
+            for name, _, mode in self.readdir(here):
+                child = join_path(here, name)
+                self._copy_up(child)
+                if stat.S_ISDIR(mode):
+                    dirs.append(child)
 
     def _has_lower_contents(self, path: bytes) -> bool:
         node = self._lower(path)
@@ -857,8 +874,18 @@ class UnionView:
         r = self.resolve(path)
         if isinstance(r, os.stat_result):
             return
-        if path:
-            self._copy_up(parent_path(path))
+        # the parents first, top down, from the deepest one the upper directory has (a loop:
+        # images decide the depth); the upper root always exists
+        parents: list[tuple[bytes, Node]] = []
+        parent = path
+        while parent:
+            parent = parent_path(parent)
+            p = self.resolve(parent)
+            if isinstance(p, os.stat_result):
+                break
+            parents.append((parent, p))
+        for parent, p in reversed(parents):
+            self._copy_one(parent, p, True)
         if r.kind == E.REG and r.nlink > 1:
             names = self.lower.link_group(r)
             first = self._copy_one(path, r, data)
@@ -922,9 +949,9 @@ class UnionView:
             with _parent_times_kept(final):
                 os.rename(tmp, final)
         except BaseException:
-            _remove_any(tmp)
+            hosttree.remove(tmp)
             raise
-        self._vis.pop(path, None)
+        self._vis.drop(path)
         return final
 
 
@@ -956,31 +983,39 @@ def _first_fxattr(fd: int, names: tuple[bytes, ...]) -> bytes:
     return os.getxattr(fd, names[-1])
 
 
+class _PathCache:
+    """A value per directory path; dropping a path drops what is cached below it too (a
+    change at one directory leaves the rest of a deep tree's answers standing)."""
+
+    def __init__(self) -> None:
+        self._values: dict[bytes, bool] = {}
+        self._below: dict[bytes, set[bytes]] = {}
+
+    def get(self, path: bytes) -> bool | None:
+        return self._values.get(path)
+
+    def put(self, path: bytes, value: bool) -> None:
+        self._values[path] = value
+        if path:
+            self._below.setdefault(parent_path(path), set()).add(path)
+
+    def drop(self, path: bytes) -> None:
+        if path:
+            self._below.get(parent_path(path), set()).discard(path)
+        todo = [path]
+        while todo:
+            here = todo.pop()
+            self._values.pop(here, None)
+            todo.extend(self._below.pop(here, ()))
+
+
 def _drop_whiteouts(path: bytes) -> None:
     """Remove whiteouts from an upper tree about to become opaque: the kernel lists the
     entries of a directory that merges nothing as they are, whiteouts included."""
-    with os.scandir(path) as it:
-        for d in it:
-            if d.name.startswith(WH_PREFIX) and d.name != OPAQUE_FILE:
-                os.unlink(d.path)
-            elif d.is_dir(follow_symlinks=False):
-                _drop_whiteouts(d.path)
-            elif not d.is_file(follow_symlinks=False) and is_whiteout(d.stat(follow_symlinks=False)):
-                os.unlink(d.path)
-
-
-def _clear_dir(path: bytes) -> None:
-    with os.scandir(path) as it:
-        for d in it:
-            _remove_any(d.path)
-
-
-def _remove_any(path: bytes) -> None:
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            _clear_dir(path)
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+    for here, _dirs, files in hosttree.walk(path):
+        for name in files:
+            p = os.path.join(here, name)
+            if name.startswith(WH_PREFIX) and name != OPAQUE_FILE:
+                os.unlink(p)
+            elif is_whiteout(os.lstat(p)):
+                os.unlink(p)

@@ -4,10 +4,14 @@ gc compaction, entry tables and the packing of small objects."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
 import struct
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import lmdb
@@ -316,3 +320,45 @@ def test_layer_records_visible_only_after_commit(store: Store) -> None:
     assert store.get_tag("t:1") == b"\x03" * 32 and store.leases() == []
     assert json.loads(json.dumps(store.get_image(b"\x03" * 32)))["layers"] == [(b"\x02" * 32).hex()]
     assert verify(store).errors == [] and collect(store).objects_removed == 0
+
+
+def _peak_rss_mib(cmd: list[str], env: dict[str, str]) -> float:
+    """The peak RSS of ``cmd``, run as the only child of a fresh interpreter."""
+    probe = (
+        "import resource, subprocess, sys; "
+        "rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], env=env, capture_output=True, text=True)
+    rc, kib = out.stdout.splitlines()[-1].split()
+    assert rc == "0", out.stderr
+    return int(kib) / 1024
+
+
+@pytest.mark.parametrize("content", ["zeros", "random"])
+def test_import_memory_does_not_grow_with_a_file(content: str, tmp_path: Path, store_path: str) -> None:
+    """A 4.7 MB gzip layer holding 1 GiB of zeros peaked at 1.1 GB of RSS during import (the raw
+    chunks were held until the file's batch was written); an incompressible file peaked at
+    twice its size (its chunks and LMDB's dirty pages).  Now a file's chunks go to packs as they
+    come, so the import's memory is bounded whatever the layer holds."""
+    from conftest import make_layout
+
+    size = 384 << 20
+    if content == "zeros":
+        data = bytes(size)
+    else:
+        rnd = random.Random(7)
+        data = b"".join(rnd.randbytes(1 << 20) for _ in range(size >> 20))
+    info = tarfile.TarInfo("big")
+    info.size = size
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.addfile(info, io.BytesIO(data))
+    del data
+    layout = make_layout(tmp_path / "layout", [buf.getvalue()], ref="big:1", compress=content == "zeros")
+    del buf
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    peak = _peak_rss_mib([sys.executable, "-m", "layerfs", "import", "-q", layout], env)
+    assert peak < 200, f"import of a {size >> 20} MiB file of {content} peaked at {peak:.0f} MiB"
+    with Store(store_path) as s:
+        assert verify(s).errors == []

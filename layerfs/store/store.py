@@ -52,6 +52,7 @@ BATCH_BYTES = 64 << 20
 # store already has is never compressed.  Larger ones are compressed as they
 # stream; if they turn out to be duplicates their chunks become garbage for gc.
 HOLD_BYTES = 8 << 20
+SPILL_BYTES = 32 << 20  # raw bytes of one file waiting in memory before they go to packs
 # Chunks are compressed in groups of about this much, one call into zstd per group
 # that runs on all cores without the GIL: per-chunk tasks on a thread pool spent
 # their time handing the GIL back and forth with the parsing thread.
@@ -526,35 +527,77 @@ class Store:
 
 
 class _PendingObject:
-    __slots__ = ("sha", "size", "chunks")
+    __slots__ = ("sha", "size", "written", "chunks")
 
-    def __init__(self, sha: bytes, size: int, chunks: list[_Slot]) -> None:
+    def __init__(self, sha: bytes, size: int, written: list[Chunk], chunks: list[_Slot]) -> None:
         self.sha = sha
         self.size = size
+        self.written = written  # its first chunks, already in packs (a large file: _spill)
         self.chunks = chunks
+
+
+class _Packer:
+    """Appends stored chunks to new packs inside one write transaction, pinned by a lease."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction, lease_id: bytes) -> None:
+        self.store, self.txn, self.lease_id = store, txn, lease_id
+        next_pack = txn.get(b"next_pack", db=store.db("meta"))
+        self.pack_id = _U64.unpack(next_pack)[0] if next_pack is not None else 1
+        self.pack = bytearray()
+        self.bytes = 0
+
+    def add(self, parts: list[tuple[bytes, int, int, int]]) -> list[Chunk]:
+        chunks = []
+        for stored, codec, xxh, raw_len in parts:
+            if len(self.pack) + len(stored) > PACK_TARGET:
+                self._seal()
+            chunks.append(Chunk(self.pack_id, len(self.pack), len(stored), raw_len, xxh, codec))
+            self.pack += stored
+            self.bytes += len(stored)
+        return chunks
+
+    def _seal(self) -> None:
+        if self.pack:
+            self.store.payload.put_pack(self.txn, self.pack_id, bytes(self.pack))
+            self.txn.put(self.lease_id + _U64.pack(self.pack_id), b"", db=self.store.db("lease_packs"))
+            self.pack_id += 1
+            self.pack = bytearray()
+
+    def close(self) -> None:
+        self._seal()
+        self.txn.put(b"next_pack", _U64.pack(self.pack_id), db=self.store.db("meta"))
 
 
 class FileWriter:
     """Receives one file's data chunk by chunk; ``finish`` names it by its digest."""
 
-    __slots__ = ("_session", "_held", "_held_bytes", "_futures", "size")
+    __slots__ = ("_session", "_held", "_held_bytes", "_futures", "_waiting", "_written", "size")
 
     def __init__(self, session: WriteSession) -> None:
         self._session = session
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._futures: list[_Slot] | None = None
+        self._waiting = 0  # raw bytes behind self._futures
+        self._written: list[Chunk] = []
         self.size = 0
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self._futures is not None:
             self._futures.append(self._session._compress(data))
+            self._waiting += len(data)
+            if self._waiting >= SPILL_BYTES:
+                # memory stays bounded whatever one file holds: its chunks so far go to packs
+                # now (pinned by the lease), its record follows at finish
+                self._written += self._session._spill(self._futures)
+                self._futures, self._waiting = [], 0
             return
         self._held.append(data)
         self._held_bytes += len(data)
         if self._held_bytes > HOLD_BYTES:
             self._futures = [self._session._compress(d) for d in self._held]
+            self._waiting = self._held_bytes
             self._held = []
 
     def finish(self, sha: bytes) -> bytes:
@@ -563,7 +606,7 @@ class FileWriter:
         if s._seen(sha):
             return sha  # a spilled duplicate's chunks are compressed for nothing: rare
         chunks = self._futures if self._futures is not None else [s._compress(d) for d in self._held]
-        s._add_pending(_PendingObject(sha, self.size, chunks))
+        s._add_pending(_PendingObject(sha, self.size, self._written, chunks))
         return sha
 
 
@@ -610,7 +653,26 @@ class WriteSession:
         g = self._group
         if g.raws:
             g.future = self._pool.submit(compress_group, g.raws)
+            # the slots want only the results: the raw bytes go once compressed (a file of
+            # zeros compresses to nothing, and used to be held raw until its batch was written)
+            g.raws = []
             self._group = _Group()
+
+    def _spill(self, slots: list[_Slot]) -> list[Chunk]:
+        """Write these chunks of a file still being read to packs, in a transaction of their
+        own: what the file's record will point to once it is finished."""
+        self._submit_group()
+        parts = [c.result() for c in slots]
+
+        def fn(txn: lmdb.Transaction) -> list[Chunk]:
+            packer = _Packer(self.store, txn, self.lease_id)
+            chunks = packer.add(parts)
+            packer.close()
+            return chunks
+
+        chunks = self.store.write(fn)
+        self.new_bytes += sum(c.stored for c in chunks)
+        return chunks
 
     def _seen(self, sha: bytes) -> bool:
         """True if the object is already stored or pending; pins it in the lease."""
@@ -667,43 +729,25 @@ class WriteSession:
         resolved = []
         for obj in self._pending:
             parts = [c.result() for c in obj.chunks]
-            resolved.append((obj.sha, obj.size, parts))
+            resolved.append((obj.sha, obj.size, obj.written, parts))
         refs = self._batch_seen - {obj.sha for obj in self._pending}
         st = self.store
-        objects_db, meta_db = st.db("objects"), st.db("meta")
-        lease_objs, lease_packs = st.db("lease_objs"), st.db("lease_packs")
+        objects_db, lease_objs = st.db("objects"), st.db("lease_objs")
 
         def fn(txn: lmdb.Transaction) -> tuple[int, int]:
-            next_pack = txn.get(b"next_pack", db=meta_db)
-            pack_id = _U64.unpack(next_pack)[0] if next_pack is not None else 1
-            pack = bytearray()
-            written = written_bytes = 0
-
-            def seal() -> None:
-                nonlocal pack, pack_id
-                if pack:
-                    st.payload.put_pack(txn, pack_id, bytes(pack))
-                    txn.put(self.lease_id + _U64.pack(pack_id), b"", db=lease_packs)
-                    pack_id += 1
-                    pack = bytearray()
-
-            for sha, size, parts in resolved:
+            packer = _Packer(st, txn, self.lease_id)
+            written = 0
+            for sha, size, spilled, parts in resolved:
                 if txn.get(sha, db=objects_db) is not None:
                     # written meanwhile by another session: keep theirs, pin it
                     txn.put(self.lease_id + sha, b"", db=lease_objs)
                     continue
-                chunks = []
-                for stored, codec, xxh, raw_len in parts:
-                    if len(pack) + len(stored) > PACK_TARGET:
-                        seal()
-                    chunks.append(Chunk(pack_id, len(pack), len(stored), raw_len, xxh, codec))
-                    pack += stored
-                    written_bytes += len(stored)
+                chunks = spilled + packer.add(parts)
                 txn.put(sha, encode_object(size, chunks), db=objects_db)
                 txn.put(self.lease_id + sha, b"", db=lease_objs)
                 written += 1
-            seal()
-            txn.put(b"next_pack", _U64.pack(pack_id), db=meta_db)
+            packer.close()
+            written_bytes = packer.bytes
             for sha in refs:
                 if txn.get(sha, db=objects_db) is None:
                     raise StoreError(

@@ -212,7 +212,7 @@ def test_gc_compaction(store: Store) -> None:
     assert not store.has_object(shas[5])
     assert verify(store).errors == []
     again = collect(store)
-    assert again.as_dict() == dict.fromkeys(again.as_dict(), 0)
+    assert not any(again.as_dict().values()), again  # nothing more to do
     store.remove_image(b"\x01" * 32)
     collect(store)
     assert (usage(store)["objects"], usage(store)["payload_bytes"]) == (0, 0)

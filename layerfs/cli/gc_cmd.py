@@ -25,4 +25,15 @@ def run(args: argparse.Namespace) -> int:
         f"{res.packs_removed} packs removed, {res.packs_compacted} compacted, "
         f"{res.leases_reclaimed} abandoned imports cleaned up"
     )
+    if res.file_bytes_returned:
+        print(
+            f"Returned {human_size(res.file_bytes_returned)} to the filesystem (the store's data file was compacted)"
+        )
+    elif res.file_error:
+        print(f"The store's data file keeps its free space: compacting it failed: {res.file_error}")
+    elif res.file_in_use:
+        print(
+            "The store's data file keeps its free space: other processes have the store open "
+            "(mounts, containers, imports); run gc again once they are gone"
+        )
     return 0

@@ -12,8 +12,10 @@ packs less than half alive are compacted into new ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from layerfs.store.store import (
 
 _U64 = struct.Struct(">Q")
 COMPACT_BELOW = 0.5  # rewrite a pack once less than half of its bytes are alive
+COMPACT_FILE_MIN = 16 << 20  # rewrite data.mdb once this much of it is free pages ...
+COMPACT_FILE_SHARE = 0.1  # ... and at least this share of it
 
 
 @dataclass
@@ -48,6 +52,9 @@ class GCResult:
     packs_compacted: int = 0
     bytes_reclaimed: int = 0
     cached_files_removed: int = 0  # file cache copies of objects that are gone
+    file_bytes_returned: int = 0  # data.mdb shrunk by this much (free pages given back)
+    file_in_use: bool = False  # worth compacting, but other processes have the store open
+    file_error: str = ""  # compacting failed (the copy needs room for the live data)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -78,6 +85,22 @@ def collect(store: Store) -> GCResult:
         files, size = filecache.prune(store.path, lambda oid: txn.get(oid, db=objects) is not None)
     res.cached_files_removed = files
     res.bytes_reclaimed += size
+    # LMDB reuses free pages but never gives them back: a failed or removed import leaves
+    # data.mdb as large as it once was, so rewrite it when enough of it is free
+    with contextlib.suppress(StoreError, OSError, lmdb.Error):  # (a full disk: see trim_file)
+        res.file_bytes_returned = store.trim_file()  # what failed commits wrote past the end
+    free = store.free_file_bytes()
+    size_now = os.path.getsize(os.path.join(store.path, "data.mdb"))
+    if free >= COMPACT_FILE_MIN and free >= size_now * COMPACT_FILE_SHARE:
+        try:
+            returned = store.compact_file()
+        except (OSError, lmdb.Error) as exc:
+            res.file_error = str(exc)
+        else:
+            if returned is None:
+                res.file_in_use = True
+            else:
+                res.file_bytes_returned += returned
     return res
 
 

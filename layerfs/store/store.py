@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -253,6 +254,99 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+    def free_file_bytes(self) -> int:
+        """Bytes of data.mdb that hold no page of any database (free pages LMDB keeps for reuse:
+        what compaction would return to the filesystem), estimated from the page counts."""
+        psize = self.env.stat()["psize"]
+        used = 2  # the meta pages
+        with self.env.begin() as txn:
+            for st in [txn.stat()] + [txn.stat(db) for db in self._db.values()]:
+                used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        size = os.path.getsize(os.path.join(self.path, "data.mdb"))
+        return max(0, size - used * psize)
+
+    def trim_file(self) -> int:
+        """Cut data.mdb after its last page: bytes given back.  A commit that failed (a full
+        disk) can leave written pages past the end of the database; no snapshot reads past
+        its own last page, so this is safe beside readers, and holding the write transaction
+        keeps any writer from committing meanwhile."""
+        data = os.path.join(self.path, "data.mdb")
+        psize = self.env.stat()["psize"]
+
+        def trim(txn: lmdb.Transaction) -> int:
+            end = (self.env.info()["last_pgno"] + 1) * psize
+            size = os.path.getsize(data)
+            if size <= end:
+                return 0
+            os.truncate(data, end)
+            return size - end
+
+        return self.write(trim)
+
+    def compact_file(self) -> int | None:
+        """Rewrite data.mdb without its free pages, returning them to the filesystem (LMDB
+        itself never shrinks its file): the bytes returned, or None when another process has
+        the store open (a mount, a container, an import), which a copy swapped in under it
+        would lose.
+
+        Every process with the environment open holds a shared lock on lock.mdb's first byte
+        for as long as it does (LMDB's own protocol); an open-file-description write lock
+        there succeeds only when no one else holds it, and makes a process opening the store
+        meanwhile wait in LMDB's open until the new file is in place."""
+        import fcntl
+
+        data = os.path.join(self.path, "data.mdb")
+        before = os.path.getsize(data)
+        self.env.close()  # our own shared lock goes with it
+        try:
+            lock = os.open(os.path.join(self.path, "lock.mdb"), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                try:
+                    fcntl.fcntl(lock, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 1, 0))
+                except OSError as exc:
+                    if exc.errno in (errno.EAGAIN, errno.EACCES):
+                        return None
+                    raise
+                self._copy_compacted(data)
+            finally:
+                os.close(lock)  # releases the write lock
+        finally:
+            self._open()
+        return before - os.path.getsize(data)
+
+    def _copy_compacted(self, data: str) -> None:
+        tmp = os.path.join(self.path, f".compact-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp, 0o700)
+        try:
+            # no lock file: the caller holds the store exclusively
+            env = lmdb.open(
+                self.path,
+                lock=False,
+                readonly=True,
+                max_dbs=len(self.DBS) + 2,
+                map_size=max(INITIAL_MAP, os.path.getsize(data)),
+            )
+            try:
+                env.copy(tmp, compact=True)
+            finally:
+                env.close()
+            new = os.path.join(tmp, "data.mdb")
+            fd = os.open(new, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(new, os.stat(data).st_mode & 0o7777)
+            os.rename(new, data)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def reopen(self) -> None:
         """Open the environment again after ``close`` (a process may not open one LMDB

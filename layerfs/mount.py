@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import lmdb
+
 from layerfs import hosttree
 from layerfs.store import Store, StoreError
 from layerfs.store.store import chain_id
@@ -144,7 +146,35 @@ def _build_index(store: Store, layers: list[bytes]) -> bytes:
 
 
 def mount(store: Store, spec: MountSpec, *, foreground: bool = False, debug: bool = False) -> int:
-    """Mount; returns the daemon's pid (or serves in the foreground until unmounted)."""
+    """Mount; returns the daemon's pid (or serves in the foreground until unmounted).
+
+    The image is pinned from here on: the caller resolved its name a moment ago, and an rmi +
+    gc meanwhile (or while the first mount builds the merged index) would leave a mount that
+    lists every file and then fails every read.  This process's lease holds the layers until
+    the daemon's own lease does."""
+    try:
+        lease_id = store.add_lease("mount", spec.layers, image_id=spec.image_id)
+    except StoreError as exc:
+        raise MountError(f"{exc} while it was being mounted") from None
+    try:
+        return _mount(store, spec, foreground=foreground, debug=debug)
+    finally:
+        _drop_lease(store, lease_id)
+
+
+def _drop_lease(store: Store, lease_id: bytes) -> None:
+    def drop(txn: Any) -> None:
+        store.drop_lease(txn, lease_id)
+
+    with contextlib.suppress(Exception):  # (else gc reclaims it once this process is gone)
+        try:
+            store.write(drop)
+        except (lmdb.Error, StoreError):  # closed before the daemon was forked: open it again
+            store.reopen()
+            store.write(drop)
+
+
+def _mount(store: Store, spec: MountSpec, *, foreground: bool, debug: bool) -> int:
     chain = _build_index(store, spec.layers)
     prepare(store, spec)
     if spec.upper is not None:
@@ -231,7 +261,7 @@ def _serve(
     from layerfs.union.view import UnionView
 
     store = Store(store_path)
-    lease_id = store.add_lease("mount", spec.layers)
+    lease_id = store.add_lease("mount", spec.layers, image_id=spec.image_id)
     record = dict(record, pid=os.getpid())
     reg = os.path.join(_registry(store), f"{record['id']}.json")
     image_layer = ChainLayer(store, ChainIndex(store, chain))

@@ -439,3 +439,38 @@ def test_rmi_and_gc_while_mounted_keep_the_mount_readable(cli, sample, tmp_path)
     cli("gc")
     usage = cli("df", "--json").json()
     assert usage["layers"] == 0 and usage["objects"] == 0
+
+
+def test_an_image_removed_while_it_is_being_mounted(cli, sample, sample_layout, store_path, tmp_path):
+    """`mount` resolves the name, then (the first time) builds the merged index, then forks the
+    daemon, which pinned the image only then: an rmi + gc in between gave a mount that listed
+    every file and failed every read.  The image is pinned from the start, or the mount fails."""
+    from layerfs.mount import MountError, MountSpec, mount
+    from layerfs.store import Store
+    from layerfs.tools.refs import resolve
+
+    mnt = str(tmp_path / "m")
+    os.makedirs(mnt)
+    with Store(store_path) as store:
+        image_id = resolve(store, sample)
+        layers = [bytes.fromhex(h) for h in store.get_image(image_id)["layers"]]
+    spec = MountSpec(image_id, layers, mnt, name=sample)
+    cli("rmi", sample)  # between the resolution and the mount
+    cli("gc")
+    with Store(store_path) as store, pytest.raises(MountError, match="was removed"):
+        mount(store, spec)
+    assert not mounted(mnt)
+
+    cli("import", "-q", sample_layout)
+    with Store(store_path) as store:
+        pid = mount(store, spec)
+    try:
+        with Store(store_path) as store:
+            # once mounted, only the daemon's lease holds the image
+            assert [lease["pid"] for _, lease in store.leases()] == [pid]
+        cli("rmi", "-f", sample, check=False)
+        cli("gc")
+        with open(os.path.join(mnt, "etc/hostname")) as f:
+            assert f.read() == "layerfs-sample\n"
+    finally:
+        cli("umount", mnt, check=False)

@@ -571,10 +571,18 @@ class Store:
         return _proc_start(int(lease["pid"])) == lease.get("start")
 
     def add_lease(
-        self, purpose: str, layer_ids: list[bytes] | None = None, lease_id: bytes | None = None
+        self,
+        purpose: str,
+        layer_ids: list[bytes] | None = None,
+        lease_id: bytes | None = None,
+        *,
+        image_id: bytes | None = None,
     ) -> bytes:
         """A lease of this process (gc reclaims it once the process is gone); ``layer_ids``
-        pins those layers and everything they reference."""
+        pins those layers and everything they reference.  With ``image_id``, the image and
+        every one of the layers must still exist when the lease is taken (in the same
+        transaction: a concurrent rmi + gc either finds the lease or removed them first,
+        and then this raises StoreError)."""
         lease_id = lease_id or secrets.token_bytes(8)
         lease: dict[str, Any] = {
             "pid": os.getpid(),
@@ -586,7 +594,17 @@ class Store:
         if layer_ids is not None:
             lease["layers"] = [lid.hex() for lid in layer_ids]
         data = json.dumps(lease).encode()
-        self.write(lambda txn: txn.put(lease_id, data, db=self._db["leases"]))
+
+        def put(txn: lmdb.Transaction) -> None:
+            if image_id is not None:
+                gone = txn.get(image_id, db=self._db["images"]) is None or any(
+                    txn.get(lid, db=self._db["layers"]) is None for lid in layer_ids or []
+                )
+                if gone:
+                    raise StoreError(f"image {image_id.hex()[:12]} was removed")
+            txn.put(lease_id, data, db=self._db["leases"])
+
+        self.write(put)
         return lease_id
 
     @contextlib.contextmanager

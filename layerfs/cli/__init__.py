@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from layerfs.cli.common import EXIT_ERROR, CLIError
+from layerfs.cli.common import EXIT_ERROR, EXIT_USAGE, CLIError
 
 VERBS = [
     "import",
@@ -78,6 +78,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    if args.store == "":
+        # not the default store: an empty --store is a mistake (an unset variable, say)
+        print("layerfs: --store needs a directory; it was given an empty name", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except CLIError as exc:

@@ -201,6 +201,11 @@ def _boot_id() -> str:
         return ""
 
 
+# what a store directory holds besides data.mdb: LMDB's lock file (made before data.mdb), and
+# the directories of mounts, containers and the file cache
+_OWN_FILES = {"lock.mdb", "mounts", "containers", "filecache"}
+
+
 class Store:
     """An open layer store.  Use as a context manager or call ``close()``."""
 
@@ -219,15 +224,81 @@ class Store:
     )
 
     def __init__(self, path: str | None = None, *, readonly: bool = False, create: bool = True) -> None:
+        if path == "":
+            raise StoreError("an empty store path names no directory")
         # absolute: mount daemons change directory to / and reopen the store by this path
         self.path = os.path.abspath(path or default_path())
         self.readonly = readonly
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise StoreError(f"{self.path} is not a directory, so not a layerfs store")
         if not os.path.isdir(self.path):
             if readonly or not create:
                 raise StoreError(f"no layerfs store at {self.path}")
-            os.makedirs(self.path, exist_ok=True)
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the store directory {self.path}: {exc.strerror}") from None
+        self._recognise()
         self._open()
         self._check_schema()
+
+    def _recognise(self) -> None:
+        """Refuse a directory that holds something other than a layerfs store, before anything
+        is written to it: LMDB adopts any environment, and ``_open`` would add our databases
+        to it.  A store is a directory whose ``data.mdb`` is an LMDB environment with a
+        ``meta`` database holding ``schema``, or (its creation interrupted) whose main database
+        names only databases of ours; an empty directory becomes a new store."""
+        try:
+            names = set(os.listdir(self.path))
+        except OSError as exc:
+            raise StoreError(f"cannot read the store directory {self.path}: {exc.strerror}") from None
+        if "data.mdb" not in names:
+            other = sorted(names - _OWN_FILES)
+            if other:
+                raise StoreError(
+                    f"{self.path} is not a layerfs store: it holds {other[0]!r} but no data.mdb "
+                    "(give an empty or new directory)"
+                )
+            return
+        for attempt in (1, 2, 3):
+            try:
+                found = self._probe()
+            except lmdb.Error as exc:
+                if attempt == 3:
+                    raise self._error_of(exc, "cannot open store") from None
+                continue
+            if found is None:
+                return
+        raise StoreError(
+            f"{self.path} is an LMDB environment but not a layerfs store (it holds {str(found)[:60]!r})"
+        )
+
+    def _probe(self) -> str | None:
+        """A name in the environment's main database that no layerfs store has, or None.
+
+        Read without writing anything: read-only, and without the lock file (which would be
+        created or reset).  Such a reader takes no reader slot, so a writer in another process
+        may reuse a page under it: a strange answer is asked again (``_recognise``)."""
+        env = lmdb.open(self.path, readonly=True, lock=False, max_dbs=1, create=False)
+        try:
+            with env.begin() as txn:
+                keys = [bytes(k) for k in txn.cursor().iternext(values=False)]
+                if b"meta" in keys:
+                    try:
+                        meta = env.open_db(b"meta", txn=txn, create=False)
+                    except lmdb.Error:
+                        return "meta"  # a plain key, not a database
+                    if txn.get(b"schema", db=meta) is not None:
+                        return None
+                for k in keys:
+                    if k.decode(errors="replace") not in self.DBS:
+                        return k.decode(errors="replace")
+                return None
+        finally:
+            env.close()
+
+    def _error_of(self, exc: lmdb.Error, what: str) -> StoreError:
+        return StoreError(f"{what} {self.path}: {exc}")
 
     def _open(self) -> None:
         readonly = self.readonly
@@ -245,7 +316,14 @@ class Store:
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
-        self._db = {name: self.env.open_db(name.encode(), create=not readonly) for name in self.DBS}
+        try:
+            self._db = {name: self.env.open_db(name.encode(), create=not readonly) for name in self.DBS}
+        except lmdb.NotFoundError:
+            self.env.close()
+            raise StoreError(f"{self.path} is not an initialised layerfs store") from None
+        except lmdb.Error as exc:
+            self.env.close()
+            raise self._error_of(exc, "cannot open store") from None
         self.payload: Payload = LmdbPayload(self._db["packs"])
 
     # -- plumbing -----------------------------------------------------------

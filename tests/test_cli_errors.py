@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from conftest import make_layout, member, tar_bytes
 
 
 def one_line(res, code: int) -> str:  # type: ignore[no-untyped-def]
@@ -117,3 +118,73 @@ def test_store_created_by_an_interrupted_open_is_adopted(cli, tmp_path):
     res = cli("--store", str(d), "images", "-q")
     assert res.out == res.err == ""
     assert cli("--store", str(d), "verify", "-q").code == 0
+
+
+# -- item 2: references ------------------------------------------------------------------------
+LONG = "a" * 5000
+
+
+@pytest.fixture
+def layout(tmp_path):
+    return make_layout(tmp_path / "img", [tar_bytes([member("f", b"data")])], ref="test:latest")
+
+
+@pytest.mark.parametrize("ref", [f"x:{LONG}", LONG, f"{LONG}:1", "u/" + "b" * 300 + ":1"])
+def test_long_references_give_one_short_line(ref, cli, layout, tmp_path):
+    cli("import", "-q", layout)
+    for args, code in (
+        (["import", "-q", "-t", ref, layout], 1),
+        (["tag", "test", ref], 1),
+        (["inspect", ref], 1),
+        (["mount", ref, str(tmp_path)], 1),
+        (["save", ref, "-o", str(tmp_path / "out.tar")], 1),
+        (["run", "--rm", ref, "true"], 125),  # docker run's code for a container never set up
+    ):
+        line = one_line(cli(*args, check=False), code)
+        assert len(line) < 300, line
+    assert cli("images", "--json").json()[0]["repo_tags"] == ["test:latest"]  # type: ignore[index]
+
+
+# every verb that names an image checks the name with tools.refs.normalize, as docker does
+NAMES = {
+    "test2": "test2:latest",
+    "docker.io/library/x:1": "x:1",
+    "Registry/x:1": "Registry/x:1",  # an upper case first component is a registry host
+    "localhost:5000/a/b:v1.0-rc_1": "localhost:5000/a/b:v1.0-rc_1",
+    "a" * 247: "a" * 247 + ":latest",  # library/ + 247 = 255
+    "u/" + "a" * 253: "u/" + "a" * 253 + ":latest",
+    "x:" + "t" * 128: "x:" + "t" * 128,
+    "Upper:1": None,
+    "x/Upper:1": None,
+    "a" * 248: None,
+    "u/" + "a" * 254: None,
+    "x:" + "t" * 129: None,
+    "x:\u00e9": None,  # docker's \w is ASCII
+    "x:.hidden": None,
+    "0" * 64: None,  # an image id is not a name
+    "x:a\nb": None,
+    "": None,
+}
+
+
+def test_new_names_are_checked_alike_by_every_verb(cli, layout):
+    cli("import", "-q", layout)
+    for name, stored in NAMES.items():
+        tagged = cli("tag", "test", name, check=False)
+        imported = cli("import", "-q", "-t", name, layout, check=False)
+        if stored is None:
+            line = one_line(tagged, 1)
+            assert "invalid reference format" in line or "invalid repository name" in line, line
+            assert one_line(imported, 1).startswith("layerfs: import of "), imported.err
+        else:
+            assert tagged.code == 0 and imported.code == 0, (name, tagged.err, imported.err)
+            tags = cli("images", "--json").json()[0]["repo_tags"]  # type: ignore[index]
+            assert stored in tags, (name, tags)
+            assert cli("rmi", stored).code == 0
+
+
+def test_lowercase_message_names_the_repository(cli, layout):
+    cli("import", "-q", layout)
+    for args in (["tag", "test", "Upper:1"], ["import", "-q", "-t", "x/Upper:1", layout]):
+        line = one_line(cli(*args, check=False), 1)
+        assert "must be lowercase" in line, line

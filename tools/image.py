@@ -94,11 +94,11 @@ def import_path(
         raise ImportError_(str(exc)) from None
     try:
         images = _one_per_manifest(source.images(platform))
-        if tag and len(images) != 1:
+        if tag is not None and len(images) != 1:
             raise ImportError_(f"{path} holds {len(images)} images; --tag needs exactly one")
         results = []
         for ref in images:
-            names = [refs.normalize(tag)] if tag else [refs.normalize(n) for n in ref.names]
+            names = [refs.normalize(tag)] if tag is not None else [refs.normalize(n) for n in ref.names]
             results.append(_import_one(store, source, ref, names, platform, progress))
         return results
     except (SourceError, LayerError) as exc:

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     with open_store(args) as store, errors():
         c = C.find(store, args.container)
-        name = normalize(args.name) if args.name else None
+        name = normalize(args.name) if args.name is not None else None
         cmd = c.options.get("command") or []
         with C.paused(c):
             res = commit(

@@ -120,14 +120,98 @@ def platform_string(p: dict[str, Any] | None) -> str:
     return s
 
 
+class PlatformError(ValueError):
+    """A --platform value that names no platform."""
+
+
+# what containerd's platforms package knows (GOOS and GOARCH values)
+_KNOWN_OS = {
+    "aix", "android", "darwin", "dragonfly", "freebsd", "hurd", "illumos", "ios", "js", "linux", "nacl",
+    "netbsd", "openbsd", "plan9", "solaris", "wasip1", "windows", "zos",
+}  # fmt: skip
+_KNOWN_ARCH = {
+    "386", "amd64", "amd64p32", "arm", "armbe", "arm64", "arm64be", "loong64", "mips", "mipsle", "mips64",
+    "mips64le", "mips64p32", "mips64p32le", "ppc", "ppc64", "ppc64le", "riscv", "riscv64", "s390", "s390x",
+    "sparc", "sparc64", "wasm",
+}  # fmt: skip
+
+
+def _norm_os(os_: str) -> str:
+    os_ = os_.lower()
+    return "darwin" if os_ == "macos" else os_
+
+
+def _norm_arch(arch: str, variant: str) -> tuple[str, str]:
+    """containerd's normalizeArch, except that arm64's default variant is spelled ``v8`` (so
+    ``linux/arm64`` and ``linux/arm64/v8`` are one platform) and arm's is ``v7``."""
+    arch, variant = arch.lower(), variant.lower()
+    if arch == "i386":
+        return "386", ""
+    if arch in ("x86_64", "x86-64", "amd64"):
+        return "amd64", "" if variant == "v1" else variant
+    if arch in ("aarch64", "arm64"):
+        if variant in ("", "8", "v8", "v8.0"):
+            return "arm64", "v8"
+        return "arm64", "v9" if variant in ("9", "9.0", "v9.0") else variant
+    if arch == "armhf":
+        return "arm", "v7"
+    if arch == "armel":
+        return "arm", "v6"
+    if arch == "arm":
+        if variant in ("", "7"):
+            return "arm", "v7"
+        return "arm", "v" + variant if variant in ("5", "6", "8") else variant
+    return arch, variant
+
+
+def _triple(p: str) -> tuple[str, str, str]:
+    """os, architecture, variant of a normalised or stored ``os/arch[/variant]``, comparable."""
+    os_, _, rest = p.partition("/")
+    arch, _, variant = rest.partition("/")
+    return (_norm_os(os_), *_norm_arch(arch, variant))
+
+
+def normalize_platform(spec: str) -> str:
+    """A --platform value as containerd's platforms.Parse reads it, written ``os/arch[/variant]``:
+    ``arm64`` and ``aarch64`` are ``linux/arm64/v8``, ``x86_64`` and ``x86-64`` are ``linux/amd64``,
+    ``armhf`` ``linux/arm/v7``, ``armel`` ``linux/arm/v6``, ``arm`` ``linux/arm/v7``; a bare
+    architecture means linux, a bare operating system this machine's architecture."""
+    parts = spec.strip().split("/")
+    if "*" in spec or len(parts) > 3 or not all(parts):
+        raise PlatformError(f"invalid platform {spec!r}: the form is os/arch[/variant] (linux/arm64, arm64)")
+    if len(parts) == 1:
+        if _norm_os(parts[0]) in _KNOWN_OS:
+            os_, (_, arch, variant) = _norm_os(parts[0]), _triple(host_platform())
+            return f"{os_}/{arch}/{variant}" if variant else f"{os_}/{arch}"
+        arch, variant = _norm_arch(parts[0], "")
+        if arch not in _KNOWN_ARCH:
+            raise PlatformError(f"invalid platform {spec!r}: unknown operating system or architecture")
+        os_ = "linux"
+    else:
+        os_ = _norm_os(parts[0])
+        arch, variant = _norm_arch(parts[1], parts[2] if len(parts) == 3 else "")
+    return f"{os_}/{arch}/{variant}" if variant else f"{os_}/{arch}"
+
+
+def platform_rank(want: str, have: str) -> int | None:
+    """How well an image for ``have`` serves ``want`` (0 best), None if it does not: the same
+    platform once both are normalised (``linux/arm64`` is ``linux/arm64/v8``), or, as containerd
+    falls back for 32-bit arm, an older arm variant (v7 runs v6 and v5 images)."""
+    if not have:
+        return None
+    w, h = _triple(want), _triple(have)
+    if w == h:
+        return 0
+    if w[:2] == h[:2] and w[1] == "arm" and w[2][1:].isdigit() and h[2][1:].isdigit():
+        older = int(w[2][1:]) - int(h[2][1:])
+        return older if 0 < older and int(h[2][1:]) >= 5 else None
+    return None
+
+
 def platform_matches(want: str, have: str) -> bool:
-    """``linux/arm64`` matches ``linux/arm64/v8``; ``linux/arm`` matches ``linux/arm/v7``."""
-    if want == have:
-        return True
-    w, h = want.split("/"), have.split("/")
-    if len(w) == 2 and len(h) == 3 and w == h[:2]:
-        return True
-    return w[:2] == ["linux", "arm64"] and h[:2] == ["linux", "arm64"] and len(w) != len(h)
+    """``linux/arm64`` matches ``linux/arm64/v8`` and ``linux/arm64``; ``arm`` matches
+    ``linux/arm/v7`` (and, failing that, v6 or v5)."""
+    return platform_rank(want, have) is not None
 
 
 class Source:
@@ -186,9 +270,14 @@ class Source:
             only = candidates[0]
             return ImageRef(only, names, platform_string(only.platform))
         want = platform or host_platform()
-        for c in candidates:
-            if c.platform and platform_matches(want, platform_string(c.platform)):
-                return ImageRef(c, names, platform_string(c.platform))
+        ranked = [
+            (rank, i, c)
+            for i, c in enumerate(candidates)
+            if c.platform and (rank := platform_rank(want, platform_string(c.platform))) is not None
+        ]
+        if ranked:
+            best = min(ranked, key=lambda r: r[:2])[2]
+            return ImageRef(best, names, platform_string(best.platform))
         if len(candidates) == 1 and not candidates[0].platform:
             return ImageRef(candidates[0], names, "")  # platform checked against the config later
         have = ", ".join(sorted(platform_string(c.platform) or "unknown" for c in candidates))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerfs.cli.common import CLIError, add_json, open_store, print_json
+from layerfs.cli.common import EXIT_USAGE, CLIError, add_json, open_store, print_json
 from layerfs.store import StoreError
 from layerfs.tools.refs import RefError
 
@@ -24,11 +24,16 @@ def run(args: argparse.Namespace) -> int:
     # imported here: the importer's dependencies (tar parser, inflate, zstd) would otherwise
     # load for every command, and be inherited by every mount daemon
     from layerfs.tools.image import ImportError_, import_path
+    from layerfs.tools.sources import PlatformError, normalize_platform
 
+    try:
+        platform = None if args.platform is None else normalize_platform(args.platform)
+    except PlatformError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
     with open_store(args) as store:
         try:
             results = import_path(
-                store, args.path, platform=args.platform, tag=args.tag, progress=not (args.quiet or args.json)
+                store, args.path, platform=platform, tag=args.tag, progress=not (args.quiet or args.json)
             )
         except (ImportError_, RefError, StoreError, OSError) as exc:
             raise CLIError(f"import of {args.path} refused: {exc}") from None

@@ -4,6 +4,7 @@ nothing written where nothing should be (issue 11)."""
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import lmdb
@@ -135,6 +136,7 @@ def test_long_references_give_one_short_line(ref, cli, layout, tmp_path):
     for args, code in (
         (["import", "-q", "-t", ref, layout], 1),
         (["tag", "test", ref], 1),
+        (["rmi", ref], 1),
         (["inspect", ref], 1),
         (["mount", ref, str(tmp_path)], 1),
         (["save", ref, "-o", str(tmp_path / "out.tar")], 1),
@@ -188,3 +190,43 @@ def test_lowercase_message_names_the_repository(cli, layout):
     for args in (["tag", "test", "Upper:1"], ["import", "-q", "-t", "x/Upper:1", layout]):
         line = one_line(cli(*args, check=False), 1)
         assert "must be lowercase" in line, line
+
+
+# -- item 4: rmi of what is not there, import of what is not an image ---------------------------
+def test_rmi_of_a_missing_image_is_one_line(cli, layout):
+    line = one_line(cli("rmi", "nosuch", check=False), 1)
+    assert line == "layerfs: no such image: nosuch"
+    cli("import", "-q", layout)
+    # as docker: a line for each image not removed, no summary; the others are removed
+    res = cli("rmi", "nosuch", "test", "other:1", check=False)
+    assert res.code == 1
+    assert res.err.splitlines() == ["layerfs: no such image: nosuch", "layerfs: no such image: other:1"]
+    assert "Untagged: test:latest" in res.out
+    assert cli("images", "-q").out == ""
+
+
+@pytest.mark.parametrize("kind", ["random", "empty", "json", "truncated-tar", "truncated-gzip"])
+def test_import_of_what_is_not_an_image_is_one_line(kind, cli, sample_layout, tmp_path):
+    path = tmp_path / f"input-{kind}"
+    if kind == "random":
+        path.write_bytes(os.urandom(10000))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "json":
+        path.write_text('{"schemaVersion": 2}')
+    else:
+        whole = tmp_path / "whole.tar"
+        with tarfile.open(whole, "w:gz" if kind == "truncated-gzip" else "w") as t:
+            t.add(sample_layout, arcname=".")
+        path.write_bytes(whole.read_bytes()[:30000])
+    line = one_line(cli("import", str(path), check=False), 1)
+    assert line.startswith(f"layerfs: import of {path} refused: ")
+    if kind in ("random", "empty", "json"):
+        assert line.endswith(
+            f"{path} is {'an empty file, so ' if kind == 'empty' else ''}not an image archive "
+            "(OCI archive, docker save archive) or layout"
+        ), line
+    else:
+        assert "damaged or truncated archive" in line, line
+    df = cli("df", "--json").json()
+    assert df["images"] == df["objects"] == 0  # type: ignore[index]

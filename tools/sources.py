@@ -24,6 +24,7 @@ import json
 import os
 import platform as _platform
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -329,9 +330,18 @@ class TarSource(Source):
         self.name = path
         try:
             self._tar = tarfile.open(path, "r:*")
-            self._members = {os.path.normpath(m.name).lstrip("/"): m for m in self._tar.getmembers()}
+        except tarfile.ReadError:  # tarfile's message lists every compression it tried, a line each
+            empty = "an empty file, so " if os.path.isfile(path) and os.path.getsize(path) == 0 else ""
+            raise SourceError(
+                f"{path} is {empty}not an image archive (OCI archive, docker save archive) or layout"
+            ) from None
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise SourceError(f"{path}: not a readable image archive: {exc}") from None
+            raise SourceError(f"{path}: cannot read it: {exc}") from None
+        try:
+            self._members = {os.path.normpath(m.name).lstrip("/"): m for m in self._tar.getmembers()}
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            self._tar.close()
+            raise SourceError(f"{path}: a damaged or truncated archive: {exc}") from None
         self._default = _default_name(path)
 
     def close(self) -> None:

@@ -76,6 +76,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """A failure is one line on stderr, whatever a library put in its message."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     if args.store == "":
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CLIError as exc:
-        print(f"layerfs: {exc}", file=sys.stderr)
+        print(f"layerfs: {one_line(str(exc))}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         print("layerfs: interrupted", file=sys.stderr)

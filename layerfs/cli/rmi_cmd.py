@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerfs.cli.common import CLIError, open_store
+from layerfs.cli.common import EXIT_ERROR, open_store
 from layerfs.store import collect
 from layerfs.tools.refs import RefError, normalize, resolve
 
@@ -67,9 +67,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"Deleted: sha256:{image_id.hex()}")
         if not args.no_prune:
             collect(store)
-    if failed:
-        raise CLIError("some images were not removed")
-    return 0
+    # each image that was not removed has its line above, as docker prints them: no summary line
+    return EXIT_ERROR if failed else 0
 
 
 def _is_name(ref: str, tags: list[str]) -> str | None:

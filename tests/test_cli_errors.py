@@ -4,6 +4,10 @@ nothing written where nothing should be (issue 11)."""
 from __future__ import annotations
 
 import os
+import random
+import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -230,3 +234,141 @@ def test_import_of_what_is_not_an_image_is_one_line(kind, cli, sample_layout, tm
         assert "damaged or truncated archive" in line, line
     df = cli("df", "--json").json()
     assert df["images"] == df["objects"] == 0  # type: ignore[index]
+
+
+# -- item 5: a store whose LMDB pages are damaged -----------------------------------------------
+_W = struct.calcsize("N")  # LMDB's page numbers and ids are size_t
+_N = "Q" if _W == 8 else "I"
+_HDR = _W + 8  # page header: pgno, pad, flags, lower, upper
+_DBREC = struct.Struct(f"=IHH{5 * _N}")  # MDB_db: pad, flags, depth, 3 page counts, entries, root
+
+
+def page_of(store_path: str) -> dict[str, int]:
+    """Where the databases' root pages are: read from the meta pages and the main database's
+    root page (one leaf in a small store), as LMDB lays them out."""
+    data = Path(store_path, "data.mdb").read_bytes()
+    metas = []
+    for pgno in (0, 1):
+        psize = _DBREC.unpack_from(data, _HDR + 8 + 2 * _W)[0]  # the free db's pad: the page size
+        at = pgno * psize + _HDR + 8 + 2 * _W
+        free, main = _DBREC.unpack_from(data, at), _DBREC.unpack_from(data, at + _DBREC.size)
+        (txnid,) = struct.unpack_from("=" + _N, data, at + 2 * _DBREC.size + _W)
+        metas.append((txnid, free[-1], main[-1], psize))
+    _, free_root, main_root, psize = max(metas)
+    roots = {"(free)": free_root, "(main)": main_root}
+    page = data[main_root * psize : (main_root + 1) * psize]
+    _, _, flags, lower, _ = struct.unpack_from(f"={_N}HHHH", page)
+    assert flags & 2, "the main database is one leaf page in a small store"
+    for i in range((lower - _HDR) // 2):
+        (off,) = struct.unpack_from("=H", page, _HDR + 2 * i)
+        _, _, _, ksize = struct.unpack_from("=HHHH", page, off)
+        name = page[off + 8 : off + 8 + ksize].decode()
+        roots[name] = _DBREC.unpack_from(page, off + 8 + ksize)[-1]
+    roots["psize"] = psize
+    return roots
+
+
+@pytest.fixture
+def damaged(request, cli, sample_layout, store_path):
+    """A store holding the sample image, then ``request.param`` damaged with random bytes."""
+    cli("import", "-q", sample_layout)
+    where = page_of(store_path)
+    psize = where["psize"]
+    garbage = random.Random(request.param).randbytes
+    with open(Path(store_path, "data.mdb"), "r+b") as f:
+        if request.param == "meta-pages":  # bytes 0..8192: both meta pages
+            f.write(garbage(2 * psize))
+        elif request.param == "meta-fields":  # the meta pages keep their magic number and version
+            for pgno in (0, 1):
+                f.seek(pgno * psize + _HDR + 8)
+                f.write(garbage(psize - _HDR - 8))
+        else:
+            assert where[request.param] != 2 ** (8 * _W) - 1, "the database has a root page"
+            f.seek(where[request.param] * psize)
+            f.write(garbage(psize))
+    return request.param
+
+
+DAMAGE = ["meta-pages", "meta-fields", "(main)", "(free)", "meta", "images", "tags", "layers", "objects"]
+
+
+@pytest.mark.parametrize("damaged", DAMAGE, indirect=True)
+def test_verify_finds_damaged_pages(damaged, cli, store_path):
+    res = cli("verify", check=False)
+    assert res.code == 3, (res.out, res.err)
+    if damaged in ("meta-pages", "meta-fields", "(main)", "meta"):  # the store does not open: one line
+        assert res.out == ""
+        assert "is damaged" in one_line(res, 3)
+    else:
+        assert res.err == ""
+        assert any(line.startswith("CORRUPT: ") for line in res.out.splitlines())
+        assert res.out.splitlines()[-1].startswith("FAILED: ")
+    js = cli("verify", "--json", check=False)
+    assert js.code == 3 and js.json()["ok"] is False and js.json()["errors"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("damaged", DAMAGE, indirect=True)
+def test_gc_and_rmi_refuse_a_damaged_store(damaged, cli, store_path):
+    data = Path(store_path, "data.mdb")
+    before = (data.read_bytes(), data.stat().st_mtime_ns)
+    for args in (["gc"], ["rmi", "layerfs-sample"], ["rmi", "--no-prune", "-f", "layerfs-sample"]):
+        line = one_line(cli(*args, check=False), 1)
+        assert "is damaged" in line and "run 'layerfs verify'" in line, line
+    assert (data.read_bytes(), data.stat().st_mtime_ns) == before
+
+
+@pytest.mark.parametrize("damaged", DAMAGE, indirect=True)
+def test_other_verbs_say_one_line_on_a_damaged_store(damaged, cli):
+    for args in (
+        ["images"],
+        ["inspect", "layerfs-sample"],
+        ["layers"],
+        ["df"],
+        ["tag", "layerfs-sample", "x"],
+    ):
+        res = cli(*args, check=False)
+        assert "Traceback" not in res.err
+        if res.code:
+            one_line(res, 1)
+
+
+def test_page_check_finds_nothing_on_healthy_stores_under_writes(tmp_path, store_path):
+    """No false alarm: a store with a large freelist (records in overflow pages), checked while
+    another process imports, removes and collects (pages freed and reused under the check)."""
+    from layerfs.store import Store
+    from layerfs.store.pages import check
+
+    rnd = random.Random(5)
+    layouts = []
+    for i in range(6):
+        files = [
+            member(f"d{j % 9}/f{i}-{j}", rnd.randbytes(rnd.choice([50, 3000, 70000]))) for j in range(300)
+        ]
+        layouts.append(make_layout(tmp_path / f"l{i}", [tar_bytes(files)], ref=f"img{i}:latest"))
+    churn = "\n".join(
+        [
+            "import sys",
+            "from layerfs.store import Store, collect",
+            "from layerfs.tools.image import import_path",
+            "with Store(sys.argv[1]) as s:",
+            "    for n in range(int(sys.argv[2])):",
+            "        for layout in sys.argv[3:]:",
+            "            import_path(s, layout)",
+            "        for image_id, _ in s.images()[: len(sys.argv) // 2]:",
+            "            s.remove_image(image_id)",
+            "        collect(s)",
+        ]
+    )
+    subprocess.run([sys.executable, "-c", churn, store_path, "2", *layouts], check=True)
+    with Store(store_path, readonly=True) as store:
+        assert check(store) == []
+        writer = subprocess.Popen([sys.executable, "-c", churn, store_path, "4", *layouts])
+        try:
+            checks = 0
+            while writer.poll() is None:
+                assert check(store) == []
+                checks += 1
+        finally:
+            writer.wait()
+        assert writer.returncode == 0 and checks > 10
+        assert check(store) == []

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+import lmdb
+
 from layerfs.cli.common import EXIT_ERROR, EXIT_USAGE, CLIError
+from layerfs.store.store import DAMAGE, StoreDamaged, StoreError, default_path
 
 VERBS = [
     "import",
@@ -92,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as exc:
         print(f"layerfs: {one_line(str(exc))}", file=sys.stderr)
         return exc.code
+    except StoreError as exc:  # the store's messages are for the user
+        print(f"layerfs: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except lmdb.Error as exc:  # met while reading: the write paths say StoreError
+        path = os.path.abspath(args.store or default_path())
+        why = StoreDamaged(path, str(exc)) if isinstance(exc, DAMAGE) else f"store {path}: {exc}"
+        print(f"layerfs: {one_line(str(why))}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("layerfs: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     with open_store(args) as store:
+        store.refuse_if_damaged()  # nothing is collected on a store that does not read whole
         res = collect(store)
     if args.json:
         print_json(res.as_dict())

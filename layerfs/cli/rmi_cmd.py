@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     failed = False
     with open_store(args) as store:
+        store.refuse_if_damaged()  # nothing is removed from a store that does not read whole
         for ref in args.images:
             try:
                 image_id = resolve(store, ref)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerfs.cli.common import EXIT_CORRUPT, add_json, open_store, print_json
-from layerfs.store import verify
+from layerfs.cli.common import EXIT_CORRUPT, CLIError, add_json, print_json
+from layerfs.store import Store, StoreDamaged, StoreError, VerifyResult, verify
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,7 +22,18 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(unit=" objects", desc="verifying", file=sys.stderr, leave=False)
-    with open_store(args, readonly=True) as store:
+    try:
+        store = Store(args.store, readonly=True)
+    except StoreDamaged as exc:  # the environment does not even open: corruption found
+        if bar:
+            bar.close()
+        if args.json:
+            print_json(dict(VerifyResult(errors=[exc.cause]).__dict__, ok=False))
+            return EXIT_CORRUPT
+        raise CLIError(f"the store at {exc.path} is damaged: {exc.cause}", EXIT_CORRUPT) from None
+    except StoreError as exc:
+        raise CLIError(str(exc)) from None
+    with store:
         res = verify(store, progress=(lambda n: bar.update(1)) if bar else None)
     if bar:
         bar.close()

@@ -2,7 +2,15 @@
 
 from layerfs.store.entries import Entry
 from layerfs.store.gc import GCResult, VerifyResult, collect, verify
-from layerfs.store.store import CHUNK_SIZE, CorruptionError, Store, StoreError, WriteSession, default_path
+from layerfs.store.store import (
+    CHUNK_SIZE,
+    CorruptionError,
+    Store,
+    StoreDamaged,
+    StoreError,
+    WriteSession,
+    default_path,
+)
 
 __all__ = [
     "CHUNK_SIZE",
@@ -10,6 +18,7 @@ __all__ = [
     "Entry",
     "GCResult",
     "Store",
+    "StoreDamaged",
     "StoreError",
     "VerifyResult",
     "WriteSession",

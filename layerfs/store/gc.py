@@ -248,58 +248,77 @@ class VerifyResult:
 
 
 def verify(store: Store, progress: Any = None) -> VerifyResult:
-    """Re-hash every object and check every reference; never raises for corruption."""
+    """Read every page, re-hash every object and check every reference; never raises for
+    corruption.  Each pass has its own read transaction: a damaged page makes the transaction
+    that met it unusable, and the other passes still run."""
+    from layerfs.store.pages import check
+
     res = VerifyResult()
-    with store.read() as txn:
-        objects = store.db("objects")
-        with txn.cursor(db=objects) as cur:
-            for k, v in cur:
-                sha = bytes(k)
-                try:
-                    size, chunks = decode_object(v)
-                    h = hashlib.sha256()
-                    total = 0
-                    for c in chunks:
-                        raw = store._chunk_bytes(txn, c)
-                        h.update(raw)
-                        total += len(raw)
-                    if total != size:
-                        res.errors.append(f"object {sha.hex()}: {total} bytes, record says {size}")
-                    elif h.digest() != sha:
-                        res.errors.append(f"object {sha.hex()}: content hashes to {h.hexdigest()}")
-                    res.bytes += total
-                except (StoreError, LookupError, ValueError) as exc:
-                    res.errors.append(f"object {sha.hex()}: {exc}")
-                res.objects += 1
-                if progress is not None:
-                    progress(res.objects)
-        with txn.cursor(db=store.db("layers")) as cur:
-            for k, v in cur:
-                res.layers += 1
-                layer = json.loads(bytes(v))
-                try:
-                    for e in _table(store, txn, layer):
-                        if e.content is not None and txn.get(e.content, db=objects) is None:
-                            res.errors.append(
-                                f"layer sha256:{bytes(k).hex()}: {e.path!r} has no content object"
-                            )
-                    if "skeleton" in layer:
-                        for sha in _spliced(store, txn, bytes.fromhex(layer["skeleton"])):
-                            if txn.get(sha, db=objects) is None:
-                                res.errors.append(
-                                    f"layer sha256:{bytes(k).hex()}: spliced object {sha.hex()} is missing"
-                                )
-                except (StoreError, LookupError, ValueError) as exc:
-                    res.errors.append(f"layer sha256:{bytes(k).hex()}: {exc}")
-        layers_db = store.db("layers")
-        with txn.cursor(db=store.db("images")) as cur:
-            for k, v in cur:
-                res.images += 1
-                image = json.loads(bytes(v))
-                for h in image["layers"]:
-                    if txn.get(bytes.fromhex(h), db=layers_db) is None:
-                        res.errors.append(f"image sha256:{bytes(k).hex()}: layer sha256:{h} missing")
-                for h in image.get("blobs", []):
-                    if txn.get(bytes.fromhex(h), db=objects) is None:
-                        res.errors.append(f"image sha256:{bytes(k).hex()}: blob sha256:{h} missing")
+    res.errors += check(store)
+    for what, step in (("objects", _verify_objects), ("layers", _verify_layers), ("images", _verify_images)):
+        try:
+            with store.read() as txn:
+                step(store, txn, res, progress)
+        except lmdb.Error as exc:
+            if not any(e.startswith(("database ", "freelist: ")) for e in res.errors):
+                res.errors.append(f"database {what}: {exc}")  # damage the page check did not see
     return res
+
+
+def _verify_objects(store: Store, txn: lmdb.Transaction, res: VerifyResult, progress: Any) -> None:
+    objects = store.db("objects")
+    with txn.cursor(db=objects) as cur:
+        for k, v in cur:
+            sha = bytes(k)
+            try:
+                size, chunks = decode_object(v)
+                h = hashlib.sha256()
+                total = 0
+                for c in chunks:
+                    raw = store._chunk_bytes(txn, c)
+                    h.update(raw)
+                    total += len(raw)
+                if total != size:
+                    res.errors.append(f"object {sha.hex()}: {total} bytes, record says {size}")
+                elif h.digest() != sha:
+                    res.errors.append(f"object {sha.hex()}: content hashes to {h.hexdigest()}")
+                res.bytes += total
+            except (StoreError, LookupError, ValueError) as exc:
+                res.errors.append(f"object {sha.hex()}: {exc}")
+            res.objects += 1
+            if progress is not None:
+                progress(res.objects)
+
+
+def _verify_layers(store: Store, txn: lmdb.Transaction, res: VerifyResult, progress: Any) -> None:
+    objects = store.db("objects")
+    with txn.cursor(db=store.db("layers")) as cur:
+        for k, v in cur:
+            res.layers += 1
+            layer = json.loads(bytes(v))
+            try:
+                for e in _table(store, txn, layer):
+                    if e.content is not None and txn.get(e.content, db=objects) is None:
+                        res.errors.append(f"layer sha256:{bytes(k).hex()}: {e.path!r} has no content object")
+                if "skeleton" in layer:
+                    for sha in _spliced(store, txn, bytes.fromhex(layer["skeleton"])):
+                        if txn.get(sha, db=objects) is None:
+                            res.errors.append(
+                                f"layer sha256:{bytes(k).hex()}: spliced object {sha.hex()} is missing"
+                            )
+            except (StoreError, LookupError, ValueError) as exc:
+                res.errors.append(f"layer sha256:{bytes(k).hex()}: {exc}")
+
+
+def _verify_images(store: Store, txn: lmdb.Transaction, res: VerifyResult, progress: Any) -> None:
+    objects, layers_db = store.db("objects"), store.db("layers")
+    with txn.cursor(db=store.db("images")) as cur:
+        for k, v in cur:
+            res.images += 1
+            image = json.loads(bytes(v))
+            for h in image["layers"]:
+                if txn.get(bytes.fromhex(h), db=layers_db) is None:
+                    res.errors.append(f"image sha256:{bytes(k).hex()}: layer sha256:{h} missing")
+            for h in image.get("blobs", []):
+                if txn.get(bytes.fromhex(h), db=objects) is None:
+                    res.errors.append(f"image sha256:{bytes(k).hex()}: blob sha256:{h} missing")

@@ -76,6 +76,21 @@ class CorruptionError(StoreError):
     """Stored bytes do not match their checksum or digest."""
 
 
+class StoreDamaged(CorruptionError):
+    """The store's LMDB pages are damaged: LMDB cannot read its B-trees or meta pages.
+    ``cause`` says what failed; the message adds the store's path and what to do."""
+
+    def __init__(self, path: str, cause: str) -> None:
+        super().__init__(f"the store at {path} is damaged ({cause}); run 'layerfs verify'")
+        self.path = path
+        self.cause = cause
+
+
+# what LMDB says when a page or a meta page is not what it should be (BadTxnError: a
+# transaction that met one of these is unusable, and says so at its next step)
+DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.BadTxnError)
+
+
 @dataclass(frozen=True)
 class Chunk:
     pack: int
@@ -298,7 +313,33 @@ class Store:
             env.close()
 
     def _error_of(self, exc: lmdb.Error, what: str) -> StoreError:
+        if isinstance(exc, DAMAGE):
+            return self.damaged(exc)
+        if what == "cannot open store" and os.path.exists(os.path.join(self.path, "data.mdb")):
+            from layerfs.store.pages import meta_problem
+
+            problem = meta_problem(self.path)
+            if problem is not None:
+                return self.damaged(f"{problem}; LMDB says: {self._unprefixed(exc)}")
         return StoreError(f"{what} {self.path}: {exc}")
+
+    def damaged(self, cause: object) -> StoreDamaged:
+        """The error for a store whose pages LMDB cannot read (``cause``: what failed)."""
+        return StoreDamaged(self.path, self._unprefixed(cause))
+
+    def _unprefixed(self, exc: object) -> str:
+        """An LMDB message without the path that lmdb.open puts first."""
+        text = str(exc)
+        return text[len(self.path) + 2 :] if text.startswith(self.path + ": ") else text
+
+    def refuse_if_damaged(self) -> None:
+        """StoreDamaged if any page of the store does not read (``pages.check``): verbs that
+        delete (gc, rmi) must not decide what is unused on a store they cannot read whole."""
+        from layerfs.store.pages import check
+
+        found = check(self)
+        if found:
+            raise self.damaged(found[0] + (f"; and {len(found) - 1} more" if len(found) > 1 else ""))
 
     def _open(self) -> None:
         readonly = self.readonly
@@ -315,7 +356,7 @@ class Store:
                 max_readers=256,
             )
         except lmdb.Error as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+            raise self._error_of(exc, "cannot open store") from None
         try:
             self._db = {name: self.env.open_db(name.encode(), create=not readonly) for name in self.DBS}
         except lmdb.NotFoundError:
@@ -439,8 +480,13 @@ class Store:
         self.close()
 
     def _check_schema(self) -> None:
-        with self.read() as txn:
-            found = txn.get(b"schema", db=self._db["meta"])
+        try:
+            with self.read() as txn:
+                found = txn.get(b"schema", db=self._db["meta"])
+                found = None if found is None else bytes(found)
+        except lmdb.Error as exc:
+            self.env.close()
+            raise self._error_of(exc, "cannot read store") from None
         if found is None:
             if self.readonly:
                 raise StoreError(f"{self.path} is not an initialised layerfs store")
@@ -474,6 +520,8 @@ class Store:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
+            except DAMAGE as exc:
+                raise self.damaged(f"{exc}; nothing was written") from None
             except lmdb.Error as exc:
                 # the transaction was aborted: the store is as it was before it
                 raise StoreError(

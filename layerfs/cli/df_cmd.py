@@ -24,7 +24,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"Images:             {u['images']} ({u['tags']} tags)")
     print(f"Layers:             {u['layers']}")
     print(f"Logical bytes:      {human_size(u['logical_bytes'])}  (file data of all layers)")
-    print(f"Unique bytes:       {human_size(u['unique_bytes'])}  ({u['objects']} objects)")
+    print(
+        f"Unique bytes:       {human_size(u['unique_bytes'])}  ({u['unique_files']} distinct file contents)"
+    )
+    other = u["object_bytes"] - u["unique_bytes"]
+    print(f"Other objects:      {human_size(other)}  (tar headers, entry tables, manifests, configs)")
     print(
         f"Stored bytes:       {human_size(u['stored_bytes'])}  (compressed payload {human_size(u['payload_bytes'])}"
         f" + metadata {human_size(u['metadata_bytes'])})"

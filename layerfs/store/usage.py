@@ -6,20 +6,32 @@ import json
 import os
 from typing import Any
 
+import lmdb
+
+from layerfs.store.entries import Entry, decode_table
 from layerfs.store.store import Store, decode_object
 
 
 def usage(store: Store) -> dict[str, Any]:
+    """Logical and unique bytes count the same thing, file contents, so that their ratio is the
+    deduplication: ``logical_bytes`` every file of every layer (as its entry table lists it),
+    ``unique_bytes`` each distinct content once.  ``object_bytes`` is everything stored before
+    compression: those contents, and also entry tables, skeletons (tar headers), manifests,
+    configs and contents a layer drops."""
     with store.read() as txn:
         logical = layers = 0
+        contents: dict[bytes, int] = {}
         with txn.cursor(db=store.db("layers")) as cur:
             for _, v in cur:
-                logical += int(json.loads(bytes(v)).get("size", 0))
                 layers += 1
-        unique = objects = 0
+                for e in _table(store, txn, json.loads(bytes(v))):
+                    if e.content is not None:
+                        logical += e.size
+                        contents[e.content] = e.size
+        object_bytes = objects = 0
         with txn.cursor(db=store.db("objects")) as cur:
             for _, v in cur:
-                unique += decode_object(v)[0]
+                object_bytes += decode_object(v)[0]
                 objects += 1
         payload = sum(size for _, size in store.payload.pack_ids(txn))
         psize = store.env.stat()["psize"]
@@ -31,6 +43,7 @@ def usage(store: Store) -> dict[str, Any]:
             metadata += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * psize
         images = txn.stat(store.db("images"))["entries"]
         tags = txn.stat(store.db("tags"))["entries"]
+    unique = sum(contents.values())
     data_file = os.path.join(store.path, "data.mdb")
     stored = payload + metadata
     return {
@@ -39,12 +52,22 @@ def usage(store: Store) -> dict[str, Any]:
         "tags": tags,
         "layers": layers,
         "objects": objects,
+        "unique_files": len(contents),
         "logical_bytes": logical,
         "unique_bytes": unique,
+        "object_bytes": object_bytes,
         "payload_bytes": payload,
         "metadata_bytes": metadata,
         "stored_bytes": stored,
         "file_bytes": os.path.getsize(data_file) if os.path.exists(data_file) else 0,
         "dedup_ratio": logical / unique if unique else 1.0,
-        "compression_ratio": unique / payload if payload else 1.0,
+        "compression_ratio": object_bytes / payload if payload else 1.0,
     }
+
+
+def _table(store: Store, txn: lmdb.Transaction, layer: dict[str, Any]) -> list[Entry]:
+    """A layer's entries, read in ``txn`` (empty if its table is missing: verify reports that)."""
+    rec = txn.get(bytes.fromhex(layer["table"]), db=store.db("objects"))
+    if rec is None:
+        return []
+    return decode_table(b"".join(store._chunk_bytes(txn, c) for c in decode_object(rec)[1]))

@@ -28,6 +28,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -250,12 +251,30 @@ class Store:
             if readonly or not create:
                 raise StoreError(f"no layerfs store at {self.path}")
             try:
-                os.makedirs(self.path, exist_ok=True)
+                # private: image contents are readable in data.mdb (parents as umask makes them)
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create the store directory {self.path}: {exc.strerror}") from None
         self._recognise()
         self._open()
+        if not readonly:
+            self._make_private()
         self._check_schema()
+
+    def _make_private(self) -> None:
+        """A store of ours that others can read (made before stores were private, or by hand)
+        becomes private: the directory 0700, LMDB's files 0600.  Stores of other users are left
+        as they are (root using someone's store must not take it from them)."""
+        try:
+            if os.stat(self.path).st_uid != os.geteuid():
+                return
+            for name, private in (("", 0o700), ("data.mdb", 0o600), ("lock.mdb", 0o600)):
+                path = os.path.join(self.path, name)
+                st = os.stat(path)
+                if stat.S_IMODE(st.st_mode) & ~private & 0o777 and st.st_uid == os.geteuid():
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & private)
+        except OSError:
+            pass  # a read-only filesystem, say: the store works as it is
 
     def _recognise(self) -> None:
         """Refuse a directory that holds something other than a layerfs store, before anything
@@ -354,6 +373,7 @@ class Store:
                 # keep the OS read-ahead: chunks of a file and files of a layer sit together in packs
                 readahead=True,
                 max_readers=256,
+                mode=0o600,  # data.mdb and lock.mdb: private to the store's owner
             )
         except lmdb.Error as exc:
             raise self._error_of(exc, "cannot open store") from None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import json
 import os
 import shutil
 import tarfile
@@ -407,3 +409,73 @@ def test_multi_member_gzip_layer(backend: str, store: Store, tmp_path: Path) -> 
     )
     t = store.layer_entries(bytes.fromhex(res[0].layer_ids[0][7:]))
     assert [e.path for e in t] == [b"a", b"b"]
+
+
+# -- a corrupt archive of layers the store already has ------------------------------------------
+def _flip_middle_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_corrupt_layout_of_stored_layers_is_refused(tmp_path, store_path, cli):
+    """Layers the store has are not imported again, but their blobs are still checked: a
+    corrupt copy of an image already loaded printed "Loaded image" and exited 0."""
+    layer = tar_bytes([member("data", os.urandom(300_000)), member("etc/conf", b"x=1\n")])
+    good = make_layout(tmp_path / "good", [layer], ref="known:1")
+    cli("import", "-q", good)
+    bad = str(tmp_path / "bad")
+    shutil.copytree(good, bad)
+    with open(os.path.join(bad, "index.json")) as f:
+        manifest_digest = json.load(f)["manifests"][0]["digest"][7:]
+    with open(os.path.join(bad, "blobs", "sha256", manifest_digest)) as f:
+        layer_digest = json.load(f)["layers"][0]["digest"][7:]
+    _flip_middle_byte(os.path.join(bad, "blobs", "sha256", layer_digest))
+    res = cli("import", bad, check=False)
+    assert res.code == 1 and "Loaded" not in res.out
+    (line,) = res.err.strip().splitlines()
+    assert "content hashes to" in line, line
+    assert cli("verify").code == 0
+    assert [i["repo_tags"] for i in cli("images", "--json").json()] == [["known:1"]]
+
+
+def test_a_corrupt_docker_archive_of_stored_layers_is_refused(tmp_path, store_path, cli):
+    """The same for a `docker save` archive of the old kind, whose manifest names layer.tar
+    files by path and no digest: a known layer is decompressed and hashed against its diff_id."""
+    layer = tar_bytes([member("data", os.urandom(300_000))])
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+
+    def archive(path: str, layer_tar: bytes) -> str:
+        members = [
+            (
+                "manifest.json",
+                json.dumps([{"Config": "c.json", "RepoTags": ["old:1"], "Layers": ["l/layer.tar"]}]),
+            ),
+            ("c.json", config),
+            ("l/layer.tar", layer_tar),
+        ]
+        with tarfile.open(path, "w") as t:
+            for name, data in members:
+                data = data if isinstance(data, bytes) else data.encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return path
+
+    cli("import", "-q", archive(str(tmp_path / "good.tar"), layer))
+    corrupt = bytearray(layer)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    res = cli("import", archive(str(tmp_path / "bad.tar"), bytes(corrupt)), check=False)
+    assert res.code == 1 and "Loaded" not in res.out
+    assert "uncompressed content hashes to" in res.err and "config says " + diff_id in res.err
+    assert cli("verify").code == 0

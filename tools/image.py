@@ -23,7 +23,7 @@ from typing import Any
 from layerfs.store import Entry, Store, StoreError, WriteSession, collect
 from layerfs.store import entries as E
 from layerfs.tools import refs
-from layerfs.tools.layer import LayerError, LayerResult, import_layer
+from layerfs.tools.layer import LayerError, LayerResult, hash_blob, import_layer
 from layerfs.tools.sources import (
     LAYER_TYPES,
     MANIFEST_TYPES,
@@ -169,7 +169,7 @@ def _import_one(
 
     # a layer stored before skeletons existed is read again, to gain its exact bytes
     todo = [i for i, d in enumerate(diff_ids) if "skeleton" not in (store.get_layer(_raw(d)) or {})]
-    total = sum(max(layer_descs[i].size, 0) for i in todo)
+    total = sum(max(d.size, 0) for d in layer_descs)  # known layers are read to be checked
     bar = _progress_bar(total, progress)
     result = ImportResult(image_id, names, platform=ref.platform or cfg_platform, layer_ids=diff_ids)
     session = store.session("import")
@@ -210,6 +210,10 @@ def _import_one(
                     if diff_id in done:
                         tables.append(lambda r=done[diff_id]: r.entries)  # type: ignore[misc]
                     else:
+                        # stored already: not imported again, but what the archive holds is
+                        # still checked (a corrupt archive is refused, not "Loaded")
+                        with source.open_blob(desc) as blob:
+                            _check_known_layer(desc, blob, diff_id, bar.update if bar else None)
                         tables.append(lambda d=diff_id: store.layer_entries(_raw(d)))  # type: ignore[misc]
                         result.layers_known += 1
             if manifest_bytes is None:
@@ -269,6 +273,27 @@ def _layer_size(store: Store, done: dict[str, LayerResult], diff_id: str) -> int
         return done[diff_id].size
     layer = store.get_layer(_raw(diff_id))
     return int(layer["size"]) if layer else 0
+
+
+def _check_known_layer(
+    desc: Descriptor, blob: Any, diff_id: str, progress: Callable[[int], None] | None
+) -> None:
+    """A blob the manifest gives a digest for is hashed as it is (the stored layer was checked
+    against the config's diff_id when it was imported); one without (a docker save archive's
+    layer.tar) is decompressed and hashed against the diff_id."""
+    try:
+        digest, size, inner = hash_blob(blob, decompress=not desc.digest, progress=progress)
+    except LayerError as exc:
+        raise ImportError_(f"layer {desc.digest or desc.path}: {exc}") from None
+    if desc.digest:
+        if desc.size >= 0 and size != desc.size:
+            raise ImportError_(f"layer {desc.digest}: size is {size}, descriptor says {desc.size}")
+        if digest != desc.digest:
+            raise ImportError_(f"layer {desc.digest}: content hashes to {digest}")
+    elif inner != diff_id:
+        raise ImportError_(
+            f"layer {desc.path}: uncompressed content hashes to {inner}, config says {diff_id}"
+        )
 
 
 def _check_layer(desc: Descriptor, res: LayerResult, diff_id: str) -> None:

@@ -318,6 +318,31 @@ class _LayerBuilder:
         return sorted(self.entries.values(), key=lambda e: e.path)
 
 
+def hash_blob(
+    blob: IO[bytes], *, decompress: bool, progress: Callable[[int], None] | None = None
+) -> tuple[str, int, str | None]:
+    """The blob's digest and size, and with ``decompress`` the digest of what it decompresses
+    to (a layer's diff_id): a layer the store already has is checked against what an archive
+    says of it without being imported again."""
+    raw = _HashingReader(blob.read)
+
+    def counted(n: int) -> bytes:
+        data = raw.read(n)
+        if progress is not None:
+            progress(len(data))
+        return data
+
+    if not decompress:
+        while counted(READ_SIZE):
+            pass
+        return "sha256:" + raw.sha.hexdigest(), raw.size, None
+    dec = _Decompressor(counted)
+    inner = hashlib.sha256()
+    while data := dec.read(READ_SIZE):
+        inner.update(data)
+    return "sha256:" + raw.sha.hexdigest(), raw.size, "sha256:" + inner.hexdigest()
+
+
 def import_layer(
     session: WriteSession,
     blob: IO[bytes],

@@ -401,6 +401,7 @@ typedef struct Session {
     char *buf;
     int passthrough;            /* the kernel took FUSE_PASSTHROUGH at INIT */
     int try_passthrough;        /* offer it (writable mounts of a privileged daemon) */
+    char label[256];            /* the image, for messages */
     uint64_t generation;
     uint64_t requests;
     uint64_t fast_requests;
@@ -1539,6 +1540,25 @@ static void fast_xattr(Session *s, struct worker *w, uint64_t u, uint64_t ino, c
     }
 }
 
+/* Say which file of which image a damaged chunk belongs to (the reader gets EIO), once per
+ * inode as far as a few slots remember. */
+static void report_damage(Session *s, struct fs_store *st, uint64_t ino, const struct fs_inode *n)
+{
+    static uint64_t seen[16];
+    static unsigned next;
+    for (int i = 0; i < 16; i++)
+        if (__atomic_load_n(&seen[i], __ATOMIC_RELAXED) == ino)
+            return;
+    __atomic_store_n(&seen[__atomic_fetch_add(&next, 1, __ATOMIC_RELAXED) % 16], ino, __ATOMIC_RELAXED);
+    char path[4096], hex[65] = "";
+    if (fs_store_path(st, ino, path, sizeof(path)) < 0)
+        snprintf(path, sizeof(path), "(inode %llu)", (unsigned long long)ino);
+    for (int i = 0; n->content && i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", n->content[i]);
+    fprintf(stderr, "layerfs: damaged data in %s at %s (object %s): reads of it give EIO; run layerfs verify\n",
+            s->label, path, hex);
+}
+
 /* READ of a stored file's contents into `out`, the reply area (inside fs_store_begin/_end). */
 static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, uint64_t ino,
                        const struct fuse_read_in *in)
@@ -1555,6 +1575,8 @@ static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, u
     }
     size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
     long got = fs_store_read(st, &n, ino, out, size, in->offset);
+    if (got == -EIO)
+        report_damage(s, st, ino, &n);
     if (got < 0)
         reply_err(s, u, (int)-got);
     else
@@ -2056,18 +2078,20 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"fd",         "ops",         "writable",        "entry_timeout",
                              "attr_timeout", "negative_timeout", "debug",      "store",
                              "chain_prefix", "statfs",      "threads",         "passthrough",
-                             "file_cache",   "file_cache_size", "file_cache_min", NULL};
+                             "file_cache",   "file_cache_size", "file_cache_min", "label", NULL};
+    const char *label = "the image";
     PyObject *store_path = Py_None, *statfs = Py_None, *cache_dir = Py_None;
     unsigned long long cache_size = 0, cache_min = 0;
     const char *prefix = NULL;
     Py_ssize_t prefix_len = 0;
     int threads = 1;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKK", kwlist, &s->fd, &s->ops, &s->writable,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKs", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
                                      &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough,
-                                     &cache_dir, &cache_size, &cache_min))
+                                     &cache_dir, &cache_size, &cache_min, &label))
         return -1;
+    snprintf(s->label, sizeof(s->label), "%s", label);
     if (store_path == Py_None || s->writable)
         threads = 1; /* the Python request path is single-threaded */
     if (threads < 1 || threads > 64) {

@@ -443,3 +443,55 @@ long fs_store_read(struct fs_store *st, const struct fs_inode *inode, uint64_t i
     }
     return (long)done;
 }
+
+int fs_store_path(struct fs_store *st, uint64_t ino, char *out, size_t cap)
+{
+    /* built from the end of `out` backwards, a component per pass over the chain's names */
+    if (cap < 2)
+        return -ERANGE;
+    size_t at = cap - 1;
+    out[at] = 0;
+    MDB_cursor *cur;
+    if (mdb_cursor_open(st->txn, st->dbi_union, &cur))
+        return -EIO;
+    int rc = 0;
+    for (int depth = 0; ino != 1; depth++) {
+        unsigned char start[PREFIX_LEN + 1];
+        memcpy(start, st->prefix, PREFIX_LEN);
+        start[PREFIX_LEN] = 'D';
+        MDB_val k = {sizeof(start), start}, v;
+        int found = 0;
+        for (int r = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); r == 0; r = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+            if (k.mv_size <= sizeof(start) + 8 || memcmp(k.mv_data, start, sizeof(start)) != 0)
+                break;
+            if (v.mv_size < 8 || le64(v.mv_data) != ino)
+                continue;
+            const unsigned char *key = k.mv_data;
+            size_t len = k.mv_size - sizeof(start) - 8;
+            if (len + 1 > at) {
+                rc = -ERANGE;
+                break;
+            }
+            at -= len;
+            memcpy(out + at, key + sizeof(start) + 8, len);
+            out[--at] = '/';
+            uint64_t parent = 0;
+            for (int i = 0; i < 8; i++)
+                parent = parent << 8 | key[sizeof(start) + i];
+            ino = parent;
+            found = 1;
+            break;
+        }
+        if (rc || !found || depth > 100000) {
+            rc = rc ? rc : -ENOENT;
+            break;
+        }
+    }
+    mdb_cursor_close(cur);
+    if (rc)
+        return rc;
+    if (at == cap - 1)
+        out[--at] = '/';
+    memmove(out, out + at, cap - at);
+    return 0;
+}

@@ -70,4 +70,8 @@ int fs_store_dir_next(struct fs_store *st, struct fs_dirent *out);
 long fs_store_read(struct fs_store *st, const struct fs_inode *inode, uint64_t ino, char *buf, size_t size,
                    uint64_t offset);
 
+/* The path of inode `ino` ("/a/b"), found by scanning the index's names (slow: for error
+ * messages only); 0, -ENOENT (not reachable from the root) or -ERANGE (longer than cap). */
+int fs_store_path(struct fs_store *st, uint64_t ino, char *out, size_t cap);
+
 #endif

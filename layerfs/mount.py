@@ -269,6 +269,7 @@ def _serve(
     if spec.lower_dirs:  # host directories stacked above the image, leftmost on top
         lower = Stack([*(DirLayer(d, i) for i, d in enumerate(spec.lower_dirs)), image_layer])
     view = UnionView(store, lower, spec.upper, spec.work)
+    view.label = f"image {spec.name or spec.image_id.hex()[:12]}"
 
     def ready() -> None:
         with open(reg, "w") as f:

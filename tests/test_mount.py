@@ -474,3 +474,51 @@ def test_an_image_removed_while_it_is_being_mounted(cli, sample, sample_layout, 
             assert f.read() == "layerfs-sample\n"
     finally:
         cli("umount", mnt, check=False)
+
+
+def _flip_stored_byte(store_path: str, sha: bytes, at: int = 100) -> None:
+    """Damage the first chunk of object ``sha`` in its pack (as a bad disk sector would)."""
+    from layerfs.store import Store
+    from layerfs.store.store import decode_object
+
+    with Store(store_path) as store:
+        with store.read() as txn:
+            _, chunks = decode_object(bytes(txn.get(sha, db=store.db("objects"))))
+        c = chunks[0]
+        key = c.pack.to_bytes(8, "big")
+
+        def fn(txn: Any) -> None:
+            value = bytearray(txn.get(key, db=store.db("packs")))
+            value[c.offset + min(at, c.stored - 1)] ^= 0xFF
+            txn.put(key, bytes(value), db=store.db("packs"))
+
+        store.write(fn)
+
+
+def test_a_corrupt_chunk_gives_eio_and_says_which_file(cli, store_path, tmp_path, fuse_core):
+    """A chunk failing its check is EIO for the reader (it was EINVAL: SIGBUS in a container)
+    and a line in the mount's log naming the object, the image and the path; verify names the
+    images and paths of a damaged object too."""
+    data = os.urandom(200_000)
+    layer = tar_bytes([member("data/blob", data), member("ok", b"fine\n")])
+    cli("import", "-q", make_layout(tmp_path / "layout", [layer], ref="damaged:1"))
+    sha = hashlib.sha256(data).digest()
+    _flip_stored_byte(store_path, sha)
+    for rw in (False, True):
+        mnt = str(tmp_path / f"m{int(rw)}")
+        with layerfs_mount(cli, "damaged:1", mnt, rw=rw):
+            with pytest.raises(OSError) as exc, open(os.path.join(mnt, "data/blob"), "rb") as f:
+                f.read()
+            assert exc.value.errno == errno.EIO
+            with open(os.path.join(mnt, "ok"), "rb") as f:
+                assert f.read() == b"fine\n"
+            mount_id = hashlib.sha256(os.path.realpath(mnt).encode()).hexdigest()[:16]
+            log_path = os.path.join(store_path, "mounts", f"{mount_id}.log")
+            assert wait_until(lambda p=log_path: os.path.exists(p) and "/data/blob" in open(p).read(), 10)
+            with open(log_path) as f:
+                log = f.read()
+            line = next(x for x in log.splitlines() if "/data/blob" in x)
+            assert sha.hex() in line and "damaged:1" in line, log
+    out = cli("verify", check=False)
+    assert out.code == 3
+    assert f"object {sha.hex()} is /data/blob in layer" in out.out and "(damaged:1)" in out.out, out.out

@@ -419,6 +419,7 @@ def serve(
             # upper files read and written by the kernel itself (FUSE_DEV_IOC_BACKING_OPEN is
             # for privileged servers only; LAYERFS_PASSTHROUGH=0 turns it off)
             passthrough=os.geteuid() == 0 and os.environ.get("LAYERFS_PASSTHROUGH", "1") != "0",
+            label=view.label,
             **from_store,
         )
     except BaseException:

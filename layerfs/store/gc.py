@@ -245,6 +245,7 @@ class VerifyResult:
     layers: int = 0
     images: int = 0
     errors: list[str] = field(default_factory=list)
+    bad_objects: list[str] = field(default_factory=list)  # ids (hex) of the damaged objects
 
 
 def verify(store: Store, progress: Any = None) -> VerifyResult:
@@ -280,11 +281,14 @@ def _verify_objects(store: Store, txn: lmdb.Transaction, res: VerifyResult, prog
                     total += len(raw)
                 if total != size:
                     res.errors.append(f"object {sha.hex()}: {total} bytes, record says {size}")
+                    res.bad_objects.append(sha.hex())
                 elif h.digest() != sha:
                     res.errors.append(f"object {sha.hex()}: content hashes to {h.hexdigest()}")
+                    res.bad_objects.append(sha.hex())
                 res.bytes += total
             except (StoreError, LookupError, ValueError) as exc:
                 res.errors.append(f"object {sha.hex()}: {exc}")
+                res.bad_objects.append(sha.hex())
             res.objects += 1
             if progress is not None:
                 progress(res.objects)
@@ -292,6 +296,8 @@ def _verify_objects(store: Store, txn: lmdb.Transaction, res: VerifyResult, prog
 
 def _verify_layers(store: Store, txn: lmdb.Transaction, res: VerifyResult, progress: Any) -> None:
     objects = store.db("objects")
+    names = _image_names(store, txn)
+    bad = {bytes.fromhex(h) for h in res.bad_objects}
     with txn.cursor(db=store.db("layers")) as cur:
         for k, v in cur:
             res.layers += 1
@@ -300,6 +306,12 @@ def _verify_layers(store: Store, txn: lmdb.Transaction, res: VerifyResult, progr
                 for e in _table(store, txn, layer):
                     if e.content is not None and txn.get(e.content, db=objects) is None:
                         res.errors.append(f"layer sha256:{bytes(k).hex()}: {e.path!r} has no content object")
+                    elif e.content in bad:  # say which files a damaged object is
+                        path = "/" + e.path.decode(errors="replace")
+                        where = ", ".join(names.get(bytes(k).hex(), [])) or "no image"
+                        res.errors.append(
+                            f"object {e.content.hex()} is {path} in layer sha256:{bytes(k).hex()[:12]} ({where})"
+                        )
                 if "skeleton" in layer:
                     for sha in _spliced(store, txn, bytes.fromhex(layer["skeleton"])):
                         if txn.get(sha, db=objects) is None:
@@ -308,6 +320,21 @@ def _verify_layers(store: Store, txn: lmdb.Transaction, res: VerifyResult, progr
                             )
             except (StoreError, LookupError, ValueError) as exc:
                 res.errors.append(f"layer sha256:{bytes(k).hex()}: {exc}")
+
+
+def _image_names(store: Store, txn: lmdb.Transaction) -> dict[str, list[str]]:
+    """layer id (hex) -> the images using it, by tag (or short id when untagged)."""
+    tags: dict[bytes, list[str]] = defaultdict(list)
+    with txn.cursor(db=store.db("tags")) as cur:
+        for name, image_id in cur:
+            tags[bytes(image_id)].append(bytes(name).decode(errors="replace"))
+    out: dict[str, list[str]] = defaultdict(list)
+    with txn.cursor(db=store.db("images")) as cur:
+        for k, v in cur:
+            label = ", ".join(sorted(tags.get(bytes(k), []))) or "image " + bytes(k).hex()[:12]
+            for h in json.loads(bytes(v)).get("layers", []):
+                out[h].append(label)
+    return out
 
 
 def _verify_images(store: Store, txn: lmdb.Transaction, res: VerifyResult, progress: Any) -> None:

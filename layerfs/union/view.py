@@ -37,6 +37,7 @@ import os
 import queue
 import stat
 import struct
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from layerfs import hosttree
 from layerfs.store import Store
 from layerfs.store import entries as E
-from layerfs.store.store import Chunk, decode_object
+from layerfs.store.store import Chunk, CorruptionError, decode_object
 from layerfs.union.index import ROOT_INO, Node
 from layerfs.union.lower import (
     OPAQUE_FILE,
@@ -86,6 +87,7 @@ class _LowerFile:
     size: int
     chunks: list[Chunk]
     node: Node
+    path: bytes  # (for messages)
     last_end: int = 0
 
 
@@ -189,6 +191,8 @@ class UnionView:
         self._looked_up: dict[bytes, Node] = {}  # read-only: files just stat'ed, for read_path
         self._next_fh = 1
         self._vis = _PathCache()  # can lower entries show below this directory?
+        self.label = "the image"  # what messages call the lower layers (mounts name the image)
+        self._reported: set[bytes | None] = set()
         self._dir_fds: dict[bytes, int] = {}  # deep upper directories (see _up)
         self._upper_ino: dict[int, int] = {}
         self._tmp = 0
@@ -473,7 +477,7 @@ class UnionView:
         r = self.resolve(path)
         if isinstance(r, os.stat_result):
             return self._new_handle(_UpperFile(os.open(self._up(path), flags | os.O_NOFOLLOW)))
-        return self._new_handle(self._lower_file(r))
+        return self._new_handle(self._lower_file(r, path))
 
     def stored_lower_ino(self, path: bytes) -> int | None:
         """The index inode of ``path`` if it is a lower regular file whose contents are in the
@@ -492,7 +496,7 @@ class UnionView:
             if isinstance(r, os.stat_result):
                 with open(self._up(path), "rb") as f:
                     return os.pread(f.fileno(), size, offset)
-            h = self._lower_file(r)
+            h = self._lower_file(r, path)
             if len(self._path_files) >= 256:
                 old = self._path_files.pop(next(iter(self._path_files)))
                 if isinstance(old, _UpperFile):
@@ -502,7 +506,7 @@ class UnionView:
             return os.pread(h.fd, size, offset)
         return self._read_lower(h, size, offset)
 
-    def _lower_file(self, r: Node) -> _LowerFile | _UpperFile:
+    def _lower_file(self, r: Node, path: bytes) -> _LowerFile | _UpperFile:
         if r.kind == E.DIR:
             raise _err(errno.EISDIR)
         if r.host is not None:  # a directory-backed lower layer: read the host file
@@ -515,7 +519,7 @@ class UnionView:
                 if rec is None:
                     raise _err(errno.EIO)
                 chunks = decode_object(rec)[1]
-        return _LowerFile(r.content, r.size, chunks, r)
+        return _LowerFile(r.content, r.size, chunks, r, path)
 
     def _new_handle(self, h: _LowerFile | _UpperFile) -> int:
         fh = self._next_fh
@@ -540,7 +544,18 @@ class UnionView:
         cache = self.cache
         assert cache is not None
         for i in range(first, last + 1):
-            data = cache.get(h.chunks[i])
+            try:
+                data = cache.get(h.chunks[i])
+            except CorruptionError as exc:  # EIO for the reader, and where it is for the log
+                if h.content not in self._reported:
+                    self._reported.add(h.content)
+                    print(
+                        f"layerfs: damaged data in {self.label} at /{h.path.decode(errors='replace')} "
+                        f"(object {(h.content or b'').hex()}): reads of it give EIO; run layerfs verify ({exc})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                raise _err(errno.EIO) from None
             base = i * csize
             out.append(data[max(0, offset - base) : end - base])
         if offset == h.last_end and last + 1 < len(h.chunks):

@@ -333,3 +333,37 @@ def test_file_capabilities_are_dropped_by_a_write(dirs: Dirs) -> None:
         assert exc.value.errno == errno.ENODATA
         os.setxattr(p, "security.capability", caps)
         assert os.getxattr(p, "security.capability") == caps
+
+
+def test_a_full_upper_filesystem_gives_enospc(tmp_path) -> None:
+    """Every call that needs room in a full upper filesystem fails with ENOSPC, as on the
+    kernel overlay (an outside review saw EIO for a create)."""
+    if os.geteuid() != 0 or fuse_unavailable():
+        pytest.skip("needs root (a small tmpfs) and FUSE")
+    small = str(tmp_path / "small")
+    os.makedirs(small)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=16", "tmpfs", small]).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        d = Dirs(str(tmp_path / "lower"), f"{small}/upper", f"{small}/work", str(tmp_path / "mnt"))
+        for p in (d.lower, d.upper, d.work, d.mnt):
+            os.makedirs(p)
+        with open(os.path.join(d.lower, "file"), "wb") as f:
+            f.write(b"lower data\n")
+        with overlay(d) as mnt:
+            with pytest.raises(OSError) as exc, open(os.path.join(mnt, "big"), "wb") as f:
+                f.write(b"x" * (2 << 20))
+                f.flush()
+            assert exc.value.errno == errno.ENOSPC
+            calls = [
+                lambda i: open(os.path.join(mnt, f"new{i}"), "w").close(),
+                lambda i: os.mkdir(os.path.join(mnt, f"dir{i}")),
+                lambda i: os.symlink("x", os.path.join(mnt, f"link{i}")),
+            ]
+            for call in calls:
+                with pytest.raises(OSError) as exc:
+                    for i in range(32):
+                        call(i)
+                assert exc.value.errno == errno.ENOSPC, call
+    finally:
+        subprocess.run(["umount", "-l", small])

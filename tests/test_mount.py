@@ -522,3 +522,39 @@ def test_a_corrupt_chunk_gives_eio_and_says_which_file(cli, store_path, tmp_path
     out = cli("verify", check=False)
     assert out.code == 3
     assert f"object {sha.hex()} is /data/blob in layer" in out.out and "(damaged:1)" in out.out, out.out
+
+
+def test_copy_up_bookkeeping_is_hidden_from_the_kernel_overlay(cli, sample, sample_layout, tmp_path):
+    """Copy-up records a file's inode number in an xattr of the upper file: under a name of the
+    kernel overlay's own namespace, which it hides, so a kernel mount of the upper directory
+    shows the file's xattrs as they are (trusted.layerfs.ino showed as a real one)."""
+    if overlay_unavailable(str(tmp_path)):
+        pytest.skip(overlay_unavailable(str(tmp_path)))
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "rw" / "upper")
+    with layerfs_mount(cli, sample, mnt, upper):
+        ino = os.lstat(os.path.join(mnt, "etc/passwd")).st_ino
+        with open(os.path.join(mnt, "etc/passwd"), "ab") as f:
+            f.write(b"x")
+        assert os.lstat(os.path.join(mnt, "etc/passwd")).st_ino == ino  # kept across copy-up
+        assert os.listxattr(os.path.join(mnt, "etc/passwd")) == []
+    assert os.listxattr(os.path.join(upper, "etc/passwd")) == ["trusted.overlay.layerfs.ino"]
+    lowers = extract_layers(sample_layout, str(tmp_path / "layers"))
+    kmnt = str(tmp_path / "k")
+    os.makedirs(kmnt)
+    os.makedirs(tmp_path / "rw" / "kwork")
+    opts = f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},workdir={tmp_path / 'rw' / 'kwork'}"
+    res = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, kmnt], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    try:
+        assert os.listxattr(os.path.join(kmnt, "etc/passwd")) == []
+    finally:
+        subprocess.run(["umount", kmnt], capture_output=True)
+    with layerfs_mount(cli, sample, mnt, upper):  # a legacy name is still read
+        up = os.path.join(upper, "etc/passwd")
+        value = os.getxattr(up, "trusted.overlay.layerfs.ino")
+        os.removexattr(up, "trusted.overlay.layerfs.ino")
+        os.setxattr(up, "trusted.layerfs.ino", value)
+    with layerfs_mount(cli, sample, mnt, upper):
+        assert os.lstat(os.path.join(mnt, "etc/passwd")).st_ino == ino

@@ -22,8 +22,9 @@ without ``redirect_dir`` answers ``EXDEV`` and leaves the copying to ``mv``, the
 rename simply works (the kernel with ``redirect_dir=on`` gives the same tree).
 
 Inode numbers: lower inodes are the index's (stable, small); an object keeps
-its lower inode number across copy-up (recorded in ``trusted.layerfs.ino``, or
-``user.layerfs.ino`` where trusted.* is refused);
+its lower inode number across copy-up (recorded in ``trusted.overlay.layerfs.ino``, or
+``user.overlay.layerfs.ino`` where trusted.* is refused: names the kernel overlay keeps to
+itself, so a kernel mount of the upper directory does not show them as the file's xattrs);
 objects created in the upper directory get the host inode plus ``UPPER_INO``.
 
 Not thread-safe: the FUSE adapter dispatches single-threaded.
@@ -63,8 +64,11 @@ from layerfs.union.lower import (
 )
 
 UPPER_INO = 1 << 40
-# where copy-up records the lower inode number; user.* where trusted.* is refused (unprivileged)
-INO_XATTRS = (b"trusted.layerfs.ino", b"user.layerfs.ino")
+# where copy-up records the lower inode number; user.* where trusted.* is refused (unprivileged).
+# Inside overlay.* (the kernel overlay hides its own namespace); upper directories written
+# before that used the legacy names, still read
+INO_XATTRS = (b"trusted.overlay.layerfs.ino", b"user.overlay.layerfs.ino")
+_INO_XATTRS_READ = INO_XATTRS + (b"trusted.layerfs.ino", b"user.layerfs.ino")
 CACHE_BYTES = 32 << 20  # decompressed lower chunks kept for re-reads
 READ_AHEAD = 16  # chunks (1 MiB) decompressed ahead of a sequential reader
 READ_AHEAD_WORKERS = 2  # zstd releases the GIL: the reader mostly waits, so use both cores
@@ -385,7 +389,7 @@ class UnionView:
         ino = self._upper_ino.get(st.st_ino)
         if ino is None:
             try:
-                ino = _INO.unpack(_first_fxattr(h.fd, INO_XATTRS))[0]
+                ino = _INO.unpack(_first_fxattr(h.fd, _INO_XATTRS_READ))[0]
             except OSError:
                 ino = st.st_ino + UPPER_INO
             self._upper_ino[st.st_ino] = ino
@@ -398,7 +402,7 @@ class UnionView:
         ino = self._upper_ino.get(st.st_ino)
         if ino is None:
             try:
-                ino = _INO.unpack(_first_xattr(self._up(path), INO_XATTRS))[0]
+                ino = _INO.unpack(_first_xattr(self._up(path), _INO_XATTRS_READ))[0]
             except OSError:
                 ino = st.st_ino + UPPER_INO
             self._upper_ino[st.st_ino] = ino

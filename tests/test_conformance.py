@@ -367,3 +367,45 @@ def test_a_full_upper_filesystem_gives_enospc(tmp_path) -> None:
                 assert exc.value.errno == errno.ENOSPC, call
     finally:
         subprocess.run(["umount", "-l", small])
+
+
+def _exchange(a: str, b: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), a)
+
+
+def test_rename_exchange(dirs: Dirs) -> None:
+    """renameat2(RENAME_EXCHANGE) swaps two names, lower or upper, files or directories (was
+    EINVAL); a directory that merges lower contents gives EXDEV, as the kernel overlay does
+    without redirect_dir."""
+    os.makedirs(os.path.join(dirs.lower, "ldir"))
+    with open(os.path.join(dirs.lower, "ldir", "inside"), "w") as f:
+        f.write("in\n")
+    with overlay(dirs) as mnt:
+        lower_file, new_file = os.path.join(mnt, "file"), os.path.join(mnt, "new")
+        with open(new_file, "w") as f:
+            f.write("new\n")
+        ino_lower, ino_new = os.lstat(lower_file).st_ino, os.lstat(new_file).st_ino
+        _exchange(lower_file, new_file)
+        with open(lower_file) as f:
+            assert f.read() == "new\n"
+        with open(new_file) as f:
+            assert f.read() == "lower data\n" * 1000
+        assert (os.lstat(lower_file).st_ino, os.lstat(new_file).st_ino) == (ino_new, ino_lower)
+        os.mkdir(os.path.join(mnt, "udir"))
+        _exchange(os.path.join(mnt, "udir"), new_file)  # a directory and a file
+        assert os.path.isdir(new_file) and os.path.isfile(os.path.join(mnt, "udir"))
+        with pytest.raises(OSError) as exc:
+            _exchange(os.path.join(mnt, "ldir"), lower_file)
+        assert exc.value.errno == errno.EXDEV
+        with pytest.raises(OSError) as exc:
+            _exchange(lower_file, os.path.join(mnt, "missing"))
+        assert exc.value.errno == errno.ENOENT
+        assert sorted(os.listdir(mnt)) == ["dir", "file", "ldir", "new", "udir"]
+    # the upper directory holds the swapped entries themselves (the kernel's format)
+    assert sorted(os.listdir(dirs.upper)) == ["file", "new", "udir"]
+    assert os.path.isdir(os.path.join(dirs.upper, "new"))
+    with open(os.path.join(dirs.upper, "udir")) as f:
+        assert f.read() == "lower data\n" * 1000

@@ -33,6 +33,7 @@ Not thread-safe: the FUSE adapter dispatches single-threaded.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import queue
@@ -64,6 +65,10 @@ from layerfs.union.lower import (
 )
 
 UPPER_INO = 1 << 40
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 # where copy-up records the lower inode number; user.* where trusted.* is refused (unprivileged).
 # Inside overlay.* (the kernel overlay hides its own namespace); upper directories written
 # before that used the legacy names, still read
@@ -697,7 +702,10 @@ class UnionView:
 
     def rename(self, old: bytes, new: bytes, flags: int = 0) -> None:
         self._need_rw()
-        if flags & ~1:  # only RENAME_NOREPLACE; RENAME_EXCHANGE/WHITEOUT are not offered
+        if flags == RENAME_EXCHANGE:
+            self._exchange(old, new)
+            return
+        if flags & ~RENAME_NOREPLACE:  # RENAME_WHITEOUT is the kernel's own, not offered
             raise _err(errno.EINVAL)
         src = self.resolve(old)
         src_dir = (
@@ -759,6 +767,26 @@ class UnionView:
                 self._copy_up(child)
                 if stat.S_ISDIR(mode):
                     dirs.append(child)
+
+    def _exchange(self, old: bytes, new: bytes) -> None:
+        """renameat2(RENAME_EXCHANGE): both copied up, then swapped in the upper directory.  A
+        directory that merges lower contents gives EXDEV, as on the kernel overlay without
+        redirect_dir (moved, the lower contents would not follow it)."""
+        kinds = [self.resolve(p) for p in (old, new)]  # ENOENT if either is missing
+        if old == new:
+            return
+        if new.startswith(old + b"/") or old.startswith(new + b"/"):
+            raise _err(errno.EINVAL)
+        for path, r in zip((old, new), kinds):
+            is_dir = r.is_dir if isinstance(r, Node) else stat.S_ISDIR(r.st_mode)
+            if is_dir and self._has_lower_contents(path):
+                raise _err(errno.EXDEV)
+        self._copy_up(old)
+        self._copy_up(new)
+        if _libc.renameat2(AT_FDCWD, self._up(old), AT_FDCWD, self._up(new), RENAME_EXCHANGE) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self._moved(old, new)
 
     def _has_lower_contents(self, path: bytes) -> bool:
         node = self._lower(path)

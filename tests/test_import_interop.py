@@ -13,7 +13,9 @@ import os
 import random
 import re
 import shutil
+import stat
 import subprocess
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -855,6 +857,74 @@ def test_refused_import_stores_nothing(cli: Any, store: Store, tmp_path: Path, c
     assert res.out == ""
     assert_empty_store(cli)
     assert store.leases() == []
+
+
+NOT_REGULAR = [
+    "fifo-layer",
+    "fifo-config",
+    "fifo-manifest",
+    "fifo-index",
+    "fifo-archive",
+    "device-layer",
+    "symlink-layer",
+]
+
+
+def _not_regular(case: str, tmp: Path) -> tuple[Path, str]:
+    """A source whose blob (or index.json, or the archive itself) is no regular file: (path, what
+    the one-line error names)."""
+    layout = tmp / "bad"
+    oci_layout(layout, [LAYER_A, LAYER_B])
+    desc, manifest = _manifest_of(layout)
+    blobs = layout / "blobs/sha256"
+    path = {
+        "fifo-layer": blobs / manifest["layers"][1]["digest"][7:],
+        "fifo-config": blobs / manifest["config"]["digest"][7:],
+        "fifo-manifest": blobs / desc["digest"][7:],
+        "fifo-index": layout / "index.json",
+        "fifo-archive": tmp / "bad.tar",
+        "device-layer": blobs / manifest["layers"][0]["digest"][7:],
+        "symlink-layer": blobs / manifest["layers"][0]["digest"][7:],
+    }[case]
+    if path.exists():
+        target = tmp / "moved"
+        path.rename(target)
+    if case == "device-layer":
+        os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        kind = "a character device"
+    elif case == "symlink-layer":
+        path.symlink_to(target)  # the right bytes, behind a link: a layout holds files
+        kind = "a symbolic link"
+    else:
+        os.mkfifo(path)
+        kind = "a FIFO"
+    if case == "fifo-archive":
+        return path, rf"{re.escape(str(path))} is a FIFO, not a regular file"
+    if case == "fifo-index":
+        return layout, rf"{re.escape(str(layout))}: index.json is a FIFO, not a regular file"
+    return layout, rf"blob sha256:{path.name} in {re.escape(str(layout))} is {kind}, not a regular file"
+
+
+@pytest.mark.parametrize("case", NOT_REGULAR)
+def test_blob_that_is_not_a_regular_file_is_refused(
+    cli: Any, store_path: str, tmp_path: Path, case: str
+) -> None:
+    """A FIFO would block the import forever (in open or in read); a device node must not even be
+    opened: refused with one line, before anything is read from it."""
+    path, message = _not_regular(case, tmp_path)
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "layerfs", "import", "-q", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"layerfs: import of {path} refused: "), line
+    assert re.search(message, line), line
+    assert_empty_store(cli)
 
 
 def test_refused_import_after_flushed_batches_stores_nothing(

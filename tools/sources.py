@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform as _platform
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -56,6 +57,40 @@ MAX_JSON = 16 << 20
 
 class SourceError(ValueError):
     """The source is not an image we can read; the message says why."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+class NotRegular(OSError):
+    """``open_regular`` found something else than a regular file; ``kind`` says what."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def open_regular(path: str, *, follow: bool) -> IO[bytes]:
+    """Open a regular file for reading, and nothing else: opening or reading a FIFO blocks
+    until a writer comes (forever), opening a device node can act on the device.  The path is
+    resolved with O_PATH, which opens nothing, checked with fstat, and only then opened,
+    through /proc/self/fd (the very inode checked).  ``follow=False`` refuses a symbolic
+    link as the last component.  Raises FileNotFoundError, or NotRegular."""
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegular(next((kind for test, kind in _KINDS if test(mode)), "not a file"))
+        return open(f"/proc/self/fd/{fd}", "rb")
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -312,14 +347,20 @@ class LayoutDir(Source):
     def open_blob(self, desc: Descriptor) -> IO[bytes]:
         p = os.path.join(self.path, "blobs", "sha256", desc.digest[7:])
         try:
-            return open(p, "rb")
+            return open_regular(p, follow=False)
         except FileNotFoundError:
             raise SourceError(f"blob {desc.digest} is missing from {self.name}") from None
+        except NotRegular as exc:
+            raise SourceError(
+                f"blob {desc.digest} in {self.name} is {exc.kind}, not a regular file"
+            ) from None
 
     def images(self, platform: str | None) -> list[ImageRef]:
         try:
-            with open(os.path.join(self.path, "index.json"), "rb") as f:
+            with open_regular(os.path.join(self.path, "index.json"), follow=False) as f:
                 index = json.loads(f.read(MAX_JSON))
+        except NotRegular as exc:
+            raise SourceError(f"{self.name}: index.json is {exc.kind}, not a regular file") from None
         except (OSError, ValueError) as exc:
             raise SourceError(f"{self.name}: cannot read index.json: {exc}") from None
         return self._from_index(index, platform, _default_name(self.path))
@@ -329,23 +370,33 @@ class TarSource(Source):
     def __init__(self, path: str) -> None:
         self.name = path
         try:
-            self._tar = tarfile.open(path, "r:*")
+            self._file = open_regular(path, follow=True)  # a link to an archive is fine
+        except NotRegular as exc:
+            raise SourceError(f"{path} is {exc.kind}, not a regular file") from None
+        except OSError as exc:
+            raise SourceError(f"{path}: not a readable image archive: {exc}") from None
+        try:
+            self._tar = tarfile.open(fileobj=self._file, mode="r:*")
         except tarfile.ReadError:  # tarfile's message lists every compression it tried, a line each
-            empty = "an empty file, so " if os.path.isfile(path) and os.path.getsize(path) == 0 else ""
+            self._file.close()
+            empty = "an empty file, so " if os.path.getsize(path) == 0 else ""
             raise SourceError(
                 f"{path} is {empty}not an image archive (OCI archive, docker save archive) or layout"
             ) from None
         except (tarfile.TarError, OSError, EOFError) as exc:
+            self._file.close()
             raise SourceError(f"{path}: cannot read it: {exc}") from None
         try:
             self._members = {os.path.normpath(m.name).lstrip("/"): m for m in self._tar.getmembers()}
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             self._tar.close()
+            self._file.close()
             raise SourceError(f"{path}: a damaged or truncated archive: {exc}") from None
         self._default = _default_name(path)
 
     def close(self) -> None:
         self._tar.close()
+        self._file.close()
 
     def has(self, name: str) -> bool:
         return name in self._members

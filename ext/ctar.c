@@ -72,12 +72,10 @@ typedef struct {
     uint64_t file_size;      /* current regular file: size (<= INT64_MAX) */
     uint64_t file_left;      /* ... and data bytes not yet returned */
     EVP_MD_CTX *md;
-    PyObject *global_pax;    /* dict bytes -> bytes, from 'g' headers */
     PyObject *pax;           /* dict bytes -> bytes, from 'x' headers, next entry only */
     PyObject *long_name;     /* bytes from an 'L' header, or NULL */
     PyObject *long_link;     /* bytes from a 'K' header, or NULL */
     uint64_t ext_pending;    /* bytes of x/L/K headers since the last entry */
-    uint64_t ext_global;     /* bytes of all g headers so far */
 } TarParser;
 
 /* A numeric header field as the twin's _number() sees it.  Octal fields always
@@ -619,7 +617,7 @@ check_ext_size(const Num *size, const unsigned char *block, const char *what)
     return -1;
 }
 
-/* 'x' / 'g': read the records into self->pax / self->global_pax. */
+/* 'x' / 'g': read the records into target. */
 static int
 read_pax(TarParser *self, const Num *size, const unsigned char *block, PyObject *target)
 {
@@ -1064,20 +1062,31 @@ next_header(TarParser *self)
             PyErr_SetString(TarError, "negative size in tar header");
             return NULL;
         }
-        if ((typ == 'x' || typ == 'g' || typ == 'L' || typ == 'K') && !size.big && size.v <= MAX_EXT) {
+        if ((typ == 'x' || typ == 'L' || typ == 'K') && !size.big && size.v <= MAX_EXT) {
             /* each header is capped by check_ext_size; many of them add up */
-            if (self->ext_pending + self->ext_global + (uint64_t)size.v > MAX_EXT) {
+            if (self->ext_pending + (uint64_t)size.v > MAX_EXT) {
                 PyErr_Format(TarError, "extended headers exceed the %d-byte limit in total", MAX_EXT);
                 return NULL;
             }
-            if (typ == 'g')
-                self->ext_global += (uint64_t)size.v;
-            else
-                self->ext_pending += (uint64_t)size.v;
+            self->ext_pending += (uint64_t)size.v;
         }
-        if (typ == 'x' || typ == 'g') {
-            if (read_pax(self, &size, block, typ == 'x' ? self->pax : self->global_pax) < 0)
+        if (typ == 'x') {
+            if (read_pax(self, &size, block, self->pax) < 0)
                 return NULL;
+            continue;
+        }
+        if (typ == 'g') {
+            /* A global header applies to no member, as in Go's archive/tar (docker,
+             * containerd): an entry of its own, which they skip, taking the x/L/K
+             * headers read before it along.  Its records are read (and checked) into
+             * the emptied pax dict, then dropped. */
+            PyDict_Clear(self->pax);
+            if (read_pax(self, &size, block, self->pax) < 0)
+                return NULL;
+            PyDict_Clear(self->pax);
+            Py_CLEAR(self->long_name);
+            Py_CLEAR(self->long_link);
+            self->ext_pending = 0;
             continue;
         }
         if (typ == 'L' || typ == 'K') {
@@ -1091,24 +1100,8 @@ next_header(TarParser *self)
             continue;
         }
 
-        /* fields = dict(global_pax); fields.update(pax) */
-        if (PyDict_GET_SIZE(self->global_pax) == 0) {
-            fields = PyDict_GET_SIZE(self->pax) ? self->pax : NULL;
-            Py_XINCREF(fields);
-        }
-        else if (PyDict_GET_SIZE(self->pax) == 0) {
-            fields = self->global_pax;
-            Py_INCREF(fields);
-        }
-        else {
-            fields = PyDict_Copy(self->global_pax);
-            if (fields == NULL)
-                return NULL;
-            if (PyDict_Update(fields, self->pax) < 0) {
-                Py_DECREF(fields);
-                return NULL;
-            }
-        }
+        fields = PyDict_GET_SIZE(self->pax) ? self->pax : NULL;
+        Py_XINCREF(fields);
         header = build_header(block, typ, &size, fields, self->long_name, self->long_link, &file_size);
         Py_XDECREF(fields);
         if (header == NULL)
@@ -1152,7 +1145,6 @@ TarParser_iternext(TarParser *self)
         self->buf = NULL;
         self->cap = self->len = self->pos = 0;
         PyDict_Clear(self->pax);
-        PyDict_Clear(self->global_pax);
         Py_CLEAR(self->long_name);
         Py_CLEAR(self->long_link);
     }
@@ -1167,7 +1159,6 @@ static int
 TarParser_traverse(TarParser *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->read);
-    Py_VISIT(self->global_pax);
     Py_VISIT(self->pax);
     Py_VISIT(self->long_name);
     Py_VISIT(self->long_link);
@@ -1187,7 +1178,6 @@ TarParser_dealloc(TarParser *self)
 {
     PyObject_GC_UnTrack(self);
     Py_CLEAR(self->read);
-    Py_CLEAR(self->global_pax);
     Py_CLEAR(self->pax);
     Py_CLEAR(self->long_name);
     Py_CLEAR(self->long_link);
@@ -1235,9 +1225,8 @@ TarParser_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->chunk_size = (Py_ssize_t)chunk;
     self->state = ST_HEADER;
     self->md = EVP_MD_CTX_new();
-    self->global_pax = PyDict_New();
     self->pax = PyDict_New();
-    if (self->md == NULL || self->global_pax == NULL || self->pax == NULL) {
+    if (self->md == NULL || self->pax == NULL) {
         Py_DECREF(self);
         return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }

@@ -23,12 +23,16 @@ events:
 an ``EV_ENTRY`` it is where that member's data starts, which is what lets an
 importer keep a layer's headers and padding apart from its file contents.
 
-Formats: ustar (with the 155-byte prefix), PAX extended (``x``) and global
-(``g``) headers with ``path``, ``linkpath``, ``size``, ``uid``, ``gid``,
-``uname``, ``gname``, ``mtime`` and ``SCHILY.xattr.*``, GNU long names (``L``)
-and long links (``K``), octal and base-256 numeric fields.  Anything else is
-refused with ``TarError``: sparse files (``S`` or ``GNU.sparse.*``), unknown
-types, bad checksums, truncated streams, extended headers over ``MAX_EXT``.
+Formats: ustar (with the 155-byte prefix), PAX extended headers (``x``) with
+``path``, ``linkpath``, ``size``, ``uid``, ``gid``, ``uname``, ``gname``,
+``mtime`` and ``SCHILY.xattr.*``, GNU long names (``L``) and long links
+(``K``), octal and base-256 numeric fields.  A PAX global header (``g``) is
+read (its records must be well-formed) and applies to no member, as in Go's
+archive/tar, which docker and containerd extract layers with: Go hands it out
+as an entry of its own, which they skip, and the ``x``/``L``/``K`` headers
+read before it go with it.  Anything else is refused with ``TarError``:
+sparse files (``S`` or ``GNU.sparse.*``), unknown types, bad checksums,
+truncated streams, extended headers over ``MAX_EXT``.
 
 Not thread-safe: one parser is iterated by one thread.
 """
@@ -180,8 +184,7 @@ class TarParser:
 
     # -- the event stream -----------------------------------------------------
     def _events(self) -> Iterator[tuple[int, object]]:
-        global_pax: dict[bytes, bytes] = {}
-        ext_pending = ext_global = 0  # each extended header is capped; many of them add up
+        ext_pending = 0  # each extended header is capped; many of them add up
         pax: dict[bytes, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
@@ -200,16 +203,18 @@ class TarParser:
             size = _number(block[124:136], "size")
             if size < 0:
                 raise TarError("negative size in tar header")
-            if typ in b"xgLK" and size <= MAX_EXT:
-                if ext_pending + ext_global + size > MAX_EXT:
+            if typ in b"xLK" and size <= MAX_EXT:
+                if ext_pending + size > MAX_EXT:
                     raise TarError(f"extended headers exceed the {MAX_EXT}-byte limit in total")
-                if typ == ord("g"):
-                    ext_global += size
-                else:
-                    ext_pending += size
+                ext_pending += size
             if typ in b"xg":
                 records = _parse_pax(self._ext_data(size, "PAX header"))
-                (pax if typ == ord("x") else global_pax).update(records)
+                if typ == ord("x"):
+                    pax.update(records)
+                else:  # global: an entry of its own that applies to nothing (see above)
+                    pax = {}
+                    long_name = long_link = None
+                    ext_pending = 0
                 continue
             if typ in b"LK":
                 data = _cstr(self._ext_data(size, "GNU long name"))
@@ -218,9 +223,7 @@ class TarParser:
                 else:
                     long_link = data
                 continue
-            fields = dict(global_pax)
-            fields.update(pax)
-            header = self._header(block, typ, size, fields, long_name, long_link)
+            header = self._header(block, typ, size, pax, long_name, long_link)
             pax = {}
             long_name = long_link = None
             ext_pending = 0

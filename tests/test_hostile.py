@@ -274,6 +274,23 @@ def test_normalization(backend: str, store: Store, tmp_path: Path) -> None:
     assert t[b""].kind == E.DIR and t[b"a/b"].kind == E.DIR
 
 
+def test_global_pax_header_applies_to_no_member(backend: str, store: Store, tmp_path: Path) -> None:
+    """Go's archive/tar (docker, containerd) hands a global header ('g') out as an entry of its
+    own, which their extractors skip: its records apply to no member.  Applied to every later
+    member, ``path=evil`` made all of them one file ``evil``."""
+    glob = pax(
+        [(b"path", b"evil"), (b"uid", b"7"), (b"mtime", b"5"), (b"SCHILY.xattr.user.g", b"1")],
+        typ=b"g",
+    )
+    raw = glob + rec(b"a", b"A") + d(b"dir/") + rec(b"dir/b", b"B") + glob + rec(b"c", b"C") + END
+    (t,) = import_layers(store, tmp_path, [raw])
+    assert sorted(t) == [b"a", b"c", b"dir", b"dir/b"]
+    for name, data in ((b"a", b"A"), (b"dir/b", b"B"), (b"c", b"C")):
+        e = t[name]
+        assert e.kind == E.REG and store.read_object(e.content) == data  # type: ignore[arg-type]
+        assert (e.uid, e.mtime_ns, e.xattrs) == (0, 1_700_000_000 * 10**9, ())
+
+
 def test_duplicates_last_wins(backend: str, store: Store, tmp_path: Path) -> None:
     raw = tar_bytes(
         [

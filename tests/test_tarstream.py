@@ -436,18 +436,10 @@ def test_binary_xattrs_and_pax_merge_order(mod):
     data = (
         pax(
             [
-                (b"SCHILY.xattr.user.g1", b"global\0\xff"),
-                (b"uname", b"guser"),
-                (b"SCHILY.xattr.user.g2", b"2"),
-            ],
-            b"g",
-        )
-        + pax(
-            [
                 (b"SCHILY.xattr.user.a", b"\x00\x01\x02\xfe\xff"),
-                (b"SCHILY.xattr.user.g1", b"overridden"),  # keeps its global position
                 (b"SCHILY.xattr.security.capability", b"\x01\x00\x00\x02" + bytes(16)),
                 (b"SCHILY.xattr.user.a", b"second value wins, first position kept"),
+                (b"uname", b"paxuser"),
                 (b"path", b"name/from/pax\xff\xfe"),
                 (b"linkpath", b"link \n with = newline"),
                 (b"comment", b"ignored"),
@@ -462,18 +454,65 @@ def test_binary_xattrs_and_pax_merge_order(mod):
     (h1, content, _, _), (h2, _, _, _) = members(parse(mod, data))
     assert content == b"abc"
     assert h1[0] == b"name/from/pax\xff\xfe" and h1[1] == b"link \n with = newline"
-    assert h1[10] == b"guser" and h1[4] == 5
+    assert h1[10] == b"paxuser" and h1[4] == 5
     assert list(h1[12].items()) == [
-        (b"user.g1", b"overridden"),
-        (b"user.g2", b"2"),
         (b"user.a", b"second value wins, first position kept"),
         (b"security.capability", b"\x01\x00\x00\x02" + bytes(16)),
         (b"", b"empty xattr name"),
     ]
-    # per-entry records are gone, global ones stay
-    assert h2[0] == b"second" and h2[10] == b"guser"
-    assert list(h2[12].items()) == [(b"user.g1", b"global\0\xff"), (b"user.g2", b"2")]
+    # per-entry records are gone
+    assert h2[0] == b"second" and h2[10] == b"user" and h2[12] == {}
     assert_same(data)
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_global_header_applies_to_no_member(mod):
+    """As Go's archive/tar (docker, containerd): a global header ('g') is an entry of its own,
+    which extractors skip.  Its records apply to no member, and extended headers read before it
+    (x, L, K) go with it; its records must still be well-formed PAX records."""
+    glob = pax(
+        [
+            (b"path", b"evil"),
+            (b"linkpath", b"/etc/shadow"),
+            (b"uid", b"0"),
+            (b"uname", b"root"),
+            (b"size", b"999"),
+            (b"mtime", b"5.5"),
+            (b"SCHILY.xattr.security.capability", b"\x01"),
+            (b"GNU.sparse.major", b"1"),  # a sparse marker, too, applies to nothing
+            (b"gid", b"not a number"),  # nor is a value checked that is never used
+        ],
+        b"g",
+    )
+    data = (
+        glob
+        + member(header(b"f", size=3), b"abc")
+        + member(header(b"l", typ=b"2", linkname=b"target"))
+        + pax([(b"path", b"renamed"), (b"SCHILY.xattr.user.x", b"1")])
+        + gnu_long(b"L", b"long name")
+        + glob
+        + member(header(b"d/", typ=b"5"))
+        + glob
+    )
+    plain = member(header(b"f", size=3), b"abc") + member(header(b"l", typ=b"2", linkname=b"target"))
+    expected = parse(py_backend, plain + member(header(b"d/", typ=b"5")) + END)
+    for tail in (END, b""):  # a global header last, before the trailer or at EOF
+        events = parse(mod, data + tail)
+        assert events == expected
+        (h1, content, _, _), (h2, _, _, _), (h3, _, _, _) = members(events)
+        assert (h1[0], h1[4], h1[6], h1[7], h1[10], h1[12], content) == (
+            b"f",
+            1000,
+            3,
+            1700000000 * 10**9,
+            b"user",
+            {},
+            b"abc",
+        )
+        assert (h2[0], h2[1]) == (b"l", b"target") and (h3[0], h3[12]) == (b"d/", {})
+        assert_same(data + tail)
+    # an x header before a global one at the end is dropped with it, not a truncated stream
+    assert parse(mod, pax([(b"path", b"p")]) + glob) == []
 
 
 @pytest.mark.parametrize("mod", BACKENDS)
@@ -694,11 +733,6 @@ def hostile_cases() -> list:
         ("not-tar", b"PK\x03\x04" + bytes(600), "checksum mismatch"),
         ("sparse-S", member(header(b"s", typ=b"S")) + END, "sparse files"),
         ("sparse-pax", sparse_pax + member(header(b"s", size=0)) + END, "sparse files"),
-        (
-            "sparse-global-pax",
-            pax([(b"GNU.sparse.name", b"x")], b"g") + member(header(b"d", typ=b"5")) + END,
-            "sparse files",
-        ),
         ("type-V", member(header(b"v", typ=b"V")) + END, "unsupported tar entry type 'V'"),
         ("type-D", member(header(b"v", typ=b"D")) + END, "unsupported tar entry type"),
         ("type-high", member(header(b"v", typ=b"\xe9")) + END, "unsupported tar entry type"),
@@ -708,6 +742,8 @@ def hostile_cases() -> list:
         ("K-over-limit", header(b"p", typ=b"K", size=base256(2**62, 12)), "exceeds the"),
         ("pax-over-int64", header(b"p", typ=b"x", size=base256(2**90, 12)), "exceeds the"),
         ("pax-bad-length", pax(b"x3 a=b\n") + GOOD, "malformed PAX record length"),
+        ("global-pax-bad-length", pax(b"x3 a=b\n", b"g") + GOOD, "malformed PAX record length"),
+        ("global-pax-no-newline", pax(b"6 a=bc", b"g") + GOOD, "malformed PAX record"),
         ("pax-no-length", pax(b" a=b\n") + GOOD, "malformed PAX record length"),
         ("pax-no-space", pax(b"12345") + GOOD, "malformed PAX record length"),
         ("pax-missing-eq", pax(b"7 ab c\n") + GOOD, "no '='"),
@@ -802,15 +838,26 @@ def test_over_long_pax_numbers_are_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", [b"x", b"g"])
+@pytest.mark.parametrize("kind", [b"x", b"L"])
 def test_many_extended_headers_add_up_to_the_limit(backend, kind):
     # each header is under the 1 MiB cap; together they must not grow memory without bound
-    chunk = pax([(b"comment", b"c" * 200_000)], typ=kind)
+    if kind == b"x":
+        chunk = pax([(b"comment", b"c" * 200_000)], typ=kind)
+    else:
+        chunk = gnu_long(kind, b"n" * 200_000)
     events, err = outcome(backend, chunk * 6 + GOOD)
     assert err is not None and "in total" in str(err) and events == []
     # below the total, the same headers are fine
     events, err = outcome(backend, chunk * 4 + GOOD)
     assert err is None and events
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_headers_do_not_add_up(backend):
+    # a global header is dropped once read (each is still capped at MAX_EXT)
+    chunk = pax([(b"comment", b"c" * 200_000)], typ=b"g")
+    events, err = outcome(backend, chunk * 12 + GOOD)
+    assert err is None and events == parse(py_backend, GOOD)
 
 
 # -- randomised corpus and fuzzing -------------------------------------------------

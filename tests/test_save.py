@@ -18,10 +18,12 @@ import os
 import pty
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -660,6 +662,120 @@ def test_corrupt_store_is_refused_without_leftovers(
     line = one_line_error(res)
     assert "save refused" in line and victim.hex() in line, line
     assert outputs_in(outdir) == []  # neither the output nor a .layerfs-save-* temporary
+
+
+# -- killed saves ----------------------------------------------------------------------------------
+BIG = "big:1"
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, CLI]:
+    """A store holding a 128 MiB image (text: imported quickly, saved in about half a second)."""
+    base = tmp_path_factory.mktemp("big")
+    data = b"".join(b"%015d\n" % i for i in range(8 << 20))
+    make_layout(base / "layout", [tar_bytes([member("big", data)])], ref=BIG, compress=False)
+    store = str(base / "store")
+    cli = make_cli(store)
+    cli("import", "-q", str(base / "layout"))
+    return store, cli
+
+
+def _written(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def start_save(store: str, out: str, fmt: str = "docker") -> subprocess.Popen[bytes]:
+    """A save of BIG to ``out``, stopped (SIGSTOP) once it has written 8 MiB of it."""
+    env = dict(os.environ, LAYERFS_STORE=store)
+    cmd = [sys.executable, "-m", "layerfs", "save", "-q", "--format", fmt, BIG, "-o", out]
+    before = os.stat(out).st_ino if os.path.exists(out) else None
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while p.poll() is None and _written(p.pid) < 8 << 20 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(p.pid, signal.SIGSTOP)
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    if p.poll() is not None or (os.stat(out).st_ino if os.path.exists(out) else None) != before:
+        p.kill()
+        p.wait()
+        pytest.fail(f"the save ended before it could be stopped halfway: {p.stderr.read()!r}")  # type: ignore[union-attr]
+    return p
+
+
+def kill(p: subprocess.Popen[bytes]) -> None:
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("fmt", ["docker", "oci-archive"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_killed_save_leaves_nothing(big: tuple[str, CLI], tmp_path: Path, fmt: str, existing: bool) -> None:
+    """kill -9 halfway through ``save -o F``: no F (or the F there was), and nothing beside it
+    (the archive is written to an unnamed O_TMPFILE and linked in once complete)."""
+    store, cli = big
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "big.tar"
+    if existing:
+        target.write_bytes(b"an older archive")
+    p = start_save(store, str(target), fmt)
+    links = [os.readlink(f"/proc/{p.pid}/fd/{n}") for n in os.listdir(f"/proc/{p.pid}/fd")]
+    unnamed = [link for link in links if link.startswith(f"{out}/#") and link.endswith(" (deleted)")]
+    assert len(unnamed) == 1, links  # it writes to an unnamed file in the output's directory
+    kill(p)
+    assert outputs_in(out) == (["big.tar"] if existing else [])
+    if existing:
+        assert target.read_bytes() == b"an older archive"
+    cli("save", "--format", fmt, BIG, "-o", str(target))  # now whole, over what was there
+    assert outputs_in(out) == ["big.tar"]
+    assert {m.name for m in tarfile.open(target)} >= {"index.json", "oci-layout"}
+
+
+@pytest.mark.usefixtures("need_fuse")
+@pytest.mark.parametrize("where", ["oci-dir", "no-tmpfile"])
+def test_the_next_save_removes_what_a_killed_save_left(
+    big: tuple[str, CLI], tmp_path: Path, where: str
+) -> None:
+    """Where O_TMPFILE cannot help (a directory output; a filesystem without it: a writable
+    layerfs mount), a killed save leaves its temporary beside the output; the next save into
+    that directory removes it, but not the temporary of a save still running."""
+    store, cli = big
+    if where == "oci-dir":
+        out, fmt = tmp_path / "out", "oci-dir"
+        out.mkdir()
+    else:
+        out, fmt = tmp_path / "mnt", "docker"
+        out.mkdir()
+        cli("mount", "--rw", BIG, str(out))
+    try:
+        there = set(outputs_in(out))  # the mount shows the image's file
+
+        def new() -> list[str]:
+            return sorted(set(outputs_in(out)) - there)
+
+        kill(start_save(store, str(out / "killed"), fmt))
+        (left,) = new()
+        assert left.startswith(".layerfs-save-")
+        running = start_save(store, str(out / "running"), fmt)  # stopped halfway, alive
+        try:
+            (kept,) = [n for n in new() if n != left]
+            cli("save", "--format", fmt, BIG, "-o", str(out / "next"))
+            assert new() == sorted([kept, "next"])  # the killed save's temporary is gone
+        finally:
+            os.kill(running.pid, signal.SIGCONT)
+            _, err = running.communicate(timeout=120)
+        assert running.returncode == 0, err
+        assert new() == ["next", "running"]
+        assert same_output(str(out / "next"), str(out / "running"))
+    finally:
+        if where == "no-tmpfile":
+            cli("umount", str(out))
 
 
 def save_to_terminal(store: str, *args: str) -> tuple[int, str, bytes]:

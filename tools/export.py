@@ -21,10 +21,14 @@ The default format is one tar that is both an OCI image layout and a
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -335,7 +339,8 @@ def save(
 ) -> SaveResult:
     """Write the images ``references`` name to ``output`` ("-": stdout) in format ``fmt``.
 
-    A file or directory output appears only when complete (written beside it, then renamed)."""
+    A file or directory output appears only when complete, and a killed save leaves nothing
+    lasting beside it (see ``_write``)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     chosen: dict[bytes, list[str]] = {}
@@ -374,15 +379,27 @@ def save(
     return SaveResult(images, total)
 
 
+TEMP_PREFIX = ".layerfs-save-"
+
+
 def _write(images: list[ImageExport], output: str, fmt: str, count: Callable[[int], None]) -> None:
-    """Write the layout; a file or directory appears only when complete."""
+    """Write the layout; a file or directory appears only when complete.
+
+    A file is written to an unnamed O_TMPFILE in the output's directory and linked in when
+    complete, so a killed save leaves nothing.  A directory, or a file where the filesystem has
+    no O_TMPFILE, is written under a ``.layerfs-save-*`` name beside the output, locked
+    (flock) while its save runs; a killed save leaves it behind, and the next save into the
+    same directory removes every such temporary no running save holds."""
     if fmt == "oci-dir":
         if output == "-":
             raise ExportError("the oci-dir format needs a directory: -o DIR")
         if os.path.exists(output) and os.listdir(output):
             raise ExportError(f"{output} exists and is not empty")
         parent = os.path.dirname(os.path.abspath(output))
-        tmp = tempfile.mkdtemp(prefix=".layerfs-save-", dir=parent)
+        _remove_stale_temporaries(parent)
+        tmp, lock = _locked_temporary(
+            lambda: tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent), os.O_RDONLY | os.O_DIRECTORY
+        )
         try:
             write_layout(_Sink(None, tmp, count), images, docker=False)
             os.chmod(tmp, 0o755)
@@ -392,6 +409,8 @@ def _write(images: list[ImageExport], output: str, fmt: str, count: Callable[[in
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            os.close(lock)
     elif output == "-":
         out = sys.stdout.buffer
         write_layout(_Sink(out, None, count), images, docker=fmt == "docker")
@@ -399,13 +418,108 @@ def _write(images: list[ImageExport], output: str, fmt: str, count: Callable[[in
         out.flush()
     else:
         parent = os.path.dirname(os.path.abspath(output))
-        fd, tmp = tempfile.mkstemp(prefix=".layerfs-save-", dir=parent)
+        _remove_stale_temporaries(parent)
+        fd, name = _temporary_file(parent)  # name None: an unnamed file
         try:
             with os.fdopen(fd, "wb") as f:
                 write_layout(_Sink(f, None, count), images, docker=fmt == "docker")
                 f.write(T.END)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, output)
+                f.flush()
+                os.fchmod(fd, 0o644)
+                if name is None:
+                    name = _link_in(fd, parent, output)  # None: linked in as the output itself
+                if name is not None:
+                    os.rename(name, output)
+                    name = None
         except BaseException:
-            os.unlink(tmp)
+            if name is not None:
+                os.unlink(name)
             raise
+
+
+def _temporary_file(parent: str) -> tuple[int, str | None]:
+    """A file to write the archive to, locked: unnamed (O_TMPFILE) where the filesystem can,
+    else ``.layerfs-save-*`` in ``parent`` (its name is returned)."""
+    try:
+        fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # EOPNOTSUPP: not on this filesystem; EISDIR: a kernel without O_TMPFILE
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, None
+
+    def create() -> str:
+        fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=parent)
+        os.close(fd)
+        return path
+
+    path, fd = _locked_temporary(create, os.O_WRONLY)
+    return fd, path
+
+
+def _link_in(fd: int, parent: str, output: str) -> str | None:
+    """Give the unnamed file ``fd`` its name: ``output`` when that is free, else a temporary
+    name to rename over it (returned; the file stays locked until ``fd`` closes)."""
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, as open(2) shows for O_TMPFILE; a directory
+    # descriptor makes Python call linkat (with none it calls link(), which follows nothing)
+    source = f"/proc/self/fd/{fd}"
+    dir_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.link(source, os.path.basename(os.path.abspath(output)), dst_dir_fd=dir_fd)
+            return None
+        except FileExistsError:
+            pass
+        while True:
+            name = TEMP_PREFIX + secrets.token_hex(6)
+            try:
+                os.link(source, name, dst_dir_fd=dir_fd)
+                return os.path.join(parent, name)
+            except FileExistsError:
+                continue
+    finally:
+        os.close(dir_fd)
+
+
+def _locked_temporary(create: Callable[[], str], flags: int) -> tuple[str, int]:
+    """``create()`` a temporary file or directory, open it with ``flags`` and lock it (flock,
+    held by the returned descriptor).  A concurrent ``_remove_stale_temporaries`` may remove
+    it between the two: then it is created again."""
+    while True:
+        path = create()
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            return path, fd
+        os.close(fd)
+
+
+def _remove_stale_temporaries(parent: str) -> None:
+    """Remove the ``.layerfs-save-*`` files and directories in ``parent`` that no running save
+    holds locked: what killed saves left."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass  # held by a running save (or already gone)
+        finally:
+            os.close(fd)

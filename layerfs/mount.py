@@ -262,7 +262,7 @@ def _serve(
 
     store = Store(store_path)
     lease_id = store.add_lease("mount", spec.layers, image_id=spec.image_id)
-    record = dict(record, pid=os.getpid())
+    record = dict(record, pid=os.getpid(), lease=lease_id.hex())
     reg = os.path.join(_registry(store), f"{record['id']}.json")
     image_layer = ChainLayer(store, ChainIndex(store, chain))
     lower: Lower = image_layer
@@ -309,11 +309,22 @@ def mounts(store: Store) -> list[dict[str, Any]]:
     return out
 
 
-def umount(store: Store, mountpoint: str, *, timeout: float = 10.0) -> None:
-    """Unmount; also cleans up after a daemon that was killed (ENOTCONN mounts)."""
+UMOUNT_TIMEOUT = 30.0  # seconds umount waits for the daemon to exit
+
+
+def umount(store: Store, mountpoint: str, *, timeout: float = UMOUNT_TIMEOUT) -> str | None:
+    """Unmount; also cleans up after a daemon that was killed (ENOTCONN mounts).
+
+    Returns once the daemon has exited, so its lease is gone and ``gc`` can reclaim what only
+    the mount pinned; or a warning for the user (None if all went well).  A busy mount is
+    detached lazily (as ``umount -l``): its daemon serves the files still open until they are
+    closed; if they still are after ``timeout`` seconds, MountError says so (the daemon is not
+    killed under its readers, and cleans up itself).  A daemon still running ``timeout`` seconds
+    after a complete unmount has nothing left to serve: it is killed (the warning says so)."""
     mp = os.path.realpath(mountpoint)
     fstype = mounted_fuse(mp)
     rec = next((r for r in _records(store) if r["mountpoint"] == mp), None)
+    lazily = False
     if fstype is None:
         if rec is None:
             raise MountError(f"{mountpoint} is not mounted")
@@ -322,23 +333,55 @@ def umount(store: Store, mountpoint: str, *, timeout: float = 10.0) -> None:
     else:
         res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
         if res.returncode != 0:
-            # a dead daemon leaves "Transport endpoint is not connected": detach lazily
+            # busy, or a dead daemon's "Transport endpoint is not connected": detach lazily
             lazy = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
             if lazy.returncode != 0:
                 raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
-    if rec is not None:
-        pid = rec.get("pid")
-        deadline = time.monotonic() + timeout
-        while pid and _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if pid and _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            lazily = True
+    if rec is None:
+        return None
+    warning = None
+    pid = rec.get("pid")
+    if pid and not _wait_exit(pid, timeout):
+        if lazily:
+            raise MountError(
+                f"{mountpoint} is unmounted, but files opened through it are still in use: "
+                f"its daemon (pid {pid}) serves them until they are closed"
+            )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, 5.0)
+        warning = (
+            f"the daemon of {mountpoint} (pid {pid}) had not exited {timeout:g} s after the unmount: killed"
+        )
+    _forget(store, rec)
+    return warning
+
+
+def _forget(store: Store, rec: dict[str, Any]) -> None:
+    """What a mount whose daemon is gone leaves: its record, its temporary upper directory, and
+    the pin of its image (a killed daemon could not drop it; gc takes a zombie the init
+    process has not reaped yet for a live process)."""
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(_registry(store), f"{rec['id']}.json"))
+    if rec.get("temporary_upper") and rec.get("upper"):
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(_registry(store), f"{rec['id']}.json"))
-        if rec.get("temporary_upper") and rec.get("upper"):
-            with contextlib.suppress(OSError):
-                hosttree.remove(os.path.dirname(rec["upper"]))
+            hosttree.remove(os.path.dirname(rec["upper"]))
+    if rec.get("lease") and not store.readonly:
+        lease_id = bytes.fromhex(rec["lease"])
+        store.write(lambda txn: store.drop_lease(txn, lease_id))
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; True once it has."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
 
 
 def _records(store: Store) -> list[dict[str, Any]]:

@@ -146,6 +146,12 @@ def test_missing_mountpoint(cli, sample, tmp_path):
     assert cli("mounts", "--json").json() == []
 
 
+def _gc_frees_everything(cli: Callable[..., Any]) -> None:
+    cli("gc")
+    usage = cli("df", "--json").json()
+    assert (usage["images"], usage["layers"], usage["objects"]) == (0, 0, 0), usage
+
+
 def test_umount_cleans_up_after_kill_9(cli, sample, tmp_path):
     mnt = str(tmp_path / "m")
     with layerfs_mount(cli, sample, mnt, rw=True):
@@ -161,6 +167,72 @@ def test_umount_cleans_up_after_kill_9(cli, sample, tmp_path):
         assert not mounted(mnt)
         assert os.listdir(mnt) == []
         assert cli("mounts", "--json").json() == []
+    # the killed daemon could not drop its pin; umount did (a zombie the init process has not
+    # reaped yet looks alive to gc)
+    cli("rmi", sample)
+    _gc_frees_everything(cli)
+
+
+def test_umount_returns_once_the_daemon_let_go(cli, sample, tmp_path):
+    """umount waits for the daemon to exit (its lease dropped): a gc right after it frees the
+    image that rmi could not while it was mounted; a file still open in the mount delays it."""
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        pid = _mount_record(cli, mnt)["pid"]
+        cli("rmi", sample)
+        assert cli("df", "--json").json()["layers"] == 3  # pinned by the mount
+        f = open(os.path.join(mnt, "bin/busybox"), "rb")  # noqa: SIM115 - closed by the timer
+        threading.Timer(1.5, f.close).start()
+        start = time.monotonic()
+        res = cli("umount", mnt, check=False)
+        assert res.code == 0 and res.err == "", res.err
+        assert time.monotonic() - start > 1.2  # waited for the file to be closed
+        assert not _alive(pid) and not mounted(mnt)
+        _gc_frees_everything(cli)
+
+
+def test_umount_of_a_busy_mount_says_what_holds_it(cli, sample, tmp_path):
+    """Files still open after the wait: the mount is detached (as umount -l), its daemon keeps
+    serving them (never killed under a reader) and goes, with the image's pin, once they close."""
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        pid = _mount_record(cli, mnt)["pid"]
+        cli("rmi", sample)
+        with open(os.path.join(mnt, "bin/busybox"), "rb") as f:
+            res = cli("umount", "--timeout", "1", mnt, check=False)
+            assert res.code == 1
+            (line,) = res.err.strip().splitlines()
+            assert line == (
+                f"layerfs: {mnt} is unmounted, but files opened through it are still in use: "
+                f"its daemon (pid {pid}) serves them until they are closed"
+            )
+            assert not mounted(mnt) and _alive(pid)
+            assert cli("mounts", "--json").json() == []
+            assert len(f.read()) > 100_000  # still served
+            cli("gc")
+            assert cli("df", "--json").json()["layers"] == 3  # still pinned
+        assert wait_until(lambda: not _alive(pid))
+        _gc_frees_everything(cli)
+
+
+def test_umount_kills_a_daemon_that_outlives_its_mount(cli, sample, tmp_path):
+    """A daemon still there after the wait though nothing holds the mount (stopped here) has
+    nothing left to serve: killed, and said in a warning."""
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt):
+        pid = _mount_record(cli, mnt)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        res = cli("umount", "--timeout", "1", mnt, check=False)
+        assert res.code == 0, res.err
+        (line,) = res.err.strip().splitlines()
+        assert (
+            line
+            == f"layerfs: warning: the daemon of {mnt} (pid {pid}) had not exited 1 s after the unmount: killed"
+        )
+        assert not _alive(pid) and not mounted(mnt)
+        assert cli("mounts", "--json").json() == []
+        cli("rmi", sample)
+        _gc_frees_everything(cli)
 
 
 def test_kill_9_mid_write_leaves_an_upper_the_kernel_mounts(cli, sample, sample_layout, tmp_path):

@@ -191,7 +191,9 @@ def _mount(store: Store, spec: MountSpec, *, foreground: bool, debug: bool) -> i
         "created": time.time(),
     }
     store_path = store.path
-    log = os.path.join(_registry(store), f"{mount_id}.log")
+    log = None if foreground else os.path.join(_registry(store), f"{mount_id}.log")
+    if log:
+        record["log"] = log
     store.close()
     return daemonize(
         lambda ready: _serve(store_path, spec, chain, record, ready, debug), foreground=foreground, log=log
@@ -201,7 +203,10 @@ def _mount(store: Store, spec: MountSpec, *, foreground: bool, debug: bool) -> i
 def daemonize(run: Callable[[Callable[[], None]], None], *, foreground: bool, log: str | None) -> int:
     """Run ``run(ready)`` in a daemon and return once it calls ``ready()`` (the mount is up),
     raising MountError with the daemon's error if it fails first.  In the foreground,
-    ``run`` is simply called.  Returns the pid serving the mount."""
+    ``run`` is simply called.  Returns the pid serving the mount.
+
+    The daemon's stdout and stderr go to ``log`` (a new file: an earlier daemon of the same
+    name may still be exiting), removed when the daemon exits if nothing was written to it."""
     if foreground:
         run(lambda: None)
         return os.getpid()
@@ -220,6 +225,9 @@ def daemonize(run: Callable[[Callable[[], None]], None], *, foreground: bool, lo
         try:
             os.setsid()
             devnull = os.open(os.devnull, os.O_RDWR)
+            if log:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(log)
             out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if log else devnull
             os.dup2(devnull, 0)
             os.dup2(out, 1)
@@ -230,6 +238,11 @@ def daemonize(run: Callable[[Callable[[], None]], None], *, foreground: bool, lo
                 os.write(write_fd, b"E" + str(exc).encode(errors="replace")[:500])
             code = 1
         finally:
+            if log:
+                with contextlib.suppress(BaseException):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    _drop_empty_log(log, os.fstat(2))
             os._exit(code)
     os.close(write_fd)
     msg = b""
@@ -262,7 +275,7 @@ def _serve(
 
     store = Store(store_path)
     lease_id = store.add_lease("mount", spec.layers, image_id=spec.image_id)
-    record = dict(record, pid=os.getpid(), lease=lease_id.hex())
+    record = dict(record, pid=os.getpid(), start=_start_time(os.getpid()), lease=lease_id.hex())
     reg = os.path.join(_registry(store), f"{record['id']}.json")
     image_layer = ChainLayer(store, ChainIndex(store, chain))
     lower: Lower = image_layer
@@ -296,16 +309,31 @@ def _serve(
         store.close()
 
 
+def _drop_empty_log(log: str, own: os.stat_result | None = None) -> None:
+    """Remove the daemon log ``log`` if it is empty (and, with ``own``, still that file)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(log)
+        if st.st_size == 0 and (own is None or (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)):
+            os.unlink(log)
+
+
 def mounts(store: Store) -> list[dict[str, Any]]:
-    """Active mounts (stale records of vanished mounts are removed)."""
+    """Active mounts: those whose mountpoint is a layerfs mount served by a live daemon.  The
+    records of the others are removed; a dead daemon's is let go of as ``umount`` would (its
+    temporary upper directory, the pin of its image, an empty log), but its dead mount (every
+    access: ENOTCONN) stays for ``umount`` to detach."""
     out = []
     for rec in sorted(_records(store), key=lambda r: str(r.get("mountpoint"))):
         fstype = mounted_fuse(rec["mountpoint"])
-        if fstype is None or not fstype.startswith("fuse.layerfs"):
+        if not _daemon_alive(rec):
+            _forget(store, rec)
+        elif fstype is None or not fstype.startswith("fuse.layerfs"):
+            # detached (umount -l, fusermount -u): the daemon serves what is still open, and
+            # removes the rest itself when it exits
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(_registry(store), f"{rec['id']}.json"))
-            continue
-        out.append(rec)
+        else:
+            out.append(rec)
     return out
 
 
@@ -342,7 +370,7 @@ def umount(store: Store, mountpoint: str, *, timeout: float = UMOUNT_TIMEOUT) ->
         return None
     warning = None
     pid = rec.get("pid")
-    if pid and not _wait_exit(pid, timeout):
+    if pid and not _wait_exit(rec, timeout):
         if lazily:
             raise MountError(
                 f"{mountpoint} is unmounted, but files opened through it are still in use: "
@@ -350,7 +378,7 @@ def umount(store: Store, mountpoint: str, *, timeout: float = UMOUNT_TIMEOUT) ->
             )
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        _wait_exit(pid, 5.0)
+        _wait_exit(rec, 5.0)
         warning = (
             f"the daemon of {mountpoint} (pid {pid}) had not exited {timeout:g} s after the unmount: killed"
         )
@@ -370,13 +398,15 @@ def _forget(store: Store, rec: dict[str, Any]) -> None:
     if rec.get("lease") and not store.readonly:
         lease_id = bytes.fromhex(rec["lease"])
         store.write(lambda txn: store.drop_lease(txn, lease_id))
+    if rec.get("log"):
+        _drop_empty_log(rec["log"])
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``pid`` to exit; True once it has."""
+def _wait_exit(rec: dict[str, Any], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the daemon of ``rec`` to exit; True once it has."""
     deadline = time.monotonic() + timeout
     delay = 0.002
-    while _alive(pid):
+    while _daemon_alive(rec):
         if time.monotonic() >= deadline:
             return False
         time.sleep(delay)
@@ -394,14 +424,32 @@ def _records(store: Store) -> list[dict[str, Any]]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
+def _daemon_alive(rec: dict[str, Any]) -> bool:
+    """Is the daemon of mount record ``rec`` running?  A record without a pid: assumed so."""
+    pid = rec.get("pid")
+    return pid is None or _alive(pid, rec.get("start"))
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone; so does another process that
+    took the pid, when ``start``, the start time in clock ticks since boot, is known)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat_line = f.read()
     except OSError:
         return False
-    return stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3] not in (b"Z", b"X")
+    # the command name may hold spaces and parentheses: fields start after the last ')'
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+    return fields[0] not in (b"Z", b"X") and (start is None or int(fields[19]) == start)
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    return int(stat_line[stat_line.rindex(b")") + 2 :].split()[19])
 
 
 __all__ = ["MountError", "MountSpec", "mount", "mounts", "umount", "StoreError"]

@@ -152,7 +152,7 @@ def _gc_frees_everything(cli: Callable[..., Any]) -> None:
     assert (usage["images"], usage["layers"], usage["objects"]) == (0, 0, 0), usage
 
 
-def test_umount_cleans_up_after_kill_9(cli, sample, tmp_path):
+def test_umount_cleans_up_after_kill_9(cli, sample, store_path, tmp_path):
     mnt = str(tmp_path / "m")
     with layerfs_mount(cli, sample, mnt, rw=True):
         pid = _mount_record(cli, mnt)["pid"]
@@ -171,6 +171,52 @@ def test_umount_cleans_up_after_kill_9(cli, sample, tmp_path):
     # reaped yet looks alive to gc)
     cli("rmi", sample)
     _gc_frees_everything(cli)
+    assert _registry(store_path) == []  # no record, no (empty) log
+
+
+def _registry(store_path: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(store_path, "mounts")))
+
+
+def test_mounts_hides_a_mount_whose_daemon_died(cli, sample, store_path, tmp_path):
+    """``mounts`` lists live mounts only: a killed daemon's mount is left out, and what it held
+    (its record, its temporary upper directory, the pin of its image) is let go; ``umount``
+    still detaches the dead mount."""
+    live, dead = str(tmp_path / "live"), str(tmp_path / "dead")
+    with layerfs_mount(cli, sample, live), layerfs_mount(cli, sample, dead, rw=True):
+        rec = _mount_record(cli, dead)
+        upper_base = os.path.dirname(rec["upper"])
+        assert os.path.isdir(upper_base) and upper_base.startswith(store_path)
+        os.kill(rec["pid"], signal.SIGKILL)
+        assert wait_until(lambda: not _alive(rec["pid"]))
+        assert [r["mountpoint"] for r in cli("mounts", "--json").json()] == [os.path.realpath(live)]
+        assert dead not in cli("mounts").out
+        assert not os.path.exists(upper_base)
+        assert not any(n.startswith(rec["id"]) for n in _registry(store_path))
+        assert mounted(dead)  # the dead mount itself is umount's to detach
+        res = cli("umount", dead, check=False)
+        assert res.code == 0 and res.err == "", res.err
+        assert not mounted(dead)
+    cli("rmi", sample)
+    _gc_frees_everything(cli)  # the dead daemon's pin is gone
+
+
+def test_a_clean_unmount_leaves_no_empty_log(cli, sample, store_path, tmp_path):
+    """Each daemon logs to STORE/mounts/<id>.log: removed at a clean unmount when empty, kept
+    when it holds something (here: --debug requests)."""
+    mnt = str(tmp_path / "m")
+    for _ in range(2):
+        with layerfs_mount(cli, sample, mnt):
+            rec = _mount_record(cli, mnt)
+            assert _registry(store_path) == [f"{rec['id']}.json", f"{rec['id']}.log"]
+        assert _registry(store_path) == []
+    cli("mount", "--debug", sample, mnt)
+    try:
+        assert "bin" in os.listdir(mnt)
+    finally:
+        cli("umount", mnt)
+    (log,) = _registry(store_path)
+    assert log.endswith(".log") and os.path.getsize(os.path.join(store_path, "mounts", log)) > 0
 
 
 def test_umount_returns_once_the_daemon_let_go(cli, sample, tmp_path):

@@ -72,11 +72,18 @@ def _registry(store: Store) -> str:
     return path
 
 
+def need_dir(path: str, what: str) -> None:
+    """Raise MountError unless ``path`` is a directory (saying whether it is missing)."""
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise MountError(f"{what} {path} does not exist")
+        raise MountError(f"{what} {path} is not a directory")
+
+
 def prepare(store: Store, spec: MountSpec) -> None:
     """Check the mountpoint and the upper directory; raise MountError with the reason."""
     mp = spec.mountpoint
-    if not os.path.isdir(mp):
-        raise MountError(f"mountpoint {mp} is not a directory")
+    need_dir(mp, "mountpoint")
     if mounted_fuse(mp) is not None:
         raise MountError(f"mountpoint {mp} is busy (already mounted)")
     if not os.path.exists("/dev/fuse"):

@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from layerfs.mount import MountError, daemonize
+from layerfs.mount import MountError, daemonize, need_dir
 from layerfs.union.lower import DirLayer, Stack
 
 # generic mount flags handed on to the FUSE mount (name -> the flag they set)
@@ -120,18 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerfs-overlay: ignoring unsupported option {key}", file=sys.stderr)
     try:
         for d in lowers:
-            if not os.path.isdir(d):
-                raise MountError(f"lowerdir {d} is not a directory")
+            need_dir(d, "lowerdir")
         if upper is not None:
-            if not os.path.isdir(upper):
-                raise MountError(f"upperdir {upper} is not a directory")
+            need_dir(upper, "upperdir")
             if work is None:
                 raise MountError("upperdir needs a workdir on the same filesystem")
             os.makedirs(work, exist_ok=True)
             if os.stat(upper).st_dev != os.stat(work).st_dev:
                 raise MountError("workdir must be on the same filesystem as upperdir")
-        if not os.path.isdir(mountpoint):
-            raise MountError(f"mountpoint {mountpoint} is not a directory")
+        need_dir(mountpoint, "mountpoint")
         if not os.path.exists("/dev/fuse"):
             raise MountError("/dev/fuse is missing: FUSE is not available on this machine")
         writable_upper = None if read_only else upper

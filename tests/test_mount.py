@@ -141,8 +141,16 @@ def test_busy_mountpoint(cli, sample, tmp_path):
 def test_missing_mountpoint(cli, sample, tmp_path):
     mnt = str(tmp_path / "does-not-exist")
     res = cli("mount", sample, mnt, check=False)
-    assert res.code == 1 and len(res.err.strip().splitlines()) == 1
+    assert res.code == 1
+    assert res.err == f"layerfs: cannot mount {sample} on {mnt}: mountpoint {mnt} does not exist\n"
     assert not os.path.exists(mnt)
+    assert cli("mounts", "--json").json() == []
+    (tmp_path / "file").write_text("x")
+    res = cli("mount", sample, str(tmp_path / "file"), check=False)
+    assert res.code == 1 and res.err.endswith(f"mountpoint {tmp_path}/file is not a directory\n"), res.err
+    os.mkdir(tmp_path / "m")
+    res = cli("mount", sample, str(tmp_path / "m"), "--lower", mnt, check=False)
+    assert res.code == 1 and res.err == f"layerfs: lower directory {mnt} does not exist\n", res.err
     assert cli("mounts", "--json").json() == []
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from layerfs.cli.common import CLIError, open_store
-from layerfs.mount import MountError, MountSpec, mount
+from layerfs.mount import MountError, MountSpec, mount, need_dir
 from layerfs.store import StoreError
 from layerfs.tools.refs import RefError, resolve
 
@@ -75,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
             temporary_upper=temporary,
             lower_dirs=[os.path.abspath(d) for d in args.lower],
         )
-        for d in spec.lower_dirs:
-            if not os.path.isdir(d):
-                raise CLIError(f"lower directory {d} is not a directory")
+        try:
+            for d in spec.lower_dirs:
+                need_dir(d, "lower directory")
+        except MountError as exc:
+            raise CLIError(str(exc)) from None
         try:
             mount(store, spec, foreground=args.foreground, debug=args.debug)
         except (MountError, StoreError, OSError) as exc:

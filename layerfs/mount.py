@@ -51,6 +51,9 @@ class MountSpec:
     allow_other: bool = False
     temporary_upper: bool = False
     lower_dirs: list[str] = field(default_factory=list)  # stacked above the image, leftmost on top
+    # generic mount flags over the FUSE core's defaults (which allow setuid bits and devices, as a
+    # container's root filesystem needs): {"suid": False, "dev": False} mounts nosuid,nodev
+    mount_options: dict[str, bool] = field(default_factory=dict)
 
 
 def mounted_fuse(mountpoint: str) -> str | None:
@@ -304,6 +307,7 @@ def _serve(
             allow_other=spec.allow_other,
             on_ready=ready,
             debug=debug,
+            mount_options=spec.mount_options,
         )
     finally:
         with contextlib.suppress(Exception):

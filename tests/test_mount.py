@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -351,6 +352,90 @@ def test_sigterm_unmounts(cli, sample, tmp_path):
         assert wait_until(lambda: not mounted(mnt)), "SIGTERM left the mount in place"
         assert wait_until(lambda: not _alive(pid)), "the daemon did not exit"
         assert cli("mounts", "--json").json() == []
+
+
+@pytest.fixture
+def risky(cli: Callable[..., Any], tmp_path: Path) -> str:
+    """An image with a setuid-root program (the host's cat: it prints /proc/self/status, which
+    says its effective uid) and a character device (1, 3: /dev/null)."""
+    with open(shutil.which("cat") or "/usr/bin/cat", "rb") as f:
+        cat = f.read()
+    null = member("null", kind=tarfile.CHRTYPE, mode=0o666)
+    null[0].devmajor, null[0].devminor = 1, 3
+    cli("import", make_layout(tmp_path / "risky", [tar_bytes([member("suidcat", cat, mode=0o4755), null])]))
+    return "test:latest"
+
+
+def _mount_flags(mnt: str) -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        (line,) = [ln for ln in f if ln.split()[4] == os.path.realpath(mnt)]
+    return set(line.split()[5].split(","))
+
+
+def _euid_of_setuid_program(path: str) -> int:
+    """The effective uid ``path`` (a setuid cat) runs with when user nobody runs it (reached
+    through a descriptor: the test's directories are private to root)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        res = subprocess.run(
+            [f"/proc/self/fd/{fd}", "/proc/self/status"],
+            pass_fds=(fd,),
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(fd)
+    assert res.returncode == 0, res.stderr
+    uids = next(ln for ln in res.stdout.splitlines() if ln.startswith("Uid:")).split()[1:]
+    assert uids[0] == "65534"
+    return int(uids[1])
+
+
+@pytest.mark.parametrize(
+    ("options", "suid", "dev"),
+    [
+        ([], False, False),
+        (["-o", "nosuid,nodev"], False, False),
+        (["-o", "suid"], True, False),
+        (["-o", "dev", "-o", "suid"], True, True),
+    ],
+)
+def test_mounts_are_nosuid_nodev_unless_asked(cli, risky, tmp_path, options, suid, dev):
+    """``layerfs mount`` is nosuid,nodev as mount(8) makes user mounts: with allow_other, a
+    setuid-root file of the image would give any local user euid 0, a device node its device.
+    ``-o suid`` and ``-o dev`` ask for them."""
+    mnt = str(tmp_path / "m")
+    os.makedirs(mnt)
+    cli("mount", risky, mnt, "-o", "allow_other", *options)
+    try:
+        flags = _mount_flags(mnt)
+        assert ("nosuid" in flags, "nodev" in flags) == (not suid, not dev), flags
+        assert os.stat(os.path.join(mnt, "suidcat")).st_mode & 0o4000  # shown as stored
+        assert _euid_of_setuid_program(os.path.join(mnt, "suidcat")) == (0 if suid else 65534)
+        if dev:
+            with open(os.path.join(mnt, "null"), "rb") as f:
+                assert f.read() == b""
+        else:
+            with pytest.raises(PermissionError):
+                open(os.path.join(mnt, "null"), "rb")
+    finally:
+        cli("umount", mnt)
+
+
+def test_container_mounts_keep_suid_and_dev(cli, risky, tmp_path):
+    """As docker's: a container's root filesystem (here a runtime bundle's) honours setuid bits
+    and device nodes; the nosuid,nodev default is the mount command's."""
+    bundle = str(tmp_path / "bundle")
+    cli("bundle", risky, bundle, "/suidcat")
+    rootfs = os.path.join(bundle, "rootfs")
+    try:
+        assert not {"nosuid", "nodev"} & _mount_flags(rootfs)
+    finally:
+        cli("umount", rootfs)
 
 
 def test_program_runs_inside(cli, sample, tmp_path):

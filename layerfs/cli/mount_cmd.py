@@ -41,17 +41,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=[],
         metavar="OPT",
-        help="mount option; supported: allow_other",
+        help="mount options, comma-separated: allow_other; suid and dev allow setuid bits and "
+        "device nodes (the default is nosuid,nodev); ro, rw",
     )
     p.add_argument("--debug", action="store_true", help="log every FUSE request (with --foreground)")
     p.set_defaults(func=run)
 
 
+# Generic mount flags: off unless asked for.  mount(8) gives user mounts nosuid,nodev, and so
+# does layerfs: with allow_other, a setuid-root file of an image would give any local user
+# euid 0, a device node its device.  Containers (layerfs run) keep both on their root
+# filesystem, as docker does: they mount through MountSpec, whose default is the FUSE core's.
+FLAGS = {"suid": ("suid", True), "nosuid": ("suid", False), "dev": ("dev", True), "nodev": ("dev", False)}
+
+
 def run(args: argparse.Namespace) -> int:
-    options = {o for opt in args.options for o in opt.split(",") if o}
-    unknown = options - {"allow_other", "ro", "rw"}
+    listed = [o for opt in args.options for o in opt.split(",") if o]
+    options = set(listed)
+    unknown = options - {"allow_other", "ro", "rw", *FLAGS}
     if unknown:
         raise CLIError(f"unsupported mount option(s): {', '.join(sorted(unknown))}", 2)
+    flags = {"suid": False, "dev": False}
+    for o in listed:  # the last one said wins, as with mount(8)
+        if o in FLAGS:
+            name, on = FLAGS[o]
+            flags[name] = on
     with open_store(args) as store:
         try:
             image_id = resolve(store, args.image)
@@ -74,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             allow_other="allow_other" in options,
             temporary_upper=temporary,
             lower_dirs=[os.path.abspath(d) for d in args.lower],
+            mount_options=flags,
         )
         try:
             for d in spec.lower_dirs:

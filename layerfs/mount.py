@@ -83,6 +83,28 @@ def need_dir(path: str, what: str) -> None:
         raise MountError(f"{what} {path} is not a directory")
 
 
+def _inside(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip("/") + "/")
+
+
+def check_overlaps(mountpoint: str, dirs: list[tuple[str, str, bool]]) -> None:
+    """Refuse a directory the daemon would reach through its own mount: ``(what, path,
+    both_ways)`` equal to the mount point or inside it, or (``both_ways``) holding the mount
+    point, whose name the daemon would look up there.  Either way a request the daemon makes
+    of the kernel waits for the daemon itself: every access to the mount, and its unmount,
+    hung.  (The kernel's overlayfs reaches its layers through private clones of their mounts,
+    which do not see the overlay; a FUSE daemon sees what every process sees.)"""
+    mp = os.path.realpath(mountpoint)
+    for what, path, both_ways in dirs:
+        real = os.path.realpath(path)
+        if real == mp:
+            raise MountError(f"{what} {path} is the mount point")
+        if _inside(real, mp):
+            raise MountError(f"{what} {path} lies inside the mount point {mountpoint}")
+        if both_ways and _inside(mp, real):
+            raise MountError(f"the mount point {mountpoint} lies inside {what} {path}")
+
+
 def prepare(store: Store, spec: MountSpec) -> None:
     """Check the mountpoint and the upper directory; raise MountError with the reason."""
     mp = spec.mountpoint
@@ -94,11 +116,20 @@ def prepare(store: Store, spec: MountSpec) -> None:
     if spec.upper is not None:
         # absolute: the daemon changes directory to / when it detaches
         spec.upper = os.path.abspath(spec.upper)
-        os.makedirs(spec.upper, exist_ok=True)
         if spec.work is None:
             up = spec.upper
             spec.work = os.path.join(os.path.dirname(up), f".{os.path.basename(up)}.layerfs-work")
         spec.work = os.path.abspath(spec.work)
+    dirs = []
+    if spec.upper is not None and spec.work is not None:
+        dirs += [("upper directory", spec.upper, True), ("work directory", spec.work, True)]
+    dirs += [("lower directory", d, True) for d in spec.lower_dirs]
+    # the registry, a temporary upper directory and the file cache are in the store (a mount
+    # point inside the store is fine: containers mount there)
+    dirs.append(("the store", store.path, False))
+    check_overlaps(mp, dirs)
+    if spec.upper is not None and spec.work is not None:
+        os.makedirs(spec.upper, exist_ok=True)
         os.makedirs(spec.work, exist_ok=True)
         if os.stat(spec.upper).st_dev != os.stat(spec.work).st_dev:
             raise MountError("the work directory must be on the same filesystem as the upper directory")

@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from layerfs.mount import MountError, daemonize, need_dir
+from layerfs.mount import MountError, check_overlaps, daemonize, need_dir
 from layerfs.union.lower import DirLayer, Stack
 
 # generic mount flags handed on to the FUSE mount (name -> the flag they set)
@@ -125,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             need_dir(upper, "upperdir")
             if work is None:
                 raise MountError("upperdir needs a workdir on the same filesystem")
+        need_dir(mountpoint, "mountpoint")
+        named = [("upperdir", upper, True), ("workdir", work, True)] if upper is not None and work else []
+        check_overlaps(mountpoint, [*named, *(("lowerdir", d, True) for d in lowers)])
+        if upper is not None and work is not None:
             os.makedirs(work, exist_ok=True)
             if os.stat(upper).st_dev != os.stat(work).st_dev:
                 raise MountError("workdir must be on the same filesystem as upperdir")
-        need_dir(mountpoint, "mountpoint")
         if not os.path.exists("/dev/fuse"):
             raise MountError("/dev/fuse is missing: FUSE is not available on this machine")
         writable_upper = None if read_only else upper

@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 from conftest import make_layout, member, tar_bytes
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
+    abort_mount,
     extract_layers,
     layerfs_mount,
+    mount_devices,
     mounted,
     need_fuse,
     no_mount_left_behind,
@@ -436,6 +438,60 @@ def test_container_mounts_keep_suid_and_dev(cli, risky, tmp_path):
         assert not {"nosuid", "nodev"} & _mount_flags(rootfs)
     finally:
         cli("umount", rootfs)
+
+
+OVERLAPS = {
+    # case: (mount point, extra arguments, the error after "cannot mount IMAGE on MNT: ")
+    "upper-inside": ("m", ["--upper", "{m}/up"], "upper directory {m}/up lies inside the mount point {m}"),
+    "upper-is-mountpoint": ("m", ["--upper", "{m}"], "upper directory {m} is the mount point"),
+    "work-inside": (
+        "m",
+        ["--upper", "{t}/up", "--work", "{m}/work"],
+        "work directory {m}/work lies inside the mount point {m}",
+    ),
+    "lower-inside": ("m", ["--lower", "{m}/sub"], "lower directory {m}/sub lies inside the mount point {m}"),
+    "mountpoint-inside-upper": (
+        "up/m",
+        ["--upper", "{t}/up"],
+        "the mount point {m} lies inside upper directory {t}/up",
+    ),
+    "mountpoint-inside-lower": (
+        "low/m",
+        ["--lower", "{t}/low"],
+        "the mount point {m} lies inside lower directory {t}/low",
+    ),
+    "store-inside": ("m", [], "the store {m}/store lies inside the mount point {m}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERLAPS))
+def test_directories_overlapping_the_mount_point_are_refused(store_path, sample_layout, tmp_path, case):
+    """An upper, work or lower directory (or the store) inside the mount point is reached by the
+    daemon through its own mount, and the other way round: every access, and umount, hung.
+    Refused up front, nothing mounted, nothing made."""
+    where, extra, error = OVERLAPS[case]
+    t = str(tmp_path)
+    mnt = os.path.join(t, where)
+    os.makedirs(os.path.join(mnt, "sub"))
+    os.makedirs(os.path.join(t, "low"), exist_ok=True)
+    store = os.path.join(mnt, "store") if case == "store-inside" else store_path
+    env = dict(os.environ, LAYERFS_STORE=store)
+    run = [sys.executable, "-m", "layerfs"]
+    subprocess.run(
+        [*run, "import", "-q", sample_layout], env=env, check=True, capture_output=True, timeout=120
+    )
+    before = sorted(os.listdir(mnt))
+    args = [a.format(m=mnt, t=t) for a in extra]
+    try:
+        res = subprocess.run(
+            [*run, "mount", *args, SAMPLE, mnt], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert not mount_devices(mnt), "mounted (and hung)"
+    finally:
+        abort_mount(mnt)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == f"layerfs: cannot mount {SAMPLE} on {mnt}: {error.format(m=mnt, t=t)}\n"
+    assert sorted(os.listdir(mnt)) == before  # no upper or work directory made in it
 
 
 def test_program_runs_inside(cli, sample, tmp_path):

@@ -22,12 +22,14 @@ from test_union_kernel import CASES, Case
 from unionutil import (
     Ops,
     _copy_meta,
+    abort_mount,
     assert_same,
     assert_same_steps,
     extract_layers,
     force_unmount,
     fuse_unavailable,
     kernel_overlay,
+    mount_devices,
     mounted,
     overlay_unavailable,
     snapshot,
@@ -216,3 +218,57 @@ def test_bad_command_lines(tmp_path: Any) -> None:
     )
     assert res.returncode == 1 and "workdir" in res.stderr
     assert not mounted(mnt)
+
+
+OVERLAPS = {
+    # case: (mount point, options, the error after "cannot mount MNT: ")
+    "lower-is-mountpoint": ("m", "lowerdir={m}", "lowerdir {m} is the mount point"),
+    "lower-inside": ("m", "lowerdir={m}/sub:{t}/low", "lowerdir {m}/sub lies inside the mount point {m}"),
+    "upper-inside": (
+        "m",
+        "lowerdir={t}/low,upperdir={m}/up,workdir={t}/work",
+        "upperdir {m}/up lies inside the mount point {m}",
+    ),
+    "work-inside": (
+        "m",
+        "lowerdir={t}/low,upperdir={t}/up,workdir={m}/work",
+        "workdir {m}/work lies inside the mount point {m}",
+    ),
+    "mountpoint-inside-upper": (
+        "up/m",
+        "lowerdir={t}/low,upperdir={t}/up,workdir={t}/work",
+        "the mount point {m} lies inside upperdir {t}/up",
+    ),
+    "mountpoint-inside-lower": (
+        "low/m",
+        "lowerdir={t}/low",
+        "the mount point {m} lies inside lowerdir {t}/low",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERLAPS))
+def test_directories_overlapping_the_mount_point_are_refused(tmp_path: Any, case: str) -> None:
+    """As ``layerfs mount``: a layer the daemon would reach through its own mount hung every
+    access and the unmount; refused with one line, nothing mounted."""
+    where, options, error = OVERLAPS[case]
+    t = str(tmp_path)
+    mnt = os.path.join(t, where)
+    for d in (
+        os.path.join(mnt, "sub"),
+        os.path.join(mnt, "up"),
+        os.path.join(t, "low"),
+        os.path.join(t, "up"),
+    ):
+        os.makedirs(d, exist_ok=True)
+    before = sorted(os.listdir(mnt))
+    try:
+        res = subprocess.run(
+            [*HELPER, "-o", options.format(m=mnt, t=t), mnt], capture_output=True, text=True, timeout=60
+        )
+        assert not mount_devices(mnt), "mounted (and hung)"
+    finally:
+        abort_mount(mnt)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == f"layerfs-overlay: cannot mount {mnt}: {error.format(m=mnt, t=t)}\n"
+    assert sorted(os.listdir(mnt)) == before

@@ -78,6 +78,25 @@ def force_unmount(mnt: str) -> None:
         subprocess.run(cmd, capture_output=True)
 
 
+def mount_devices(mnt: str) -> list[str]:
+    """The device numbers of what is mounted on ``mnt``, found without touching ``mnt`` (on a
+    hung mount even a stat of it never returns)."""
+    target = os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[2] for ln in f if ln.split()[4] == target]
+
+
+def abort_mount(mnt: str) -> None:
+    """Undo a mount whose every access hangs: abort its FUSE connection (fusectl), detach it."""
+    for dev in mount_devices(mnt):
+        with (
+            contextlib.suppress(OSError),
+            open(f"/sys/fs/fuse/connections/{dev.split(':')[1]}/abort", "w") as a,
+        ):
+            a.write("1")
+        force_unmount(mnt)
+
+
 _checked: dict[str, str | None] = {}
 
 

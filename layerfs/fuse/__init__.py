@@ -13,7 +13,9 @@ extension is not built).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from typing import Any
 
 from layerfs.union.view import UnionView
@@ -41,9 +43,32 @@ def core() -> str:
     return "c"
 
 
+FUSE_DEVICE = os.makedev(10, 229)
+
+
+def check_device() -> None:
+    """Refuse, in one sentence that says what is needed, a /dev/fuse this process cannot use
+    (libfuse said only "4", the kernel "Invalid argument")."""
+    try:
+        st = os.stat("/dev/fuse")
+    except FileNotFoundError:
+        raise OSError(
+            errno.ENODEV, "/dev/fuse is missing: FUSE is not available here (modprobe fuse)"
+        ) from None
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != FUSE_DEVICE:
+        raise OSError(errno.ENODEV, "/dev/fuse is not the FUSE device (character device 10:229)")
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise OSError(
+            errno.EACCES,
+            "no access to /dev/fuse: mount as root, or give this user read and write access to "
+            "/dev/fuse (and have fusermount3 installed setuid root, as the fuse3 package does)",
+        )
+
+
 def serve(view: UnionView, mountpoint: str, **options: Any) -> None:
     """Mount ``view`` at ``mountpoint`` and serve it until unmounted, with the selected core;
     ``options`` as ``layerfs.fuse.lowlevel.serve`` documents them (both cores take the same)."""
+    check_device()
     if core() == "c":
         from layerfs.fuse import lowlevel as impl
     else:

@@ -37,6 +37,18 @@ MAX_REQUEST = 1 << 20
 LIBFUSE_FLAGS = ("dev", "suid", "exec", "atime")  # the generic mount flags libfuse passes on
 
 
+# what fuse_main's exit statuses mean (libfuse's fuse_main_real)
+_FUSE_MAIN_FAILURES = {
+    1: "parse the mount options",
+    2: "find the mount point",
+    3: "set up the FUSE session",
+    4: "mount (see the daemon's log for libfuse's reason)",
+    5: "detach the daemon",
+    6: "set up its signal handlers",
+    7: "keep serving the mount",
+}
+
+
 def _p(path: str) -> bytes:
     return os.fsencode(path)[1:]
 
@@ -301,7 +313,11 @@ def serve(
         options[name if on else "no" + name] = True
     if allow_other:
         options["allow_other"] = True
-    if not os.path.exists("/dev/fuse"):
-        raise OSError(errno.ENODEV, "/dev/fuse is missing: FUSE is not available here")
     ops = WritableOperations(view, on_ready) if view.writable else UnionOperations(view, on_ready)
-    _FUSE(ops, mountpoint, foreground=True, nothreads=True, raw_fi=True, debug=debug, **options)
+    try:
+        _FUSE(ops, mountpoint, foreground=True, nothreads=True, raw_fi=True, debug=debug, **options)
+    except RuntimeError as exc:  # fuse_main's status: a number (libfuse printed the reason)
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+        raise OSError(
+            errno.EIO, f"libfuse could not {_FUSE_MAIN_FAILURES.get(code, 'serve the mount')}"
+        ) from None

@@ -10,11 +10,13 @@ stack; its paths are ordinary paths, so it reaches as deep as PATH_MAX allows.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
 from typing import AnyStr
 
+RETRIES = 5  # a directory written into while it is being removed is gone through again
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -51,12 +53,20 @@ def remove(path: str | bytes) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
         return
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        _empty(fd)
-    finally:
-        os.close(fd)
-    os.rmdir(path)
+    for attempt in range(RETRIES):
+        fd = os.open(path, _DIR_FLAGS)
+        try:
+            _empty(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # something wrote into it meanwhile: empty it again
+            if exc.errno != errno.ENOTEMPTY or attempt == RETRIES - 1:
+                raise
 
 
 def empty(path: str | bytes) -> None:
@@ -74,6 +84,7 @@ def _empty(top: int) -> None:
     # per level below ``top``: (its name in the parent, the parent's (dev, ino), names left)
     trail: list[tuple[str, tuple[int, int], list[str]]] = []
     left = _names(fd)
+    retried: dict[str, int] = {}
     try:
         while True:
             if left:
@@ -105,6 +116,11 @@ def _empty(top: int) -> None:
                 os.rmdir(name, dir_fd=fd)
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # something wrote into it meanwhile: go through it again
+                retried[name] = retried.get(name, 0) + 1
+                if exc.errno != errno.ENOTEMPTY or retried[name] >= RETRIES:
+                    raise
+                left.append(name)
     finally:
         os.close(fd)
 

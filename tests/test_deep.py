@@ -140,3 +140,24 @@ def test_a_container_that_makes_a_deep_tree(cli, sample_layout, tmp_path):
                 assert f.read() == "x\n"
         finally:
             os.chdir("/")
+
+
+def test_remove_a_tree_being_written_into(tmp_path, monkeypatch):
+    """A directory that gains an entry while it is being removed is gone through again (a
+    container's monitor may still write its state while `rm -f` removes it)."""
+    top = tmp_path / "top"
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "f").write_text("x")
+    real_rmdir = os.rmdir
+    late = {"done": False}
+
+    def rmdir(path: Any, *, dir_fd: Any = None) -> None:
+        if path == "b" and not late["done"]:  # a file appears just before b is removed
+            late["done"] = True
+            with open(os.open("b/late", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dir_fd), "w") as f:
+                f.write("y")
+        real_rmdir(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    hosttree.remove(str(top))
+    assert late["done"] and not top.exists()

@@ -743,7 +743,7 @@ key_startswith(PyObject *key, const char *lit, size_t litlen)
 #define XATTR_PREFIX "SCHILY.xattr."
 
 /* The twin's _header(): the 13-tuple for one member.  `fields` (borrowed, may
- * be NULL) is the merged PAX dict.  On success *file_size is the data size for
+ * be NULL) is the PAX dict of the member's x header.  On success *file_size is the data size for
  * a regular file, or -1 for other types. */
 static PyObject *
 build_header(const unsigned char *block, int typ, const Num *block_size, PyObject *fields,
@@ -781,6 +781,11 @@ build_header(const unsigned char *block, int typ, const Num *block_size, PyObjec
         return NULL;
     }
 
+    /* an empty GNU long name or PAX path counts as none, as in Go's archive/tar */
+    if (long_name != NULL && PyBytes_GET_SIZE(long_name) == 0)
+        long_name = NULL;
+    if (long_link != NULL && PyBytes_GET_SIZE(long_link) == 0)
+        long_link = NULL;
     if (long_name != NULL) {
         name = long_name;
         Py_INCREF(name);
@@ -831,13 +836,18 @@ build_header(const unsigned char *block, int typ, const Num *block_size, PyObjec
     if (fields != NULL) {
         it = 0;
         while (PyDict_Next(fields, &it, &key, &value)) {
+            /* a GNU long name or link wins over the PAX record, as in Go's archive/tar */
             if (KEY_IS(key, "path")) {
-                Py_INCREF(value);
-                Py_SETREF(name, value);
+                if (long_name == NULL && PyBytes_GET_SIZE(value) > 0) {
+                    Py_INCREF(value);
+                    Py_SETREF(name, value);
+                }
             }
             else if (KEY_IS(key, "linkpath")) {
-                Py_INCREF(value);
-                Py_SETREF(linkname, value);
+                if (long_link == NULL && PyBytes_GET_SIZE(value) > 0) {
+                    Py_INCREF(value);
+                    Py_SETREF(linkname, value);
+                }
             }
             else if (KEY_IS(key, "size")) {
                 if (pax_size(value, &size) < 0)
@@ -1071,6 +1081,8 @@ next_header(TarParser *self)
             self->ext_pending += (uint64_t)size.v;
         }
         if (typ == 'x') {
+            /* a later x header replaces an earlier one, as in Go's archive/tar */
+            PyDict_Clear(self->pax);
             if (read_pax(self, &size, block, self->pax) < 0)
                 return NULL;
             continue;

@@ -26,7 +26,11 @@ importer keep a layer's headers and padding apart from its file contents.
 Formats: ustar (with the 155-byte prefix), PAX extended headers (``x``) with
 ``path``, ``linkpath``, ``size``, ``uid``, ``gid``, ``uname``, ``gname``,
 ``mtime`` and ``SCHILY.xattr.*``, GNU long names (``L``) and long links
-(``K``), octal and base-256 numeric fields.  A PAX global header (``g``) is
+(``K``), octal and base-256 numeric fields.  Where several of these describe
+one member, they apply as Go's archive/tar applies them (docker and
+containerd extract layers with it): the last ``x`` header alone, and a GNU
+long name or link over the PAX ``path`` or ``linkpath``; an empty one of
+these names nothing (the header's own name or link stays).  A PAX global header (``g``) is
 read (its records must be well-formed) and applies to no member, as in Go's
 archive/tar, which docker and containerd extract layers with: Go hands it out
 as an entry of its own, which they skip, and the ``x``/``L``/``K`` headers
@@ -210,7 +214,7 @@ class TarParser:
             if typ in b"xg":
                 records = _parse_pax(self._ext_data(size, "PAX header"))
                 if typ == ord("x"):
-                    pax.update(records)
+                    pax = records  # a later x header replaces an earlier one, as in Go
                 else:  # global: an entry of its own that applies to nothing (see above)
                     pax = {}
                     long_name = long_link = None
@@ -269,16 +273,19 @@ class TarParser:
         gname = _cstr(block[297:329])
         devmajor = _number(block[329:337], "devmajor")
         devminor = _number(block[337:345], "devminor")
-        if long_name is not None:
+        if long_name:  # an empty GNU long name or PAX path counts as none, as in Go
             name = long_name
-        if long_link is not None:
+        if long_link:
             linkname = long_link
         xattrs: dict[bytes, bytes] = {}
         for key, value in pax.items():
+            # a GNU long name or link wins over the PAX record, as in Go's archive/tar
             if key == b"path":
-                name = value
+                if not long_name and value:
+                    name = value
             elif key == b"linkpath":
-                linkname = value
+                if not long_link and value:
+                    linkname = value
             elif key == b"size":
                 size = _pax_int(value, "size")
             elif key == b"uid":

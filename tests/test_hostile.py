@@ -291,6 +291,16 @@ def test_global_pax_header_applies_to_no_member(backend: str, store: Store, tmp_
         assert (e.uid, e.mtime_ns, e.xattrs) == (0, 1_700_000_000 * 10**9, ())
 
 
+def test_second_pax_header_replaces_the_first(backend: str, store: Store, tmp_path: Path) -> None:
+    """Of two extended headers before one member, Go's archive/tar (docker, containerd) applies
+    the second alone; merged, ``path=evil`` of the first renamed the member."""
+    first = pax([(b"path", b"evil"), (b"uid", b"7")])
+    second = pax([(b"mtime", b"1600000000.5")])
+    (t,) = import_layers(store, tmp_path, [first + second + rec(b"good", b"G") + END])
+    assert sorted(t) == [b"good"]
+    assert (t[b"good"].uid, t[b"good"].mtime_ns) == (0, 1_600_000_000_500_000_000)
+
+
 def test_duplicates_last_wins(backend: str, store: Store, tmp_path: Path) -> None:
     raw = tar_bytes(
         [

@@ -466,6 +466,53 @@ def test_binary_xattrs_and_pax_merge_order(mod):
 
 
 @pytest.mark.parametrize("mod", BACKENDS)
+def test_an_extended_header_replaces_an_earlier_one(mod):
+    """As Go's archive/tar: of several x headers before a member, the last applies alone (GNU
+    long names and links are kept: Go too keeps them across x headers)."""
+    data = (
+        pax([(b"path", b"evil"), (b"SCHILY.xattr.user.a", b"1"), (b"uid", b"7")])
+        + gnu_long(b"L", b"long/name")
+        + pax([(b"gid", b"9")])
+        + member(header(b"f", size=3), b"abc")
+        + END
+    )
+    ((h, content, _, _),) = members(parse(mod, data))
+    assert (h[0], h[4], h[5], h[12], content) == (b"long/name", 1000, 9, {}, b"abc")
+    assert_same(data)
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+@pytest.mark.parametrize("order", ["pax-first", "gnu-first"])
+def test_gnu_long_names_win_over_pax_paths(mod, order):
+    """Go's archive/tar applies the PAX records, then a GNU long name or link over them."""
+    x = pax([(b"path", b"pax/name"), (b"linkpath", b"pax/link"), (b"uid", b"7")])
+    gnu = gnu_long(b"L", b"gnu/name") + gnu_long(b"K", b"gnu/link")
+    data = (
+        (x + gnu if order == "pax-first" else gnu + x) + member(header(b"l", typ=b"2", linkname=b"t")) + END
+    )
+    ((h, _, _, _),) = members(parse(mod, data))
+    assert (h[0], h[1], h[4]) == (b"gnu/name", b"gnu/link", 7)
+    assert_same(data)
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_empty_extended_names_name_nothing(mod):
+    """As Go's archive/tar: an empty PAX path or linkpath, or an empty GNU long name or link,
+    leaves the name the header has (or the other extended header's)."""
+    link = member(header(b"l", typ=b"2", linkname=b"t"))
+    cases = [
+        (pax([(b"path", b""), (b"linkpath", b"")]) + link, (b"l", b"t")),
+        (gnu_long(b"L", b"") + gnu_long(b"K", b"") + link, (b"l", b"t")),
+        (gnu_long(b"L", b"") + pax([(b"path", b"p"), (b"linkpath", b"")]) + link, (b"p", b"t")),
+        (gnu_long(b"K", b"k") + pax([(b"path", b""), (b"linkpath", b"q")]) + link, (b"l", b"k")),
+    ]
+    for data, names in cases:
+        ((h, _, _, _),) = members(parse(mod, data + END))
+        assert (h[0], h[1]) == names
+        assert_same(data + END)
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
 def test_global_header_applies_to_no_member(mod):
     """As Go's archive/tar (docker, containerd): a global header ('g') is an entry of its own,
     which extractors skip.  Its records apply to no member, and extended headers read before it
@@ -636,7 +683,8 @@ def test_ext_header_limits_accepted(mod):
         + member(header(b"x"))
         + END
     )
-    assert members(parse(mod, data))[0][0][0] == b"" and members(parse(mod, data))[0][0][4] == 7
+    # (the empty long name names nothing: the header's name stays, as in Go)
+    assert members(parse(mod, data))[0][0][0] == b"x" and members(parse(mod, data))[0][0][4] == 7
 
 
 @pytest.mark.parametrize("mod", BACKENDS)

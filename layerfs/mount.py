@@ -401,10 +401,11 @@ def umount(store: Store, mountpoint: str, *, timeout: float = UMOUNT_TIMEOUT) ->
     mp = os.path.realpath(mountpoint)
     fstype = mounted_fuse(mp)
     rec = next((r for r in _records(store) if r["mountpoint"] == mp), None)
-    lazily = False
+    lazily = False  # detached while it may be busy: the daemon may still serve open files
     if fstype is None:
         if rec is None:
             raise MountError(f"{mountpoint} is not mounted")
+        lazily = True  # detached by someone else (fusermount3 -u -z, umount -l)
     elif not fstype.startswith("fuse.layerfs"):
         raise MountError(f"{mountpoint} is a {fstype} mount, not a layerfs one")
     else:

@@ -248,14 +248,18 @@ def test_umount_returns_once_the_daemon_let_go(cli, sample, tmp_path):
         _gc_frees_everything(cli)
 
 
-def test_umount_of_a_busy_mount_says_what_holds_it(cli, sample, tmp_path):
+@pytest.mark.parametrize("detached_before", [False, True])
+def test_umount_of_a_busy_mount_says_what_holds_it(cli, sample, tmp_path, detached_before):
     """Files still open after the wait: the mount is detached (as umount -l), its daemon keeps
-    serving them (never killed under a reader) and goes, with the image's pin, once they close."""
+    serving them (never killed under a reader) and goes, with the image's pin, once they close.
+    The same when the mount was detached lazily before (fusermount3 -u -z)."""
     mnt = str(tmp_path / "m")
     with layerfs_mount(cli, sample, mnt):
         pid = _mount_record(cli, mnt)["pid"]
         cli("rmi", sample)
         with open(os.path.join(mnt, "bin/busybox"), "rb") as f:
+            if detached_before:
+                subprocess.run(["fusermount3", "-u", "-z", mnt], check=True, timeout=30)
             res = cli("umount", "--timeout", "1", mnt, check=False)
             assert res.code == 1
             (line,) = res.err.strip().splitlines()

@@ -79,7 +79,18 @@ def test_kill_mid_import(big_layout: str, store_path: str, cli) -> None:
         seen = _wait_for_batch(store_path, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait()  # reaped: a zombie would still look like a live lease holder
+
+    def zombie() -> bool:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+
+    deadline = time.monotonic() + 10
+    while not zombie() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with Store(store_path) as s:  # not reaped yet: a zombie holds nothing (its parent may be slow)
+        ((_, lease),) = s.leases()
+        assert not Store.lease_alive(lease)
+    proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert seen > 0
 

@@ -199,14 +199,18 @@ class _Slot:
 
 
 def _proc_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot; None if it is gone."""
+    """Start time of a process in clock ticks since boot; None if it is gone (a zombie is:
+    killed, it holds nothing, and its parent may take seconds to reap it)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # the command name may hold spaces and parentheses: fields start after the last ')'
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
 
 
 def _boot_id() -> str:

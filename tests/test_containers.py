@@ -460,6 +460,40 @@ def test_volume_read_write_and_read_only(cli, sample, tmp_path):
     assert (fresh / "x").read_text() == "made\n"
 
 
+def test_file_bind_mounts(cli, sample, tmp_path):
+    """``-v /host/file:/ctr/file``: a file on a new mount point (a file, made in the root
+    filesystem as runc makes directories: a change, as ``docker diff`` shows it) and a
+    read-only file over one of the image's."""
+    conf = tmp_path / "app.conf"
+    conf.write_text("setting=1\n")
+    name = tmp_path / "hostname"
+    name.write_text("from-the-host\n")
+    script = "cat /opt/conf/app.conf /etc/hostname; test -f /opt/conf/app.conf && echo file; " + (
+        "echo setting=2 >> /opt/conf/app.conf; echo no > /etc/hostname"
+    )
+    res = cli(
+        "run",
+        "--name",
+        "files",
+        "-v",
+        f"{conf}:/opt/conf/app.conf",
+        "-v",
+        f"{name}:/etc/hostname:ro",
+        sample,
+        "sh",
+        "-c",
+        script,
+        check=False,
+    )
+    assert res.out == "setting=1\nfrom-the-host\nfile\n", res
+    assert res.code == 1 and "Read-only file system" in res.err
+    assert conf.read_text() == "setting=1\nsetting=2\n"
+    assert name.read_text() == "from-the-host\n"
+    assert cli("diff", "files").out == "A /opt\nA /opt/conf\nA /opt/conf/app.conf\n"
+    # the image's own file is untouched
+    assert cli("run", "--rm", sample, "cat", "/etc/hostname").out != "from-the-host\n"
+
+
 @pytest.mark.parametrize("spec", ["relative:/data", "/abs:relative", "/a:/b:rw:x", "/a:/b:rx", "/a"])
 def test_bad_volume_spec(cli, sample, spec):
     res = cli("run", "-v", spec, sample, "true", check=False)

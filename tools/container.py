@@ -285,7 +285,8 @@ def write_runtime_config(store: Store, image_id: bytes, rootfs: str, opts: Proce
     process = runtime_spec["process"]
     prepare_rootfs(rootfs, process["cwd"])
     for v in opts.volumes:
-        os.makedirs(v.source, exist_ok=True)  # docker creates a missing host directory too
+        if not os.path.exists(v.source):
+            os.makedirs(v.source)  # docker creates a missing host directory too
     if not executable_exists(rootfs, process["args"][0], process["env"]):
         # docker's message and status; runc would only say "exec failed" and exit 1
         raise ContainerError(f'exec: "{process["args"][0]}": executable file not found in $PATH', 127)

@@ -31,7 +31,7 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="HOST:CTR[:ro]",
-        help="bind mount a host directory",
+        help="bind mount a host directory or file",
     )
     p.add_argument("--entrypoint", help='replace the image\'s entrypoint ("" clears it)')
     p.add_argument("--hostname", default="", help="container host name (default: the short id)")

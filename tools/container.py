@@ -9,10 +9,11 @@ A container is a directory under the store, ``containers/<id>/``::
     container.log    stdout and stderr of detached runs
 
 Running means: mount the image read-write on ``rootfs`` with the container's
-upper directory, write ``config.json`` from the image config, and run
-``runc run`` on the directory as a bundle.  A foreground ``run`` waits for it
+upper directory, write ``config.json`` from the image config, and run the
+directory as a bundle with ``runc create`` and ``runc start``, waiting for the
+container's process as its parent (``shim``).  A foreground ``run`` does that
 itself; ``start`` (and ``run -d``) leaves a small monitor process behind that
-waits instead, records the exit code and unmounts, as docker's shim does.
+does, records the exit code and unmounts, as docker's shim does.
 
 State changes are whole-file replacements of ``container.json`` (write, then
 rename), so a reader never sees half a record.
@@ -40,7 +41,7 @@ from layerfs import hosttree
 from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
 from layerfs.store import Store
 from layerfs.store.store import _boot_id, _proc_start
-from layerfs.tools import refs
+from layerfs.tools import refs, shim
 from layerfs.tools.commit import CommitError
 from layerfs.tools.runtime import (
     RUNTIME_DIRS,
@@ -335,32 +336,23 @@ def _execute_locked(
     _mount(store, c)
     code: int | None = None
     started = False
-    proc: subprocess.Popen[bytes] | None = None
-    terminated = False
 
-    def on_term(signum: int, frame: object) -> None:
-        # SIGTERM to us (a monitor being stopped) goes to runc, which passes it on
-        nonlocal terminated
-        terminated = True
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+    def on_started(pid: int) -> None:
+        c.state = dict(c.state, init=pid)
+        c.save()
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
+    run = shim.Run(runc, c.dir, c.id, c.process.tty, stdin, stdout, on_started)
+    # SIGTERM to us (a monitor being stopped) goes to the container's process
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: run.send(signum))
     try:
         write_bundle(store, c)
         subprocess.run([*runc, "delete", "--force", c.id], capture_output=True)  # a crashed run's leftovers
         _set_running(c)
         started = True
-        # the terminal's ^C reaches runc too, which passes it to the container: we just wait
+        # the terminal's ^C reaches the container's process too: we just wait
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            proc = subprocess.Popen(
-                [*runc, "run", "--bundle", c.dir, c.id], stdin=stdin, stdout=stdout, stderr=stdout
-            )
-            if terminated:  # asked to stop before runc was there to pass it on
-                proc.terminate()
-            code = proc.wait()
+            code = run.execute()
         finally:
             signal.signal(signal.SIGINT, old_int)
     finally:
@@ -371,7 +363,7 @@ def _execute_locked(
         if started:
             _set_exited(c, code)
     assert code is not None
-    return code if code >= 0 else 128 - code
+    return code
 
 
 def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
@@ -394,14 +386,11 @@ def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline and load(c.dir).state.get("pid") != proc.pid and proc.poll() is None:
         time.sleep(0.02)
     # as docker: back once the container runs, not once its monitor does (the monitor records
-    # "running" before runc has made the container; `runc list` right after must show it)
-    runc = _runc()
-    while (
-        time.monotonic() < deadline
-        and load(c.dir).state.get("pid") == proc.pid
-        and proc.poll() is None
-        and subprocess.run([*runc, "state", c.id], capture_output=True).returncode != 0
-    ):
+    # "running" before runc has made the container; it adds the init's pid once it runs)
+    while time.monotonic() < deadline and proc.poll() is None:
+        st = load(c.dir).state
+        if st.get("pid") != proc.pid or "init" in st:
+            break
         time.sleep(0.01)
     c.state = load(c.dir).state  # read after the monitor's last word
     if proc.poll() is not None and proc.returncode != 0 and c.state.get("pid") != proc.pid:

@@ -1,0 +1,209 @@
+"""Running one container's process with runc, as its parent: what docker's shim does.
+
+``runc create`` sets the container up (namespaces, mounts, user, the command looked up) and
+leaves its init process waiting; ``runc start`` lets it run the command.  The process that
+calls them (a foreground ``run``, or a detached container's monitor) is a child subreaper,
+so the init, orphaned when ``runc create`` exits, becomes its child: it waits for it and
+has its exit status, and forwards signals to it.  With ``-t`` runc hands over the master
+side of the container's terminal on a unix socket (``--console-socket``), and the shim
+copies between it and its own terminal or output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import termios
+import threading
+import time
+import tty
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+RUN_DIR = "/run/layerfs"  # console sockets (the path of a unix socket must be short)
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (a container's init once ``runc create`` exits) become our children."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def _copy(src: int, dst: int, on_eof: Callable[[], None] | None = None) -> None:
+    """Copy until ``src`` ends (EOF, or EIO: a terminal's other side is closed everywhere)."""
+    while True:
+        try:
+            data = os.read(src, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            if on_eof is not None:
+                on_eof()
+            return
+        try:
+            while data:
+                data = data[os.write(dst, data) :]
+        except OSError:  # the reader went away: keep draining, so the writer never blocks
+            pass
+
+
+class Console:
+    """The container's terminal: runc sends its master side to our socket during create."""
+
+    def __init__(self) -> None:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix="console-", dir=RUN_DIR)
+        self.path = os.path.join(self.dir, "sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(1)
+        self.master = -1
+        self.threads: list[threading.Thread] = []
+        self.saved: list[Any] | None = None  # our terminal's modes, while it is raw
+        self.raw_fd = -1
+        self.old_winch: object = None
+
+    def receive(self, timeout: float = 10.0) -> None:
+        """The master side, sent by the container's init while ``runc create`` ran."""
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        if not fds:
+            raise OSError("runc sent no terminal")
+        self.master = fds[0]
+
+    def attach(self, stdin: int, out: int) -> None:
+        """Copy the container's terminal to ``out``, and ``stdin`` (if any) to it.  When
+        ``stdin`` is our terminal it is made raw (keys go to the container as typed)."""
+        size_from = next((fd for fd in (stdin, out) if os.isatty(fd)), None)
+        if size_from is not None:
+            self._resize(size_from)
+            self.old_winch = signal.signal(signal.SIGWINCH, lambda s, f: self._resize(size_from))
+        if os.isatty(stdin):
+            self.saved = termios.tcgetattr(stdin)
+            tty.setraw(stdin, termios.TCSANOW)  # no flush: what was typed already counts
+            self.raw_fd = stdin
+        t = threading.Thread(target=_copy, args=(stdin, self.master), daemon=True)
+        t.start()  # never joined: it may wait on our input for good
+        reader = threading.Thread(target=_copy, args=(self.master, out), daemon=True)
+        reader.start()
+        self.threads.append(reader)
+
+    def _resize(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            size = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
+
+    def close(self) -> None:
+        for t in self.threads:  # the output, to its end (EIO once the container's side is closed)
+            t.join(timeout=10)
+        if self.saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.raw_fd, termios.TCSADRAIN, self.saved)
+        if self.old_winch is not None:
+            signal.signal(signal.SIGWINCH, self.old_winch)  # type: ignore[arg-type]
+        if self.master >= 0:
+            os.close(self.master)
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Run:
+    """One run of a container's process."""
+
+    runc: list[str]  # the runtime with its global options
+    bundle: str
+    cid: str
+    tty: bool
+    stdin: int | None = None  # None: ours
+    stdout: int | None = None  # stdout and stderr; None: ours
+    on_started: Callable[[int], None] = lambda pid: None  # told the init's pid once it runs
+    pid: int = 0
+    terminated: int = 0  # a signal to pass on as soon as there is a process
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, signum: int) -> None:
+        """Pass ``signum`` on to the container's process (later, if it is not there yet)."""
+        with self._lock:
+            if self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signum)
+            else:
+                self.terminated = signum
+
+    def execute(self) -> int:
+        """Create, start, wait; the exit code (128+N for a signal), as ``runc run`` gives it."""
+        become_subreaper()
+        pid_file = os.path.join(self.bundle, "init.pid")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file)
+        console = Console() if self.tty else None
+        try:
+            args = [*self.runc, "create", "--bundle", self.bundle, "--pid-file", pid_file]
+            if console is not None:
+                args += ["--console-socket", console.path]
+                create = subprocess.run([*args, self.cid], stdin=self.stdin)
+            else:
+                out = self.stdout
+                create = subprocess.run([*args, self.cid], stdin=self.stdin, stdout=out, stderr=out)
+            if create.returncode != 0:
+                return create.returncode
+            with open(pid_file) as f:
+                pid = int(f.read().strip())
+            if console is not None:
+                console.receive()
+                console.attach(
+                    0 if self.stdin is None else self.stdin, 1 if self.stdout is None else self.stdout
+                )
+            with self._lock:
+                self.pid = pid
+                if self.terminated:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, self.terminated)
+            started = subprocess.run([*self.runc, "start", self.cid], capture_output=True)
+            if started.returncode == 0:
+                self.on_started(pid)
+            elif _alive(pid):  # runc could not start it, yet it is there: end it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return _wait(pid)
+        finally:
+            with self._lock:
+                self.pid = 0
+            if console is not None:
+                console.close()
+            subprocess.run([*self.runc, "delete", "--force", self.cid], capture_output=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return False
+    return line[line.rindex(b")") + 2 : line.rindex(b")") + 3] not in (b"Z", b"X")
+
+
+def _wait(pid: int) -> int:
+    """The exit code of our child ``pid`` (an adopted container init)."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # not adopted (another subreaper was closer): watch it instead
+        while _alive(pid):
+            time.sleep(0.05)
+        return 255
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code

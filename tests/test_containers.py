@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +107,39 @@ def ps(cli: Callable[..., CLIResult], *flags: str) -> list[dict[str, Any]]:
 
 def container_dir(store_path: str, cid: str) -> str:
     return os.path.join(store_path, "containers", cid)
+
+
+def run_in_pty(store_path: str, *args: str, typed: bytes = b"", timeout: float = 60) -> tuple[int, bytes]:
+    """``layerfs ARGS`` on a new terminal (its stdin, stdout and stderr); ``typed`` is written
+    to the terminal at once, as a user or ``script`` (``^D`` when its own input ends) would.
+    The exit code and everything the terminal showed."""
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its controlling terminal is the new one
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "layerfs", *args], env)
+        finally:
+            os._exit(127)
+    out = b""
+    try:
+        if typed:
+            os.write(fd, typed)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every process of the terminal closed it
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -634,11 +670,6 @@ def test_setup_errors_exit_125_with_one_line(cli, sample, tmp_path):
     assert res.code == SETUP_FAILED
     assert "/etc/passwd is not a directory" in one_line_error(res)
 
-    # -t needs a terminal (the tests have none)
-    res = cli("run", "--rm", "-t", sample, "true", check=False)
-    assert res.code == 1
-    assert "not a TTY" in one_line_error(res)
-
     # an unknown image
     res = cli("run", "no-such-image:latest", "true", check=False)
     assert res.code == SETUP_FAILED
@@ -653,12 +684,6 @@ def test_setup_errors_exit_125_with_one_line(cli, sample, tmp_path):
     assert res.code == SETUP_FAILED
     one_line_error(res)
     assert [c["name"] for c in ps(cli, "-a")] == ["dup"]
-
-    # -d with --rm is refused before anything is made
-    res = cli("run", "-d", "--rm", sample, "true", check=False)
-    assert res.code == SETUP_FAILED
-    one_line_error(res)
-    assert len(ps(cli, "-a")) == 1
 
 
 def test_start_of_a_container_whose_runtime_vanished(cli, sample):
@@ -897,3 +922,71 @@ def test_concurrent_starts_run_one_container(cli, sample, store_path):
     assert len(_processes_mentioning(f"monitor {store_path} {cid}")) == 2
     cli("stop", "-t", "0", cid)
     assert ps(cli, "-a")[0]["state"] == "exited"
+
+
+# -- 12. terminals: -t, -it, -dit; -d --rm ----------------------------------------------------
+def test_tty_without_a_terminal(cli_input, sample, store_path):
+    """``-t`` gives the container a terminal even when ours is none (docker too): its output
+    comes through it (``\\r\\n``), TERM is xterm unless set, the exit code passes through.
+    ``-it`` needs a terminal on stdin: docker's message and 1."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        env = dict(os.environ, LAYERFS_STORE=store_path)
+        cmd = [sys.executable, "-m", "layerfs", "run", "--rm", *args]
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=60)
+
+    res = run("-t", sample, "sh", "-c", 'test -t 0 && test -t 1 && echo "tty $TERM"; exit 3')
+    assert (res.returncode, res.stdout, res.stderr) == (3, b"tty xterm\r\n", b""), res
+    res = run("-t", "-e", "TERM=vt100", sample, "sh", "-c", "echo $TERM")
+    assert (res.returncode, res.stdout) == (0, b"vt100\r\n"), res
+    res = run(sample, "sh", "-c", 'echo "${TERM-unset}"')
+    assert res.stdout == b"unset\n"  # no TERM without -t
+    res = cli_input("run", "--rm", "-it", sample, "true")
+    assert res.code == 1
+    assert one_line_error(res) == "layerfs: the input device is not a TTY"
+    assert ps(cli_input, "-a") == []
+
+
+def test_tty_output_on_a_terminal_has_no_stray_byte(store_path, sample):
+    """On a terminal whose input already ended (``script`` types ^D then), ``-t`` without
+    ``-i`` does not read our input: the session shows exactly the command's output."""
+    code, out = run_in_pty(store_path, "run", "--rm", "-t", sample, "echo", "hi", typed=b"\x04")
+    # the container's terminal writes "\r\n"; ours, not raw without -i (as docker leaves it),
+    # adds its own "\r": a terminal shows the same
+    assert (code, out) == (0, b"hi\r\r\n")
+    code, out = run_in_pty(
+        store_path, "run", "--rm", "-it", sample, "sh", "-c", "read x; echo got $x", typed=b"abc\r"
+    )
+    assert code == 0 and out.endswith(b"got abc\r\n"), out
+
+
+def test_detached_tty_and_interactive_stay_up(cli, sample, store_path):
+    """``-dit sh`` (and ``-dt``, ``-di``) wait for input that never comes, as with docker:
+    the shell runs until stopped; its terminal's output (its prompt too) is in the log."""
+    for flags in ("-dit", "-dt", "-di"):
+        name = "shell" + flags
+        cli("run", flags, "--name", name, sample, "sh", "-c", "echo started; exec sh")
+        assert wait_until(lambda name=name: "started" in cli("logs", name).out, timeout=15)
+        time.sleep(0.5)
+        assert [c["state"] for c in ps(cli) if c["name"] == name] == ["running"], flags
+        with open(os.path.join(container_dir(store_path, ps(cli)[0]["id"]), "container.log"), "rb") as f:
+            log = f.read()
+        if "t" in flags:  # an interactive shell on a terminal: its banner and prompt follow
+            assert log.startswith(b"started\r\n") and b"/app # " in log, log
+        else:
+            assert log == b"started\n"
+        cli("stop", "-t", "1", name)
+        assert [c["state"] for c in ps(cli, "-a") if c["name"] == name] == ["exited"]
+
+
+def test_detached_rm_removes_the_container_when_it_exits(cli, sample, store_path):
+    cid = cli("run", "-d", "--rm", sample, "sh", "-c", "sleep 0.5").out.strip()
+    assert len(cid) == 64
+    assert wait_until(lambda: ps(cli, "-a") == [], timeout=15)
+    assert not os.path.exists(container_dir(store_path, cid))
+    # and when it is stopped
+    cli("run", "-d", "--rm", "--name", "gone", sample, "sleep", "1000")
+    assert [c["name"] for c in ps(cli)] == ["gone"]
+    assert cli("stop", "-t", "0", "gone").out == "gone\n"
+    assert wait_until(lambda: ps(cli, "-a") == [], timeout=15)
+    assert os.listdir(os.path.join(store_path, "containers")) == []

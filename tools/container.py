@@ -79,6 +79,7 @@ class Container:
     options: dict[str, Any]  # ProcessOptions fields
     init_paths: list[str]  # runtime mount points the image lacks: not changes of the container
     state: dict[str, Any] = field(default_factory=lambda: {"status": "created"})
+    auto_remove: bool = False  # run --rm: removed when it exits (by the monitor when detached)
     dir: str = ""
 
     @property
@@ -210,7 +211,9 @@ def _layers(store: Store, image_id: bytes) -> list[bytes]:
     return [bytes.fromhex(h) for h in _image(store, image_id)["layers"]]
 
 
-def create(store: Store, image_ref: str, opts: ProcessOptions, name: str | None = None) -> Container:
+def create(
+    store: Store, image_ref: str, opts: ProcessOptions, name: str | None = None, *, auto_remove: bool = False
+) -> Container:
     image_id = refs.resolve(store, image_ref)
     config = _image_config(store, image_id)
     from layerfs.tools.runtime import process_args
@@ -231,7 +234,9 @@ def create(store: Store, image_ref: str, opts: ProcessOptions, name: str | None 
     missing = [os.fsdecode(d) for d in RUNTIME_DIRS if lower.lookup(d) is None]
     options = asdict(opts)
     options["hostname"] = opts.hostname or cid[:12]
-    c = Container(cid, name, image_id.hex(), image_ref, time.time(), options, missing)
+    c = Container(
+        cid, name, image_id.hex(), image_ref, time.time(), options, missing, auto_remove=auto_remove
+    )
     c.dir = os.path.join(containers_dir(store), cid)
     for d in (c.dir, c.upper, c.work, c.rootfs):
         os.makedirs(d, mode=0o700, exist_ok=True)
@@ -500,30 +505,42 @@ def remove(store: Store, c: Container, *, force: bool = False) -> None:
             c.state = load(c.dir).state
         except FileNotFoundError:
             return
-        _release(store, c)
-        if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
-            raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")
-        hosttree.remove(c.dir)  # a container decides how deep its tree goes
+        _delete_locked(store, c)
     finally:
         os.close(lock)
+
+
+def _delete_locked(store: Store, c: Container) -> None:
+    """With the lock held: remove the container and its changes."""
+    _release(store, c)
+    if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
+        raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")
+    hosttree.remove(c.dir)  # a container decides how deep its tree goes
 
 
 def monitor(store_path: str, cid: str) -> int:
     """The detached side of ``start``: run to the end, with output in the container's log."""
     store = Store(store_path)
     c = load(os.path.join(containers_dir(store), cid))
-    devnull = os.open(os.devnull, os.O_RDONLY)
     lock = c.try_lock()
     if lock is None:
         return 0  # started by someone else meanwhile: docker start of a running container is a no-op
+    # -i: stdin open for good (nothing is attached to write to it), as docker keeps it open
+    stdin, keep_open = os.pipe() if c.process.interactive else (os.open(os.devnull, os.O_RDONLY), -1)
     try:
-        return _execute_locked(store, c, _runc(), devnull, 1)
+        return _execute_locked(store, c, _runc(), stdin, 1)
     except (ContainerError, RuntimeError_, CommitError, OSError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
         _set_exited(c, None)
         return 125
     finally:
+        if c.auto_remove:  # run -d --rm
+            with contextlib.suppress(ContainerError, OSError):
+                _delete_locked(store, c)
         os.close(lock)
+        for fd in (stdin, keep_open):
+            if fd >= 0:
+                os.close(fd)
 
 
 def main(argv: list[str]) -> int:

@@ -81,6 +81,7 @@ class ProcessOptions:
     volumes: list[Volume] = field(default_factory=list)
     hostname: str = ""
     tty: bool = False
+    interactive: bool = False  # -i: stdin stays open (a detached container's never ends)
     network: str = "host"  # "host" or "none" (a namespace with loopback only)
 
 
@@ -97,6 +98,8 @@ def process_args(image_config: dict[str, Any], opts: ProcessOptions) -> list[str
 
 def environment(image_config: dict[str, Any], opts: ProcessOptions) -> list[str]:
     env: dict[str, str] = {}
+    if opts.tty:  # docker's default for a terminal; the image's Env and -e may say otherwise
+        env["TERM"] = "xterm"
     for item in image_config.get("Env") or []:
         k, _, v = item.partition("=")
         env[k] = v

@@ -56,6 +56,7 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
         volumes=[Volume.parse(v) for v in args.volume],
         hostname=args.hostname,
         tty=bool(getattr(args, "tty", False)),
+        interactive=bool(getattr(args, "interactive", False)),
         network=args.network,
     )
 

@@ -1,13 +1,15 @@
 """``layerfs run IMAGE [CMD...]``: create a container and run it with runc.
 
 In the foreground (the default) the container's stdout, stderr and exit code
-are ours; ``-i`` passes stdin on.  ``-d`` starts it in the background and
-prints its id.  As with docker, 125 means the container could not be set up.
+are ours; ``-i`` passes stdin on, ``-t`` gives it a terminal.  ``-d`` starts it
+in the background and prints its id (``--rm`` then removes it when it exits).
+As with docker, 125 means the container could not be set up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -30,22 +32,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from layerfs.tools import container as C
 
-    if args.detach and (args.rm or args.tty):
-        with errors(EXIT_SETUP):
-            raise C.ContainerError("--rm and -t are not supported with -d")
-    if args.tty and not sys.stdin.isatty():
-        raise CLIError("the input device is not a TTY (drop -t)")
+    if args.tty and args.interactive and not args.detach and not sys.stdin.isatty():
+        raise CLIError("the input device is not a TTY")  # docker's words and status
     with open_store(args) as store, errors(EXIT_SETUP):
         C.runtime()  # say it is missing before creating anything
-        c = C.create(store, args.image, process_options(args), args.name)
-        try:
-            if args.detach:
+        c = C.create(store, args.image, process_options(args), args.name, auto_remove=args.rm)
+        if args.detach:
+            try:
                 C.start(store, c)
-                print(c.id)
-                return 0
-            stdin = None if args.interactive or args.tty else os.open(os.devnull, os.O_RDONLY)
+            except BaseException:
+                if args.rm:
+                    with contextlib.suppress(C.ContainerError, OSError):
+                        C.remove(store, C.load(c.dir), force=True)
+                raise
+            print(c.id)
+            return 0
+        try:
+            stdin = None if args.interactive else os.open(os.devnull, os.O_RDONLY)
             sys.stdout.flush()
             return C.execute(store, c, stdin=stdin)
         finally:
-            if args.rm and not args.detach:
+            if args.rm:
                 C.remove(store, C.load(c.dir), force=True)

@@ -58,11 +58,14 @@ def _runc_state() -> set[str]:
 
 def _runc_state_of(names: set[str], base: str) -> list[str]:
     """Those of ``names`` (runc state directories) that belong to containers below ``base``
-    (a state without a readable state.json counts: it appeared during the test)."""
+    (a state that still has no readable state.json after a while counts: it appeared during
+    the test; one being created right now, by a test of another checkout, is left alone)."""
     out = []
     for name in names:
+        state = os.path.join(RUNC_ROOT, name, "state.json")
+        wait_until(lambda state=state: os.path.exists(state), timeout=3)
         try:
-            with open(os.path.join(RUNC_ROOT, name, "state.json")) as f:
+            with open(state) as f:
                 if base not in f.read():
                     continue
         except OSError:
@@ -530,7 +533,9 @@ def test_file_bind_mounts(cli, sample, tmp_path):
     assert cli("run", "--rm", sample, "cat", "/etc/hostname").out != "from-the-host\n"
 
 
-@pytest.mark.parametrize("spec", ["relative:/data", "/abs:relative", "/a:/b:rw:x", "/a:/b:rx", "/a"])
+@pytest.mark.parametrize(
+    "spec", ["relative:/data", "/abs:relative", "/a:/b:rw:x", "/a:/b:rx", "/a", "x:/", "/tmp:/", "/tmp:/.."]
+)
 def test_bad_volume_spec(cli, sample, spec):
     res = cli("run", "-v", spec, sample, "true", check=False)
     assert res.code == SETUP_FAILED
@@ -684,6 +689,50 @@ def test_setup_errors_exit_125_with_one_line(cli, sample, tmp_path):
     assert res.code == SETUP_FAILED
     one_line_error(res)
     assert [c["name"] for c in ps(cli, "-a")] == ["dup"]
+
+
+def test_runtime_failures_map_to_docker_exit_codes(cli, sample, tmp_path):
+    """What runc refuses is one line on stderr, never runc's own, with docker's status:
+    126 for a command that cannot be invoked, 127 for one that is not there, 125 for any
+    other failure to set the container up; the container is left created (as docker leaves
+    it), and ``--rm`` removes it."""
+    hostfile = tmp_path / "file"
+    hostfile.write_text("x\n")
+    cases = [  # (options, command, status, words of the message)
+        ([], "/etc/passwd", 126, 'exec: "/etc/passwd": permission denied'),  # not executable
+        ([], "/etc", 126, 'exec: "/etc": permission denied'),  # a directory
+        (["-w", "/tmp"], "./nothing", 127, "no such file or directory"),  # relative: runc looks
+        (["-v", f"{hostfile}:/etc"], "true", 125, "not a directory"),  # a file over a directory
+        (["-u", "99999999999"], "true", 125, "0-2147483647"),  # a uid the kernel cannot have
+        (["-u", "1:4294967296"], "true", 125, "0-2147483647"),
+    ]
+    for opts, cmd, code, words in cases:
+        res = cli("run", "--name", "failing", *opts, sample, cmd, check=False)
+        assert res.code == code, (opts, cmd, res)
+        assert words in one_line_error(res), (opts, cmd, res)
+        assert res.out == ""
+        [rec] = ps(cli, "-a")
+        assert rec["state"] == "created", (opts, cmd, rec)
+        cli("rm", "failing")
+        res = cli("run", "--rm", *opts, sample, cmd, check=False)
+        assert (res.code, len(res.err.splitlines())) == (code, 1), (opts, cmd, res)
+        assert ps(cli, "-a") == []
+
+    # detached: the same line and status from run -d and start; the container stays created
+    res = cli("run", "-d", "--name", "bad", sample, "/etc/passwd", check=False)
+    assert res.code == 126 and "permission denied" in one_line_error(res), res
+    assert res.out == ""
+    [rec] = ps(cli, "-a")
+    assert (rec["name"], rec["state"], rec["status"]) == ("bad", "created", "Created")
+    res = cli("start", "bad", check=False)
+    assert res.code == 126 and "permission denied" in one_line_error(res), res
+    res = cli("start", "-a", "bad", check=False)
+    assert res.code == 126 and "permission denied" in one_line_error(res), res
+    assert "runc" not in cli("logs", "bad").out
+    cli("rm", "bad")
+    res = cli("run", "-d", "--rm", sample, "/etc", check=False)
+    assert res.code == 126 and 'exec: "/etc": permission denied' in one_line_error(res), res
+    assert ps(cli, "-a") == []
 
 
 def test_start_of_a_container_whose_runtime_vanished(cli, sample):

@@ -27,13 +27,14 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -336,15 +337,22 @@ def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int
 
 
 def _execute_locked(
-    store: Store, c: Container, runc: list[str], stdin: int | None, stdout: int | None
+    store: Store,
+    c: Container,
+    runc: list[str],
+    stdin: int | None,
+    stdout: int | None,
+    started_hook: Callable[[], None] = lambda: None,
 ) -> int:
     _mount(store, c)
     code: int | None = None
     started = False
+    failure: shim.StartError | None = None
 
     def on_started(pid: int) -> None:
         c.state = dict(c.state, init=pid)
         c.save()
+        started_hook()
 
     run = shim.Run(runc, c.dir, c.id, c.process.tty, stdin, stdout, on_started)
     # SIGTERM to us (a monitor being stopped) goes to the container's process
@@ -358,6 +366,8 @@ def _execute_locked(
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             code = run.execute()
+        except shim.StartError as exc:
+            failure = exc
         finally:
             signal.signal(signal.SIGINT, old_int)
     finally:
@@ -365,40 +375,57 @@ def _execute_locked(
         # unmounted before "exited" is recorded: a start right after a stop must not lose its
         # new mount to this run's unmount
         _unmount(store, c)
-        if started:
+        if failure is not None:  # as docker: still created, the status and reason kept
+            c.state = dict(c.state, status="created", exit_code=failure.exit_code, error=str(failure))
+            c.save()
+        elif started:
             _set_exited(c, code)
+    if failure is not None:
+        raise ContainerError(f"cannot start container {c.name}: {failure}", failure.exit_code)
     assert code is not None
     return code
 
 
 def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
-    """Run the container in the background: a monitor process runs it and records its end."""
+    """Run the container in the background: a monitor process runs it and records its end.
+    Back once the container's process runs (as docker), or with why it could not start."""
     if c.running():
         return  # docker start of a running container is a no-op
     runtime()
     log = os.open(c.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    report_r, report_w = os.pipe()  # the monitor's one line: "started", or its failure as JSON
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "layerfs.tools.container", "monitor", store.path, c.id],
+            [sys.executable, "-m", "layerfs.tools.container", "monitor", store.path, c.id, str(report_w)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             start_new_session=True,
+            pass_fds=(report_w,),
         )
     finally:
         os.close(log)
+        os.close(report_w)
+    line = b""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and load(c.dir).state.get("pid") != proc.pid and proc.poll() is None:
-        time.sleep(0.02)
-    # as docker: back once the container runs, not once its monitor does (the monitor records
-    # "running" before runc has made the container; it adds the init's pid once it runs)
-    while time.monotonic() < deadline and proc.poll() is None:
-        st = load(c.dir).state
-        if st.get("pid") != proc.pid or "init" in st:
-            break
-        time.sleep(0.01)
-    c.state = load(c.dir).state  # read after the monitor's last word
-    if proc.poll() is not None and proc.returncode != 0 and c.state.get("pid") != proc.pid:
+    try:
+        while b"\n" not in line and time.monotonic() < deadline:
+            ready, _, _ = select.select([report_r], [], [], 0.05)
+            if ready:
+                chunk = os.read(report_r, 4096)
+                line += chunk
+                if not chunk:
+                    break
+            elif proc.poll() is not None:  # gone without a word (another start won the lock)
+                break
+    finally:
+        os.close(report_r)
+    with contextlib.suppress(FileNotFoundError):  # run -d --rm: maybe removed already
+        c.state = load(c.dir).state
+    if line.startswith(b"{"):
+        failure = json.loads(line.decode(errors="replace").splitlines()[0])
+        raise ContainerError(str(failure.get("error")), failure.get("exit_code") or 125)
+    if not line and proc.poll() is not None and proc.returncode != 0:
         raise ContainerError(f"container {c.name} failed to start: {_last_line(c.log)}")
 
 
@@ -518,8 +545,20 @@ def _delete_locked(store: Store, c: Container) -> None:
     hosttree.remove(c.dir)  # a container decides how deep its tree goes
 
 
-def monitor(store_path: str, cid: str) -> int:
-    """The detached side of ``start``: run to the end, with output in the container's log."""
+def monitor(store_path: str, cid: str, report_fd: int = -1) -> int:
+    """The detached side of ``start``: run to the end, with output in the container's log.
+    ``report_fd`` gets one line for ``start``: "started" once the process runs, or the failure."""
+
+    def report(line: bytes) -> None:
+        nonlocal report_fd
+        if report_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(report_fd, line + b"\n")
+                os.close(report_fd)
+            report_fd = -1
+
+    if report_fd >= 0:
+        os.set_inheritable(report_fd, False)
     store = Store(store_path)
     c = load(os.path.join(containers_dir(store), cid))
     lock = c.try_lock()
@@ -528,11 +567,14 @@ def monitor(store_path: str, cid: str) -> int:
     # -i: stdin open for good (nothing is attached to write to it), as docker keeps it open
     stdin, keep_open = os.pipe() if c.process.interactive else (os.open(os.devnull, os.O_RDONLY), -1)
     try:
-        return _execute_locked(store, c, _runc(), stdin, 1)
+        return _execute_locked(store, c, _runc(), stdin, 1, lambda: report(b"started"))
     except (ContainerError, RuntimeError_, CommitError, OSError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
-        _set_exited(c, None)
-        return 125
+        code = getattr(exc, "exit_code", None) or 125
+        report(json.dumps({"error": str(exc), "exit_code": code}).encode())
+        if not (c.state.get("status") == "created" and c.state.get("error")):  # runc refused it
+            _set_exited(c, None)
+        return code
     finally:
         if c.auto_remove:  # run -d --rm
             with contextlib.suppress(ContainerError, OSError):
@@ -544,9 +586,9 @@ def monitor(store_path: str, cid: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[0] == "monitor":
-        return monitor(argv[1], argv[2])
-    print("usage: python -m layerfs.tools.container monitor STORE ID", file=sys.stderr)
+    if len(argv) in (3, 4) and argv[0] == "monitor":
+        return monitor(argv[1], argv[2], int(argv[3]) if len(argv) == 4 else -1)
+    print("usage: python -m layerfs.tools.container monitor STORE ID [REPORT_FD]", file=sys.stderr)
     return 2
 
 

@@ -68,6 +68,8 @@ class Volume:
             raise RuntimeError_(f"invalid volume specification {spec!r}: the host path must be absolute")
         if not os.path.isabs(dst):
             raise RuntimeError_(f"invalid volume specification {spec!r}: the container path must be absolute")
+        if os.path.normpath(dst) == "/":  # docker's words
+            raise RuntimeError_(f"invalid volume specification {spec!r}: destination can't be '/'")
         return cls(src, os.path.normpath(dst), mode == "ro")
 
 
@@ -148,6 +150,7 @@ def in_root(root: str, path: str, *, follow_last: bool = True) -> str:
 
 
 _MAX_DB = 4 << 20
+_MAX_ID = 2**31 - 1  # the kernel's uid_t is 32 bits, and runc takes no more than 2^31 - 1
 
 
 def _read_db(rootfs: str, name: str) -> list[list[str]]:
@@ -205,6 +208,8 @@ def _resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int]]:
             if login and g[2].isdigit() and login in g[3].split(",") and int(g[2]) != gid
         }
     )
+    if not all(0 <= i <= _MAX_ID for i in (uid, gid, *extra)):  # runc's words
+        raise RuntimeError_(f"invalid user {user!r}: uids and gids must be in range 0-{_MAX_ID}")
     return uid, gid, extra
 
 

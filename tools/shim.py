@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -145,22 +146,33 @@ class Run:
                 self.terminated = signum
 
     def execute(self) -> int:
-        """Create, start, wait; the exit code (128+N for a signal), as ``runc run`` gives it."""
+        """Create, start, wait; the exit code (128+N for a signal), as ``runc run`` gives it.
+        StartError if runc could not make or start the container (nothing of it ran)."""
         become_subreaper()
         pid_file = os.path.join(self.bundle, "init.pid")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pid_file)
+        log = os.path.join(self.bundle, "runc.log")
+        for path in (pid_file, log):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        runc = [*self.runc, "--log", log, "--log-format", "json"]
         console = Console() if self.tty else None
+        # runc says why it failed on its stderr too, which without -t is the container's: a pipe,
+        # copied to ours once the container is made (what it held is runc's, and goes)
+        err_r, err_w = os.pipe()
+        relay: threading.Thread | None = None
         try:
-            args = [*self.runc, "create", "--bundle", self.bundle, "--pid-file", pid_file]
+            args = [*runc, "create", "--bundle", self.bundle, "--pid-file", pid_file]
+            io: dict[str, Any]
             if console is not None:
                 args += ["--console-socket", console.path]
-                create = subprocess.run([*args, self.cid], stdin=self.stdin)
+                io = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": err_w}
             else:
-                out = self.stdout
-                create = subprocess.run([*args, self.cid], stdin=self.stdin, stdout=out, stderr=out)
+                io = {"stdin": self.stdin, "stdout": self.stdout, "stderr": err_w}
+            create = subprocess.run([*args, self.cid], **io)
+            os.close(err_w)
+            err_w = -1
             if create.returncode != 0:
-                return create.returncode
+                raise start_error(log, _read_all(err_r))
             with open(pid_file) as f:
                 pid = int(f.read().strip())
             if console is not None:
@@ -168,24 +180,85 @@ class Run:
                 console.attach(
                     0 if self.stdin is None else self.stdin, 1 if self.stdout is None else self.stdout
                 )
+            else:
+                out = 2 if self.stdout is None else self.stdout
+                relay = threading.Thread(target=_copy, args=(err_r, out), daemon=True)
+                relay.start()
             with self._lock:
                 self.pid = pid
                 if self.terminated:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, self.terminated)
-            started = subprocess.run([*self.runc, "start", self.cid], capture_output=True)
+            started = subprocess.run([*runc, "start", self.cid], capture_output=True, text=True)
             if started.returncode == 0:
                 self.on_started(pid)
             elif _alive(pid):  # runc could not start it, yet it is there: end it
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                _wait(pid)
+                raise start_error(log, started.stderr)
             return _wait(pid)
         finally:
             with self._lock:
                 self.pid = 0
+            if relay is not None:
+                relay.join(timeout=10)
             if console is not None:
                 console.close()
+            for fd in (err_r, err_w):
+                if fd >= 0 and not (relay is not None and relay.is_alive() and fd == err_r):
+                    os.close(fd)
             subprocess.run([*self.runc, "delete", "--force", self.cid], capture_output=True)
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+class StartError(Exception):
+    """runc could not create or start the container: its reason, and docker's status for it."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_PREFIXES = (
+    "runc create failed: ",
+    "runc start failed: ",
+    "unable to start container process: ",
+    "error during container init: ",
+)
+
+
+def start_error(log: str, fallback: str) -> StartError:
+    """runc's reason (the last error of its JSON log), without its prefixes, and docker's status:
+    for a command that could not be run, 127 when it is not there and 126 when it cannot be
+    invoked (docker's CLI looks for these words in the daemon's message); 125 otherwise."""
+    message = ""
+    with contextlib.suppress(OSError), open(log, errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError, AttributeError):
+                entry = json.loads(line)
+                if entry.get("level") in ("error", "fatal") and entry.get("msg"):
+                    message = str(entry["msg"])
+    message = " ".join((message or fallback or "the OCI runtime failed").split())
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in _PREFIXES:
+            if message.startswith(p):
+                message, stripped = message[len(p) :], True
+    code = 125
+    if message.startswith(("exec: ", "exec ")):  # the command itself
+        if "executable file not found" in message or "no such file or directory" in message:
+            code = 127
+        elif "permission denied" in message or "is a directory" in message:
+            code = 126
+    return StartError(message, code)
 
 
 def _alive(pid: int) -> bool:

@@ -1039,3 +1039,89 @@ def test_detached_rm_removes_the_container_when_it_exits(cli, sample, store_path
     assert cli("stop", "-t", "0", "gone").out == "gone\n"
     assert wait_until(lambda: ps(cli, "-a") == [], timeout=15)
     assert os.listdir(os.path.join(store_path, "containers")) == []
+
+
+# -- 13. whatever process dies, the container's state is the truth ------------------------------
+def _state(store_path: str, cid: str) -> dict[str, Any]:
+    with open(os.path.join(container_dir(store_path, cid), "container.json")) as f:
+        state = json.load(f)["state"]
+    assert isinstance(state, dict)
+    return state
+
+
+def _mount_daemon(cli: Callable[..., CLIResult], rootfs: str) -> int:
+    """The pid of the daemon serving ``rootfs``."""
+    mounts = cli("mounts", "--json").json()
+    assert isinstance(mounts, list)
+    for rec in mounts:
+        if rec["mountpoint"] == os.path.realpath(rootfs):
+            return int(rec["pid"])
+    raise AssertionError(f"no mount daemon for {rootfs}")
+
+
+def _kill9(pid: int) -> None:
+    os.kill(pid, 9)
+    assert wait_until(
+        lambda: (
+            not os.path.exists(f"/proc/{pid}")
+            or open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+        )
+    )
+
+
+@pytest.mark.parametrize("victim", ["monitor", "foreground run", "mount daemon"])
+def test_a_killed_process_leaves_the_truth(cli, sample, store_path, victim):
+    """kill -9 of the process that waits for the container (a detached container's monitor, a
+    foreground run) or of its mount daemon: ps shows what runc says (still running), stop
+    stops it, rm -f removes it; nothing is left behind."""
+    script = 'trap "exit 5" TERM; echo up; sleep 1000 & wait'
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    fg = None
+    if victim == "foreground run":
+        fg = subprocess.Popen(
+            [sys.executable, "-m", "layerfs", "run", "--name", "c1", sample, "sh", "-c", script],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert wait_until(lambda: ps(cli) and "init" in _state(store_path, ps(cli)[0]["id"]), timeout=15)
+        cid = ps(cli)[0]["id"]
+    else:
+        cid = cli("run", "-d", "--name", "c1", sample, "sh", "-c", script).out.strip()
+        assert wait_until(lambda: "up" in cli("logs", "c1").out, timeout=15)
+    rootfs = os.path.join(container_dir(store_path, cid), "rootfs")
+    pid = _mount_daemon(cli, rootfs) if victim == "mount daemon" else int(_state(store_path, cid)["pid"])
+    _kill9(pid)
+    if fg is not None:
+        fg.wait(timeout=10)
+        fg.stdout.close()  # type: ignore[union-attr]
+        fg.stderr.close()  # type: ignore[union-attr]
+
+    [rec] = ps(cli)  # runc still runs it: running, whoever died
+    assert (rec["name"], rec["state"]) == ("c1", "running"), rec
+    assert rec["status"].startswith("Up "), rec
+    assert cli("stop", "-t", "5", "c1").out == "c1\n"
+    [rec] = ps(cli, "-a")
+    assert rec["state"] == "exited", rec
+    assert rec["status"].startswith("Exited ("), rec
+    assert "days" not in rec["status"], rec
+    assert cid not in _runc_state()
+    assert not mounted(rootfs)
+    assert cli("rm", "c1").out == "c1\n"
+
+    # rm -f of one whose monitor was killed; then one whose monitor was killed and that ended
+    cid = cli("run", "-d", "--name", "c2", sample, "sleep", "1000").out.strip()
+    _kill9(int(_state(store_path, cid)["pid"]))
+    assert [c["state"] for c in ps(cli)] == ["running"]
+    assert cli("rm", "-f", "c2").out == "c2\n"
+    assert ps(cli, "-a") == []
+    assert cid not in _runc_state()
+
+    go = "while [ ! -e /tmp/go ]; do sleep 0.1; done; echo done"
+    cid = cli("run", "-d", "--name", "c3", sample, "sh", "-c", go).out.strip()
+    rootfs = os.path.join(container_dir(store_path, cid), "rootfs")
+    _kill9(int(_state(store_path, cid)["pid"]))
+    Path(rootfs, "tmp", "go").touch()
+    assert wait_until(lambda: [c["state"] for c in ps(cli, "-a")] == ["exited"], timeout=15)
+    assert "days" not in ps(cli, "-a")[0]["status"]
+    assert not mounted(rootfs)
+    assert cid not in _runc_state()
+    assert cli("start", "-a", "c3").out == "done\n"  # it runs again

@@ -22,6 +22,7 @@ rename), so a reader never sees half a record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -118,21 +119,34 @@ class Container:
 
     def try_lock(self) -> int | None:
         """The container's lock, held by whoever runs it (a foreground run or the monitor) from
-        mount to unmount; None if someone holds it.  Closing the descriptor releases it."""
+        mount to unmount; None if someone holds it.  Closing the descriptor releases it.
+
+        A POSIX record lock, owned by this process alone: the mount daemon, forked meanwhile,
+        does not hold it (a flock would be shared with it, and outlive a killed monitor).  The
+        process must not open and close the file otherwise while it holds the lock."""
         fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
             os.close(fd)
-            return None
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return None
+            raise
         return fd
 
-    def running(self) -> bool:
-        """Is its process (the foreground ``run`` or the monitor) alive?"""
+    def waiter_alive(self) -> bool:
+        """Is the process that waits for it (the foreground ``run`` or the monitor) alive?"""
         st = self.state
-        if st.get("status") != "running":
-            return False
         return st.get("boot") == _boot_id() and _proc_start(int(st.get("pid", 0))) == st.get("start")
+
+    def running(self) -> bool:
+        """Recorded as running, and its waiting process is alive; or, if that one died (kill
+        -9), runc still has it running."""
+        if self.state.get("status") != "running":
+            return False
+        if self.waiter_alive():
+            return True
+        return self.state.get("boot") == _boot_id() and runtime_status(self.id) in ("running", "paused")
 
     def status(self) -> str:
         """``docker ps``'s STATUS column."""
@@ -141,8 +155,31 @@ class Container:
             return "Up " + _ago(st.get("started", 0))
         if st.get("status") == "created":
             return "Created"
-        code = st.get("exit_code")
-        return f"Exited ({'?' if code is None else code}) {_ago(st.get('finished', 0))} ago"
+        code = "?" if st.get("exit_code") is None else st["exit_code"]
+        finished = st.get("finished")
+        return f"Exited ({code}) {_ago(finished)} ago" if finished else f"Exited ({code})"
+
+
+def runtime_status(cid: str) -> str | None:
+    """What runc says of the container (created, running, paused, stopped), None if it has no
+    such container."""
+    try:
+        res = subprocess.run(_runc("state", cid), capture_output=True, text=True)
+    except ContainerError:
+        return None
+    if res.returncode != 0:
+        return None
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(res.stdout).get("status"))
+    return None
+
+
+def reconcile(store: Store, c: Container) -> None:
+    """A container recorded as running whose waiting process died (kill -9) and that runc no
+    longer runs: record its end (the status is unknown) and unmount it, as its waiter would
+    have (and remove it if it was run with --rm).  Nothing if someone holds its lock."""
+    if c.state.get("status") == "running" and not c.running():
+        _cleanup_dead(store, c, timeout=0)
 
 
 def _ago(ts: float) -> str:
@@ -453,6 +490,8 @@ def stop(store: Store, c: Container, *, timeout: float = 10.0) -> None:
             except FileNotFoundError:  # a foreground run --rm removed it as it ended
                 return
             if not c.running():
+                if c.state.get("status") == "running":  # nobody waits for it (kill -9): we clean up
+                    _cleanup_dead(store, c)
                 return
             if time.monotonic() >= deadline:
                 break
@@ -507,7 +546,10 @@ def _cleanup_dead(store: Store, c: Container, timeout: float = 5.0) -> None:
         return  # being run again: nothing of it is dead
     try:
         c.state = load(c.dir).state
-        _release(store, c)
+        if c.auto_remove and c.state.get("status") == "running" and not c.running():
+            _delete_locked(store, c)  # run -d --rm whose monitor was killed
+        else:
+            _release(store, c)
     except FileNotFoundError:
         pass
     finally:

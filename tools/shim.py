@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import termios
@@ -157,8 +158,11 @@ class Run:
         runc = [*self.runc, "--log", log, "--log-format", "json"]
         console = Console() if self.tty else None
         # runc says why it failed on its stderr too, which without -t is the container's: a pipe,
-        # copied to ours once the container is made (what it held is runc's, and goes)
-        err_r, err_w = os.pipe()
+        # copied to ours once the container is made (what it held is runc's, and goes); a file
+        # (a detached container's log) is the container's stderr itself, cut back on a failure
+        # (no copying process it would depend on)
+        to_file = self.stdout is not None and stat.S_ISREG(os.fstat(self.stdout).st_mode)
+        err_r, err_w = (-1, -1) if to_file and console is None else os.pipe()
         relay: threading.Thread | None = None
         try:
             args = [*runc, "create", "--bundle", self.bundle, "--pid-file", pid_file]
@@ -167,12 +171,19 @@ class Run:
                 args += ["--console-socket", console.path]
                 io = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": err_w}
             else:
-                io = {"stdin": self.stdin, "stdout": self.stdout, "stderr": err_w}
+                io = {"stdin": self.stdin, "stdout": self.stdout, "stderr": self.stdout if to_file else err_w}
+            log_size = os.fstat(self.stdout).st_size if to_file and self.stdout is not None else 0
             create = subprocess.run([*args, self.cid], **io)
-            os.close(err_w)
-            err_w = -1
+            if err_w >= 0:
+                os.close(err_w)
+                err_w = -1
             if create.returncode != 0:
-                raise start_error(log, _read_all(err_r))
+                said = ""
+                if err_r >= 0:
+                    said = _read_all(err_r)
+                elif self.stdout is not None:
+                    os.ftruncate(self.stdout, log_size)
+                raise start_error(log, said)
             with open(pid_file) as f:
                 pid = int(f.read().strip())
             if console is not None:
@@ -180,7 +191,7 @@ class Run:
                 console.attach(
                     0 if self.stdin is None else self.stdin, 1 if self.stdout is None else self.stdout
                 )
-            else:
+            elif err_r >= 0:
                 out = 2 if self.stdout is None else self.stdout
                 relay = threading.Thread(target=_copy, args=(err_r, out), daemon=True)
                 relay.start()

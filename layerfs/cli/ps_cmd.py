@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 
 from layerfs.cli.common import add_json, human_age, open_store, print_json, table
@@ -17,10 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools.container import all_containers
+    from layerfs.tools.container import all_containers, load, reconcile
 
     with open_store(args) as store:
-        shown = [c for c in all_containers(store) if args.all or c.running()]
+        every = all_containers(store)
+        for i, c in enumerate(every):
+            if c.state.get("status") == "running" and not c.running():
+                # its waiting process was killed and it has ended since: record that now
+                reconcile(store, c)
+                with contextlib.suppress(OSError, ValueError):
+                    every[i] = load(c.dir)
+        shown = [c for c in every if os.path.isdir(c.dir) and (args.all or c.running())]
     if args.json:
         print_json(
             [

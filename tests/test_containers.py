@@ -13,6 +13,7 @@ import os
 import pty
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1125,3 +1126,40 @@ def test_a_killed_process_leaves_the_truth(cli, sample, store_path, victim):
     assert not mounted(rootfs)
     assert cid not in _runc_state()
     assert cli("start", "-a", "c3").out == "done\n"  # it runs again
+
+
+# -- 14. an image for another machine ----------------------------------------------------------
+def test_image_of_another_architecture_warns_as_docker(cli, tmp_path):
+    """An image whose config names another architecture: docker's warning, then the kernel's
+    "exec format error" from the container and status 1, as with docker."""
+    arch, machine = ("amd64", 62) if os.uname().machine == "aarch64" else ("arm64", 183)
+    # an ELF header for that machine: the kernel refuses it with ENOEXEC
+    elf = (
+        b"\x7fELF\x02\x01\x01"
+        + b"\0" * 9
+        + struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, 0x400000, 64, 0, 0, 64, 56, 0, 64, 0, 0)
+    )
+    layer = tar_bytes([member("bin", kind=tarfile.DIRTYPE, mode=0o755), member("bin/app", elf, mode=0o755)])
+    layout = make_layout(
+        tmp_path / "foreign",
+        [layer],
+        ref="foreign:latest",
+        config_extra={"architecture": arch, "config": {"Cmd": ["/bin/app"]}},
+    )
+    cli("import", layout)
+    res = cli("run", "--rm", "foreign:latest", check=False)
+    warning, error = res.err.splitlines()
+    assert warning.startswith(
+        f"WARNING: The requested image's platform (linux/{arch}) does not match the detected host platform (linux/"
+    ), warning
+    assert warning.endswith(") and no specific platform was requested"), warning
+    assert (res.code, error) == (1, "exec /bin/app: exec format error"), res
+    res = cli("create", "foreign:latest")
+    assert res.err.startswith("WARNING: The requested image's platform") and len(res.err.splitlines()) == 1
+    if os.uname().machine == "x86_64":  # what an amd64 machine runs: a lower level, 386
+        for n, extra in enumerate(({"architecture": "amd64", "variant": "v2"}, {"architecture": "386"})):
+            cfg = {**extra, "config": {"Cmd": ["/bin/app"]}}
+            cli(
+                "import", make_layout(tmp_path / f"here{n}", [layer], ref=f"here{n}:latest", config_extra=cfg)
+            )
+            assert cli("create", f"here{n}:latest").err == ""

@@ -51,6 +51,7 @@ from layerfs.tools.runtime import (
     RuntimeError_,
     Volume,
     executable_exists,
+    platform_mismatch,
     prepare_rootfs,
     spec,
 )
@@ -243,6 +244,13 @@ def _image(store: Store, image_id: bytes) -> dict[str, Any]:
 def _image_config(store: Store, image_id: bytes) -> dict[str, Any]:
     config = json.loads(store.read_object(bytes.fromhex(_image(store, image_id)["config"])))
     return dict(config.get("config") or {})
+
+
+def platform_warning(store: Store, c: Container) -> str | None:
+    """docker's warning for a container whose image is for another machine (it will likely fail
+    with "exec format error"), None if the image runs here."""
+    config = json.loads(store.read_object(bytes.fromhex(_image(store, bytes.fromhex(c.image))["config"])))
+    return platform_mismatch(config) if isinstance(config, dict) else None
 
 
 def _layers(store: Store, image_id: bytes) -> list[bytes]:

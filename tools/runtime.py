@@ -87,6 +87,74 @@ class ProcessOptions:
     network: str = "host"  # "host" or "none" (a namespace with loopback only)
 
 
+_ARCH = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386", "i686": "386"}
+_ARM = {"armv5l": "v5", "armv6l": "v6", "armv7l": "v7", "armv8l": "v8", "armhf": "v7", "armel": "v6"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_platform() -> tuple[str, str, str]:
+    """(os, architecture, variant) of this machine, as docker (containerd) names it: amd64 with
+    its microarchitecture level (v2, v3, v4: the x86-64 psABI's, from the CPU flags)."""
+    machine = os.uname().machine
+    if machine in _ARM:
+        return "linux", "arm", _ARM[machine]
+    arch = _ARCH.get(machine, machine)
+    variant = ""
+    if arch == "amd64":
+        flags = _cpu_flags()
+        v2 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}
+        v3 = v2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+        v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+        variant = next((v for v, need in (("v4", v4), ("v3", v3), ("v2", v2)) if need <= flags), "")
+    elif arch == "arm64":
+        variant = "v8"
+    return "linux", arch, variant
+
+
+def _level(variant: str) -> float:
+    try:
+        return float(variant.lstrip("v") or 1)
+    except ValueError:
+        return 1.0
+
+
+def platform_mismatch(image: dict[str, Any]) -> str | None:
+    """docker's warning when an image (its config: os, architecture, variant) is not for this
+    machine; None when it is (an amd64 host runs 386 and lower amd64 levels, arm64 runs arm)."""
+    os_ = str(image.get("os") or "linux").lower()
+    arch = str(image.get("architecture") or "")
+    if not arch:
+        return None
+    variant = str(image.get("variant") or "")
+    if arch in _ARM:
+        arch, variant = "arm", variant or _ARM[arch]
+    arch = _ARCH.get(arch, arch)
+    host_os, host_arch, host_variant = host_platform()
+    runs = os_ == host_os and (
+        (arch == host_arch and (arch not in ("amd64", "arm") or _level(variant) <= _level(host_variant)))
+        or (host_arch == "amd64" and arch == "386")
+        or (host_arch == "arm64" and arch == "arm")
+    )
+    if runs:
+        return None
+    want = "/".join(p for p in (os_, arch, variant) if p)
+    have = "/".join(p for p in (host_os, host_arch, host_variant) if p)
+    return (
+        f"The requested image's platform ({want}) does not match the detected host platform ({have}) "
+        "and no specific platform was requested"
+    )
+
+
 def process_args(image_config: dict[str, Any], opts: ProcessOptions) -> list[str]:
     entrypoint = opts.entrypoint if opts.entrypoint is not None else image_config.get("Entrypoint") or []
     cmd = opts.command or ([] if opts.entrypoint is not None else image_config.get("Cmd") or [])

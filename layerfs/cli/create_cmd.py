@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from layerfs.cli.common import open_store
 from layerfs.cli.containers import EXIT_SETUP, add_process_options, errors, process_options
@@ -17,9 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools.container import create
+    from layerfs.tools import container as C
 
     with open_store(args) as store, errors(EXIT_SETUP):
-        c = create(store, args.image, process_options(args), args.name)
+        c = C.create(store, args.image, process_options(args), args.name)
+        warning = C.platform_warning(store, c)
+        if warning:  # as docker: said, and created anyway
+            print(f"WARNING: {warning}", file=sys.stderr)
     print(c.id)
     return 0

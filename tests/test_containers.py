@@ -13,6 +13,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -113,10 +114,17 @@ def container_dir(store_path: str, cid: str) -> str:
     return os.path.join(store_path, "containers", cid)
 
 
-def run_in_pty(store_path: str, *args: str, typed: bytes = b"", timeout: float = 60) -> tuple[int, bytes]:
+def run_in_pty(
+    store_path: str,
+    *args: str,
+    typed: bytes = b"",
+    then: tuple[bytes, bytes] = (b"", b""),
+    timeout: float = 60,
+) -> tuple[int, bytes]:
     """``layerfs ARGS`` on a new terminal (its stdin, stdout and stderr); ``typed`` is written
-    to the terminal at once, as a user or ``script`` (``^D`` when its own input ends) would.
-    The exit code and everything the terminal showed."""
+    to the terminal at once, as a user or ``script`` (``^D`` when its own input ends) would;
+    ``then[1]`` once the terminal has shown ``then[0]``.  The exit code and everything the
+    terminal showed."""
     env = dict(os.environ, LAYERFS_STORE=store_path)
     pid, fd = pty.fork()
     if pid == 0:  # the child: its controlling terminal is the new one
@@ -140,6 +148,9 @@ def run_in_pty(store_path: str, *args: str, typed: bytes = b"", timeout: float =
             if not chunk:
                 break
             out += chunk
+            if then[0] and then[0] in out:
+                os.write(fd, then[1])
+                then = (b"", b"")
     finally:
         os.close(fd)
     _, status = os.waitpid(pid, 0)
@@ -1163,3 +1174,37 @@ def test_image_of_another_architecture_warns_as_docker(cli, tmp_path):
                 "import", make_layout(tmp_path / f"here{n}", [layer], ref=f"here{n}:latest", config_extra=cfg)
             )
             assert cli("create", f"here{n}:latest").err == ""
+
+
+# -- 15. signals to the client reach the container's process (docker's sig-proxy) ---------------
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 42), (signal.SIGTERM, 43), (signal.SIGHUP, 44)])
+def test_signals_to_a_foreground_run_reach_the_container(sample, store_path, sig, code):
+    """kill -INT (TERM, HUP) of ``layerfs run`` (foreground, no -t) is passed on to the
+    container's process, as docker's sig-proxy does: its trap runs, its status is ours."""
+    name = signal.Signals(sig).name[3:]
+    script = f'trap "echo got {name}; exit {code}" {name}; echo ready; while true; do sleep 0.1; done'
+    env = dict(os.environ, LAYERFS_STORE=store_path)
+    fg = subprocess.Popen(
+        [sys.executable, "-m", "layerfs", "run", "--rm", sample, "sh", "-c", script],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert fg.stdout is not None
+        ready, _, _ = select.select([fg.stdout], [], [], 30)
+        assert ready and fg.stdout.readline() == b"ready\n"
+        fg.send_signal(sig)
+        out, err = fg.communicate(timeout=30)
+    finally:
+        if fg.poll() is None:
+            fg.kill()
+            fg.wait()
+    assert (fg.returncode, out, err) == (code, f"got {name}\n".encode(), b"")
+
+
+def test_ctrl_c_on_the_terminal_reaches_the_container(store_path, sample):
+    """^C on the terminal of a foreground run (no -t): the container's process is in a session
+    of its own, so only layerfs gets the SIGINT, and passes it on."""
+    script = 'trap "echo got INT; exit 42" INT; echo ready; while true; do sleep 0.1; done'
+    code, out = run_in_pty(store_path, "run", "--rm", sample, "sh", "-c", script, then=(b"ready", b"\x03"))
+    assert code == 42, out
+    assert out.endswith(b"got INT\r\n"), out

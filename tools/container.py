@@ -369,6 +369,9 @@ def _set_exited(c: Container, code: int | None) -> None:
     c.save()
 
 
+_PROXIED = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)  # and SIGTERM
+
+
 def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int | None = None) -> int:
     """Mount, run the container's process to its end with runc, unmount; the exit code."""
     runc = _runc()
@@ -407,14 +410,16 @@ def _execute_locked(
         subprocess.run([*runc, "delete", "--force", c.id], capture_output=True)  # a crashed run's leftovers
         _set_running(c)
         started = True
-        # the terminal's ^C reaches the container's process too: we just wait
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # as docker's sig-proxy: signals to us are the container's process's (it is in a
+        # session of its own: the terminal's ^C reaches only us)
+        old = {s: signal.signal(s, lambda signum, frame: run.send(signum)) for s in _PROXIED}
         try:
             code = run.execute()
         except shim.StartError as exc:
             failure = exc
         finally:
-            signal.signal(signal.SIGINT, old_int)
+            for s, handler in old.items():
+                signal.signal(s, handler)
     finally:
         signal.signal(signal.SIGTERM, old_term)
         # unmounted before "exited" is recorded: a start right after a stop must not lose its

@@ -173,7 +173,9 @@ class Run:
             else:
                 io = {"stdin": self.stdin, "stdout": self.stdout, "stderr": self.stdout if to_file else err_w}
             log_size = os.fstat(self.stdout).st_size if to_file and self.stdout is not None else 0
-            create = subprocess.run([*args, self.cid], **io)
+            # runc in a session of its own: the terminal's ^C is for the container's process
+            # (which runc's init puts in a session of its own too), passed on by us
+            create = subprocess.run([*args, self.cid], **io, start_new_session=True)
             if err_w >= 0:
                 os.close(err_w)
                 err_w = -1
@@ -195,12 +197,16 @@ class Run:
                 out = 2 if self.stdout is None else self.stdout
                 relay = threading.Thread(target=_copy, args=(err_r, out), daemon=True)
                 relay.start()
+            started = subprocess.run(
+                [*runc, "start", self.cid], capture_output=True, text=True, start_new_session=True
+            )
+            # signals from now on are the container's process's (runc's init, before, would die
+            # of them); one that came meanwhile is passed on now
             with self._lock:
                 self.pid = pid
                 if self.terminated:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, self.terminated)
-            started = subprocess.run([*runc, "start", self.cid], capture_output=True, text=True)
             if started.returncode == 0:
                 self.on_started(pid)
             elif _alive(pid):  # runc could not start it, yet it is there: end it
@@ -219,7 +225,9 @@ class Run:
             for fd in (err_r, err_w):
                 if fd >= 0 and not (relay is not None and relay.is_alive() and fd == err_r):
                     os.close(fd)
-            subprocess.run([*self.runc, "delete", "--force", self.cid], capture_output=True)
+            subprocess.run(
+                [*self.runc, "delete", "--force", self.cid], capture_output=True, start_new_session=True
+            )
 
 
 def _read_all(fd: int) -> str:

@@ -1208,3 +1208,94 @@ def test_ctrl_c_on_the_terminal_reaches_the_container(store_path, sample):
     code, out = run_in_pty(store_path, "run", "--rm", sample, "sh", "-c", script, then=(b"ready", b"\x03"))
     assert code == 42, out
     assert out.endswith(b"got INT\r\n"), out
+
+
+# -- 16. docker's capabilities, seccomp profile, --privileged, --cap-add/--cap-drop -------------
+DOCKER_CAPS = 0xA80425FB  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
+# NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP: docker's default set
+CAP_NET_RAW = 1 << 13
+
+
+def _status(cli: Callable[..., CLIResult], sample: str, *opts: str) -> dict[str, int]:
+    out = cli(
+        "run", "--rm", *opts, sample, "grep", "-E", "^(Cap|Seccomp|NoNewPrivs)", "/proc/self/status"
+    ).out
+    return {
+        k: int(v.strip(), 16 if k.startswith("Cap") else 10)
+        for k, v in (line.split(":") for line in out.splitlines())
+    }
+
+
+def test_docker_capabilities_and_seccomp_profile(cli, sample):
+    st = _status(cli, sample, "--network", "none")
+    assert (st["CapBnd"], st["CapPrm"], st["CapEff"], st["CapInh"], st["CapAmb"]) == (
+        DOCKER_CAPS,
+        DOCKER_CAPS,
+        DOCKER_CAPS,
+        0,
+        0,
+    )
+    assert (st["Seccomp"], st["NoNewPrivs"]) == (2, 0)  # a filter; no_new_privs only when asked, as docker
+    assert _status(cli, sample)["CapBnd"] == DOCKER_CAPS & ~CAP_NET_RAW  # the host network: no raw sockets
+    st = _status(cli, sample, "-u", "nobody")  # not root: nothing effective (the kernel clears it at exec)
+    assert (st["CapBnd"], st["CapEff"], st["CapPrm"]) == (DOCKER_CAPS & ~CAP_NET_RAW, 0, 0)
+
+    # refused by the profile: a user namespace (no capability needed without it), mounts, setns
+    for cmd in ("busybox unshare -U true", "busybox unshare -m true", "busybox mount -t tmpfs none /tmp"):
+        res = cli("run", "--rm", sample, "sh", "-c", cmd, check=False)
+        assert res.code != 0 and ("Operation not permitted" in res.err or "permission denied" in res.err), (
+            cmd,
+            res,
+        )
+    res = cli("run", "--rm", sample, "sh", "-c", "busybox nsenter -t 1 -n true", check=False)
+    assert res.code != 0
+    # what programs do still works: a pipeline, subshells, the 32-bit persona, files, signals
+    script = "busybox linux32 uname -m; (echo a; echo b) | wc -l; mkdir -p /tmp/x && echo y > /tmp/x/f && cat /tmp/x/f; sleep 5 & kill $!; wait $!; echo $?"
+    assert cli("run", "--rm", sample, "sh", "-c", script).out.split() == ["i686", "2", "y", "143"]
+
+    # seccomp=unconfined: the user namespace is made; --privileged: every capability we have
+    assert (
+        cli(
+            "run", "--rm", "--security-opt", "seccomp=unconfined", sample, "busybox", "unshare", "-U", "true"
+        ).code
+        == 0
+    )
+    with open("/proc/self/status") as f:
+        ours = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
+    st = _status(cli, sample, "--privileged")
+    assert (st["CapBnd"], st["CapEff"], st["Seccomp"]) == (ours, ours, 0)
+    res = cli(
+        "run",
+        "--rm",
+        "--privileged",
+        sample,
+        "sh",
+        "-c",
+        "busybox mount -t tmpfs none /tmp && busybox unshare -U -m true",
+    )
+    assert res.code == 0
+    # --cap-add SYS_ADMIN gives back the calls it governs (mount, unshare), as docker's profile
+    res = cli(
+        "run",
+        "--rm",
+        "--cap-add",
+        "SYS_ADMIN",
+        sample,
+        "sh",
+        "-c",
+        "busybox mount -t tmpfs none /tmp && busybox unshare -m true && echo ok",
+    )
+    assert res.out == "ok\n", res
+    assert _status(cli, sample, "--cap-drop", "ALL", "--cap-add", "chown")["CapBnd"] == 1
+    dropped = _status(
+        cli, sample, "--network", "none", "--cap-drop", "KILL", "--cap-drop", "cap_net_bind_service"
+    )
+    assert dropped["CapBnd"] == DOCKER_CAPS & ~(1 << 5) & ~(1 << 10)
+    assert _status(cli, sample, "--cap-add", "NET_RAW")["CapBnd"] == DOCKER_CAPS
+    assert _status(cli, sample, "--security-opt", "no-new-privileges")["NoNewPrivs"] == 1
+
+    for bad in (["--cap-add", "BOGUS"], ["--cap-drop", "nope"], ["--security-opt", "apparmor=x"]):
+        res = cli("run", "--rm", *bad, sample, "true", check=False)
+        assert res.code == SETUP_FAILED, (bad, res)
+        one_line_error(res)
+    assert ps(cli, "-a") == []

@@ -50,9 +50,11 @@ from layerfs.tools.runtime import (
     ProcessOptions,
     RuntimeError_,
     Volume,
+    capabilities,
     executable_exists,
     platform_mismatch,
     prepare_rootfs,
+    security,
     spec,
 )
 from layerfs.union.index import ChainIndex, build
@@ -264,7 +266,9 @@ def create(
     config = _image_config(store, image_id)
     from layerfs.tools.runtime import process_args
 
-    process_args(config, opts)  # no command: refused now, not at start
+    process_args(config, opts)  # no command, an unknown capability or option: refused now, not at start
+    capabilities(opts)
+    security(opts)
     taken = {c.name for c in all_containers(store)}
     if name is None:
         while True:

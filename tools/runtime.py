@@ -7,12 +7,14 @@ The process follows the image config the way docker does: ``Entrypoint`` +
 ``/etc/group``.  The rest is runc's default spec (``runc spec``): private
 mount, pid, ipc and uts namespaces, a fresh /proc, a tmpfs /dev with
 /dev/pts, /dev/shm and /dev/mqueue, a read-only /sys, masked and read-only
-kernel paths.  Two choices differ from runc's default, both what docker users
-expect: docker's default capability set, and a network (``--network host``, the
-default: runc's private namespace has nothing but loopback, and layerfs sets up
-no bridge; ``--network none`` gives that namespace).  On the host network
-``CAP_NET_RAW`` is dropped: raw sockets on the host's interfaces would let a
-container sniff and spoof host traffic.  No seccomp profile is applied.
+kernel paths.  What differs from runc's default is what docker users expect:
+docker's default capability set (``--cap-add``, ``--cap-drop``), docker's
+default seccomp profile (``seccomp.py``; ``--security-opt seccomp=unconfined``
+drops it), ``--privileged``, and a network (``--network host``, the default:
+runc's private namespace has nothing but loopback, and layerfs sets up no
+bridge; ``--network none`` gives that namespace).  On the host network
+``CAP_NET_RAW`` is dropped unless added back: raw sockets on the host's
+interfaces would let a container sniff and spoof host traffic.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 from typing import Any
+
+from layerfs.tools.seccomp import linux_seccomp
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # docker's default capability set (moby oci/caps/defaults.go)
@@ -39,6 +43,17 @@ CAPABILITIES = [
     "CAP_SYS_CHROOT",
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
+]
+# every capability, in the kernel's order (bit numbers); --privileged gets those we have
+ALL_CAPABILITIES = [
+    "CAP_" + name
+    for name in (
+        "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
+        "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
+        "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
+        "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
+        "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
+    ).split()
 ]
 # directories runc mounts over; made in a rootfs that lacks them, and not counted as changes
 RUNTIME_DIRS = (b"proc", b"sys", b"dev")
@@ -85,6 +100,66 @@ class ProcessOptions:
     tty: bool = False
     interactive: bool = False  # -i: stdin stays open (a detached container's never ends)
     network: str = "host"  # "host" or "none" (a namespace with loopback only)
+    privileged: bool = False  # every capability, no seccomp profile, no masked kernel paths
+    cap_add: list[str] = field(default_factory=list)
+    cap_drop: list[str] = field(default_factory=list)
+    security_opt: list[str] = field(default_factory=list)  # seccomp=unconfined, no-new-privileges
+
+
+def _cap_name(name: str, flag: str) -> str:
+    cap = name.strip().upper()
+    if cap == "ALL":
+        return cap
+    cap = cap if cap.startswith("CAP_") else "CAP_" + cap
+    if cap not in ALL_CAPABILITIES:
+        raise RuntimeError_(f'invalid {flag}: unknown capability: "{cap}"')
+    return cap
+
+
+def _our_capabilities() -> list[str]:
+    """Every capability we can give: those of our bounding set (this kernel's, less any the
+    machine we run in withholds)."""
+    try:
+        with open("/proc/self/status") as f:
+            bounding = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
+    except (OSError, ValueError, StopIteration):
+        return list(CAPABILITIES)
+    return [c for bit, c in enumerate(ALL_CAPABILITIES) if bounding >> bit & 1]
+
+
+def capabilities(opts: ProcessOptions) -> list[str]:
+    """docker's default set (without CAP_NET_RAW on the host network), then --cap-drop and
+    --cap-add (ALL drops or adds every one); every capability with --privileged."""
+    drop = [_cap_name(c, "--cap-drop") for c in opts.cap_drop]
+    add = [_cap_name(c, "--cap-add") for c in opts.cap_add]
+    every = _our_capabilities()
+    if opts.privileged or "ALL" in add:
+        caps = list(every)
+    elif "ALL" in drop:
+        caps = []
+    else:
+        # raw sockets on the host's own interfaces would let a container sniff and spoof host traffic
+        caps = [c for c in CAPABILITIES if not (opts.network == "host" and c == "CAP_NET_RAW")]
+    caps += [c for c in add if c != "ALL" and c not in caps]
+    if not opts.privileged and "ALL" not in add:
+        caps = [c for c in caps if c not in drop or c in add]
+    return [c for c in ALL_CAPABILITIES if c in caps]
+
+
+def security(opts: ProcessOptions) -> tuple[bool, bool]:
+    """(seccomp profile on, no_new_privileges) from --security-opt and --privileged."""
+    seccomp, no_new_privs = not opts.privileged, False
+    for item in opts.security_opt:
+        key, _, value = item.partition("=") if "=" in item else item.partition(":")  # docker takes both
+        if key == "seccomp" and value == "unconfined":
+            seccomp = False
+        elif key == "no-new-privileges" and value in ("", "true", "false"):
+            no_new_privs = value != "false"
+        else:
+            raise RuntimeError_(
+                f"invalid --security-opt {item!r}: layerfs takes seccomp=unconfined and no-new-privileges[=true|false]"
+            )
+    return seccomp, no_new_privs
 
 
 _ARCH = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386", "i686": "386"}
@@ -333,8 +408,8 @@ def spec(
     if opts.network not in ("host", "none"):
         raise RuntimeError_(f"network {opts.network!r}: layerfs sets up no bridge; use host or none")
     namespaces = ["pid", "ipc", "uts", "mount"] + (["network"] if opts.network == "none" else [])
-    # raw sockets on the host's own interfaces would let a container sniff and spoof host traffic
-    caps = [c for c in CAPABILITIES if not (opts.network == "host" and c == "CAP_NET_RAW")]
+    caps = capabilities(opts)
+    seccomp, no_new_privs = security(opts)
     for v in opts.volumes:
         mounts.append(
             {
@@ -344,6 +419,31 @@ def spec(
                 "options": ["rbind", "rprivate", "ro" if v.readonly else "rw"],
             }
         )
+    linux: dict[str, Any] = {
+        "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+        "namespaces": [{"type": t} for t in namespaces],
+        "maskedPaths": [
+            "/proc/acpi",
+            "/proc/asound",
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/latency_stats",
+            "/proc/timer_list",
+            "/proc/timer_stats",
+            "/proc/sched_debug",
+            "/sys/firmware",
+            "/proc/scsi",
+        ],
+        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+    }
+    if seccomp:
+        linux["seccomp"] = linux_seccomp(caps)
+    if opts.privileged:  # as docker: every device allowed, the kernel's files not hidden, /sys writable
+        linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+        del linux["maskedPaths"], linux["readonlyPaths"]
+        for m in mounts:
+            if m["destination"] in ("/sys", "/sys/fs/cgroup"):
+                m["options"] = [o for o in m["options"] if o != "ro"] + ["rw"]
     return {
         "ociVersion": "1.0.2-dev",
         "process": {
@@ -353,28 +453,12 @@ def spec(
             "env": environment(image_config, opts),
             "cwd": cwd,
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "noNewPrivileges": False,
+            "noNewPrivileges": no_new_privs,  # as docker: only when asked for
         },
         "root": {"path": root_path, "readonly": False},
         "hostname": opts.hostname,
         "mounts": mounts,
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": [{"type": t} for t in namespaces],
-            "maskedPaths": [
-                "/proc/acpi",
-                "/proc/asound",
-                "/proc/kcore",
-                "/proc/keys",
-                "/proc/latency_stats",
-                "/proc/timer_list",
-                "/proc/timer_stats",
-                "/proc/sched_debug",
-                "/sys/firmware",
-                "/proc/scsi",
-            ],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-        },
+        "linux": linux,
     }
 
 

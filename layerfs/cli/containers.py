@@ -42,6 +42,22 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
         choices=["host", "none"],
         help="host (default: no bridge is set up) or none (loopback only)",
     )
+    p.add_argument(
+        "--privileged", action="store_true", help="every capability, no seccomp profile (as docker)"
+    )
+    p.add_argument(
+        "--cap-add", action="append", default=[], metavar="CAP", help="add a capability (ALL: every one)"
+    )
+    p.add_argument(
+        "--cap-drop", action="append", default=[], metavar="CAP", help="drop a capability (ALL: every one)"
+    )
+    p.add_argument(
+        "--security-opt",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="seccomp=unconfined (no seccomp profile) or no-new-privileges",
+    )
 
 
 def process_options(args: argparse.Namespace) -> ProcessOptions:
@@ -58,6 +74,10 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
         tty=bool(getattr(args, "tty", False)),
         interactive=bool(getattr(args, "interactive", False)),
         network=args.network,
+        privileged=args.privileged,
+        cap_add=list(args.cap_add),
+        cap_drop=list(args.cap_drop),
+        security_opt=list(args.security_opt),
     )
 
 

@@ -346,8 +346,25 @@ def write_runtime_config(store: Store, image_id: bytes, rootfs: str, opts: Proce
     if not executable_exists(rootfs, process["args"][0], process["env"]):
         # docker's message and status; runc would only say "exec failed" and exit 1
         raise ContainerError(f'exec: "{process["args"][0]}": executable file not found in $PATH', 127)
-    with open(path, "w") as f:
-        json.dump(runtime_spec, f, indent=1)
+    _write_new(path, json.dumps(runtime_spec, indent=1).encode())
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` without following anything planted there: a new file
+    (O_EXCL | O_NOFOLLOW) beside it, renamed over it (a symlink at ``path`` is replaced, its
+    target never written; `bundle` writes into a directory the user names)."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def write_bundle(store: Store, c: Container) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -92,7 +94,14 @@ def errors(code: int = 1) -> Iterator[None]:
         yield
     except ContainerError as exc:
         raise CLIError(str(exc), exc.exit_code or code) from None
-    except (RuntimeError_, CommitError, RefError, StoreError, OSError) as exc:
+    except OSError as exc:  # the system's words, without Python's "[Errno N]"
+        reason = exc.strerror or str(exc)
+        if exc.filename:
+            reason = f"{exc.filename}: {reason}"
+        if exc.errno in (errno.EPERM, errno.EACCES) and os.geteuid() != 0:
+            reason += " (containers need root: runc makes their namespaces, mounts and devices)"
+        raise CLIError(reason, code) from None
+    except (RuntimeError_, CommitError, RefError, StoreError) as exc:
         raise CLIError(str(exc), code) from None
 
 

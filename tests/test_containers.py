@@ -14,10 +14,12 @@ import pty
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -940,7 +942,7 @@ def test_container_files_are_private_to_root(cli, sample, store_path):
 
 def test_network_host_without_raw_sockets_and_none(cli, sample):
     cap_eff = "sh -c 'grep CapEff /proc/self/status'"
-    host = cli("run", "--rm", sample, "sh", "-c", cap_eff.split("'")[1]).out.split()[1]
+    host = cli("run", "--rm", "--network", "host", sample, "sh", "-c", cap_eff.split("'")[1]).out.split()[1]
     none = cli("run", "--rm", "--network", "none", sample, "sh", "-c", cap_eff.split("'")[1]).out.split()[1]
     cap_net_raw = 1 << 13
     assert int(host, 16) & cap_net_raw == 0
@@ -1236,9 +1238,11 @@ def test_docker_capabilities_and_seccomp_profile(cli, sample):
         0,
     )
     assert (st["Seccomp"], st["NoNewPrivs"]) == (2, 0)  # a filter; no_new_privs only when asked, as docker
-    assert _status(cli, sample)["CapBnd"] == DOCKER_CAPS & ~CAP_NET_RAW  # the host network: no raw sockets
+    assert _status(cli, sample)["CapBnd"] == DOCKER_CAPS  # the default network: the container's own
+    host = _status(cli, sample, "--network", "host")["CapBnd"]
+    assert host == DOCKER_CAPS & ~CAP_NET_RAW  # the host network: no raw sockets
     st = _status(cli, sample, "-u", "nobody")  # not root: nothing effective (the kernel clears it at exec)
-    assert (st["CapBnd"], st["CapEff"], st["CapPrm"]) == (DOCKER_CAPS & ~CAP_NET_RAW, 0, 0)
+    assert (st["CapBnd"], st["CapEff"], st["CapPrm"]) == (DOCKER_CAPS, 0, 0)
 
     # refused by the profile: a user namespace (no capability needed without it), mounts, setns
     for cmd in ("busybox unshare -U true", "busybox unshare -m true", "busybox mount -t tmpfs none /tmp"):
@@ -1291,7 +1295,7 @@ def test_docker_capabilities_and_seccomp_profile(cli, sample):
         cli, sample, "--network", "none", "--cap-drop", "KILL", "--cap-drop", "cap_net_bind_service"
     )
     assert dropped["CapBnd"] == DOCKER_CAPS & ~(1 << 5) & ~(1 << 10)
-    assert _status(cli, sample, "--cap-add", "NET_RAW")["CapBnd"] == DOCKER_CAPS
+    assert _status(cli, sample, "--network", "host", "--cap-add", "NET_RAW")["CapBnd"] == DOCKER_CAPS
     assert _status(cli, sample, "--security-opt", "no-new-privileges")["NoNewPrivs"] == 1
 
     for bad in (["--cap-add", "BOGUS"], ["--cap-drop", "nope"], ["--security-opt", "apparmor=x"]):
@@ -1299,3 +1303,113 @@ def test_docker_capabilities_and_seccomp_profile(cli, sample):
         assert res.code == SETUP_FAILED, (bad, res)
         one_line_error(res)
     assert ps(cli, "-a") == []
+
+
+# -- 17. the default network: a namespace of its own, connected by pasta -------------------------
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _netns_of_container(cid: str) -> str:
+    return "/run/netns/layerfs-" + cid[:12]
+
+
+@pytest.mark.skipif(shutil.which("pasta") is None, reason="pasta is not installed (apt install passt)")
+def test_default_network_is_the_containers_own(cli, cli_input, sample, store_path):
+    ours = os.readlink("/proc/self/ns/net")
+    script = "busybox readlink /proc/self/ns/net; ls /sys/class/net"
+    own, *links = cli_input("run", "--rm", sample, "sh", "-c", script).out.split()
+    assert own != ours and "lo" in links and len(links) == 2, (own, links)  # loopback and pasta's link
+    res = cli_input("run", "--rm", "--network", "host", sample, "busybox", "readlink", "/proc/self/ns/net")
+    assert res.out.strip() == ours
+    assert cli_input("run", "--rm", "--network", "none", sample, "ls", "/sys/class/net").out.split() == ["lo"]
+
+    # out: the gateway leads to the host (a service on its loopback answers).  The client keeps
+    # its side open until the answer is in: Debian 12's pasta loses the answer to a connection
+    # the container half-closes at once (echo ping | nc)
+    port = _free_port()
+    server = socket.create_server(("127.0.0.1", port))
+
+    def answer() -> None:
+        conn = server.accept()[0]
+        conn.recv(100)
+        conn.sendall(b"pong\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    gateway = 'gw=$(busybox ip route | busybox awk "/default/ {print \\$3}")'
+    res = cli_input(
+        "run", "--rm", sample, "sh", "-c", f"{gateway}; (echo ping; sleep 3) | busybox nc -w 5 $gw {port}"
+    )
+    server.close()
+    assert res.out == "pong\n", res
+
+    # in: -p HOST:CONTAINER (and IP:HOST:CONTAINER/udp) published on the host
+    tcp, udp = _free_port(), _free_port(socket.SOCK_DGRAM)
+    serve = 'busybox nc -l -p 80 -e echo "hello from the container"; exec sleep 1000'
+    cid = cli(
+        "run", "-d", "-p", f"{tcp}:80", "-p", f"127.0.0.1:{udp}:81/udp", sample, "sh", "-c", serve
+    ).out.strip()
+    assert os.path.exists(_netns_of_container(cid))
+
+    def fetch() -> bytes:
+        try:
+            with socket.create_connection(("127.0.0.1", tcp), timeout=2) as c:
+                return c.recv(100)
+        except OSError:
+            return b""
+
+    got: list[bytes] = []
+    assert wait_until(lambda: got.append(fetch()) or got[-1] == b"hello from the container\n", timeout=15), (
+        got
+    )
+    # the UDP port reaches the container's namespace (busybox's nc has no UDP: a listener of ours there)
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", os.path.basename(_netns_of_container(cid)), sys.executable, "-c",
+         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 81)); "
+         "print('ready', flush=True); print(s.recvfrom(100)[0].decode(), flush=True)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None and listener.stdout.readline() == "ready\n"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.sendto(b"datagram", ("127.0.0.1", udp))
+        assert listener.communicate(timeout=10)[0] == "datagram\n"
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    cli("stop", "-t", "0", cid)
+    # taken down with the container: the namespace and pasta (its pid file is in the container's dir)
+    assert not os.path.exists(_netns_of_container(cid))
+    assert not os.path.exists(os.path.join(container_dir(store_path, cid), "pasta.pid"))
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", tcp), timeout=2).close()
+
+    # -p with the host network: docker's warning; a bad specification: refused
+    res = cli("run", "--rm", "--network", "host", "-p", "1:2", sample, "true")
+    assert res.err == "WARNING: Published ports are discarded when using host network mode\n"
+    for bad in ("80", "1:99999", "a:b", "1:2/sctp", "nohost:1:2"):
+        res = cli("run", "--rm", "-p", bad, sample, "true", check=False)
+        assert res.code == SETUP_FAILED and "invalid port specification" in one_line_error(res), (bad, res)
+
+
+@pytest.mark.skipif(shutil.which("pasta") is None, reason="pasta is not installed (apt install passt)")
+def test_default_network_resolv_conf(cli, tmp_path):
+    """An image with /etc/resolv.conf sees the host's nameservers there (as docker writes it,
+    without those on the host's loopback); it is no change of the container."""
+    image = hostile_image(
+        cli, tmp_path, "withresolv", [member("etc/resolv.conf", b"nameserver 192.0.2.99\n")], {}
+    )
+    cli("run", "--name", "dns", image, "cat", "/etc/resolv.conf")
+    from layerfs.tools.network import resolv_conf
+
+    assert cli("start", "-a", "dns").out == resolv_conf()
+    assert "nameserver 127." not in resolv_conf()
+    assert cli("diff", "dns").out == ""
+    assert (
+        cli("run", "--rm", "--network", "host", image, "cat", "/etc/resolv.conf").out
+        == "nameserver 192.0.2.99\n"
+    )

@@ -43,7 +43,7 @@ from layerfs import hosttree
 from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
 from layerfs.store import Store
 from layerfs.store.store import _boot_id, _proc_start
-from layerfs.tools import refs, shim
+from layerfs.tools import network, refs, shim
 from layerfs.tools.commit import CommitError
 from layerfs.tools.runtime import (
     RUNTIME_DIRS,
@@ -248,11 +248,18 @@ def _image_config(store: Store, image_id: bytes) -> dict[str, Any]:
     return dict(config.get("config") or {})
 
 
-def platform_warning(store: Store, c: Container) -> str | None:
-    """docker's warning for a container whose image is for another machine (it will likely fail
-    with "exec format error"), None if the image runs here."""
+def warnings(store: Store, c: Container) -> list[str]:
+    """docker's warnings for a new container: an image for another machine (it will likely fail
+    with "exec format error"), published ports without a network of its own."""
+    out = []
     config = json.loads(store.read_object(bytes.fromhex(_image(store, bytes.fromhex(c.image))["config"])))
-    return platform_mismatch(config) if isinstance(config, dict) else None
+    mismatch = platform_mismatch(config) if isinstance(config, dict) else None
+    if mismatch:
+        out.append(mismatch)
+    opts = c.process
+    if opts.publish and opts.network != "bridge":
+        out.append(f"Published ports are discarded when using {opts.network} network mode")
+    return out
 
 
 def _layers(store: Store, image_id: bytes) -> list[bytes]:
@@ -269,6 +276,10 @@ def create(
     process_args(config, opts)  # no command, an unknown capability or option: refused now, not at start
     capabilities(opts)
     security(opts)
+    for p in opts.publish:
+        network.Port.parse(p)
+    if opts.network == "bridge":
+        network.pasta()
     taken = {c.name for c in all_containers(store)}
     if name is None:
         while True:
@@ -334,10 +345,19 @@ def _unmount(store: Store, c: Container) -> None:
             umount(store, c.rootfs)
 
 
-def write_runtime_config(store: Store, image_id: bytes, rootfs: str, opts: ProcessOptions, path: str) -> None:
+def write_runtime_config(
+    store: Store,
+    image_id: bytes,
+    rootfs: str,
+    opts: ProcessOptions,
+    path: str,
+    *,
+    netns: str | None = None,
+    resolv_conf: str | None = None,
+) -> None:
     """``config.json`` for the image mounted on ``rootfs``; the mount points, working directory
     and volume sources it needs are made, and a command the image lacks is refused."""
-    runtime_spec = spec(_image_config(store, image_id), rootfs, opts)
+    runtime_spec = spec(_image_config(store, image_id), rootfs, opts, netns=netns, resolv_conf=resolv_conf)
     process = runtime_spec["process"]
     prepare_rootfs(rootfs, process["cwd"])
     for v in opts.volumes:
@@ -368,8 +388,21 @@ def _write_new(path: str, data: bytes) -> None:
 
 
 def write_bundle(store: Store, c: Container) -> None:
+    opts = c.process
+    netns = resolv = None
+    if opts.network == "bridge":  # its own namespace, which network.setup connects
+        netns = network.netns_path(c.id)
+        resolv = os.path.join(c.dir, "resolv.conf")
+        with open(resolv, "w") as f:
+            f.write(network.resolv_conf())
     write_runtime_config(
-        store, bytes.fromhex(c.image), c.rootfs, c.process, os.path.join(c.dir, "config.json")
+        store,
+        bytes.fromhex(c.image),
+        c.rootfs,
+        opts,
+        os.path.join(c.dir, "config.json"),
+        netns=netns,
+        resolv_conf=resolv,
     )
 
 
@@ -426,9 +459,12 @@ def _execute_locked(
     run = shim.Run(runc, c.dir, c.id, c.process.tty, stdin, stdout, on_started)
     # SIGTERM to us (a monitor being stopped) goes to the container's process
     old_term = signal.signal(signal.SIGTERM, lambda signum, frame: run.send(signum))
+    bridge = c.process.network == "bridge"
     try:
         write_bundle(store, c)
         subprocess.run([*runc, "delete", "--force", c.id], capture_output=True)  # a crashed run's leftovers
+        if bridge:
+            network.setup(c.id, c.dir, [network.Port.parse(p) for p in c.process.publish])
         _set_running(c)
         started = True
         # as docker's sig-proxy: signals to us are the container's process's (it is in a
@@ -443,6 +479,8 @@ def _execute_locked(
                 signal.signal(s, handler)
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        if bridge:
+            network.teardown(c.id, c.dir)
         # unmounted before "exited" is recorded: a start right after a stop must not lose its
         # new mount to this run's unmount
         _unmount(store, c)
@@ -568,6 +606,7 @@ def _release(store: Store, c: Container) -> None:
         with contextlib.suppress(ContainerError):
             subprocess.run([*_runc(), "delete", "--force", c.id], capture_output=True)
         _set_exited(c, c.state.get("exit_code"))
+    network.teardown(c.id, c.dir)
     _unmount(store, c)
 
 

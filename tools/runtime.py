@@ -10,11 +10,11 @@ mount, pid, ipc and uts namespaces, a fresh /proc, a tmpfs /dev with
 kernel paths.  What differs from runc's default is what docker users expect:
 docker's default capability set (``--cap-add``, ``--cap-drop``), docker's
 default seccomp profile (``seccomp.py``; ``--security-opt seccomp=unconfined``
-drops it), ``--privileged``, and a network (``--network host``, the default:
-runc's private namespace has nothing but loopback, and layerfs sets up no
-bridge; ``--network none`` gives that namespace).  On the host network
-``CAP_NET_RAW`` is dropped unless added back: raw sockets on the host's
-interfaces would let a container sniff and spoof host traffic.
+drops it), ``--privileged``, and a network: docker's default ``bridge``, a
+namespace of its own that ``network.py`` connects (``bundle``, which sets up no
+network, gives an empty one), ``--network host`` or ``none`` (loopback only).
+On the host network ``CAP_NET_RAW`` is dropped unless added back: raw sockets
+on the host's interfaces would let a container sniff and spoof host traffic.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class ProcessOptions:
     hostname: str = ""
     tty: bool = False
     interactive: bool = False  # -i: stdin stays open (a detached container's never ends)
-    network: str = "host"  # "host" or "none" (a namespace with loopback only)
+    network: str = "bridge"  # docker's name: a namespace of its own, connected by pasta; host; none
+    publish: list[str] = field(default_factory=list)  # -p [IP:]HOST:CONTAINER[/tcp|udp]
     privileged: bool = False  # every capability, no seccomp profile, no masked kernel paths
     cap_add: list[str] = field(default_factory=list)
     cap_drop: list[str] = field(default_factory=list)
@@ -357,9 +358,17 @@ def _resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int]]:
 
 
 def spec(
-    image_config: dict[str, Any], rootfs: str, opts: ProcessOptions, *, root_path: str = "rootfs"
+    image_config: dict[str, Any],
+    rootfs: str,
+    opts: ProcessOptions,
+    *,
+    root_path: str = "rootfs",
+    netns: str | None = None,
+    resolv_conf: str | None = None,
 ) -> dict[str, Any]:
-    """The runtime spec (config.json) of a bundle whose root filesystem is mounted at ``rootfs``."""
+    """The runtime spec (config.json) of a bundle whose root filesystem is mounted at ``rootfs``.
+    ``netns``: the namespace made for the bridge network (without it, a new empty one);
+    ``resolv_conf``: a file bound over the image's /etc/resolv.conf, if it has one."""
     uid, gid, extra = resolve_user(
         rootfs, opts.user if opts.user is not None else image_config.get("User") or ""
     )
@@ -405,9 +414,24 @@ def spec(
             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
         },
     ]
-    if opts.network not in ("host", "none"):
-        raise RuntimeError_(f"network {opts.network!r}: layerfs sets up no bridge; use host or none")
-    namespaces = ["pid", "ipc", "uts", "mount"] + (["network"] if opts.network == "none" else [])
+    if opts.network not in ("bridge", "host", "none"):
+        raise RuntimeError_(f"network {opts.network!r}: layerfs has bridge (the default), host and none")
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if opts.network == "none" or (opts.network == "bridge" and netns is None):
+        namespaces.append({"type": "network"})
+    elif opts.network == "bridge" and netns is not None:
+        namespaces.append({"type": "network", "path": netns})
+    if resolv_conf is not None and os.path.isfile(in_root(rootfs, "/etc/resolv.conf")):
+        # over the image's own file only: a mount point made for it would be a change of the
+        # container (docker hides it in its init layer)
+        mounts.append(
+            {
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": resolv_conf,
+                "options": ["rbind", "rprivate", "rw"],
+            }
+        )
     caps = capabilities(opts)
     seccomp, no_new_privs = security(opts)
     for v in opts.volumes:
@@ -421,7 +445,7 @@ def spec(
         )
     linux: dict[str, Any] = {
         "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-        "namespaces": [{"type": t} for t in namespaces],
+        "namespaces": namespaces,
         "maskedPaths": [
             "/proc/acpi",
             "/proc/asound",

@@ -40,9 +40,17 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--network",
         "--net",
-        default="host",
-        choices=["host", "none"],
-        help="host (default: no bridge is set up) or none (loopback only)",
+        default="bridge",
+        choices=["bridge", "host", "none"],
+        help="bridge (default: a network namespace of its own, connected by pasta), host, or none (loopback only)",
+    )
+    p.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[IP:]HOST:CTR[/udp]",
+        help="publish a container's port on the host",
     )
     p.add_argument(
         "--privileged", action="store_true", help="every capability, no seccomp profile (as docker)"
@@ -76,6 +84,7 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
         tty=bool(getattr(args, "tty", False)),
         interactive=bool(getattr(args, "interactive", False)),
         network=args.network,
+        publish=list(args.publish),
         privileged=args.privileged,
         cap_add=list(args.cap_add),
         cap_drop=list(args.cap_drop),

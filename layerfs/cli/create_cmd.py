@@ -22,8 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     with open_store(args) as store, errors(EXIT_SETUP):
         c = C.create(store, args.image, process_options(args), args.name)
-        warning = C.platform_warning(store, c)
-        if warning:  # as docker: said, and created anyway
+        for warning in C.warnings(store, c):  # as docker: said, and created anyway
             print(f"WARNING: {warning}", file=sys.stderr)
     print(c.id)
     return 0

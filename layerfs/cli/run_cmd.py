@@ -37,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     with open_store(args) as store, errors(EXIT_SETUP):
         C.runtime()  # say it is missing before creating anything
         c = C.create(store, args.image, process_options(args), args.name, auto_remove=args.rm)
-        warning = C.platform_warning(store, c)
-        if warning:  # as docker: said, then run anyway
+        for warning in C.warnings(store, c):  # as docker: said, then run anyway
             print(f"WARNING: {warning}", file=sys.stderr)
         if args.detach:
             try:

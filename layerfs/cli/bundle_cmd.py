@@ -2,7 +2,9 @@
 
 ``DIR/config.json`` is written from the image config (as ``run`` writes it) and
 the image is mounted writable on ``DIR/rootfs``, its changes kept in
-``DIR/upper``.  ``layerfs umount DIR/rootfs`` releases it.
+``DIR/upper``.  ``layerfs umount DIR/rootfs`` releases it.  layerfs connects no
+network for another runtime: the default gives the container a namespace with
+loopback only (``--network host`` shares the host's).
 """
 
 from __future__ import annotations

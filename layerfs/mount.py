@@ -241,7 +241,7 @@ def _mount(store: Store, spec: MountSpec, *, foreground: bool, debug: bool) -> i
     )
 
 
-def _reason(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """An error as one sentence: an OSError's own words, without Python's "[Errno N]"."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
@@ -283,7 +283,7 @@ def daemonize(run: Callable[[Callable[[], None]], None], *, foreground: bool, lo
             run(ready)
         except BaseException as exc:  # noqa: BLE001 - report anything to the waiting parent
             with contextlib.suppress(OSError):
-                os.write(write_fd, b"E" + _reason(exc).encode(errors="replace")[:500])
+                os.write(write_fd, b"E" + error_text(exc).encode(errors="replace")[:500])
             code = 1
         finally:
             if log:

@@ -104,9 +104,9 @@ def errors(code: int = 1) -> Iterator[None]:
     except ContainerError as exc:
         raise CLIError(str(exc), exc.exit_code or code) from None
     except OSError as exc:  # the system's words, without Python's "[Errno N]"
-        reason = exc.strerror or str(exc)
-        if exc.filename:
-            reason = f"{exc.filename}: {reason}"
+        from layerfs.mount import error_text
+
+        reason = error_text(exc)
         if exc.errno in (errno.EPERM, errno.EACCES) and os.geteuid() != 0:
             reason += " (containers need root: runc makes their namespaces, mounts and devices)"
         raise CLIError(reason, code) from None

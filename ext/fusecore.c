@@ -99,6 +99,11 @@ struct node {
     /* known to have no security.capability: the kernel asks before every write (to drop it),
      * a round trip into Python each time; only SETXATTR/REMOVEXATTR through us can add one */
     int no_caps;
+    /* writable mounts of a stored image: the upper directory has nothing at this node's path
+     * (a directory: nothing below it either), so the node and all below it are the image's as
+     * stored, its id the index's inode: served from the store without Python (rw_fast) until
+     * a change through the mount clears it (before_change) */
+    int lower;
 };
 
 struct table {
@@ -373,6 +378,8 @@ struct handle {
     /* directories: the listing taken at the first READDIR, served by offset after that */
     PyObject *listing;
     /* directories read from the store: where the last reply stopped, to resume there */
+    int from_store;             /* this listing comes from the store (rw_fast) */
+    int relist;                 /* ... came: Python lists the directory afresh */
     uint64_t last_off;
     size_t last_len;
     char last_name[256];
@@ -476,8 +483,9 @@ static int py_errno(void)
     return EIO;
 }
 
-/* (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns) */
-static int attr_from_tuple(PyObject *tup, struct fuse_attr *a)
+/* (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns[, lower]):
+ * a 12th item, true, marks a node of the stored image alone (struct node's `lower`). */
+static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, int *lower)
 {
     if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) < ATTR_TUPLE_LEN) {
         PyErr_SetString(PyExc_TypeError, "attributes must be an 11-tuple");
@@ -493,6 +501,11 @@ static int attr_from_tuple(PyObject *tup, struct fuse_attr *a)
             v[i] = PyLong_AsUnsignedLongLongMask(o);
         }
         if (PyErr_Occurred())
+            return -1;
+    }
+    if (lower) {
+        *lower = 0;
+        if (PyTuple_GET_SIZE(tup) > ATTR_TUPLE_LEN && (*lower = PyObject_IsTrue(PyTuple_GET_ITEM(tup, ATTR_TUPLE_LEN))) < 0)
             return -1;
     }
     memset(a, 0, sizeof(*a));
@@ -530,8 +543,10 @@ static void fill_entry(Session *s, struct fuse_entry_out *e, const struct fuse_a
     e->attr = *a;
 }
 
-/* A node the kernel now holds one more reference to, named (parent, name). */
-static int remember(Session *s, uint64_t parent, const char *name, size_t len, const struct fuse_attr *a)
+/* A node the kernel now holds one more reference to, named (parent, name); `lower` as the
+ * struct's field (honoured where the store can answer). */
+static int remember(Session *s, uint64_t parent, const char *name, size_t len, const struct fuse_attr *a,
+                    int lower)
 {
     struct node *n = node_make(&s->t, a->ino);
     if (!n)
@@ -543,7 +558,39 @@ static int remember(Session *s, uint64_t parent, const char *name, size_t len, c
     n->nlookup++;
     n->attr = *a;
     n->has_attr = 1;
+    n->lower = lower && s->lower_reader;
     return 0;
+}
+
+/* A change through the mount may put something at the node's path in the upper directory:
+ * the node and its ancestors (along the path Python is given: first names, as node_path) are
+ * the image's alone no longer. */
+static void unmark_lower(Session *s, uint64_t id)
+{
+    size_t guard = 0;
+    for (struct node *n = node_get(&s->t, id); n && ++guard < (1u << 24);) {
+        n->lower = 0;
+        if (!n->names)
+            break;
+        n = node_get(&s->t, n->names->parent);
+    }
+}
+
+/* ... and the node named (parent, name), which the change removes or replaces. */
+static void unmark_child(Session *s, uint64_t parent, const char *name, size_t len)
+{
+    struct dentry *d = dentry_get(&s->t, parent, name, len);
+    if (d)
+        d->node->lower = 0;
+    unmark_lower(s, parent);
+}
+
+/* A directory moved: the nodes below it now have other paths.  Rare enough to start over. */
+static void unmark_all(Session *s)
+{
+    for (size_t i = 0; i < s->t.nodecap; i++)
+        for (struct node *n = s->t.nodes[i]; n; n = n->hnext)
+            n->lower = 0;
 }
 
 static PyObject *path_bytes(Session *s, uint64_t id, struct pathbuf *pb, int *err)
@@ -603,11 +650,12 @@ static void reply_entry_from(Session *s, uint64_t unique, uint64_t parent, const
 {
     struct fuse_attr a;
     struct fuse_entry_out e;
-    if (!res || attr_from_tuple(res, &a) < 0) {
+    int lower;
+    if (!res || attr_from_tuple(res, &a, &lower) < 0) {
         reply_err(s, unique, py_errno());
         return;
     }
-    int r = remember(s, parent, name, len, &a);
+    int r = remember(s, parent, name, len, &a, lower);
     if (r < 0) {
         reply_err(s, unique, -r);
         return;
@@ -653,8 +701,9 @@ static void forget_one(Session *s, uint64_t id, uint64_t count)
 static void reply_attr(Session *s, uint64_t unique, uint64_t id, PyObject *res)
 {
     struct fuse_attr_out o;
+    int lower;
     memset(&o, 0, sizeof(o));
-    if (!res || attr_from_tuple(res, &o.attr) < 0) {
+    if (!res || attr_from_tuple(res, &o.attr, &lower) < 0) {
         reply_err(s, unique, py_errno());
         return;
     }
@@ -662,6 +711,7 @@ static void reply_attr(Session *s, uint64_t unique, uint64_t id, PyObject *res)
     if (n) {
         n->attr = o.attr;
         n->has_attr = 1;
+        n->lower = lower && s->lower_reader;
     }
     split_timeout(s->attr_timeout, &o.attr_valid, &o.attr_valid_nsec);
     reply(s, unique, 0, &o, sizeof(o));
@@ -736,6 +786,7 @@ static void do_setattr(Session *s, uint64_t unique, uint64_t id, const struct fu
         reply_err(s, unique, ETXTBSY);
         return;
     }
+    unmark_lower(s, id);
     PyObject *path = path_bytes(s, id, &s->pb, &err);
     PyObject *pyfh = Py_None;
     if ((in->valid & FATTR_FH) && in->fh) {
@@ -790,6 +841,7 @@ static void do_readlink(Session *s, uint64_t unique, uint64_t id)
 static void do_make(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len, const char *method,
                     const char *fmt, PyObject *a1, long long a2, long long a3, const struct fuse_in_header *ih)
 {
+    unmark_child(s, parent, name, len);
     PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
     if (!path)
         return;
@@ -807,6 +859,7 @@ static void do_make(Session *s, uint64_t unique, uint64_t parent, const char *na
 
 static void do_unlink(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len, const char *method)
 {
+    unmark_child(s, parent, name, len);
     PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
     if (!path)
         return;
@@ -825,6 +878,12 @@ static void do_rename(Session *s, uint64_t unique, uint64_t olddir, const char *
                       uint64_t newdir, const char *newname, size_t newlen, uint32_t flags)
 {
     int err = 0;
+    struct dentry *moved = dentry_get(&s->t, olddir, oldname, oldlen);
+    struct dentry *over = dentry_get(&s->t, newdir, newname, newlen);
+    if ((moved && S_ISDIR(moved->node->attr.mode)) || (over && S_ISDIR(over->node->attr.mode)))
+        unmark_all(s);
+    unmark_child(s, olddir, oldname, oldlen);
+    unmark_child(s, newdir, newname, newlen);
     PyObject *oldp = child_path(s, olddir, oldname, oldlen, &s->pb, &err);
     if (!oldp) {
         reply_err(s, unique, err);
@@ -941,7 +1000,6 @@ static int cached_copy(Session *s, uint64_t ino, struct handle *h)
 {
     struct fs_inode n;
     int fd = -1;
-    Py_BEGIN_ALLOW_THREADS
     if (fs_store_begin(s->lower_reader) == 0) {
         int ok = fs_store_inode(s->lower_reader, ino, &n) == 0 && S_ISREG(n.mode) && n.content;
         if (ok) {
@@ -952,7 +1010,6 @@ static int cached_copy(Session *s, uint64_t ino, struct handle *h)
         if (ok && (fd = fc_lookup(s->cache, h->copy_id, h->copy_size)) < 0)
             h->want_copy = 1;
     }
-    Py_END_ALLOW_THREADS
     return fd;
 }
 
@@ -970,6 +1027,44 @@ static long fill_read(void *arg, uint64_t ino, char *buf, size_t size, uint64_t 
     }
     pthread_rwlock_unlock(&s->pin_lock);
     return got;
+}
+
+/* Reply to an OPEN with the new handle `h` (closed on failure). */
+static void finish_open(Session *s, uint64_t unique, struct handle *h, uint32_t flags)
+{
+    struct fuse_open_out o;
+    memset(&o, 0, sizeof(o));
+    struct node *n = node_get(&s->t, h->node);
+    if (n)
+        n->opens++;
+    o.fh = (uint64_t)(uintptr_t)h;
+    int how = open_mode(s, h, n, flags, &o.padding);
+    if (how < 0) {
+        handle_close(s, h, 0);
+        reply_err(s, unique, -how);
+        return;
+    }
+    o.open_flags = (uint32_t)how;
+    reply(s, unique, 0, &o, sizeof(o));
+}
+
+/* OPEN for reading of a stored file (index inode `ino`) as node `id`: read by the kernel from
+ * its copy in the file cache, else here from the store (no Python: callable without the GIL). */
+static void open_lower(Session *s, uint64_t unique, uint64_t id, uint64_t ino, uint32_t flags)
+{
+    struct handle *h = handle_new(NULL, -1, id);
+    if (!h) {
+        reply_err(s, unique, ENOMEM);
+        return;
+    }
+    int copy = s->cache ? cached_copy(s, ino, h) : -1;
+    if (copy >= 0) { /* read by the kernel from the copy (or here, with pread) */
+        h->fd = copy;
+        h->owns_fd = 1;
+    } else {
+        h->lower_ino = ino;
+    }
+    finish_open(s, unique, h, flags);
 }
 
 static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, int dir)
@@ -994,9 +1089,12 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply_err(s, unique, ENOSYS);
         return;
     }
-    if (((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) && copy_busy(s, id)) {
-        reply_err(s, unique, ETXTBSY);
-        return;
+    if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) {
+        if (copy_busy(s, id)) {
+            reply_err(s, unique, ETXTBSY);
+            return;
+        }
+        unmark_lower(s, id); /* to be copied up */
     }
     PyObject *path = path_or_reply(s, unique, id);
     if (!path)
@@ -1017,38 +1115,26 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply_err(s, unique, EIO);
         return;
     }
-    struct handle *h = handle_new(pyfh == Py_None ? NULL : pyfh, fd, id);
+    if (pyfh == Py_None) {
+        Py_DECREF(res);
+        Py_BEGIN_ALLOW_THREADS
+        open_lower(s, unique, id, lower_ino, flags);
+        Py_END_ALLOW_THREADS
+        return;
+    }
+    struct handle *h = handle_new(pyfh, fd, id);
     Py_DECREF(res);
     if (!h) {
         reply_err(s, unique, ENOMEM);
         return;
     }
-    if (pyfh == Py_None) {
-        int copy = s->cache ? cached_copy(s, lower_ino, h) : -1;
-        if (copy >= 0) { /* read by the kernel from the copy (or here, with pread) */
-            h->fd = copy;
-            h->owns_fd = 1;
-        } else {
-            h->lower_ino = lower_ino;
-        }
-    }
-    struct node *n = node_get(&s->t, id);
-    if (n)
-        n->opens++;
-    o.fh = (uint64_t)(uintptr_t)h;
-    int how = open_mode(s, h, n, flags, &o.padding);
-    if (how < 0) {
-        handle_close(s, h, 0);
-        reply_err(s, unique, -how);
-        return;
-    }
-    o.open_flags = (uint32_t)how;
-    reply(s, unique, 0, &o, sizeof(o));
+    finish_open(s, unique, h, flags);
 }
 
 static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct fuse_create_in *in, const char *name,
                       size_t len, const struct fuse_in_header *ih)
 {
+    unmark_child(s, parent, name, len);
     PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
     if (!path)
         return;
@@ -1066,12 +1152,12 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
         struct fuse_open_out o;
     } out;
     struct fuse_attr a;
-    if (attr_from_tuple(attr, &a) < 0) {
+    if (attr_from_tuple(attr, &a, NULL) < 0) {
         Py_DECREF(res);
         reply_err(s, unique, py_errno());
         return;
     }
-    int r = remember(s, parent, name, len, &a);
+    int r = remember(s, parent, name, len, &a, 0);
     struct handle *h = r < 0 ? NULL : handle_new(pyfh, fd, a.ino);
     Py_DECREF(res);
     if (!h) {
@@ -1142,8 +1228,9 @@ static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fu
         reply_err(s, unique, EBADF);
         return;
     }
-    if (!h->listing || in->offset == 0) {
+    if (!h->listing || in->offset == 0 || h->relist) {
         int err = 0;
+        h->relist = 0;
         PyObject *path = path_bytes(s, id, &s->pb, &err);
         if (!path) {
             reply_err(s, unique, err);
@@ -1177,7 +1264,8 @@ static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fu
         const char *name = PyBytes_AS_STRING(pyname);
         size_t len = (size_t)PyBytes_GET_SIZE(pyname);
         struct fuse_attr a;
-        if (attr_from_tuple(attr, &a) < 0) {
+        int lower;
+        if (attr_from_tuple(attr, &a, &lower) < 0) {
             PyErr_Clear();
             continue;
         }
@@ -1192,7 +1280,7 @@ static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fu
         if (plus) {
             struct fuse_direntplus *dp = (struct fuse_direntplus *)p;
             if (!dot) {
-                if (remember(s, id, name, len, &a) < 0)
+                if (remember(s, id, name, len, &a, lower) < 0)
                     break;
                 fill_entry(s, &dp->entry_out, &a);
             } else {
@@ -1216,34 +1304,42 @@ static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fu
 static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, uint64_t ino,
                        const struct fuse_read_in *in);
 
-static void do_read(Session *s, uint64_t unique, uint64_t id, const struct fuse_read_in *in)
+/* READ of a handle C reads by itself (a stored lower file, a host descriptor); 0 if it is not
+ * one.  No Python: callable without the GIL. */
+static int read_here(Session *s, uint64_t unique, struct handle *h, const struct fuse_read_in *in)
 {
-    struct handle *h = (struct handle *)(uintptr_t)in->fh;
-    PyObject *res;
-    if (h && h->lower_ino && s->lower_reader) { /* a lower file: from the store, without the GIL */
-        Py_BEGIN_ALLOW_THREADS
+    if (h && h->lower_ino && s->lower_reader) { /* a lower file: from the store */
         if (fs_store_begin(s->lower_reader) < 0) {
             reply_err(s, unique, EIO);
         } else {
             store_read(s, s->lower_reader, s->buf + BUF_SIZE, unique, h->lower_ino, in);
             fs_store_end(s->lower_reader);
         }
-        Py_END_ALLOW_THREADS
-        return;
+        return 1;
     }
-    if (h && h->fd >= 0) { /* an upper file: read it here, without the GIL */
+    if (h && h->fd >= 0) { /* an upper file, or a lower file's copy in the file cache */
         size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
         char *out = s->buf + BUF_SIZE;
-        ssize_t n;
-        Py_BEGIN_ALLOW_THREADS
-        n = pread(h->fd, out, size, (off_t)in->offset);
-        Py_END_ALLOW_THREADS
+        ssize_t n = pread(h->fd, out, size, (off_t)in->offset);
         if (n < 0)
             reply_err(s, unique, errno);
         else
             reply(s, unique, 0, out, (size_t)n);
-        return;
+        return 1;
     }
+    return 0;
+}
+
+static void do_read(Session *s, uint64_t unique, uint64_t id, const struct fuse_read_in *in)
+{
+    struct handle *h = (struct handle *)(uintptr_t)in->fh;
+    PyObject *res;
+    int done;
+    Py_BEGIN_ALLOW_THREADS
+    done = read_here(s, unique, h, in);
+    Py_END_ALLOW_THREADS
+    if (done)
+        return;
     if (h && h->pyfh) {
         res = PyObject_CallMethod(s->ops, "read", "OIK", h->pyfh, in->size, (unsigned long long)in->offset);
     } else {
@@ -1370,28 +1466,44 @@ static void attr_from_inode(struct fuse_attr *a, uint64_t ino, const struct fs_i
     a->atimensec = a->mtimensec = a->ctimensec = (uint32_t)ns;
 }
 
-static void fast_lookup(Session *s, struct worker *w, uint64_t u, uint64_t parent, const char *name, size_t len)
+/* LOOKUP in a directory of the stored image; on a writable mount (a `lower` parent) the entry
+ * is remembered, and 0 returned for a node known to be the image's no longer (a hardlink copied
+ * up under another name): Python decides that one. */
+static int fast_lookup(Session *s, struct worker *w, uint64_t u, uint64_t parent, const char *name, size_t len)
 {
     uint64_t ino;
     struct fs_inode n;
     struct fuse_entry_out e;
     int r = fs_store_lookup(w->store, parent, name, len, &ino);
-    if (r == -ENOENT) {
+    if (r == -ENOENT || (s->writable && len >= 4 && memcmp(name, ".wh.", 4) == 0)) {
+        /* (a writable mount never shows a fallback whiteout's name, as UnionView.resolve) */
         memset(&e, 0, sizeof(e));
         split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
+        if (s->writable)
+            dentry_forget(&s->t, parent, name, len);
         reply(s, u, 0, &e, sizeof(e));
-        return;
+        return 1;
     }
     if (r == 0)
         r = fs_store_inode(w->store, ino, &n);
     if (r < 0) {
         reply_err(s, u, r == -ENOENT ? EIO : -r); /* a listed name without an inode: damaged */
-        return;
+        return 1;
     }
     struct fuse_attr a;
     attr_from_inode(&a, ino, &n);
+    if (s->writable) {
+        struct node *known = node_get(&s->t, ino);
+        if (known && !known->lower)
+            return 0;
+        if ((r = remember(s, parent, name, len, &a, 1)) < 0) {
+            reply_err(s, u, -r);
+            return 1;
+        }
+    }
     fill_entry(s, &e, &a);
     reply(s, u, 0, &e, sizeof(e));
+    return 1;
 }
 
 static void fast_getattr(Session *s, struct worker *w, uint64_t u, uint64_t ino)
@@ -1405,6 +1517,11 @@ static void fast_getattr(Session *s, struct worker *w, uint64_t u, uint64_t ino)
     }
     memset(&o, 0, sizeof(o));
     attr_from_inode(&o.attr, ino, &n);
+    if (s->writable) { /* what is left to say once every name is gone (reply_orphan) */
+        struct node *nd = node_get(&s->t, ino);
+        if (nd)
+            nd->attr = o.attr;
+    }
     split_timeout(s->attr_timeout, &o.attr_valid, &o.attr_valid_nsec);
     reply(s, u, 0, &o, sizeof(o));
 }
@@ -1481,8 +1598,21 @@ static void fast_readdir(Session *s, struct worker *w, uint64_t u, uint64_t dir,
             r = ri;
             break;
         }
-        if (!put_dirent(s, out, &used, cap, plus, de.name, de.name_len, off + 1, de.ino, de.mode, plus ? &n : NULL))
+        /* a writable mount remembers each entry it gives attributes for; a node known to be
+         * the image's no longer gets none (node id 0: the kernel will LOOKUP it) */
+        struct node *known = s->writable && plus ? node_get(&s->t, de.ino) : NULL;
+        int attrs = plus && !(known && !known->lower);
+        size_t before = used;
+        if (!put_dirent(s, out, &used, cap, plus, de.name, de.name_len, off + 1, de.ino, de.mode, attrs ? &n : NULL))
             break;
+        if (attrs && s->writable) {
+            struct fuse_attr a;
+            attr_from_inode(&a, de.ino, &n);
+            if (remember(s, dir, de.name, de.name_len, &a, 1) < 0) {
+                used = before;
+                break;
+            }
+        }
         off++;
         h->last_off = off;
         h->last_len = de.name_len;
@@ -1713,6 +1843,157 @@ static int fast_dispatch(Session *s, struct worker *w, const char *req, size_t n
     return 1;
 }
 
+/* ---- writable mounts of a stored image: what needs no union rule, without Python ------------ */
+
+static void do_forget(Session *s, const struct fuse_in_header *ih, const char *body, size_t blen)
+{
+    if (ih->opcode == FUSE_FORGET) {
+        if (blen >= sizeof(struct fuse_forget_in))
+            forget_one(s, ih->nodeid, ((const struct fuse_forget_in *)body)->nlookup);
+        return;
+    }
+    if (blen < sizeof(struct fuse_batch_forget_in))
+        return;
+    const struct fuse_batch_forget_in *bf = (const struct fuse_batch_forget_in *)body;
+    const struct fuse_forget_one *one = (const struct fuse_forget_one *)(bf + 1);
+    size_t count = (blen - sizeof(*bf)) / sizeof(*one);
+    if (bf->count < count)
+        count = bf->count;
+    for (size_t i = 0; i < count; i++)
+        forget_one(s, one[i].nodeid, one[i].nlookup);
+}
+
+/* Requests about `lower` nodes (the image's alone: answered from the index as a read-only
+ * mount answers them), reads and writes of open files, and the bookkeeping of handles that
+ * have no Python half; 0 for the rest, which dispatch() serves.  Called without the GIL: the
+ * tables are this thread's alone (a writable mount has one), and no Python object is touched. */
+static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
+{
+    const struct fuse_in_header *ih = (const struct fuse_in_header *)req;
+    const char *body = req + sizeof(*ih);
+    size_t blen = n - sizeof(*ih), len;
+    const char *p = body, *name;
+    size_t left = blen;
+    uint64_t u = ih->unique, id = ih->nodeid;
+    struct node *nd = node_get(&s->t, id);
+    int lower = nd && nd->lower, handled = 1;
+    switch (ih->opcode) {
+    case FUSE_FORGET:
+    case FUSE_BATCH_FORGET:
+        do_forget(s, ih, body, blen);
+        return 1;
+    case FUSE_FLUSH:
+        reply_err(s, u, ENOSYS); /* see dispatch */
+        return 1;
+    case FUSE_OPENDIR:
+        do_open(s, u, id, 0, 1); /* no Python for directories */
+        return 1;
+    case FUSE_RELEASE:
+    case FUSE_RELEASEDIR: {
+        if (blen < sizeof(struct fuse_release_in))
+            return 0;
+        struct handle *h = (struct handle *)(uintptr_t)((const struct fuse_release_in *)body)->fh;
+        if (h && (h->pyfh || h->listing))
+            return 0;
+        if (h)
+            handle_close(s, h, ih->opcode == FUSE_RELEASEDIR);
+        reply_err(s, u, 0);
+        return 1;
+    }
+    case FUSE_READ: {
+        if (blen < sizeof(struct fuse_read_in))
+            return 0;
+        const struct fuse_read_in *in = (const struct fuse_read_in *)body;
+        return read_here(s, u, (struct handle *)(uintptr_t)in->fh, in);
+    }
+    case FUSE_WRITE: {
+        if (blen < sizeof(struct fuse_write_in))
+            return 0;
+        const struct fuse_write_in *in = (const struct fuse_write_in *)body;
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        if (blen - sizeof(*in) < in->size || !h || !h->pyfh || h->fd < 0)
+            return 0;
+        ssize_t got = pwrite(h->fd, in + 1, in->size, (off_t)in->offset);
+        if (got < 0) {
+            reply_err(s, u, errno);
+        } else {
+            struct fuse_write_out o = {.size = (uint32_t)got};
+            reply(s, u, 0, &o, sizeof(o));
+        }
+        return 1;
+    }
+    case FUSE_OPEN: {
+        if (!lower || blen < sizeof(struct fuse_open_in) || !S_ISREG(nd->attr.mode))
+            return 0;
+        uint32_t flags = ((const struct fuse_open_in *)body)->flags;
+        if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC))
+            return 0; /* a copy-up: Python's */
+        open_lower(s, u, id, id, flags);
+        return 1;
+    }
+    case FUSE_GETATTR:
+        if (blen >= sizeof(struct fuse_getattr_in)) {
+            const struct fuse_getattr_in *in = (const struct fuse_getattr_in *)body;
+            struct handle *h = (struct handle *)(uintptr_t)in->fh;
+            if ((in->getattr_flags & FUSE_GETATTR_FH) && h && h->pyfh)
+                return 0;
+        }
+        if (!lower)
+            return 0;
+        break;
+    case FUSE_LOOKUP:
+        if (!lower)
+            return 0;
+        break;
+    case FUSE_READLINK:
+    case FUSE_GETXATTR:
+    case FUSE_LISTXATTR:
+        return lower ? fast_dispatch(s, w, req, n) : 0; /* as a read-only mount */
+    case FUSE_READDIR:
+    case FUSE_READDIRPLUS: {
+        if (blen < sizeof(struct fuse_read_in))
+            return 0;
+        const struct fuse_read_in *in = (const struct fuse_read_in *)body;
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        if (!h)
+            return 0;
+        /* a listing is the store's or Python's from its start to its end; one whose directory
+         * changes in between goes on from Python's (what was removed is not shown again) */
+        if (in->offset == 0)
+            h->from_store = lower;
+        if (h->from_store && !lower)
+            h->from_store = 0, h->relist = 1;
+        if (!h->from_store)
+            return 0;
+        break;
+    }
+    default:
+        return 0;
+    }
+    if (fs_store_begin(w->store) < 0) {
+        reply_err(s, u, EIO);
+        return 1;
+    }
+    s->fast_requests++;
+    switch (ih->opcode) {
+    case FUSE_LOOKUP:
+        if ((name = take_name(&p, &left, &len)))
+            handled = fast_lookup(s, w, u, id, name, len);
+        else
+            reply_err(s, u, EINVAL);
+        break;
+    case FUSE_GETATTR:
+        fast_getattr(s, w, u, id);
+        break;
+    case FUSE_READDIR:
+    case FUSE_READDIRPLUS:
+        fast_readdir(s, w, u, id, (const struct fuse_read_in *)body, ih->opcode == FUSE_READDIRPLUS);
+        break;
+    }
+    fs_store_end(w->store);
+    return handled;
+}
+
 /* ---- the loop --------------------------------------------------------------------------------- */
 
 #define NEED(n)                                                                                              \
@@ -1794,20 +2075,9 @@ static void dispatch(Session *s, const char *req, size_t n)
         reply_err(s, u, 0);
         return;
     case FUSE_FORGET:
-        NEED(sizeof(struct fuse_forget_in));
-        forget_one(s, id, ((const struct fuse_forget_in *)body)->nlookup);
+    case FUSE_BATCH_FORGET:
+        do_forget(s, ih, body, blen);
         return; /* no reply */
-    case FUSE_BATCH_FORGET: {
-        NEED(sizeof(struct fuse_batch_forget_in));
-        const struct fuse_batch_forget_in *bf = (const struct fuse_batch_forget_in *)body;
-        const struct fuse_forget_one *one = (const struct fuse_forget_one *)(bf + 1);
-        size_t count = (blen - sizeof(*bf)) / sizeof(*one);
-        if (bf->count < count)
-            count = bf->count;
-        for (size_t i = 0; i < count; i++)
-            forget_one(s, one[i].nodeid, one[i].nlookup);
-        return;
-    }
     case FUSE_INTERRUPT:
         return; /* every request is answered promptly; nothing to cancel */
     case FUSE_LOOKUP:
@@ -1866,6 +2136,7 @@ static void dispatch(Session *s, const char *req, size_t n)
         if (!(name = take_name(&p, &left, &len)))
             break;
         int err = 0;
+        unmark_lower(s, in->oldnodeid); /* copied up to take the new name */
         PyObject *old = path_bytes(s, in->oldnodeid, &s->pb2, &err);
         if (!old) {
             reply_err(s, u, err);
@@ -2042,6 +2313,7 @@ static void dispatch(Session *s, const char *req, size_t n)
         struct node *xn = node_get(&s->t, id);
         if (xn)
             xn->no_caps = 0;
+        unmark_lower(s, id);
         call_simple(s, u,
                     PyObject_CallMethod(s->ops, "setxattr", "Oy#y#I", path, name, (Py_ssize_t)len, p,
                                         (Py_ssize_t)in->size, in->flags));
@@ -2057,6 +2329,7 @@ static void dispatch(Session *s, const char *req, size_t n)
         struct node *xn = node_get(&s->t, id);
         if (xn)
             xn->no_caps = 0;
+        unmark_lower(s, id);
         call_simple(s, u, PyObject_CallMethod(s->ops, "removexattr", "Oy#", path, name, (Py_ssize_t)len));
         Py_DECREF(path);
         return;
@@ -2150,6 +2423,7 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
             }
             Py_DECREF(encoded);
             store_path = Py_None;
+            s->workers[0].store = s->lower_reader; /* rw_fast's: the same thread */
         }
     }
     if (store_path != Py_None) {
@@ -2208,7 +2482,8 @@ static void Session_dealloc(Session *s)
 {
     fc_close(s->cache); /* its thread reads through fill_reader */
     fs_store_close(s->fill_reader);
-    fs_store_close(s->lower_reader);
+    if (!s->nworkers || s->workers[0].store != s->lower_reader)
+        fs_store_close(s->lower_reader);
     for (int i = 0; i < s->nworkers; i++) {
         fs_store_close(s->workers[i].store);
         free(s->workers[i].buf);
@@ -2343,6 +2618,8 @@ static PyObject *Session_run(Session *s, PyObject *unused)
                     ((const struct fuse_in_header *)w->buf)->len);
         if (s->store && valid_request(w->buf, n))
             handled = serve_fast(s, w, n);
+        else if (w->store && valid_request(w->buf, n))
+            handled = rw_fast(s, w, w->buf, (size_t)n);
         PyEval_RestoreThread(ts);
         if (n < 0) {
             if (err == EINTR) {

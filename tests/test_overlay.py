@@ -116,8 +116,11 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(layers: Layers) -> Run:
-    t = layers.tmp
+def run(layers: Layers, fuse_core: str) -> Run:
+    """The case's operations on the kernel overlay and on layerfs-overlay, once per FUSE core
+    (a parameter here: a module fixture without it would be shared by both cores' tests)."""
+    t = os.path.join(layers.tmp, fuse_core)
+    os.makedirs(t)
     k = Ops(os.path.join(t, "rw-kmnt"))
     kupper, kwork = fresh_upper(layers, "rw-k")
     with kernel_overlay(layers.lowers, kupper, kwork, k.root):

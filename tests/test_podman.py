@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -86,33 +85,40 @@ def docker_archive(sample_layout: str, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+def podman_tree(docker_archive: str, program: str) -> dict[str, Any]:
+    """A container of the sample made by podman with ``program`` as its mount program: its
+    file system type, tree and ``podman export``."""
+    base = tempfile.mkdtemp(prefix="lfpm-", dir="/tmp")  # podman: runroot <= 50 characters
+    p = Podman(base, ["--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"])
+    try:
+        p("load", "-i", docker_archive)
+        container = p("create", "docker.io/library/layerfs-sample:latest")
+        merged = p("mount", container)
+        with open("/proc/self/mountinfo") as f:
+            line = next(x for x in f if f" {merged} " in x)
+        fstype = line.split(" - ")[1].split()[0]
+        tree = snapshot(merged)
+        p("umount", container)
+        export = os.path.join(base, "export.tar")
+        p("export", "-o", export, container)
+        return {"fstype": fstype, "tree": tree, "export": tar_listing(export)}
+    finally:
+        p.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def trees(docker_archive: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def peer_tree(docker_archive: str) -> dict[str, Any]:
     if fuse_unavailable():
         pytest.skip(fuse_unavailable())
-    out: dict[str, Any] = {}
-    for name, program in (
-        ("fuse-overlayfs", shutil.which("fuse-overlayfs") or ""),
-        ("layerfs", overlay_helper()),
-    ):
-        base = tempfile.mkdtemp(prefix="lfpm-", dir="/tmp")  # podman: runroot <= 50 characters
-        p = Podman(base, ["--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"])
-        try:
-            p("load", "-i", docker_archive)
-            container = p("create", "docker.io/library/layerfs-sample:latest")
-            merged = p("mount", container)
-            with open("/proc/self/mountinfo") as f:
-                line = next(x for x in f if f" {merged} " in x)
-            fstype = line.split(" - ")[1].split()[0]
-            tree = snapshot(merged)
-            p("umount", container)
-            export = os.path.join(base, "export.tar")
-            p("export", "-o", export, container)
-            out[name] = {"fstype": fstype, "tree": tree, "export": tar_listing(export)}
-        finally:
-            p.close()
-            shutil.rmtree(base, ignore_errors=True)
-    yield out
+    return podman_tree(docker_archive, shutil.which("fuse-overlayfs") or "")
+
+
+@pytest.fixture(scope="module")
+def trees(docker_archive: str, peer_tree: dict[str, Any], fuse_core: str) -> dict[str, Any]:
+    """fuse-overlayfs's container and ours, made again with each FUSE core (``fuse_core`` is a
+    parameter here: a module fixture without it would be shared by both cores' tests)."""
+    return {"fuse-overlayfs": peer_tree, "layerfs": podman_tree(docker_archive, overlay_helper())}
 
 
 def tar_listing(path: str) -> dict[str, tuple[Any, ...]]:

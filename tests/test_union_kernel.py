@@ -642,6 +642,8 @@ class RWResult:
     after_remount: dict[str, Any] = field(default_factory=dict)
     kernel_on_our_upper: dict[str, Any] = field(default_factory=dict)
     remounted: dict[str, Any] = field(default_factory=dict)
+    warm_log: list[tuple[str, Any]] = field(default_factory=list)
+    warm: dict[str, Any] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
@@ -666,10 +668,12 @@ def image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="module")
-def rw(image: Image) -> Iterator[RWResult]:
+def rw(image: Image, fuse_core: str) -> Iterator[RWResult]:
     """The case's operation sequence run on the kernel overlay and on a layerfs mount, then
-    layerfs remounted, then the kernel overlay mounted on layerfs's upper directory."""
-    t, r = image.tmp, RWResult()
+    layerfs remounted, then the kernel overlay mounted on layerfs's upper directory.  Once per
+    FUSE core (``fuse_core`` is a parameter here, so the sequence runs again on each)."""
+    t, r = os.path.join(image.tmp, fuse_core), RWResult()
+    os.makedirs(t)
     k = Ops(os.path.join(t, "k-mnt"))
     with kernel_overlay(image.lowers, os.path.join(t, "k-upper"), os.path.join(t, "k-work"), k.root):
         image.case.ops(k)
@@ -691,6 +695,15 @@ def rw(image: Image) -> Iterator[RWResult]:
     km = os.path.join(t, "k2-mnt")
     with kernel_overlay(image.lowers, upper, os.path.join(t, "k2-work"), km, index=False):
         r.kernel_on_our_upper = snapshot(km)
+    # once more on a fresh upper, with the whole image looked up and listed first: the kernel
+    # then holds every lower node when the changes come (the C core serves those from the store
+    # until a change reaches them)
+    warm = Ops(os.path.join(t, "w-mnt"))
+    with layerfs_mount(image.cli, image.ref, warm.root, upper=os.path.join(t, "w-upper")):
+        snapshot(warm.root)
+        image.case.ops(warm)
+        r.warm = snapshot(warm.root, volatile=warm.volatile)
+    r.warm_log = warm.log
     yield r
 
 
@@ -709,6 +722,7 @@ def test_readonly_matches_kernel(image: Image) -> None:
 # -- (ii) read-write ---------------------------------------------------------------------------------
 def test_operations_give_what_the_kernel_gives(rw: RWResult) -> None:
     assert_same_steps(rw.kernel_log, rw.layerfs_log, "layerfs")
+    assert_same_steps(rw.kernel_log, rw.warm_log, "layerfs, every node looked up first")
 
 
 def test_known_results(rw: RWResult, image: Image) -> None:
@@ -721,6 +735,7 @@ def test_known_results(rw: RWResult, image: Image) -> None:
 
 def test_readwrite_tree_matches_kernel(rw: RWResult) -> None:
     assert_same(rw.kernel, rw.layerfs, "tree after the operations")
+    assert_same(rw.kernel, rw.warm, "tree after the operations, every node looked up first")
 
 
 def test_upper_format_matches_kernel(rw: RWResult, image: Image) -> None:

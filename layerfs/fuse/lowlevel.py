@@ -30,7 +30,8 @@ from layerfs.store import filecache
 from layerfs.union.lower import ChainLayer, join_path, parent_path
 from layerfs.union.view import UnionView
 
-Attr = tuple[int, int, int, int, int, int, int, int, int, int, int]
+# (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns[, lower])
+Attr = tuple[int, ...]
 
 READ_AHEAD_KIB = 1024  # as large as a request (MAX_WRITE in ext/fusecore.c)
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
@@ -96,10 +97,13 @@ class CoreOps:
 
     # -- names and attributes --------------------------------------------------------
     def lookup(self, path: bytes) -> Attr:
+        """Attributes; with a 12th item, 1, when the C side may answer for this node and all
+        below it from the stored image itself (``UnionView.lookup``) until something changes."""
         self._calls += 1
         if self._calls % TRIM_EVERY == 0:
             trim_store_map(self.view)
-        return _attr(self.view.getattr(path))
+        attr, lower = self.view.lookup(path)
+        return (*_attr(attr), 1) if lower and self.stored_reads else _attr(attr)
 
     getattr = lookup
 
@@ -114,10 +118,10 @@ class CoreOps:
             trim_store_map(view)
         here = _attr(view.getattr(path))
         up = _attr(view.getattr(parent_path(path))) if path else here
-        out = [(b".", here), (b"..", up)]
+        out: list[tuple[bytes, Attr]] = [(b".", here), (b"..", up)]
         for name, _, _ in view.readdir(path):
             try:
-                out.append((name, _attr(view.getattr(join_path(path, name)))))
+                out.append((name, self.lookup(join_path(path, name))))
             except OSError:
                 continue  # gone between the listing and its stat: leave it out
         return out

@@ -326,6 +326,12 @@ class UnionView:
 
     # -- attributes ---------------------------------------------------------------
     def getattr(self, path: bytes) -> dict[str, int]:
+        return self.lookup(path)[0]
+
+    def lookup(self, path: bytes) -> tuple[dict[str, int], bool]:
+        """The attributes of ``path``, and whether they come from the lower layers alone: the
+        upper directory has nothing at ``path``, so (a directory) nothing below it either, and
+        what is there stays the lower layers' until a change through the view copies it up."""
         r = self.resolve(path)
         if isinstance(r, Node):
             if self.upper is None and r.kind == E.REG:
@@ -334,13 +340,13 @@ class UnionView:
                 if len(self._looked_up) >= 1024:
                     self._looked_up.clear()
                 self._looked_up[path] = r
-            return self._node_attr(r)
+            return self._node_attr(r), True
         attr = self._stat_attr(path, r)
         if stat.S_ISDIR(r.st_mode) and self._lower_visible(path):
             lower = self._lower(path)
             if lower is not None and lower.is_dir:
                 attr["st_nlink"] = 1  # merged with a lower directory: one link, as overlayfs
-        return attr
+        return attr, False
 
     @staticmethod
     def _node_attr(n: Node) -> dict[str, int]:

@@ -839,7 +839,8 @@ static void do_readlink(Session *s, uint64_t unique, uint64_t id)
 
 /* mkdir, mknod, symlink and link all answer with the new entry */
 static void do_make(Session *s, uint64_t unique, uint64_t parent, const char *name, size_t len, const char *method,
-                    const char *fmt, PyObject *a1, long long a2, long long a3, const struct fuse_in_header *ih)
+                    const char *fmt, PyObject *a1, long long a2, long long a3, unsigned umask,
+                    const struct fuse_in_header *ih)
 {
     unmark_child(s, parent, name, len);
     PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
@@ -847,7 +848,7 @@ static void do_make(Session *s, uint64_t unique, uint64_t parent, const char *na
         return;
     PyObject *res;
     if (!strcmp(fmt, "mode"))
-        res = PyObject_CallMethod(s->ops, method, "OLLII", path, a2, a3, ih->uid, ih->gid);
+        res = PyObject_CallMethod(s->ops, method, "OLLIII", path, a2, a3, ih->uid, ih->gid, umask);
     else if (!strcmp(fmt, "symlink"))
         res = PyObject_CallMethod(s->ops, method, "OOII", path, a1, ih->uid, ih->gid);
     else /* link: a1 is the existing path */
@@ -1138,7 +1139,8 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
     PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
     if (!path)
         return;
-    PyObject *res = PyObject_CallMethod(s->ops, "create", "OIIII", path, in->mode, in->flags, ih->uid, ih->gid);
+    PyObject *res =
+        PyObject_CallMethod(s->ops, "create", "OIIIII", path, in->mode, in->flags, ih->uid, ih->gid, in->umask);
     Py_DECREF(path);
     PyObject *pyfh, *attr;
     int fd;
@@ -2032,6 +2034,10 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
     }
     uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES |
                     FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_EXPORT_SUPPORT | FUSE_PARALLEL_DIROPS;
+    /* POSIX ACLs: the kernel checks access ACLs (read as xattrs, cached per inode) as the kernel
+     * overlay does; on writable mounts new objects come with their mode unmasked and the umask
+     * beside it, so that the view can let a parent's default ACL decide (UnionView._new_mode) */
+    want |= FUSE_POSIX_ACL | (s->writable ? FUSE_DONT_MASK : 0);
     o.flags = in->flags & want;
     /* passthrough: reads and writes of upper files go from the kernel to the host file without
      * a round trip.  Writable mounts only (read-only ones read the store); the ioctl that names a
@@ -2102,7 +2108,7 @@ static void dispatch(Session *s, const char *req, size_t n)
         left -= sizeof(*in);
         if (!(name = take_name(&p, &left, &len)))
             break;
-        do_make(s, u, id, name, len, "mknod", "mode", NULL, in->mode, in->rdev, ih);
+        do_make(s, u, id, name, len, "mknod", "mode", NULL, in->mode, in->rdev, in->umask, ih);
         return;
     }
     case FUSE_MKDIR: {
@@ -2112,7 +2118,7 @@ static void dispatch(Session *s, const char *req, size_t n)
         left -= sizeof(*in);
         if (!(name = take_name(&p, &left, &len)))
             break;
-        do_make(s, u, id, name, len, "mkdir", "mode", NULL, in->mode, 0, ih);
+        do_make(s, u, id, name, len, "mkdir", "mode", NULL, in->mode, 0, in->umask, ih);
         return;
     }
     case FUSE_SYMLINK: {
@@ -2124,7 +2130,7 @@ static void dispatch(Session *s, const char *req, size_t n)
             reply_err(s, u, py_errno());
             return;
         }
-        do_make(s, u, id, name, len, "symlink", "symlink", target, 0, 0, ih);
+        do_make(s, u, id, name, len, "symlink", "symlink", target, 0, 0, 0, ih);
         Py_DECREF(target);
         return;
     }
@@ -2142,7 +2148,7 @@ static void dispatch(Session *s, const char *req, size_t n)
             reply_err(s, u, err);
             return;
         }
-        do_make(s, u, id, name, len, "link", "link", old, 0, 0, ih);
+        do_make(s, u, id, name, len, "link", "link", old, 0, 0, 0, ih);
         Py_DECREF(old);
         return;
     }

@@ -3,7 +3,8 @@
 
 Every test here failed before its fix: paths past PATH_MAX in the upper directory, stale link
 counts of hardlinked special files, O_DIRECT, root mounts without allow_other, ``-o ro``
-hiding the upper layer, fstat of a directory renamed over, fallocate modes, atime options.
+hiding the upper layer, fstat of a directory renamed over, fallocate modes, atime options,
+default and access ACLs.
 """
 
 from __future__ import annotations
@@ -409,3 +410,67 @@ def test_rename_exchange(dirs: Dirs) -> None:
     assert os.path.isdir(os.path.join(dirs.upper, "new"))
     with open(os.path.join(dirs.upper, "udir")) as f:
         assert f.read() == "lower data\n" * 1000
+
+
+def _acl_results(root: str) -> dict[str, object]:
+    """Default ACLs set on a lower directory (copied up) and a new one, then objects made in
+    them under umask 022; what getfacl and stat say of each, and what a user the ACLs name may
+    read where the mode bits alone would refuse."""
+    out: dict[str, object] = {}
+
+    def facl(*args: str) -> None:
+        subprocess.run(["setfacl", *args], check=True, capture_output=True)
+
+    lower_dir, new_dir = os.path.join(root, "dir"), os.path.join(root, "newdir")
+    os.mkdir(new_dir, 0o755)
+    for d in (lower_dir, new_dir):
+        facl("-d", "-m", "u:4242:rwx,g::r-x,o::---,m::rwx", d)
+    old = os.umask(0o022)
+    try:
+        for d in (lower_dir, new_dir):
+            os.close(os.open(os.path.join(d, "f"), os.O_CREAT | os.O_WRONLY, 0o666))
+            os.mkdir(os.path.join(d, "sub"), 0o777)
+            os.mkfifo(os.path.join(d, "fifo"), 0o640)
+            os.close(os.open(os.path.join(root, "plain"), os.O_CREAT | os.O_WRONLY, 0o666))
+    finally:
+        os.umask(old)
+    for rel in ("plain", *(f"{d}/{n}" for d in ("dir", "newdir") for n in ("f", "sub", "fifo", "sub/.."))):
+        p = os.path.join(root, rel)
+        getfacl = subprocess.run(["getfacl", "-cp", p], capture_output=True, text=True)
+        out[rel] = (oct(os.lstat(p).st_mode), getfacl.returncode, getfacl.stdout)
+    # an access ACL the kernel must enforce: mode 0600, read allowed to uid 4242 by the ACL only
+    secret = os.path.join(root, "secret")
+    with open(secret, "w") as f:
+        f.write("for 4242")
+    os.chmod(secret, 0o600)
+    facl("-m", "u:4242:r", secret)
+    for uid in (4242, 4343):
+        # (from inside the mount: the test's temporary directories above it are root's alone)
+        res = subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "cat", "secret"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+        out[f"read as {uid}"] = (res.returncode, res.stdout)
+    return out
+
+
+def test_default_and_access_acls_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: str) -> None:
+    """A directory's default ACL is inherited by what is made in it (the umask not counting
+    then), and access ACLs are enforced, as the kernel overlay does (the mode bits alone and
+    the caller's umask decided before)."""
+    if fuse_core == "python":
+        pytest.skip("the high-level twin (libfuse 3.14 through mfusepy) does not negotiate POSIX ACLs")
+    if overlay_unavailable(str(tmp_path)):
+        pytest.skip(overlay_unavailable(str(tmp_path)))
+    with overlay(dirs) as mnt:
+        ours = _acl_results(mnt)
+    k = tmp_path / "k"
+    with kernel_overlay([dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt")) as mnt:
+        theirs = _acl_results(mnt)
+    assert ours == theirs
+    assert theirs["read as 4242"] == (0, "for 4242") and theirs["read as 4343"][0] != 0
+    assert "user:4242:rwx" in str(theirs["dir/f"]) and "0o100660" in str(
+        theirs["dir/f"]
+    )  # not 0644: no umask

@@ -160,8 +160,8 @@ class CoreOps:
         fh = self.view.open(path, flags)
         return fh, self.view.handle_fd(fh), 0
 
-    def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, int, Attr]:
-        fh = self.view.create(path, mode, flags, uid, gid)
+    def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int) -> tuple[int, int, Attr]:
+        fh = self.view.create(path, mode, flags, uid, gid, umask)
         return fh, self.view.handle_fd(fh), self.fgetattr(fh)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -220,12 +220,12 @@ class CoreOps:
             )
         return self.getattr(path)
 
-    def mkdir(self, path: bytes, mode: int, _rdev: int, uid: int, gid: int) -> Attr:
-        self.view.mkdir(path, mode, uid, gid)
+    def mkdir(self, path: bytes, mode: int, _rdev: int, uid: int, gid: int, umask: int) -> Attr:
+        self.view.mkdir(path, mode, uid, gid, umask)
         return self.getattr(path)
 
-    def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
-        self.view.mknod(path, mode, rdev, uid, gid)
+    def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int, umask: int) -> Attr:
+        self.view.mknod(path, mode, rdev, uid, gid, umask)
         return self.getattr(path)
 
     def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> Attr:

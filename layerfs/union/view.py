@@ -84,6 +84,7 @@ DIR_FDS = 16
 # it and the file) ends at the FUSE mount, and on the host file it would demand buffers aligned
 # to the block size, which the request buffers of a FUSE daemon are not (EINVAL on every write)
 _HOST_FLAGS = ~os.O_DIRECT
+_ACL_DEFAULT = "system.posix_acl_default"
 
 
 def _err(code: int) -> OSError:
@@ -616,43 +617,61 @@ class UnionView:
         self._copy_up(path, data=length > 0)
         os.truncate(self._up(path), length)
 
-    def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int) -> int:
+    # ``umask``: a FUSE core that passes modes unmasked gives the caller's umask; 0 otherwise
+    def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int = 0) -> int:
         flags &= _HOST_FLAGS
         self._need_rw()
         self._prepare_new(path)
         gid = self._new_gid(path, gid)
+        bits = self._new_mode(path, mode, umask)
         fd = os.open(self._up(path), flags | os.O_CREAT | os.O_NOFOLLOW, mode & 0o7777)
         try:
             os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode & 0o7777)  # the umask was applied by the kernel already
+            if bits is not None:
+                os.fchmod(fd, bits)
         except OSError:
             os.close(fd)
             raise
         return self._new_handle(_UpperFile(fd))
 
-    def mkdir(self, path: bytes, mode: int, uid: int, gid: int) -> None:
+    def mkdir(self, path: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> None:
         self._need_rw()
         replaced_whiteout = self._prepare_new(path)
         up = self._up(path)
         parent_gid = self._setgid_parent(path)
         if parent_gid is not None:  # inherited from a setgid parent, as the kernel does
             gid, mode = parent_gid, mode | stat.S_ISGID
+        bits = self._new_mode(path, mode, umask)
         os.mkdir(up, mode & 0o7777)
         os.lchown(up, uid, gid)
-        os.chmod(up, mode & 0o7777)
+        if bits is not None:
+            os.chmod(up, bits)
         if replaced_whiteout or self._lower(path) is not None:
             # a directory re-created over a deleted lower one must not show the old contents
             self._set_opaque(up)
         self._vis.drop(path)
 
-    def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> None:
+    def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int, umask: int = 0) -> None:
         self._need_rw()
         self._prepare_new(path)
         gid = self._new_gid(path, gid)
+        bits = self._new_mode(path, mode, umask)
         up = self._up(path)
         os.mknod(up, mode, rdev)
         os.lchown(up, uid, gid)
-        os.chmod(up, mode & 0o7777)
+        if bits is not None:
+            os.chmod(up, bits)
+
+    def _new_mode(self, path: bytes, mode: int, umask: int) -> int | None:
+        """The permission bits a new object at ``path`` gets (its parent copied up already);
+        None where the parent has a default ACL: the host applies that as it makes the object,
+        the umask not counting then (POSIX.1e, as the kernel's own file systems), and a chmod
+        afterwards would spoil the inherited ACL's mask."""
+        try:
+            os.getxattr(self._up(parent_path(path)), _ACL_DEFAULT, follow_symlinks=False)
+        except OSError:
+            return mode & ~umask & 0o7777
+        return None
 
     def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> None:
         self._need_rw()

@@ -45,6 +45,8 @@
 #define FUSE_CACHE_SYMLINKS (1 << 23)
 #endif
 
+#define OP_TMPFILE 51 /* FUSE_TMPFILE (protocol 7.37), newer than some build headers */
+
 #ifndef RENAME_EXCHANGE
 #define RENAME_EXCHANGE (1 << 1)
 #endif
@@ -104,6 +106,8 @@ struct node {
      * stored, its id the index's inode: served from the store without Python (rw_fast) until
      * a change through the mount clears it (before_change) */
     int lower;
+    /* an O_TMPFILE file without a name yet: its handle, through which a LINK names it */
+    struct handle *anon;
 };
 
 struct table {
@@ -759,6 +763,13 @@ static void do_getattr(Session *s, uint64_t unique, uint64_t id, const struct fu
     int err = 0;
     PyObject *path = path_bytes(s, id, &s->pb, &err);
     if (!path) {
+        struct node *n = node_get(&s->t, id);
+        if (n && n->anon) { /* an O_TMPFILE file: its open handle knows it */
+            res = PyObject_CallMethod(s->ops, "fgetattr", "O", n->anon->pyfh);
+            reply_attr(s, unique, id, res);
+            Py_XDECREF(res);
+            return;
+        }
         if (!reply_orphan(s, unique, id))
             reply_err(s, unique, err);
         return;
@@ -794,6 +805,9 @@ static void do_setattr(Session *s, uint64_t unique, uint64_t id, const struct fu
         if (h->pyfh)
             pyfh = h->pyfh;
     }
+    struct node *n = node_get(&s->t, id);
+    if (!path && pyfh == Py_None && n && n->anon) /* an O_TMPFILE file: through its handle */
+        pyfh = n->anon->pyfh;
     if (!path) {
         if (pyfh == Py_None) {
             reply_err(s, unique, err);
@@ -1132,15 +1146,23 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
     finish_open(s, unique, h, flags);
 }
 
+/* A new file (parent, name) made and opened; or, `name` NULL, an O_TMPFILE file in directory
+ * `parent`: a node without a name, which a LINK through its open handle may name later. */
 static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct fuse_create_in *in, const char *name,
                       size_t len, const struct fuse_in_header *ih)
 {
-    unmark_child(s, parent, name, len);
-    PyObject *path = child_or_reply(s, unique, parent, name, len, &s->pb);
+    PyObject *path;
+    if (name) {
+        unmark_child(s, parent, name, len);
+        path = child_or_reply(s, unique, parent, name, len, &s->pb);
+    } else {
+        unmark_lower(s, parent);
+        path = path_or_reply(s, unique, parent);
+    }
     if (!path)
         return;
-    PyObject *res =
-        PyObject_CallMethod(s->ops, "create", "OIIIII", path, in->mode, in->flags, ih->uid, ih->gid, in->umask);
+    PyObject *res = PyObject_CallMethod(s->ops, name ? "create" : "tmpfile", "OIIIII", path, in->mode, in->flags,
+                                        ih->uid, ih->gid, in->umask);
     Py_DECREF(path);
     PyObject *pyfh, *attr;
     int fd;
@@ -1159,7 +1181,19 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
         reply_err(s, unique, py_errno());
         return;
     }
-    int r = remember(s, parent, name, len, &a, 0);
+    int r = 0;
+    if (name) {
+        r = remember(s, parent, name, len, &a, 0);
+    } else {
+        struct node *anon = node_make(&s->t, a.ino);
+        if (anon) {
+            anon->nlookup++;
+            anon->attr = a;
+            anon->has_attr = 1;
+        } else {
+            r = -ENOMEM;
+        }
+    }
     struct handle *h = r < 0 ? NULL : handle_new(pyfh, fd, a.ino);
     Py_DECREF(res);
     if (!h) {
@@ -1168,6 +1202,8 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
     }
     struct node *n = node_get(&s->t, a.ino);
     n->opens++;
+    if (!name)
+        n->anon = h;
     n->no_caps = 1; /* a new file has no capability: spare the GETXATTR of its first write */
     fill_entry(s, &out.e, &a);
     memset(&out.o, 0, sizeof(out.o));
@@ -1196,6 +1232,8 @@ static void handle_close(Session *s, struct handle *h, int dir)
         fc_want(s->cache, h->copy_id, h->lower_ino, h->copy_size);
     if (!dir) {
         struct node *n = node_get(&s->t, h->node);
+        if (n && n->anon == h)
+            n->anon = NULL;
         if (n && h->passthrough && n->pt_opens && --n->pt_opens == 0) {
             uint32_t id = (uint32_t)n->backing_id;
             ioctl(s->fd, PT_BACKING_CLOSE, &id);
@@ -2143,6 +2181,11 @@ static void dispatch(Session *s, const char *req, size_t n)
             break;
         int err = 0;
         unmark_lower(s, in->oldnodeid); /* copied up to take the new name */
+        struct node *target = node_get(&s->t, in->oldnodeid);
+        if (target && !target->names && target->anon) { /* an O_TMPFILE file gets its name */
+            do_make(s, u, id, name, len, "link_open", "link", target->anon->pyfh, 0, 0, 0, ih);
+            return;
+        }
         PyObject *old = path_bytes(s, in->oldnodeid, &s->pb2, &err);
         if (!old) {
             reply_err(s, u, err);
@@ -2200,6 +2243,10 @@ static void dispatch(Session *s, const char *req, size_t n)
         do_create(s, u, id, in, name, len, ih);
         return;
     }
+    case OP_TMPFILE:
+        NEED(sizeof(struct fuse_create_in));
+        do_create(s, u, id, (const struct fuse_create_in *)body, NULL, 0, ih);
+        return;
     case FUSE_READ:
         NEED(sizeof(struct fuse_read_in));
         do_read(s, u, id, (const struct fuse_read_in *)body);

@@ -4,7 +4,7 @@
 Every test here failed before its fix: paths past PATH_MAX in the upper directory, stale link
 counts of hardlinked special files, O_DIRECT, root mounts without allow_other, ``-o ro``
 hiding the upper layer, fstat of a directory renamed over, fallocate modes, atime options,
-default and access ACLs.
+default and access ACLs, O_TMPFILE.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("fuse_core")
 HELPER = [sys.executable, "-m", "layerfs.overlay"]
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 1, 2, 16
 
 
@@ -474,3 +475,53 @@ def test_default_and_access_acls_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: 
     assert "user:4242:rwx" in str(theirs["dir/f"]) and "0o100660" in str(
         theirs["dir/f"]
     )  # not 0644: no umask
+
+
+def _flink(fd: int, path: str) -> None:
+    """linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH): how an O_TMPFILE file gets a name."""
+    if _libc.linkat(fd, b"", -100, os.fsencode(path), 0x1000) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), path)
+
+
+def _tmpfile_results(root: str) -> list[object]:
+    out: list[object] = []
+    d = os.path.join(root, "dir")  # a lower directory: copied up for the new file
+    fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o640)
+    try:
+        os.write(fd, b"made nameless")
+        st = os.fstat(fd)
+        out += [sorted(os.listdir(d)), st.st_nlink, st.st_size, oct(st.st_mode)]
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 4)
+        _flink(fd, os.path.join(d, "named"))
+        st = os.fstat(fd)
+        out += [st.st_nlink, oct(st.st_mode), os.lstat(os.path.join(d, "named")).st_ino == st.st_ino]
+    finally:
+        os.close(fd)
+    with open(os.path.join(d, "named"), "rb") as f:
+        out.append(f.read())
+    fd = os.open(root, os.O_TMPFILE | os.O_WRONLY | os.O_EXCL, 0o600)  # O_EXCL: never linkable
+    try:
+        _flink(fd, os.path.join(root, "never"))
+    except OSError as exc:
+        out.append(errno.errorcode[exc.errno or 0])
+    finally:
+        os.close(fd)
+    out.append(sorted(os.listdir(root)))
+    return out
+
+
+def test_o_tmpfile_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: str) -> None:
+    """O_TMPFILE files: nameless, written, changed through the descriptor, then named with
+    linkat (EOPNOTSUPP before)."""
+    if fuse_core == "python":
+        pytest.skip("the high-level twin (libfuse 3.14 through mfusepy) has no tmpfile call")
+    if overlay_unavailable(str(tmp_path)):
+        pytest.skip(overlay_unavailable(str(tmp_path)))
+    with overlay(dirs) as mnt:
+        ours = _tmpfile_results(mnt)
+    k = tmp_path / "k"
+    with kernel_overlay([dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt")) as mnt:
+        theirs = _tmpfile_results(mnt)
+    assert ours == theirs
+    assert theirs[4:] == [1, "0o100600", True, b"made", "ENOENT", ["dir", "file"]]

@@ -164,6 +164,14 @@ class CoreOps:
         fh = self.view.create(path, mode, flags, uid, gid, umask)
         return fh, self.view.handle_fd(fh), self.fgetattr(fh)
 
+    def tmpfile(self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int) -> tuple[int, int, Attr]:
+        fh = self.view.tmpfile(path, mode, flags, uid, gid, umask)
+        return fh, self.view.handle_fd(fh), self.fgetattr(fh)
+
+    def link_open(self, fh: int, new: bytes) -> Attr:
+        self.view.link_open(fh, new)
+        return self.getattr(new)
+
     def read(self, fh: int, size: int, offset: int) -> bytes:
         return self.view.read(fh, size, offset)
 
@@ -196,15 +204,26 @@ class CoreOps:
         mtime: int,
     ) -> Attr:
         view = self.view
-        if path is None:  # an open file whose every name is gone: only its handle is left
-            if valid & ~8 or atime != -1 or mtime != -1:
+        if path is None:  # an open file without a name (unlinked, O_TMPFILE): only its handle is left
+            fd = view.handle_fd(fh) if fh is not None else -1
+            if fh is None or fd < 0:
                 raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            if valid & 1:
+                os.fchmod(fd, mode & 0o7777)
+            if valid & 6:
+                os.fchown(fd, uid if valid & 2 else -1, gid if valid & 4 else -1)
             if valid & 8:
-                fd = view.handle_fd(fh) if fh is not None else -1
-                if fd < 0:
-                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
                 os.ftruncate(fd, size)
-            return self.fgetattr(fh) if fh is not None else self.getattr(b"")
+            if atime != -1 or mtime != -1:
+                now, st = time.time_ns(), os.fstat(fd)
+                os.utime(
+                    fd,
+                    ns=(
+                        st.st_atime_ns if atime == -1 else now if atime == -2 else atime,
+                        st.st_mtime_ns if mtime == -1 else now if mtime == -2 else mtime,
+                    ),
+                )
+            return self.fgetattr(fh)
         if valid & 1:
             view.chmod(path, mode)
         if valid & 6:

@@ -69,6 +69,8 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 AT_FDCWD = -100
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+AT_EMPTY_PATH = 0x1000
 # where copy-up records the lower inode number; user.* where trusted.* is refused (unprivileged).
 # Inside overlay.* (the kernel overlay hides its own namespace); upper directories written
 # before that used the legacy names, still read
@@ -633,6 +635,43 @@ class UnionView:
             os.close(fd)
             raise
         return self._new_handle(_UpperFile(fd))
+
+    def tmpfile(self, dir_path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int = 0) -> int:
+        """An O_TMPFILE file in ``dir_path``: made in its upper directory, nameless until
+        ``link_open`` names it."""
+        self._need_rw()
+        r = self.resolve(dir_path)
+        if not (isinstance(r, Node) and r.is_dir or isinstance(r, os.stat_result) and stat.S_ISDIR(r.st_mode)):
+            raise _err(errno.ENOTDIR)
+        self._copy_up(dir_path)
+        inside = join_path(dir_path, b"tmpfile")  # what _new_gid and _new_mode ask of a new object
+        gid = self._new_gid(inside, gid)
+        bits = self._new_mode(inside, mode, umask)
+        flags = flags & _HOST_FLAGS & ~(os.O_CREAT | os.O_TRUNC) | os.O_TMPFILE
+        fd = os.open(self._up(dir_path), flags, mode & 0o7777)
+        try:
+            os.fchown(fd, uid, gid)
+            if bits is not None:
+                os.fchmod(fd, bits)
+        except OSError:
+            os.close(fd)
+            raise
+        return self._new_handle(_UpperFile(fd))
+
+    def link_open(self, fh: int, new: bytes) -> None:
+        """Name an open upper file that has none (made with O_TMPFILE): linkat through its
+        descriptor, as the kernel does for the caller's linkat(fd, "", AT_EMPTY_PATH)."""
+        self._need_rw()
+        h = self._handles.get(fh)
+        if not isinstance(h, _UpperFile):
+            raise _err(errno.EBADF)
+        self._prepare_new(new)
+        # AT_EMPTY_PATH wants CAP_DAC_READ_SEARCH (before Linux 6.10); the /proc link does not
+        if _libc.linkat(h.fd, b"", AT_FDCWD, self._up(new), AT_EMPTY_PATH) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.ENOENT, errno.EPERM):
+                raise _err(err)
+            os.link(f"/proc/self/fd/{h.fd}", self._up(new), follow_symlinks=True)
 
     def mkdir(self, path: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> None:
         self._need_rw()

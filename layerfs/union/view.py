@@ -410,6 +410,12 @@ class UnionView:
         attr["st_ino"] = ino
         return attr
 
+    def _new_ino(self, st: os.stat_result) -> None:
+        """An object made in the upper directory just now: its inode number is the host's plus
+        UPPER_INO (no copy-up xattr to look for; and a host inode number reused after a
+        deletion must not keep the number its earlier file had)."""
+        self._upper_ino[st.st_ino] = st.st_ino + UPPER_INO
+
     def _ino_of(self, path: bytes, st: os.stat_result) -> int:
         if not path:
             return ROOT_INO
@@ -631,6 +637,7 @@ class UnionView:
             os.fchown(fd, uid, gid)
             if bits is not None:
                 os.fchmod(fd, bits)
+            self._new_ino(os.fstat(fd))
         except OSError:
             os.close(fd)
             raise
@@ -653,6 +660,7 @@ class UnionView:
             os.fchown(fd, uid, gid)
             if bits is not None:
                 os.fchmod(fd, bits)
+            self._new_ino(os.fstat(fd))
         except OSError:
             os.close(fd)
             raise
@@ -685,6 +693,7 @@ class UnionView:
         os.lchown(up, uid, gid)
         if bits is not None:
             os.chmod(up, bits)
+        self._new_ino(os.lstat(up))
         if replaced_whiteout or self._lower(path) is not None:
             # a directory re-created over a deleted lower one must not show the old contents
             self._set_opaque(up)
@@ -700,6 +709,7 @@ class UnionView:
         os.lchown(up, uid, gid)
         if bits is not None:
             os.chmod(up, bits)
+        self._new_ino(os.lstat(up))
 
     def _new_mode(self, path: bytes, mode: int, umask: int) -> int | None:
         """The permission bits a new object at ``path`` gets (its parent copied up already);
@@ -719,6 +729,7 @@ class UnionView:
         up = self._up(path)
         os.symlink(target, up)
         os.lchown(up, uid, gid)
+        self._new_ino(os.lstat(up))
 
     def link(self, existing: bytes, new: bytes) -> None:
         self._need_rw()

@@ -12,7 +12,9 @@ every round): cold walk+lstat, cold open+read of 20k files, cold sequential read
 256 MiB, create 10k files, copy-up of 2k x 16 KiB, ``rm -rf`` of a 20k-entry lower tree,
 200 program starts in a chroot, warm walk and warm read (already-walked mount), mount to
 ready for a 3-layer and a 50-layer image, and the layerfs daemon's RSS after walking a
-101k-entry image.  Nothing global is dropped (``drop_caches`` would disturb other jobs): the
+101k-entry image.  And on an image nobody generated, where ``debootstrap`` can make one (a
+Debian bookworm rootfs with python3, one layer, built once into the cache): cold walk and
+reading every file, through read-only and writable mounts.  Nothing global is dropped (``drop_caches`` would disturb other jobs): the
 backing files (layer directories, the store's ``data.mdb``) are read once beforehand so all
 three read them from the host page cache; a FUSE mount's own page cache and the overlay's
 dentries start empty with every mount.
@@ -59,7 +61,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from uniongen import UnionImage, UnionParams, ensure  # noqa: E402
+from uniongen import UnionImage, UnionParams, debian_unavailable, ensure, ensure_debian  # noqa: E402
 
 # layerfs-overlay: layerfs's fuse-overlayfs drop-in over the very directories fuse-overlayfs gets;
 # layerfs and layerfs-overlay run the C FUSE core, layerfs-py the same mount on the pure-Python twin
@@ -104,6 +106,10 @@ ROWS: dict[str, str] = {
     "ready-many": "ready mount to ready, 50 layers",
     "ready-many-first": "ready first mount (index build), 50 layers",
     "walk-wide": "cold  os.walk + lstat, 101k entries",
+    "deb-cold-stat": "deb   cold os.walk + lstat (Debian + python3)",
+    "deb-cold-read-all": "deb   cold read every file",
+    "deb-rw-cold-stat": "deb   cold os.walk + lstat (writable)",
+    "deb-rw-read-all": "deb   cold read every file (writable)",
 }
 
 
@@ -787,6 +793,74 @@ def test_same_tree(union_env: Env) -> None:
         f"main image: {len(trees['kernel']) - len(sample):,d} entries, {n_small:,d} files below data/ "
         "(identical on the three mounts)"
     )
+
+
+# -- an image nobody generated: Debian with python3 ----------------------------------------------------
+@dataclass
+class Debian:
+    image: UnionImage
+    entries: int
+
+    def walk(self, mnt: str) -> None:
+        n = walk_stat(mnt)
+        if n != self.entries:
+            raise AssertionError(f"{mnt}: walked {n} entries, the image has {self.entries}")
+
+    def read_all(self, mnt: str) -> None:
+        got = read_files(mnt, self.image.info["files"])
+        if got != self.image.info["bytes"]:
+            raise AssertionError(f"{mnt}: read {got} bytes, the image has {self.image.info['bytes']}")
+
+
+@pytest.fixture(scope="session")
+def debian(union_env: Env) -> Debian:
+    """The Debian image, built once by debootstrap (skipped where it cannot be) and imported
+    into the benchmark's store."""
+    reason = debian_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from layerfs.store import Store
+    from layerfs.tools.image import import_path
+
+    try:
+        image = ensure_debian()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    store = Store(union_env.store)
+    t0 = time.perf_counter()
+    try:
+        import_path(store, image.layout, tag=image.ref)
+    finally:
+        store.close()
+    m = union_env.mounter.mount("layerfs", image)  # builds the index, untimed
+    union_env.mounter.umount(m)
+    _prime([*image.layers, os.path.join(union_env.store, "data.mdb")])
+    m = union_env.mounter.mount("kernel", image)
+    try:
+        entries = walk_stat(m.mnt)
+    finally:
+        union_env.mounter.umount(m)
+    NOTES.append(
+        f"debian image ({image.root}): {entries:,d} entries, {len(image.info['files']):,d} files, "
+        f"{image.info['bytes'] / 2**20:.0f} MiB; imported in {time.perf_counter() - t0:.1f} s"
+    )
+    return Debian(image, entries)
+
+
+def test_deb_cold_stat(benchmark: Any, union_env: Env, debian: Debian, fs: str) -> None:
+    run_row(benchmark, union_env, "deb-cold-stat", fs, debian.walk, image=debian.image)
+
+
+def test_deb_cold_read_all(benchmark: Any, union_env: Env, debian: Debian, fs: str) -> None:
+    run_row(benchmark, union_env, "deb-cold-read-all", fs, debian.read_all, image=debian.image)
+
+
+def test_deb_rw_cold_stat(benchmark: Any, union_env: Env, debian: Debian, fs: str) -> None:
+    run_row(benchmark, union_env, "deb-rw-cold-stat", fs, debian.walk, image=debian.image, rw=True)
+
+
+def test_deb_rw_read_all(benchmark: Any, union_env: Env, debian: Debian, fs: str) -> None:
+    run_row(benchmark, union_env, "deb-rw-read-all", fs, debian.read_all, image=debian.image, rw=True)
 
 
 # -- rows ------------------------------------------------------------------------------------------------

@@ -410,6 +410,80 @@ def ensure(name: str, p: UnionParams, cache: str | None = None) -> UnionImage:
             return UnionImage(name, root, json.load(f))
 
 
+DEBIAN_MIRROR = os.environ.get("LAYERFS_BENCH_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+DEBIAN_SUITE = "bookworm"
+
+
+def debian_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "debootstrap needs root"
+    if shutil.which("debootstrap") is None:
+        return "debootstrap is not installed (apt-get install debootstrap)"
+    return None
+
+
+def ensure_debian(cache: str | None = None) -> UnionImage:
+    """An image nobody generated: a Debian rootfs with python3 (``debootstrap --variant=minbase
+    --include=python3``), as one layer, the way ``debian:bookworm`` images are one layer.  Built
+    once into the cache (it needs the Debian mirror, ``LAYERFS_BENCH_DEBIAN_MIRROR``, or a
+    rootfs debootstrap made before, ``LAYERFS_BENCH_DEBIAN_ROOTFS``); its layer directory is the
+    rootfs itself (no whiteouts to write)."""
+    cache = cache or cache_root()
+    root = os.path.join(cache, f"debian-{DEBIAN_SUITE}-python3")
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, ".debian.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(root, "info.json")):
+            tmp = f"{root}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            rootfs = os.path.join(tmp, "layers", "0")
+            os.makedirs(os.path.dirname(rootfs))
+            import subprocess
+
+            given = os.environ.get("LAYERFS_BENCH_DEBIAN_ROOTFS")  # one debootstrap made already
+            cmd = [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3",
+                DEBIAN_SUITE,
+                rootfs,
+                DEBIAN_MIRROR,
+            ]
+            res = subprocess.run(
+                ["cp", "-a", given, rootfs] if given else cmd, capture_output=True, text=True
+            )
+            if res.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"debootstrap failed: {(res.stderr or res.stdout).strip()[-500:]}")
+            # what a container image leaves out: the package caches and the host's device nodes
+            for rel in ("var/cache/apt/archives", "var/lib/apt/lists", "dev"):
+                shutil.rmtree(os.path.join(rootfs, rel), ignore_errors=True)
+                os.makedirs(os.path.join(rootfs, rel), mode=0o755)
+            files = []
+            for dirpath, _, filenames in os.walk(rootfs):
+                for name in filenames:
+                    path = os.path.join(dirpath, name)
+                    if stat.S_ISREG(os.lstat(path).st_mode):
+                        files.append(os.path.relpath(path, rootfs))
+            tar = os.path.join(tmp, "layer0.tar")
+            subprocess.run(
+                ["tar", "--numeric-owner", "--xattrs", "--sort=name", "-C", rootfs, "-cf", tar, "."],
+                check=True,
+            )
+            write_layout([tar], os.path.join(tmp, "layout"), "union-debian:bench")
+            info = {
+                "layers": 1,
+                "files": sorted(files),
+                "bytes": sum(os.lstat(os.path.join(rootfs, f)).st_size for f in files),
+            }
+            with open(os.path.join(tmp, "info.json"), "w") as f:
+                json.dump(info, f)
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(tmp, root)
+        with open(os.path.join(root, "info.json")) as f:
+            return UnionImage("debian", root, json.load(f))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cache = args[0] if args else None

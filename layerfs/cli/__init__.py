@@ -43,6 +43,9 @@ VERBS = [
     "diff",
     "commit",
     "bundle",
+    "pull",
+    "login",
+    "logout",
 ]
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import lmdb
 
-from layerfs.store import filecache
+from layerfs.store import blobsources, filecache
 from layerfs.store.entries import decode_table
 from layerfs.store.payload import PACK_TARGET
 from layerfs.store.skeleton import splices
@@ -148,6 +148,7 @@ def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
             skel = bytes.fromhex(layer["skeleton"])
             live_objects.add(skel)
             live_objects.update(_spliced(store, txn, skel))
+    blobsources.drop_gone(store, txn, live_layers)  # which registry blob a removed layer was
     pinned_packs: set[int] = set()
     for lease_id in live_leases:
         with txn.cursor(db=db("lease_objs")) as cur:

@@ -44,6 +44,7 @@ VERBS = [
     "commit",
     "bundle",
     "pull",
+    "push",
     "login",
     "logout",
 ]

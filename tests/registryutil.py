@@ -207,8 +207,8 @@ def _b64(data: bytes) -> str:
 
 class TokenService:
     """The registry's ``auth.token`` realm: checks basic credentials (``users``) and signs JWTs
-    (RS256 with openssl, the certificate in ``x5c``) granting what was asked; ``lifetime``
-    seconds.  ``issued`` lists the scopes asked for."""
+    (RS256 with openssl, the certificate in ``x5c``) granting what was asked (anonymous users:
+    pull only); ``lifetime`` seconds.  ``issued`` lists the scopes asked for."""
 
     def __init__(self, base: Path, ca: CA, users: dict[str, str], lifetime: int = 300) -> None:
         self.crt, self.key = ca.issue("token-signer", ["token-signer"])
@@ -217,6 +217,7 @@ class TokenService:
         self.root = ca.cert
         self.users = users
         self.lifetime = lifetime
+        self.promised: int | None = None  # expires_in to tell, when it should differ from the truth
         self.issued: list[tuple[str, list[str]]] = []
         self.service = "layerfs-test-registry"
         self.port = free_port()
@@ -240,7 +241,7 @@ class TokenService:
                 scopes = q.get("scope", [])
                 service.issued.append((user, scopes))
                 body = json.dumps(
-                    {"token": service.sign(user, scopes), "expires_in": service.lifetime}
+                    {"token": service.sign(user, scopes), "expires_in": service.promised or service.lifetime}
                 ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

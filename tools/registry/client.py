@@ -82,6 +82,11 @@ def ssl_context(host: str, *, verify: bool, cert_dir: str | None) -> ssl.SSLCont
             for ca in sorted(glob.glob(os.path.join(d, "*.crt"))):
                 if verify:
                     ctx.load_verify_locations(cafile=ca)
+            for key in sorted(glob.glob(os.path.join(d, "*.key"))):
+                if not os.path.exists(key[: -len(".key")] + ".cert"):
+                    raise RegistryError(
+                        f"missing client certificate {os.path.basename(key)[:-4]}.cert for key {key}"
+                    )
             for cert in sorted(glob.glob(os.path.join(d, "*.cert"))):
                 key = cert[: -len(".cert")] + ".key"
                 if not os.path.exists(key):

@@ -619,10 +619,11 @@ class BlobStream:
         if not self.offset and length.isdigit() and int(length) > self.size:
             resp.close()
             raise RegistryError(
-                f"{self._reg.host}: blob {self.digest}: the registry sends {int(length)} bytes, its descriptor says {self.size}"
+                f"{self._reg.host}: blob {self.digest} is larger than its descriptor's {self.size} bytes "
+                f"(the registry sends {int(length)})"
             )
         self._resp = resp
-        self._it = resp.iter_raw(READ_SIZE)
+        self._it = resp.iter_raw()  # as it arrives: what came before a drop is kept
 
     def _resume(self, why: str) -> None:
         self.close()

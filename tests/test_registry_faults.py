@@ -104,6 +104,8 @@ class MisbehavingRegistry:
         self.faults = Faults()
         self.log: list[tuple[str, str, dict[str, str]]] = []
         self.blob_bytes_sent = 0
+        self.active = self.max_active = 0  # layer downloads in flight at once
+        self._lock = threading.Lock()
         self.blobs = {sha(b): b for b in [image.config, *image.layers]}
         outer = self
 
@@ -209,6 +211,17 @@ class MisbehavingRegistry:
         h.end_headers()
         if head:
             return
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self._send(h, body, digest, mode)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _send(self, h: Any, body: bytes, digest: str, mode: str) -> None:
+        f = self.faults
         cut = len(body)
         once = mode in ("drop-once", "drop-then-ignore-range")
         if mode == "drop-always" or (once and digest not in f.dropped):

@@ -1,7 +1,7 @@
 """Pull from a local registry against podman pull and skopeo copy, in the same run.
 
-The generated bench image A (and B, which shares all but one layer with A) is put into the real
-registry server (``docker-registry`` on 127.0.0.1, plain HTTP) by skopeo; then each round pulls A
+The generated bench image A (and B, which shares all but one layer with A; layers that name a
+path twice are rewritten once, since podman refuses them) is put into the real registry server (``docker-registry`` on 127.0.0.1, plain HTTP) by skopeo; then each round pulls A
 from nothing:
 
 * ``layerfs pull`` (the CLI, a fresh store each round): download, decompress, parse, index every
@@ -20,12 +20,16 @@ as for the other suites).
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,15 +60,58 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return p.stdout
 
 
+def _without_duplicates(src: str, dst: Path, tag: str) -> str:
+    """``src`` with every layer that names a path twice rewritten to name it once (the last
+    member wins, as importers apply it): podman refuses such layers ("duplicates of file paths
+    not supported"), and the generator makes some.  Other layers are kept byte for byte."""
+    blobs = Path(src) / "blobs/sha256"
+    index = json.loads((Path(src) / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
+    (dst / "blobs/sha256").mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (dst / "blobs/sha256" / digest).write_bytes(data)
+        return "sha256:" + digest
+
+    for i, desc in enumerate(manifest["layers"]):
+        blob = (blobs / desc["digest"][7:]).read_bytes()
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as t:
+            members = t.getmembers()
+            last = {m.name.lstrip("./"): m for m in members}
+            if len(last) == len(members):
+                put(blob)
+                continue
+            out = io.BytesIO()
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as w:
+                for m in members:
+                    if last[m.name.lstrip("./")] is m:
+                        w.addfile(m, t.extractfile(m) if m.isfile() else None)
+        raw = out.getvalue()
+        config["rootfs"]["diff_ids"][i] = "sha256:" + hashlib.sha256(raw).hexdigest()
+        data = gzip.compress(raw, compresslevel=6, mtime=0)
+        desc.update(digest=put(data), size=len(data))
+    cfg = json.dumps(config).encode()
+    manifest["config"].update(digest=put(cfg), size=len(cfg))
+    body = json.dumps(manifest).encode()
+    top = {"mediaType": manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json"), "digest": put(body),
+           "size": len(body), "annotations": {"org.opencontainers.image.ref.name": tag}}  # fmt: skip
+    (dst / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    (dst / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return str(dst)
+
+
 @pytest.fixture(scope="module")
 def served(bench_image: GeneratedImage, workdir: str) -> Iterator[tuple[RegistryServer, str, str]]:
     server = RegistryServer(Path(workdir) / "registry")
     try:
         refs = []
         for name, layout in (("a", bench_image.layout_a), ("b", bench_image.layout_b)):
+            clean = _without_duplicates(layout, Path(workdir) / f"layout-{name}", bench_image.tag)
             ref = f"{server.host}/bench/{name}:latest"
             _run(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
-                  f"oci:{layout}:{bench_image.tag}", f"docker://{ref}"])  # fmt: skip
+                  f"oci:{clean}:{bench_image.tag}", f"docker://{ref}"])  # fmt: skip
             refs.append(ref)
         yield server, refs[0], refs[1]
     finally:
@@ -152,7 +199,8 @@ def test_pull_of_a_near_image_moves_one_layer(
     mark = server.mark()
     res = json.loads(_layerfs(store, "pull", "--tls-verify=false", "--json", ref_b))
     manifest = json.loads(_run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref_b}"]))
-    a_digests = {layer["digest"] for layer in bench_image.layers("a")}
+    a_manifest = json.loads(_run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref_a}"]))
+    a_digests = {layer["digest"] for layer in a_manifest["layers"]}
     new = [d for d in manifest["layers"] if d["digest"] not in a_digests]
     assert len(new) == 1
     assert res["layers_new"] == 1 and res["bytes_downloaded"] == new[0]["size"]

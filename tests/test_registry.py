@@ -265,3 +265,14 @@ def test_a_store_without_blob_sources_reads_as_none(store_path: str, sample_layo
         layer = next(k for k, _ in store.layers())
         assert blobsources.lookup(store, layer) == [] and blobsources.count(store) == 0
     assert cli("gc").code == 0 and cli("verify").code == 0
+
+
+def test_short_names_through_a_mirror(plain: RegistryServer, sample_layout: str, cli: Any) -> None:
+    """LAYERFS_REGISTRY_MIRROR: Docker Hub names are pulled from the mirror (docker's
+    registry-mirrors); the image keeps its Docker Hub name."""
+    push_layout(sample_layout, plain, "library/mirrored")
+    env = {"LAYERFS_REGISTRY_MIRROR": f"http://{plain.host}"}
+    res = cli("pull", "--json", "mirrored", env=env).json()
+    assert res["names"] == ["mirrored:latest"] and res["reference"] == "docker.io/library/mirrored:latest"
+    assert image_of(cli, "mirrored:latest")["id"] == res["image_id"]
+    assert cli("verify").code == 0

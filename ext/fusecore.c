@@ -1982,7 +1982,8 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
             return 0;
         break;
     case FUSE_LOOKUP:
-        if (!lower)
+        if (!lower || (blen == 2 && body[0] == '.') || (blen == 3 && body[0] == '.' && body[1] == '.'))
+            /* "." and "..": what NFS export asks when it reconnects a handle */
             return 0;
         break;
     case FUSE_READLINK:

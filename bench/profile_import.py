@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from imagegen import ImageParams, ensure_image  # noqa: E402
 
-from layerfs import tarstream  # noqa: E402
 from layerfs.store import Store  # noqa: E402
+from layerfs.tar import reader as tar_reader  # noqa: E402
 from layerfs.tools.image import import_path  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             prof.disable()
         wall = time.perf_counter() - t
         store.close()
-        print(f"import of {layout}: {wall:.3f} s wall ({tarstream.BACKEND} tar parser)", file=sys.stderr)
+        print(f"import of {layout}: {wall:.3f} s wall ({tar_reader.BACKEND} tar parser)", file=sys.stderr)
         if prof is not None:
             if args.out:
                 prof.dump_stats(args.out)

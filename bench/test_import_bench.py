@@ -21,9 +21,9 @@ import pytest
 from benchlib import timing
 from imagegen import GeneratedImage
 
-from layerfs import tarstream
 from layerfs.store import Store
 from layerfs.store.usage import usage
+from layerfs.tar import reader as tar_reader
 from layerfs.tools.image import import_path
 
 ROUNDS = 3
@@ -115,9 +115,9 @@ def test_import_layerfs(
             (res,) = import_path(store, layout)
         assert res.layers_new == len(bench_image.layers())
 
-    benchmark.extra_info["tar_backend"] = tarstream.BACKEND
+    benchmark.extra_info["tar_backend"] = tar_reader.BACKEND
     benchmark.pedantic(run, setup=lambda: _fresh(workdir, "store"), teardown=_remove, rounds=ROUNDS)
-    _record(bench_results, "layerfs", benchmark, note=f"{tarstream.BACKEND} tar parser")
+    _record(bench_results, "layerfs", benchmark, note=f"{tar_reader.BACKEND} tar parser")
 
 
 # -- store size ---------------------------------------------------------------------------------

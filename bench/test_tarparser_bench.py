@@ -20,8 +20,8 @@ import pytest
 from benchlib import timing
 from imagegen import GeneratedImage
 
-from layerfs._tarstream_py import EV_DATA
 from layerfs.store import CHUNK_SIZE
+from layerfs.tar._pyreader import EV_DATA
 
 LAYERS = ("base", "python")  # base: large binaries and libraries; python: small sources
 ROUNDS = {"c": 5, "python": 3, "sha256": 5}
@@ -34,7 +34,7 @@ def raw_layers(bench_image: GeneratedImage) -> dict[str, bytes]:
 
 def _parser_class(impl: str) -> Any:
     if impl == "python":
-        from layerfs._tarstream_py import TarParser
+        from layerfs.tar._pyreader import TarParser
 
         return TarParser
     try:

@@ -1,4 +1,4 @@
-"""Stubs for ``layerfs._ctar``, the C twin of ``layerfs._tarstream_py``.
+"""Stubs for ``layerfs._ctar``, the C twin of ``layerfs.tar._pyreader``.
 
 Same API and same events as the pure-Python module (whose docstring is the
 contract); ``TarError`` is the very class defined there.
@@ -7,7 +7,7 @@ contract); ``TarError`` is the very class defined there.
 from collections.abc import Callable
 from typing import Final
 
-from layerfs._tarstream_py import TarError as TarError
+from layerfs.tar._pyreader import TarError as TarError
 
 EV_ENTRY: Final[int]
 EV_DATA: Final[int]

@@ -44,9 +44,9 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         ctar = pytest.importorskip("layerfs._ctar", reason="C extension not built")
         monkeypatch.setattr(layer_mod, "TarParser", ctar.TarParser)
     else:
-        from layerfs import _tarstream_py
+        from layerfs.tar import _pyreader
 
-        monkeypatch.setattr(layer_mod, "TarParser", _tarstream_py.TarParser)
+        monkeypatch.setattr(layer_mod, "TarParser", _pyreader.TarParser)
     return str(request.param)
 
 

@@ -38,8 +38,8 @@ from unionutil import (  # noqa: F401 - no_mount_left_behind is an autouse fixtu
 )
 
 from layerfs.store import Store
+from layerfs.tar import writer as T
 from layerfs.tools import commit as C
-from layerfs.tools import tarwrite as T
 from layerfs.tools.image import import_path
 
 SAMPLE = "layerfs-sample:latest"

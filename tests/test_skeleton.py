@@ -12,7 +12,7 @@ import pytest
 from test_tarstream import BACKENDS, ShortReader, c_backend, random_archive
 
 from layerfs.store import CHUNK_SIZE, Store, StoreError, skeleton
-from layerfs.tarstream import EV_DATA, EV_END, EV_ENTRY
+from layerfs.tar.reader import EV_DATA, EV_END, EV_ENTRY
 
 
 def record(store: Store, mod, data: bytes, read) -> bytes:

@@ -1,6 +1,6 @@
 """The streaming tar parser: both backends, checked against ``tarfile`` and each other.
 
-``layerfs._tarstream_py`` is the reference; ``layerfs._ctar`` must yield the very
+``layerfs.tar._pyreader`` is the reference; ``layerfs._ctar`` must yield the very
 same events.  Archives come from ``tarfile`` (ustar, GNU and PAX formats) and from
 the hand-built headers below (for what ``tarfile`` will not write: binary xattrs,
 odd numeric fields, hostile input).  Randomised parts use ``random`` with fixed
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-import layerfs._tarstream_py as py_backend
-from layerfs._tarstream_py import EV_DATA, EV_END, EV_ENTRY, MAX_EXT, TarError
+import layerfs.tar._pyreader as py_backend
+from layerfs.tar._pyreader import EV_DATA, EV_END, EV_ENTRY, MAX_EXT, TarError
 
 c_backend = pytest.importorskip("layerfs._ctar")
 

@@ -33,8 +33,9 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from layerfs.store import Store, StoreError, collect
-from layerfs.tools import tarwrite as T
-from layerfs.tools.layer import LayerError, import_layer, opaque_member, whiteout_member
+from layerfs.tar import writer as T
+from layerfs.tar.whiteouts import opaque_member, whiteout_member
+from layerfs.tools.layer import LayerError, import_layer
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
 from layerfs.union.index import ChainIndex, build
 from layerfs.union.lower import (

@@ -37,9 +37,9 @@ from typing import IO, Any
 
 from layerfs.store import Entry, Store, StoreError, skeleton
 from layerfs.store import entries as E
+from layerfs.tar import writer as T
+from layerfs.tar.whiteouts import opaque_member, whiteout_member
 from layerfs.tools import refs
-from layerfs.tools import tarwrite as T
-from layerfs.tools.layer import opaque_member, whiteout_member
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST
 
 FORMATS = ("docker", "oci-archive", "oci-dir")

@@ -36,8 +36,8 @@ import zstandard
 from layerfs.store import CHUNK_SIZE, Entry, WriteSession
 from layerfs.store import entries as E
 from layerfs.store.skeleton import SkeletonRecorder
-from layerfs.tarstream import EV_DATA, EV_END, EV_ENTRY, TarError, TarParser
-from layerfs.tools import tarwrite as T
+from layerfs.tar.reader import EV_DATA, EV_END, EV_ENTRY, TarError, TarParser
+from layerfs.tar.whiteouts import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 READ_SIZE = 1 << 20
 
@@ -55,19 +55,6 @@ _KINDS = {
     ord("5"): E.DIR,
     ord("6"): E.FIFO,
 }
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
-
-
-def whiteout_member(path: bytes) -> T.Member:
-    """The member that deletes ``path`` from lower layers: an empty ``.wh.<name>`` file."""
-    parent, _, base = path.rpartition(b"/")
-    return T.Member((parent + b"/" if parent else b"") + WHITEOUT_PREFIX + base, T.REG, 0o644)
-
-
-def opaque_member(dir_path: bytes) -> T.Member:
-    """The member that hides everything lower layers have below ``dir_path``."""
-    return T.Member(dir_path + b"/" + OPAQUE_MARKER, T.REG, 0o644)
 
 
 class LayerError(ValueError):

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     import zstandard
 
     from layerfs.fuse import core
-    from layerfs.tarstream import BACKEND
+    from layerfs.tar.reader import BACKEND
 
     info = {
         "version": __version__,

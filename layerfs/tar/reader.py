@@ -1,22 +1,23 @@
 """The streaming tar parser, from the C extension or its pure-Python twin.
 
-``LAYERFS_IMPL=c`` insists on the C extension, ``LAYERFS_IMPL=python`` selects
-the twin, unset (or ``auto``) takes C when it is built.  ``BACKEND`` says which
-one is loaded.  The API is documented in ``layerfs._tarstream_py``.
+``LAYERFS_IMPL=c`` insists on the C extension (``layerfs._ctar``),
+``LAYERFS_IMPL=python`` selects the twin, unset (or ``auto``) takes C when it is
+built.  ``BACKEND`` says which one is loaded.  The API is documented in
+``layerfs.tar._pyreader``.
 """
 
 from __future__ import annotations
 
 import os
 
-from layerfs._tarstream_py import EV_DATA, EV_END, EV_ENTRY, MAX_EXT, TarError
+from layerfs.tar._pyreader import EV_DATA, EV_END, EV_ENTRY, MAX_EXT, TarError
 
 _impl = os.environ.get("LAYERFS_IMPL", "auto").lower()
 if _impl not in ("auto", "c", "python"):
     raise ImportError(f"LAYERFS_IMPL must be 'c', 'python' or 'auto', not {_impl!r}")
 
 if _impl == "python":
-    from layerfs._tarstream_py import TarParser
+    from layerfs.tar._pyreader import TarParser
 
     BACKEND = "python"
 else:
@@ -27,7 +28,7 @@ else:
     except ImportError:
         if _impl == "c":
             raise
-        from layerfs._tarstream_py import TarParser
+        from layerfs.tar._pyreader import TarParser
 
         BACKEND = "python"
 

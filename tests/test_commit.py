@@ -37,9 +37,9 @@ from unionutil import (  # noqa: F401 - no_mount_left_behind is an autouse fixtu
     snapshot,
 )
 
+from layerfs.containers import commit as C
 from layerfs.store import Store
 from layerfs.tar import writer as T
-from layerfs.tools import commit as C
 from layerfs.tools.image import import_path
 
 SAMPLE = "layerfs-sample:latest"

@@ -1404,7 +1404,7 @@ def test_default_network_resolv_conf(cli, tmp_path):
         cli, tmp_path, "withresolv", [member("etc/resolv.conf", b"nameserver 192.0.2.99\n")], {}
     )
     cli("run", "--name", "dns", image, "cat", "/etc/resolv.conf")
-    from layerfs.tools.network import resolv_conf
+    from layerfs.containers.network import resolv_conf
 
     assert cli("start", "-a", "dns").out == resolv_conf()
     assert "nameserver 127." not in resolv_conf()

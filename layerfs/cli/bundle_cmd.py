@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from layerfs.containers.lifecycle import mount_writable, write_runtime_config
     from layerfs.mount import umount
-    from layerfs.tools.container import mount_writable, write_runtime_config
     from layerfs.tools.refs import resolve
 
     bundle = os.path.abspath(args.dir)

@@ -28,15 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools import container as C
-    from layerfs.tools.commit import commit
+    from layerfs.containers.commit import commit
+    from layerfs.containers.lifecycle import paused
+    from layerfs.containers.model import find
     from layerfs.tools.refs import normalize
 
     with open_store(args) as store, errors():
-        c = C.find(store, args.container)
+        c = find(store, args.container)
         name = normalize(args.name) if args.name is not None else None
         cmd = c.options.get("command") or []
-        with C.paused(c):
+        with paused(c):
             res = commit(
                 store,
                 bytes.fromhex(c.image),

@@ -14,8 +14,8 @@ from layerfs.store import Store, StoreError
 from layerfs.tools.refs import RefError
 
 if TYPE_CHECKING:
-    from layerfs.tools.container import Container
-    from layerfs.tools.runtime import ProcessOptions
+    from layerfs.containers.model import Container
+    from layerfs.containers.spec import ProcessOptions
 
 EXIT_SETUP = 125  # docker run's code when the container could not be set up
 
@@ -71,7 +71,7 @@ def add_process_options(p: argparse.ArgumentParser) -> None:
 
 
 def process_options(args: argparse.Namespace) -> ProcessOptions:
-    from layerfs.tools.runtime import ProcessOptions, Volume
+    from layerfs.containers.spec import ProcessOptions, Volume
 
     return ProcessOptions(
         command=list(args.command),
@@ -95,9 +95,9 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
 @contextmanager
 def errors(code: int = 1) -> Iterator[None]:
     """Container, runtime, ref and store errors as one line with exit status ``code``."""
-    from layerfs.tools.commit import CommitError
-    from layerfs.tools.container import ContainerError
-    from layerfs.tools.runtime import RuntimeError_
+    from layerfs.containers import ContainerError
+    from layerfs.containers.commit import CommitError
+    from layerfs.containers.spec import RuntimeError_
 
     try:
         yield
@@ -116,7 +116,7 @@ def errors(code: int = 1) -> Iterator[None]:
 
 def each_container(args: argparse.Namespace, action: Callable[[Store, Container], None]) -> int:
     """``action`` on every container ``args.containers`` names, printing each name as docker does."""
-    from layerfs.tools.container import find
+    from layerfs.containers.model import find
 
     with open_store(args) as store, errors():
         for ref in args.containers:

@@ -18,11 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools import container as C
+    from layerfs.containers import lifecycle
 
     with open_store(args) as store, errors(EXIT_SETUP):
-        c = C.create(store, args.image, process_options(args), args.name)
-        for warning in C.warnings(store, c):  # as docker: said, and created anyway
+        c = lifecycle.create(store, args.image, process_options(args), args.name)
+        for warning in lifecycle.warnings(store, c):  # as docker: said, and created anyway
             print(f"WARNING: {warning}", file=sys.stderr)
     print(c.id)
     return 0

@@ -16,14 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools import container as C
-    from layerfs.tools.commit import changes
+    from layerfs.containers import ContainerError
+    from layerfs.containers.commit import changes
+    from layerfs.containers.model import find
 
     with open_store(args) as store, errors():
-        c = C.find(store, args.container)
+        c = find(store, args.container)
         image = store.get_image(bytes.fromhex(c.image))
         if image is None:
-            raise C.ContainerError(f"the image of container {c.name} is no longer in the store")
+            raise ContainerError(f"the image of container {c.name} is no longer in the store")
         found = changes(store, [bytes.fromhex(h) for h in image["layers"]], c.upper, c.skip)
     if args.json:
         print_json([{"kind": ch.kind, "path": ch.path} for ch in found])

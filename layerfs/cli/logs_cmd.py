@@ -17,10 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools import container as C
+    from layerfs.containers.model import find
 
     with open_store(args) as store, errors():
-        c = C.find(store, args.container)
+        c = find(store, args.container)
         try:
             f = open(c.log, "rb")
         except FileNotFoundError:

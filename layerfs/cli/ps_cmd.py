@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools.container import all_containers, load, reconcile
+    from layerfs.containers.lifecycle import reconcile
+    from layerfs.containers.model import all_containers, load
 
     with open_store(args) as store:
         every = all_containers(store)

@@ -15,6 +15,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools.container import remove
+    from layerfs.containers.lifecycle import remove
 
     return each_container(args, lambda store, c: remove(store, c, force=args.force))

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools.container import users_of
+    from layerfs.containers.model import users_of
 
     failed = False
     with open_store(args) as store:

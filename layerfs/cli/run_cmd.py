@@ -30,29 +30,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools import container as C
+    from layerfs.containers import ContainerError, lifecycle
+    from layerfs.containers.model import load
+    from layerfs.containers.runc import runtime
 
     if args.tty and args.interactive and not args.detach and not sys.stdin.isatty():
         raise CLIError("the input device is not a TTY")  # docker's words and status
     with open_store(args) as store, errors(EXIT_SETUP):
-        C.runtime()  # say it is missing before creating anything
-        c = C.create(store, args.image, process_options(args), args.name, auto_remove=args.rm)
-        for warning in C.warnings(store, c):  # as docker: said, then run anyway
+        runtime()  # say it is missing before creating anything
+        c = lifecycle.create(store, args.image, process_options(args), args.name, auto_remove=args.rm)
+        for warning in lifecycle.warnings(store, c):  # as docker: said, then run anyway
             print(f"WARNING: {warning}", file=sys.stderr)
         if args.detach:
             try:
-                C.start(store, c)
+                lifecycle.start(store, c)
             except BaseException:
                 if args.rm:
-                    with contextlib.suppress(C.ContainerError, OSError):
-                        C.remove(store, C.load(c.dir), force=True)
+                    with contextlib.suppress(ContainerError, OSError):
+                        lifecycle.remove(store, load(c.dir), force=True)
                 raise
             print(c.id)
             return 0
         try:
             stdin = None if args.interactive else os.open(os.devnull, os.O_RDONLY)
             sys.stdout.flush()
-            return C.execute(store, c, stdin=stdin)
+            return lifecycle.execute(store, c, stdin=stdin)
         finally:
             if args.rm:
-                C.remove(store, C.load(c.dir), force=True)
+                lifecycle.remove(store, load(c.dir), force=True)

@@ -20,12 +20,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools import container as C
+    from layerfs.containers import ContainerError, lifecycle
+    from layerfs.containers.model import find
 
     if not args.attach:
-        return each_container(args, C.start)
+        return each_container(args, lifecycle.start)
     with open_store(args) as store, errors():
         if len(args.containers) != 1:
-            raise C.ContainerError("start -a takes one container")
+            raise ContainerError("start -a takes one container")
         sys.stdout.flush()
-        return C.execute(store, C.find(store, args.containers[0]), stdin=os.open(os.devnull, os.O_RDONLY))
+        return lifecycle.execute(
+            store, find(store, args.containers[0]), stdin=os.open(os.devnull, os.O_RDONLY)
+        )

@@ -15,6 +15,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools.container import stop
+    from layerfs.containers.lifecycle import stop
 
     return each_container(args, lambda store, c: stop(store, c, timeout=args.time))

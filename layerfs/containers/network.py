@@ -24,7 +24,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from layerfs.tools.runtime import RuntimeError_
+from layerfs.containers.spec import RuntimeError_
 
 NETNS_DIR = "/run/netns"  # where ip-netns(8) keeps named namespaces
 

@@ -1,180 +1,58 @@
-"""Containers: a named, writable mount of an image, run by runc.
-
-A container is a directory under the store, ``containers/<id>/``::
-
-    container.json   what it was created from, and its state
-    upper/ work/     its changes (the union view's upper and work directories)
-    rootfs/          where the image is mounted while it runs
-    config.json      the OCI runtime spec written for each start (the bundle)
-    container.log    stdout and stderr of detached runs
+"""What happens to a container: create, run (in the foreground or under a monitor), stop,
+pause, remove.
 
 Running means: mount the image read-write on ``rootfs`` with the container's
 upper directory, write ``config.json`` from the image config, and run the
 directory as a bundle with ``runc create`` and ``runc start``, waiting for the
 container's process as its parent (``shim``).  A foreground ``run`` does that
 itself; ``start`` (and ``run -d``) leaves a small monitor process behind that
-does, records the exit code and unmounts, as docker's shim does.
-
-State changes are whole-file replacements of ``container.json`` (write, then
-rename), so a reader never sees half a record.
+does, records the exit code and unmounts, as docker's shim does.  The record and
+directory of a container are ``model``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from layerfs import hosttree
-from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
-from layerfs.store import Store
-from layerfs.store.store import _boot_id, _proc_start
-from layerfs.tools import network, refs, shim
-from layerfs.tools.commit import CommitError
-from layerfs.tools.runtime import (
+from layerfs.containers import ContainerError, network, shim
+from layerfs.containers.commit import CommitError
+from layerfs.containers.model import Container, all_containers, containers_dir, load
+from layerfs.containers.runc import runc_command, runtime
+from layerfs.containers.spec import (
     RUNTIME_DIRS,
     ProcessOptions,
     RuntimeError_,
-    Volume,
     capabilities,
     executable_exists,
     platform_mismatch,
     prepare_rootfs,
+    process_args,
     security,
     spec,
 )
+from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
+from layerfs.store import Store
+from layerfs.store.store import _boot_id, _proc_start
+from layerfs.tools import refs
 from layerfs.union.index import ChainIndex, build
 from layerfs.union.lower import ChainLayer
 
-RUNC_ROOT = "/run/layerfs/runc"
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _ADJECTIVES = "brave calm eager fond gentle happy jolly keen lucid merry nifty proud quirky sharp tender vivid witty zen".split()
 _NAMES = "babbage curie darwin euler fermi gauss hopper knuth lovelace noether pascal ritchie shannon turing wozniak".split()
-
-
-class ContainerError(ValueError):
-    """One line for the user; ``exit_code``, when set, is the status docker gives for it."""
-
-    def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class Container:
-    id: str
-    name: str
-    image: str  # image id (hex) it was created from
-    image_ref: str  # as the user named it
-    created: float
-    options: dict[str, Any]  # ProcessOptions fields
-    init_paths: list[str]  # runtime mount points the image lacks: not changes of the container
-    state: dict[str, Any] = field(default_factory=lambda: {"status": "created"})
-    auto_remove: bool = False  # run --rm: removed when it exits (by the monitor when detached)
-    dir: str = ""
-
-    @property
-    def upper(self) -> str:
-        return os.path.join(self.dir, "upper")
-
-    @property
-    def work(self) -> str:
-        return os.path.join(self.dir, "work")
-
-    @property
-    def rootfs(self) -> str:
-        return os.path.join(self.dir, "rootfs")
-
-    @property
-    def log(self) -> str:
-        return os.path.join(self.dir, "container.log")
-
-    @property
-    def process(self) -> ProcessOptions:
-        o = dict(self.options)
-        o["volumes"] = [Volume(**v) for v in o.get("volumes", [])]
-        return ProcessOptions(**o)
-
-    @property
-    def skip(self) -> list[bytes]:
-        return [os.fsencode(p) for p in self.init_paths]
-
-    def save(self) -> None:
-        record = {k: v for k, v in asdict(self).items() if k != "dir"}
-        fd, tmp = tempfile.mkstemp(prefix=".container.json.", dir=self.dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, os.path.join(self.dir, "container.json"))
-
-    def try_lock(self) -> int | None:
-        """The container's lock, held by whoever runs it (a foreground run or the monitor) from
-        mount to unmount; None if someone holds it.  Closing the descriptor releases it.
-
-        A POSIX record lock, owned by this process alone: the mount daemon, forked meanwhile,
-        does not hold it (a flock would be shared with it, and outlive a killed monitor).  The
-        process must not open and close the file otherwise while it holds the lock."""
-        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                return None
-            raise
-        return fd
-
-    def waiter_alive(self) -> bool:
-        """Is the process that waits for it (the foreground ``run`` or the monitor) alive?"""
-        st = self.state
-        return st.get("boot") == _boot_id() and _proc_start(int(st.get("pid", 0))) == st.get("start")
-
-    def running(self) -> bool:
-        """Recorded as running, and its waiting process is alive; or, if that one died (kill
-        -9), runc still has it running."""
-        if self.state.get("status") != "running":
-            return False
-        if self.waiter_alive():
-            return True
-        return self.state.get("boot") == _boot_id() and runtime_status(self.id) in ("running", "paused")
-
-    def status(self) -> str:
-        """``docker ps``'s STATUS column."""
-        st = self.state
-        if st.get("status") == "running" and self.running():
-            return "Up " + _ago(st.get("started", 0))
-        if st.get("status") == "created":
-            return "Created"
-        code = "?" if st.get("exit_code") is None else st["exit_code"]
-        finished = st.get("finished")
-        return f"Exited ({code}) {_ago(finished)} ago" if finished else f"Exited ({code})"
-
-
-def runtime_status(cid: str) -> str | None:
-    """What runc says of the container (created, running, paused, stopped), None if it has no
-    such container."""
-    try:
-        res = subprocess.run(_runc("state", cid), capture_output=True, text=True)
-    except ContainerError:
-        return None
-    if res.returncode != 0:
-        return None
-    with contextlib.suppress(ValueError, AttributeError):
-        return str(json.loads(res.stdout).get("status"))
-    return None
 
 
 def reconcile(store: Store, c: Container) -> None:
@@ -183,57 +61,6 @@ def reconcile(store: Store, c: Container) -> None:
     have (and remove it if it was run with --rm).  Nothing if someone holds its lock."""
     if c.state.get("status") == "running" and not c.running():
         _cleanup_dead(store, c, timeout=0)
-
-
-def _ago(ts: float) -> str:
-    s = max(0.0, time.time() - ts)
-    for unit, secs in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if s >= 2 * secs:
-            return f"{int(s // secs)} {unit}"
-    if s >= 60:
-        return "About a minute"
-    return f"{int(s)} seconds" if s >= 2 else "Less than a second"
-
-
-def containers_dir(store: Store) -> str:
-    # 0700: a container's files (setuid ones too) must not be reachable by other host users,
-    # through its upper directory or its allow_other mount
-    path = os.path.join(store.path, "containers")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
-def load(path: str) -> Container:
-    with open(os.path.join(path, "container.json")) as f:
-        rec = json.load(f)
-    return Container(**rec, dir=path)
-
-
-def all_containers(store: Store) -> list[Container]:
-    base = containers_dir(store)
-    out = []
-    for cid in os.listdir(base):
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            out.append(load(os.path.join(base, cid)))
-    return sorted(out, key=lambda c: -c.created)
-
-
-def find(store: Store, ref: str) -> Container:
-    """By name, full id or unique id prefix, as docker resolves container references."""
-    every = all_containers(store)
-    for c in every:
-        if ref in (c.name, c.id):
-            return c
-    matches = [c for c in every if len(ref) >= 1 and c.id.startswith(ref)]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ContainerError(f"multiple containers match the id prefix {ref}")
-    raise ContainerError(f"no such container: {ref}")
-
-
-def users_of(store: Store, image_id: bytes) -> list[Container]:
-    return [c for c in all_containers(store) if c.image == image_id.hex()]
 
 
 def _image(store: Store, image_id: bytes) -> dict[str, Any]:
@@ -271,8 +98,6 @@ def create(
 ) -> Container:
     image_id = refs.resolve(store, image_ref)
     config = _image_config(store, image_id)
-    from layerfs.tools.runtime import process_args
-
     process_args(config, opts)  # no command, an unknown capability or option: refused now, not at start
     capabilities(opts)
     security(opts)
@@ -303,19 +128,6 @@ def create(
         os.makedirs(d, mode=0o700, exist_ok=True)
     c.save()
     return c
-
-
-def runtime() -> str:
-    """The runc binary (``$LAYERFS_RUNTIME`` names another OCI runtime with runc's CLI)."""
-    name = os.environ.get("LAYERFS_RUNTIME", "runc")
-    path = shutil.which(name)
-    if path is None:
-        raise ContainerError(f"the OCI runtime {name!r} is not installed (Debian: apt install runc)")
-    return path
-
-
-def _runc(*args: str) -> list[str]:
-    return [runtime(), "--root", RUNC_ROOT, *args]
 
 
 def mount_writable(store: Store, image_id: bytes, rootfs: str, upper: str, work: str, name: str) -> None:
@@ -428,7 +240,7 @@ _PROXIED = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal
 
 def execute(store: Store, c: Container, *, stdin: int | None = None, stdout: int | None = None) -> int:
     """Mount, run the container's process to its end with runc, unmount; the exit code."""
-    runc = _runc()
+    runc = runc_command()
     lock = c.try_lock()
     if lock is None:
         raise ContainerError(f"container {c.name} is already running")
@@ -505,7 +317,15 @@ def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
     report_r, report_w = os.pipe()  # the monitor's one line: "started", or its failure as JSON
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "layerfs.tools.container", "monitor", store.path, c.id, str(report_w)],
+            [
+                sys.executable,
+                "-m",
+                "layerfs.containers.lifecycle",
+                "monitor",
+                store.path,
+                c.id,
+                str(report_w),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -550,7 +370,7 @@ def stop(store: Store, c: Container, *, timeout: float = 10.0) -> None:
     if not c.running():
         _cleanup_dead(store, c)
         return
-    runc = _runc()
+    runc = runc_command()
     for sig, wait in (("TERM", timeout), ("KILL", 10.0)):
         sent = False
         deadline = time.monotonic() + wait
@@ -578,7 +398,7 @@ def paused(c: Container) -> Iterator[None]:
     if not c.running():
         yield
         return
-    runc = _runc()
+    runc = runc_command()
     res = subprocess.run([*runc, "pause", c.id], capture_output=True, text=True)
     if res.returncode != 0:
         raise ContainerError(f"cannot pause container {c.name}: {res.stderr.strip() or 'runc pause failed'}")
@@ -604,7 +424,7 @@ def _release(store: Store, c: Container) -> None:
     monitor, a reboot): mark it exited, drop runc's state, unmount."""
     if c.state.get("status") == "running":
         with contextlib.suppress(ContainerError):
-            subprocess.run([*_runc(), "delete", "--force", c.id], capture_output=True)
+            subprocess.run([*runc_command(), "delete", "--force", c.id], capture_output=True)
         _set_exited(c, c.state.get("exit_code"))
     network.teardown(c.id, c.dir)
     _unmount(store, c)
@@ -682,7 +502,7 @@ def monitor(store_path: str, cid: str, report_fd: int = -1) -> int:
     # -i: stdin open for good (nothing is attached to write to it), as docker keeps it open
     stdin, keep_open = os.pipe() if c.process.interactive else (os.open(os.devnull, os.O_RDONLY), -1)
     try:
-        return _execute_locked(store, c, _runc(), stdin, 1, lambda: report(b"started"))
+        return _execute_locked(store, c, runc_command(), stdin, 1, lambda: report(b"started"))
     except (ContainerError, RuntimeError_, CommitError, OSError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
         code = getattr(exc, "exit_code", None) or 125
@@ -703,7 +523,7 @@ def monitor(store_path: str, cid: str, report_fd: int = -1) -> int:
 def main(argv: list[str]) -> int:
     if len(argv) in (3, 4) and argv[0] == "monitor":
         return monitor(argv[1], argv[2], int(argv[3]) if len(argv) == 4 else -1)
-    print("usage: python -m layerfs.tools.container monitor STORE ID [REPORT_FD]", file=sys.stderr)
+    print("usage: python -m layerfs.containers.lifecycle monitor STORE ID [REPORT_FD]", file=sys.stderr)
     return 2
 
 

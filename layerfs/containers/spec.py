@@ -24,7 +24,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerfs.tools.seccomp import linux_seccomp
+from layerfs.containers.seccomp import linux_seccomp
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # docker's default capability set (moby oci/caps/defaults.go)

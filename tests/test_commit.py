@@ -113,13 +113,13 @@ def umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:
 def image_layers(store: Store, image_id: bytes) -> list[bytes]:
     rec = store.get_image(image_id)
     assert rec is not None
-    return [bytes.fromhex(h) for h in rec["layers"]]
+    return list(rec.layers)
 
 
 def stored_config(store: Store, image_id: str) -> dict[str, Any]:
     rec = store.get_image(bytes.fromhex(image_id.removeprefix("sha256:")))
     assert rec is not None
-    return json.loads(store.read_object(bytes.fromhex(rec["config"])))
+    return json.loads(store.read_object(rec.config))
 
 
 def set_times(root: str | Path, mtime: int = MT) -> None:
@@ -314,15 +314,15 @@ def test_commit_result_and_image_record(scenario: Scenario) -> None:
         assert parent is not None
         rec = store.get_image(bytes.fromhex(r.image_id[7:]))
         assert rec is not None
-        assert rec["layers"] == [*parent["layers"], r.layer[7:]]
+        assert rec.layers == (*parent.layers, bytes.fromhex(r.layer[7:]))
         assert store.tags()[COMMITTED] == bytes.fromhex(r.image_id[7:])
         config = stored_config(store, r.image_id)
-        parent_config = json.loads(store.read_object(bytes.fromhex(parent["config"])))
+        parent_config = json.loads(store.read_object(parent.config))
     finally:
         store.close()
     # the image id is the digest of the config as stored
     assert sha(json.dumps(config, separators=(",", ":")).encode()) == r.image_id
-    assert config["rootfs"]["diff_ids"] == ["sha256:" + h for h in parent["layers"]] + [r.layer]
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + h.hex() for h in parent.layers] + [r.layer]
     assert config["history"][:-1] == parent_config["history"]
     last = config["history"][-1]
     assert last["comment"] == "the test's changes"

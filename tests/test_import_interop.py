@@ -602,7 +602,7 @@ def test_layer_compressions_give_identical_tables(backend: str, tmp_path: Path) 
             (res,) = import_path(s, str(layout))
             assert res.image_id == image_id and res.layer_ids == [sha(t) for t in layers]
             assert res.names == [f"{how}:latest"]
-            recorded = {s.get_layer(raw(d))["compression"] for d in res.layer_ids}  # type: ignore[index]
+            recorded = {s.get_layer(raw(d)).compression for d in res.layer_ids}  # type: ignore[union-attr]
             assert recorded == {how.split("-")[-1] if docker else how.split("-")[0]}
             tables[how] = [s.layer_entries(raw(d)) for d in res.layer_ids]
             files = {e.path: e for e in tables[how][0]}

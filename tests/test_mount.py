@@ -724,7 +724,9 @@ def test_an_image_removed_while_it_is_being_mounted(cli, sample, sample_layout, 
     os.makedirs(mnt)
     with Store(store_path) as store:
         image_id = resolve(store, sample)
-        layers = [bytes.fromhex(h) for h in store.get_image(image_id)["layers"]]
+        image = store.get_image(image_id)
+        assert image is not None
+        layers = list(image.layers)
     spec = MountSpec(image_id, layers, mnt, name=sample)
     cli("rmi", sample)  # between the resolution and the mount
     cli("gc")

@@ -614,14 +614,14 @@ def _corrupt(store_path: str, how: str) -> bytes:
         (image_id,) = [k for k, _ in store.images()]
         rec = store.get_image(image_id)
         assert rec is not None
-        top = bytes.fromhex(rec["layers"][-1])
+        top = rec.layers[-1]
         entries = {e.path: e for e in store.layer_entries(top)}
         victim, donor = entries[b"app/data.bin"].content, entries[b"app/run.sh"].content
         assert victim is not None and donor is not None
         layer = store.get_layer(top)
         assert layer is not None
-        if "skeleton" in layer:
-            assert victim in skeleton.referenced(store, bytes.fromhex(layer["skeleton"]))
+        if layer.skeleton is not None:
+            assert victim in skeleton.referenced(store, layer.skeleton)
     env = open_env(store_path)
     try:
         db = env.open_db(b"objects", create=False)

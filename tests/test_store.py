@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import random
 import struct
@@ -21,6 +20,7 @@ from layerfs.store import CHUNK_SIZE, CorruptionError, Store, StoreError, collec
 from layerfs.store import entries as E
 from layerfs.store.entries import Entry, TableError, decode_table, encode_table
 from layerfs.store.payload import PACK_TARGET
+from layerfs.store.records import ImageRecord, LayerRecord
 from layerfs.store.store import RAW, ZSTD, compress_chunk, decode_object
 from layerfs.store.usage import usage
 
@@ -195,7 +195,7 @@ def test_gc_compaction(store: Store) -> None:
     with store.session() as s:
         shas = [s.add_blob(b) for b in blobs]
         keep = [shas[i] for i in keep_idx]
-        s.put_image(b"\x01" * 32, {"layers": [], "blobs": [h.hex() for h in keep]})
+        s.put_image(b"\x01" * 32, ImageRecord(keep[0], keep[1], "", layers=(), blobs=tuple(keep)))
     packs = {c.pack for h in shas for c in chunks_of(store, h)[1]}
     assert len(packs) == 4
     before = usage(store)
@@ -309,8 +309,9 @@ def test_layer_records_visible_only_after_commit(store: Store) -> None:
     entries = [Entry(b"f", E.REG, 0o644, size=1, content=hashlib.sha256(b"x").digest())]
     s = store.session()
     s.add_blob(b"x")
-    s.put_layer(b"\x02" * 32, entries, {"size": 1})
-    s.put_image(b"\x03" * 32, {"layers": [(b"\x02" * 32).hex()], "blobs": []})
+    table = s.add_table(entries)
+    s.put_layer(b"\x02" * 32, LayerRecord("sha256:" + "02" * 32, table, 1, 1, 1, "", 0, "tar", 0.0))
+    s.put_image(b"\x03" * 32, ImageRecord(b"\x04" * 32, b"\x05" * 32, "", layers=(b"\x02" * 32,)))
     s.set_tag("t:1", b"\x03" * 32)
     s.flush()
     assert store.layers() == [] and store.images() == [] and store.tags() == {}
@@ -318,7 +319,8 @@ def test_layer_records_visible_only_after_commit(store: Store) -> None:
     s.commit()
     assert store.layer_entries(b"\x02" * 32) == entries
     assert store.get_tag("t:1") == b"\x03" * 32 and store.leases() == []
-    assert json.loads(json.dumps(store.get_image(b"\x03" * 32)))["layers"] == [(b"\x02" * 32).hex()]
+    image = store.get_image(b"\x03" * 32)
+    assert image is not None and image.layers == (b"\x02" * 32,)
     assert verify(store).errors == [] and collect(store).objects_removed == 0
 
 

@@ -137,13 +137,10 @@ def _layer_blob(store: Store, layer_id: bytes, spool: list[IO[bytes]]) -> Blob:
     layer = store.get_layer(layer_id)
     if layer is None:
         raise ExportError(f"layer sha256:{layer_id.hex()} is missing from the store (run layerfs verify)")
-    if "skeleton" in layer:
-        skel = bytes.fromhex(layer["skeleton"])
+    if layer.skeleton is not None and layer.tar_size is not None:
+        skel = layer.skeleton
         return Blob(
-            "sha256:" + layer_id.hex(),
-            int(layer["tar_size"]),
-            MT_OCI_LAYER,
-            lambda: skeleton.stream(store, skel),
+            "sha256:" + layer_id.hex(), layer.tar_size, MT_OCI_LAYER, lambda: skeleton.stream(store, skel)
         )
     # stored before skeletons existed: regenerate once into a spool file to learn digest and size
     f = tempfile.TemporaryFile()
@@ -172,9 +169,9 @@ def plan(store: Store, image_id: bytes, names: list[str], spool: list[IO[bytes]]
     rec = store.get_image(image_id)
     if rec is None:
         raise ExportError(f"image sha256:{image_id.hex()} is not in the store")
-    config_bytes = store.read_object(bytes.fromhex(rec["config"]))
-    layers = [_layer_blob(store, bytes.fromhex(h), spool) for h in rec["layers"]]
-    diff_ids = ["sha256:" + h for h in rec["layers"]]
+    config_bytes = store.read_object(rec.config)
+    layers = [_layer_blob(store, layer_id, spool) for layer_id in rec.layers]
+    diff_ids = ["sha256:" + layer_id.hex() for layer_id in rec.layers]
     if [b.digest for b in layers] != diff_ids:
         config = json.loads(config_bytes)
         config.setdefault("rootfs", {})["diff_ids"] = [b.digest for b in layers]
@@ -185,10 +182,10 @@ def plan(store: Store, image_id: bytes, names: list[str], spool: list[IO[bytes]]
             file=sys.stderr,
         )
     config = bytes_blob(config_bytes, MT_OCI_CONFIG)
-    stored = rec.get("layer_descriptors", [])
-    manifest_bytes = store.read_object(bytes.fromhex(rec["manifest"]))
+    stored = rec.layer_descriptors
+    manifest_bytes = store.read_object(rec.manifest)
     keep = (
-        rec.get("manifest_media_type") == MT_OCI_MANIFEST  # an OCI layout needs an OCI manifest
+        rec.manifest_media_type == MT_OCI_MANIFEST  # an OCI layout needs an OCI manifest
         and config.digest == "sha256:" + image_id.hex()
         and len(stored) == len(layers)
         and all(d["digest"] == b.digest and d["mediaType"] in _UNCOMPRESSED for d, b in zip(stored, layers))
@@ -362,10 +359,10 @@ def save(
         total += n
         progress(n)
 
-    layer_ids = []
+    layer_ids: list[bytes] = []
     for image_id in chosen:
         rec = store.get_image(image_id)
-        layer_ids += [bytes.fromhex(h) for h in rec["layers"]] if rec else []
+        layer_ids += rec.layers if rec else ()
     try:
         # pinned: an rmi + gc meanwhile must not pull layers out from under a half-written archive
         with store.pinned(layer_ids, "save"):

@@ -22,6 +22,7 @@ from typing import Any
 
 from layerfs.store import Entry, Store, StoreError, WriteSession, collect
 from layerfs.store import entries as E
+from layerfs.store.records import ImageRecord, LayerRecord
 from layerfs.tools import refs
 from layerfs.tools.layer import LayerError, LayerResult, hash_blob, import_layer
 from layerfs.tools.sources import (
@@ -168,7 +169,7 @@ def _import_one(
     image_id = _sha(config_bytes)
 
     # a layer stored before skeletons existed is read again, to gain its exact bytes
-    todo = [i for i, d in enumerate(diff_ids) if "skeleton" not in (store.get_layer(_raw(d)) or {})]
+    todo = [i for i, d in enumerate(diff_ids) if _without_skeleton(store.get_layer(_raw(d)))]
     total = sum(max(d.size, 0) for d in layer_descs)  # known layers are read to be checked
     bar = _progress_bar(total, progress)
     result = ImportResult(image_id, names, platform=ref.platform or cfg_platform, layer_ids=diff_ids)
@@ -186,22 +187,7 @@ def _import_one(
                             session, blob, lower=lower.lookup, progress=bar.update if bar else None
                         )
                     _check_layer(desc, res, diff_id)
-                    session.put_layer(
-                        _raw(diff_id),
-                        res.entries,
-                        {
-                            "diff_id": diff_id,
-                            "size": res.size,
-                            "files": res.files,
-                            "blob_digest": res.blob_digest,
-                            "blob_size": res.blob_size,
-                            "tar_size": res.tar_size,
-                            "compression": res.compression,
-                            "skeleton": res.skeleton.hex(),
-                            "created": time.time(),
-                        },
-                        replace=True,  # a record without a skeleton gains one
-                    )
+                    store_layer(session, res, replace=True)  # a record without a skeleton gains one
                     done[diff_id] = res
                     result.layers_new += 1
                     result.bytes_read += res.blob_size
@@ -222,27 +208,21 @@ def _import_one(
                 for desc, diff_id in zip(layer_descs, diff_ids):
                     desc.digest, desc.size = diff_id, _tar_size(store, done, diff_id)
                 manifest_bytes = _docker_manifest(config_bytes, layer_descs)
-            cfg_sha = session.add_blob(config_bytes)
-            man_sha = session.add_blob(manifest_bytes)
-            size = sum(_layer_size(store, done, d) for d in diff_ids)
-            record: dict[str, Any] = {
-                "config": cfg_sha.hex(),
-                "manifest": man_sha.hex(),
-                "manifest_media_type": manifest_type,
-                "layers": [d[7:] for d in diff_ids],
-                "blobs": [cfg_sha.hex(), man_sha.hex()],
-                "layer_descriptors": [
+            store_image(
+                session,
+                config=config_bytes,
+                manifest=manifest_bytes,
+                manifest_media_type=manifest_type,
+                layers=[_raw(d) for d in diff_ids],
+                layer_descriptors=[
                     {"mediaType": d.media_type, "digest": d.digest, "size": d.size} for d in layer_descs
                 ],
-                "platform": cfg_platform,
-                "created": config.get("created", ""),
-                "size": size,
-                "imported": time.time(),
-                "source": source.name,
-            }
-            session.put_image(_raw(image_id), record)
-            for name in names:
-                session.set_tag(name, _raw(image_id))
+                platform=cfg_platform,
+                created=config.get("created", ""),
+                size=sum(_layer_size(store, done, d) for d in diff_ids),
+                source=source.name,
+                names=names,
+            )
     except BaseException:
         # the session aborted; what it wrote is unreachable: sweep it now so nothing stays
         try:
@@ -257,22 +237,87 @@ def _import_one(
     return result
 
 
+def store_layer(
+    session: WriteSession, res: LayerResult, *, compression: str | None = None, replace: bool = False
+) -> LayerRecord:
+    """Record the layer ``import_layer`` just stored (visible when the session commits): its
+    entry table and its record.  ``compression`` overrides what the blob was compressed with
+    (a commit says "none": its layer never was a blob); ``replace``: see ``put_layer``."""
+    record = LayerRecord(
+        diff_id=res.diff_id,
+        table=session.add_table(res.entries),
+        entries=len(res.entries),
+        size=res.size,
+        files=res.files,
+        blob_digest=res.blob_digest,
+        blob_size=res.blob_size,
+        compression=compression or res.compression,
+        created=time.time(),
+        tar_size=res.tar_size,
+        skeleton=res.skeleton,
+    )
+    session.put_layer(_raw(res.diff_id), record, replace=replace)
+    return record
+
+
+def store_image(
+    session: WriteSession,
+    *,
+    config: bytes,
+    manifest: bytes,
+    manifest_media_type: str,
+    layers: list[bytes],
+    layer_descriptors: list[dict[str, Any]],
+    platform: str,
+    created: str,
+    size: int,
+    source: str,
+    names: list[str],
+) -> bytes:
+    """Record an image whose layers are stored (or recorded in ``session``), with its config
+    and manifest blobs and its names; returns the image id (the config's SHA-256)."""
+    image_id = session.add_blob(config)
+    manifest_id = session.add_blob(manifest)
+    record = ImageRecord(
+        config=image_id,
+        manifest=manifest_id,
+        manifest_media_type=manifest_media_type,
+        layers=tuple(layers),
+        blobs=(image_id, manifest_id),
+        layer_descriptors=tuple(layer_descriptors),
+        platform=platform,
+        created=created,
+        size=size,
+        imported=time.time(),
+        source=source,
+    )
+    session.put_image(image_id, record)
+    for name in names:
+        session.set_tag(name, image_id)
+    return image_id
+
+
 def _raw(digest: str) -> bytes:
     return bytes.fromhex(digest[7:])
+
+
+def _without_skeleton(layer: LayerRecord | None) -> bool:
+    """Not stored, or stored before skeletons existed: read again, to gain its exact bytes."""
+    return layer is None or layer.skeleton is None
 
 
 def _tar_size(store: Store, done: dict[str, LayerResult], diff_id: str) -> int:
     if diff_id in done:
         return done[diff_id].tar_size
     layer = store.get_layer(_raw(diff_id))
-    return int(layer["tar_size"]) if layer else 0
+    return (layer.tar_size or 0) if layer else 0
 
 
 def _layer_size(store: Store, done: dict[str, LayerResult], diff_id: str) -> int:
     if diff_id in done:
         return done[diff_id].size
     layer = store.get_layer(_raw(diff_id))
-    return int(layer["size"]) if layer else 0
+    return layer.size if layer else 0
 
 
 def _check_known_layer(
@@ -337,4 +382,4 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     )
 
 
-__all__ = ["ImportError_", "ImportResult", "WriteSession", "import_path"]
+__all__ = ["ImportError_", "ImportResult", "import_path", "store_image", "store_layer"]

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         image = store.get_image(bytes.fromhex(c.image))
         if image is None:
             raise ContainerError(f"the image of container {c.name} is no longer in the store")
-        found = changes(store, [bytes.fromhex(h) for h in image["layers"]], c.upper, c.skip)
+        found = changes(store, list(image.layers), c.upper, c.skip)
     if args.json:
         print_json([{"kind": ch.kind, "path": ch.path} for ch in found])
     else:

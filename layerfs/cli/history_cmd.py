@@ -15,6 +15,7 @@ from layerfs.cli.common import (
     print_json,
     table,
 )
+from layerfs.store.records import LayerRecord
 from layerfs.tools.refs import RefError, resolve
 
 
@@ -34,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from None
         rec = store.get_image(image_id)
         assert rec is not None
-        config = json.loads(store.read_object(bytes.fromhex(rec["config"])))
-        layer_sizes = [int((store.get_layer(bytes.fromhex(h)) or {}).get("size", 0)) for h in rec["layers"]]
+        config = json.loads(store.read_object(rec.config))
+        layer_sizes = [_size(store.get_layer(layer_id)) for layer_id in rec.layers]
     history = config.get("history") or [{} for _ in layer_sizes]
     rows, items = [], []
     layer = 0
@@ -65,3 +66,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append([ident, human_age(parse_time(it["created"])), by, human_size(it["size"]), it["comment"]])
     table(rows, ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"])
     return 0
+
+
+def _size(layer: LayerRecord | None) -> int:
+    return layer.size if layer is not None else 0

@@ -23,17 +23,17 @@ def run(args: argparse.Namespace) -> int:
     names: dict[bytes, list[str]] = {}
     for name, image_id in sorted(tags.items()):
         names.setdefault(image_id, []).append(name)
-    images.sort(key=lambda kv: kv[1].get("imported", 0), reverse=True)
+    images.sort(key=lambda kv: kv[1].imported, reverse=True)
     if args.json:
         print_json(
             [
                 {
                     "id": "sha256:" + k.hex(),
                     "repo_tags": names.get(k, []),
-                    "created": v.get("created", ""),
-                    "size": v.get("size", 0),
-                    "platform": v.get("platform", ""),
-                    "layers": ["sha256:" + h for h in v["layers"]],
+                    "created": v.created,
+                    "size": v.size,
+                    "platform": v.platform,
+                    "layers": ["sha256:" + h.hex() for h in v.layers],
                 }
                 for k, v in images
             ]
@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
         if args.quiet:
             print(short)
             continue
-        created = human_age(parse_time(rec.get("created", "")))
+        created = human_age(parse_time(rec.created))
         for name in names.get(image_id) or ["<none>:<none>"]:
             repo, tag = split(name) if name != "<none>:<none>" else ("<none>", "<none>")
-            rows.append([repo, tag, short, created, human_size(rec.get("size", 0))])
+            rows.append([repo, tag, short, created, human_size(rec.size)])
     if not args.quiet:
         table(rows, ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"])
     return 0

@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def describe(store: Store, image_id: bytes) -> dict[str, Any]:
     rec = store.get_image(image_id)
     assert rec is not None
-    config = json.loads(store.read_object(bytes.fromhex(rec["config"])))
+    config = json.loads(store.read_object(rec.config))
     tags = sorted(name for name, i in store.tags().items() if i == image_id)
-    os_, _, arch = rec.get("platform", "").partition("/")
+    os_, _, arch = rec.platform.partition("/")
     arch, _, variant = arch.partition("/")
     out = {
         "Id": "sha256:" + image_id.hex(),
@@ -33,10 +33,10 @@ def describe(store: Store, image_id: bytes) -> dict[str, Any]:
         "Config": config.get("config", {}),
         "Architecture": config.get("architecture", arch),
         "Os": config.get("os", os_),
-        "Size": rec.get("size", 0),
-        "RootFS": {"Type": "layers", "Layers": ["sha256:" + h for h in rec["layers"]]},
-        "Manifest": {"Digest": "sha256:" + rec["manifest"], "MediaType": rec.get("manifest_media_type", "")},
-        "Platform": rec.get("platform", ""),
+        "Size": rec.size,
+        "RootFS": {"Type": "layers", "Layers": ["sha256:" + h.hex() for h in rec.layers]},
+        "Manifest": {"Digest": "sha256:" + rec.manifest.hex(), "MediaType": rec.manifest_media_type},
+        "Platform": rec.platform,
     }
     if config.get("variant"):
         out["Variant"] = config["variant"]

@@ -17,12 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         layers = store.layers()
-        users: dict[str, int] = {}
+        users: dict[bytes, int] = {}
         for _, image in store.images():
-            for h in set(image["layers"]):
-                users[h] = users.get(h, 0) + 1
+            for layer_id in set(image.layers):
+                users[layer_id] = users.get(layer_id, 0) + 1
     if args.json:
-        print_json([dict(rec, id="sha256:" + k.hex(), images=users.get(k.hex(), 0)) for k, rec in layers])
+        print_json([dict(rec.as_json(), id="sha256:" + k.hex(), images=users.get(k, 0)) for k, rec in layers])
         return 0
     rows = []
     for k, rec in layers:
@@ -30,11 +30,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append(
             [
                 ident,
-                human_size(rec.get("size", 0)),
-                str(rec.get("files", 0)),
-                str(rec.get("entries", 0)),
-                rec.get("compression", ""),
-                str(users.get(k.hex(), 0)),
+                human_size(rec.size),
+                str(rec.files),
+                str(rec.entries),
+                rec.compression,
+                str(users.get(k, 0)),
             ]
         )
     table(rows, ["LAYER ID", "SIZE", "FILES", "ENTRIES", "BLOB", "IMAGES"])

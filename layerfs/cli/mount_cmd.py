@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             upper, work, temporary = os.path.join(base, "upper"), os.path.join(base, "work"), True
         spec = MountSpec(
             image_id,
-            [bytes.fromhex(h) for h in image["layers"]],
+            list(image.layers),
             args.mountpoint,
             upper=upper,
             work=work,

@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import stat
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ from typing import Any, NamedTuple
 from layerfs.store import Store, StoreError, collect
 from layerfs.tar import writer as T
 from layerfs.tar.whiteouts import opaque_member, whiteout_member
+from layerfs.tools.image import store_image, store_layer
 from layerfs.tools.layer import LayerError, import_layer
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
 from layerfs.union.index import ChainIndex, build
@@ -333,17 +333,23 @@ def commit(
     parent = store.get_image(parent_id)
     if parent is None:
         raise CommitError(f"image sha256:{parent_id.hex()} is no longer in the store")
-    config = json.loads(store.read_object(bytes.fromhex(parent["config"])))
+    config = json.loads(store.read_object(parent.config))
     inner = config.setdefault("config", {})
     for change in changes:
         apply_change(inner, change)
     now = _now()
-    layers = list(parent["layers"])
+    layers = list(parent.layers)
     descriptors = []
-    for h in layers:
-        rec = store.get_layer(bytes.fromhex(h))
-        assert rec is not None
-        descriptors.append({"mediaType": MT_OCI_LAYER, "digest": "sha256:" + h, "size": int(rec["tar_size"])})
+    for layer_id in layers:
+        rec = store.get_layer(layer_id)
+        if rec is None or rec.tar_size is None:
+            raise CommitError(
+                f"layer sha256:{layer_id.hex()} of the image was stored by an older layerfs without its "
+                "tar size: import the image again first"
+            )
+        descriptors.append(
+            {"mediaType": MT_OCI_LAYER, "digest": "sha256:" + layer_id.hex(), "size": rec.tar_size}
+        )
     history: dict[str, Any] = {"created": now, "created_by": created_by}
     if author:
         history["author"] = author
@@ -369,29 +375,18 @@ def commit(
                 result.layer = res.diff_id
                 if store.get_layer(layer_id) is None:
                     result.layer_new = True
-                    session.put_layer(
-                        layer_id,
-                        res.entries,
-                        {
-                            "diff_id": res.diff_id,
-                            "size": res.size,
-                            "files": res.files,
-                            "blob_digest": res.diff_id,
-                            "blob_size": res.tar_size,
-                            "tar_size": res.tar_size,
-                            "compression": "none",
-                            "skeleton": res.skeleton.hex(),
-                            "created": time.time(),
-                        },
-                    )
-                layers.append(res.diff_id[7:])
+                    # an uncompressed stream: its blob digest and size are its diff_id and tar size
+                    store_layer(session, res, compression="none")
+                layers.append(layer_id)
                 descriptors.append({"mediaType": MT_OCI_LAYER, "digest": res.diff_id, "size": res.tar_size})
                 size_added = res.size
             else:
                 history["empty_layer"] = True
                 size_added = 0
             config["created"] = now
-            config.setdefault("rootfs", {"type": "layers"})["diff_ids"] = ["sha256:" + h for h in layers]
+            config.setdefault("rootfs", {"type": "layers"})["diff_ids"] = [
+                "sha256:" + h.hex() for h in layers
+            ]
             config["history"] = [*config.get("history", []), history]
             config_bytes = json.dumps(config, separators=(",", ":")).encode()
             manifest_bytes = json.dumps(
@@ -407,25 +402,20 @@ def commit(
                 },
                 separators=(",", ":"),
             ).encode()
-            cfg_sha = session.add_blob(config_bytes)
-            man_sha = session.add_blob(manifest_bytes)
-            record = {
-                "config": cfg_sha.hex(),
-                "manifest": man_sha.hex(),
-                "manifest_media_type": MT_OCI_MANIFEST,
-                "layers": layers,
-                "blobs": [cfg_sha.hex(), man_sha.hex()],
-                "layer_descriptors": descriptors,
-                "platform": parent.get("platform", ""),
-                "created": now,
-                "size": int(parent.get("size", 0)) + size_added,
-                "imported": time.time(),
-                "source": "commit",
-            }
-            session.put_image(cfg_sha, record)
-            if name is not None:
-                session.set_tag(name, cfg_sha)
-            result.image_id = "sha256:" + cfg_sha.hex()
+            image_id = store_image(
+                session,
+                config=config_bytes,
+                manifest=manifest_bytes,
+                manifest_media_type=MT_OCI_MANIFEST,
+                layers=layers,
+                layer_descriptors=descriptors,
+                platform=parent.platform,
+                created=now,
+                size=parent.size + size_added,
+                source="commit",
+                names=[] if name is None else [name],
+            )
+            result.image_id = "sha256:" + image_id.hex()
         result.bytes_stored = session.new_bytes
     except BaseException:
         with contextlib.suppress(StoreError):  # the commit's own error is the one to report

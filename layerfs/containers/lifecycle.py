@@ -45,6 +45,7 @@ from layerfs.containers.spec import (
 )
 from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
 from layerfs.store import Store
+from layerfs.store.records import ImageRecord
 from layerfs.store.store import _boot_id, _proc_start
 from layerfs.tools import refs
 from layerfs.union.index import ChainIndex, build
@@ -63,23 +64,28 @@ def reconcile(store: Store, c: Container) -> None:
         _cleanup_dead(store, c, timeout=0)
 
 
-def _image(store: Store, image_id: bytes) -> dict[str, Any]:
+def _image(store: Store, image_id: bytes) -> ImageRecord:
     image = store.get_image(image_id)
     if image is None:
         raise ContainerError(f"image sha256:{image_id.hex()} is not in the store (removed with rmi -f?)")
     return image
 
 
+def _config(store: Store, image_id: bytes) -> Any:
+    """The image's config blob, parsed (an OCI image config)."""
+    return json.loads(store.read_object(_image(store, image_id).config))
+
+
 def _image_config(store: Store, image_id: bytes) -> dict[str, Any]:
-    config = json.loads(store.read_object(bytes.fromhex(_image(store, image_id)["config"])))
-    return dict(config.get("config") or {})
+    """The config's ``config``: what a container runs (Entrypoint, Cmd, Env, ...)."""
+    return dict(_config(store, image_id).get("config") or {})
 
 
 def warnings(store: Store, c: Container) -> list[str]:
     """docker's warnings for a new container: an image for another machine (it will likely fail
     with "exec format error"), published ports without a network of its own."""
     out = []
-    config = json.loads(store.read_object(bytes.fromhex(_image(store, bytes.fromhex(c.image))["config"])))
+    config = _config(store, bytes.fromhex(c.image))
     mismatch = platform_mismatch(config) if isinstance(config, dict) else None
     if mismatch:
         out.append(mismatch)
@@ -90,7 +96,7 @@ def warnings(store: Store, c: Container) -> list[str]:
 
 
 def _layers(store: Store, image_id: bytes) -> list[bytes]:
-    return [bytes.fromhex(h) for h in _image(store, image_id)["layers"]]
+    return list(_image(store, image_id).layers)
 
 
 def create(

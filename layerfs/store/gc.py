@@ -26,6 +26,7 @@ import lmdb
 from layerfs.store import blobsources, filecache
 from layerfs.store.entries import decode_table
 from layerfs.store.payload import PACK_TARGET
+from layerfs.store.records import ImageRecord, LayerRecord
 from layerfs.store.skeleton import splices
 from layerfs.store.store import (
     Chunk,
@@ -60,11 +61,10 @@ class GCResult:
         return dict(self.__dict__)
 
 
-def _table(store: Store, txn: lmdb.Transaction, layer: dict[str, Any]) -> list[Any]:
-    sha = bytes.fromhex(layer["table"])
-    rec = txn.get(sha, db=store.db("objects"))
+def _table(store: Store, txn: lmdb.Transaction, layer: LayerRecord) -> list[Any]:
+    rec = txn.get(layer.table, db=store.db("objects"))
     if rec is None:
-        raise CorruptionError(f"entry table {layer['table']} of a layer is missing")
+        raise CorruptionError(f"entry table {layer.table.hex()} of a layer is missing")
     _, chunks = decode_object(rec)
     return decode_table(b"".join(store._chunk_bytes(txn, c) for c in chunks))
 
@@ -128,26 +128,25 @@ def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
     # 2. mark
     with txn.cursor(db=db("images")) as cur:
         for _, v in cur:
-            image = json.loads(bytes(v))
-            live_layers.update(bytes.fromhex(h) for h in image["layers"])
-            live_objects.update(bytes.fromhex(h) for h in image.get("blobs", []))
-            live_chains.add(chain_id([bytes.fromhex(h) for h in image["layers"]]))
+            image = ImageRecord.decode(v)
+            live_layers.update(image.layers)
+            live_objects.update(image.blobs)
+            live_chains.add(chain_id(list(image.layers)))
     _drop_dead_chains(store, txn, live_chains)
     with txn.cursor(db=db("layers")) as cur:
-        layers = [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+        layers = [(bytes(k), LayerRecord.decode(v)) for k, v in cur]
     for layer_id, layer in layers:
         if layer_id not in live_layers:
             txn.delete(layer_id, db=db("layers"))
             res.layers_removed += 1
             continue
-        live_objects.add(bytes.fromhex(layer["table"]))
+        live_objects.add(layer.table)
         for e in _table(store, txn, layer):
             if e.content is not None:
                 live_objects.add(e.content)
-        if "skeleton" in layer:
-            skel = bytes.fromhex(layer["skeleton"])
-            live_objects.add(skel)
-            live_objects.update(_spliced(store, txn, skel))
+        if layer.skeleton is not None:
+            live_objects.add(layer.skeleton)
+            live_objects.update(_spliced(store, txn, layer.skeleton))
     blobsources.drop_gone(store, txn, live_layers)  # which registry blob a removed layer was
     pinned_packs: set[int] = set()
     for lease_id in live_leases:
@@ -302,7 +301,7 @@ def _verify_layers(store: Store, txn: lmdb.Transaction, res: VerifyResult, progr
     with txn.cursor(db=store.db("layers")) as cur:
         for k, v in cur:
             res.layers += 1
-            layer = json.loads(bytes(v))
+            layer = LayerRecord.decode(v)
             try:
                 for e in _table(store, txn, layer):
                     if e.content is not None and txn.get(e.content, db=objects) is None:
@@ -313,8 +312,8 @@ def _verify_layers(store: Store, txn: lmdb.Transaction, res: VerifyResult, progr
                         res.errors.append(
                             f"object {e.content.hex()} is {path} in layer sha256:{bytes(k).hex()[:12]} ({where})"
                         )
-                if "skeleton" in layer:
-                    for sha in _spliced(store, txn, bytes.fromhex(layer["skeleton"])):
+                if layer.skeleton is not None:
+                    for sha in _spliced(store, txn, layer.skeleton):
                         if txn.get(sha, db=objects) is None:
                             res.errors.append(
                                 f"layer sha256:{bytes(k).hex()}: spliced object {sha.hex()} is missing"
@@ -333,8 +332,8 @@ def _image_names(store: Store, txn: lmdb.Transaction) -> dict[str, list[str]]:
     with txn.cursor(db=store.db("images")) as cur:
         for k, v in cur:
             label = ", ".join(sorted(tags.get(bytes(k), []))) or "image " + bytes(k).hex()[:12]
-            for h in json.loads(bytes(v)).get("layers", []):
-                out[h].append(label)
+            for layer_id in ImageRecord.decode(v).layers:
+                out[layer_id.hex()].append(label)
     return out
 
 
@@ -343,10 +342,10 @@ def _verify_images(store: Store, txn: lmdb.Transaction, res: VerifyResult, progr
     with txn.cursor(db=store.db("images")) as cur:
         for k, v in cur:
             res.images += 1
-            image = json.loads(bytes(v))
-            for h in image["layers"]:
-                if txn.get(bytes.fromhex(h), db=layers_db) is None:
-                    res.errors.append(f"image sha256:{bytes(k).hex()}: layer sha256:{h} missing")
-            for h in image.get("blobs", []):
-                if txn.get(bytes.fromhex(h), db=objects) is None:
-                    res.errors.append(f"image sha256:{bytes(k).hex()}: blob sha256:{h} missing")
+            image = ImageRecord.decode(v)
+            for layer_id in image.layers:
+                if txn.get(layer_id, db=layers_db) is None:
+                    res.errors.append(f"image sha256:{bytes(k).hex()}: layer sha256:{layer_id.hex()} missing")
+            for blob in image.blobs:
+                if txn.get(blob, db=objects) is None:
+                    res.errors.append(f"image sha256:{bytes(k).hex()}: blob sha256:{blob.hex()} missing")

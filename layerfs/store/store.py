@@ -43,6 +43,7 @@ import zstandard
 
 from layerfs.store.entries import Entry, decode_table, encode_table
 from layerfs.store.payload import PACK_TARGET, LmdbPayload, Payload
+from layerfs.store.records import ImageRecord, LayerRecord
 
 SCHEMA_VERSION = 1
 CHUNK_SIZE = 64 * 1024
@@ -643,29 +644,29 @@ class Store:
             return b"".join(out)
 
     # -- layers, images, tags ---------------------------------------------------
-    def get_layer(self, layer_id: bytes) -> dict[str, Any] | None:
+    def get_layer(self, layer_id: bytes) -> LayerRecord | None:
         with self.read() as txn:
             rec = txn.get(layer_id, db=self._db["layers"])
-            return None if rec is None else json.loads(bytes(rec))
+            return None if rec is None else LayerRecord.decode(rec)
 
     def layer_entries(self, layer_id: bytes) -> list[Entry]:
         layer = self.get_layer(layer_id)
         if layer is None:
             raise StoreError(f"layer sha256:{layer_id.hex()} is not in the store")
-        return decode_table(self.read_object(bytes.fromhex(layer["table"])))
+        return decode_table(self.read_object(layer.table))
 
-    def layers(self) -> list[tuple[bytes, dict[str, Any]]]:
+    def layers(self) -> list[tuple[bytes, LayerRecord]]:
         with self.read() as txn, txn.cursor(db=self._db["layers"]) as cur:
-            return [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+            return [(bytes(k), LayerRecord.decode(v)) for k, v in cur]
 
-    def get_image(self, image_id: bytes) -> dict[str, Any] | None:
+    def get_image(self, image_id: bytes) -> ImageRecord | None:
         with self.read() as txn:
             rec = txn.get(image_id, db=self._db["images"])
-            return None if rec is None else json.loads(bytes(rec))
+            return None if rec is None else ImageRecord.decode(rec)
 
-    def images(self) -> list[tuple[bytes, dict[str, Any]]]:
+    def images(self) -> list[tuple[bytes, ImageRecord]]:
         with self.read() as txn, txn.cursor(db=self._db["images"]) as cur:
-            return [(bytes(k), json.loads(bytes(v))) for k, v in cur]
+            return [(bytes(k), ImageRecord.decode(v)) for k, v in cur]
 
     def tags(self) -> dict[str, bytes]:
         with self.read() as txn, txn.cursor(db=self._db["tags"]) as cur:
@@ -964,18 +965,18 @@ class WriteSession:
         return w.finish(sha)
 
     # -- deferred records --------------------------------------------------------
-    def put_layer(
-        self, layer_id: bytes, entries: list[Entry], info: dict[str, Any], *, replace: bool = False
-    ) -> None:
+    def add_table(self, entries: list[Entry]) -> bytes:
+        """Store a layer's entry table; returns its object id (``LayerRecord.table``)."""
+        return self.add_blob(encode_table(entries))
+
+    def put_layer(self, layer_id: bytes, record: LayerRecord, *, replace: bool = False) -> None:
         """Record a layer; it becomes visible when the session commits.  An existing record of
         the same layer is kept unless ``replace`` (a richer record of the same bytes)."""
-        table = self.add_blob(encode_table(entries))
-        record = dict(info, table=table.hex(), entries=len(entries))
-        data = json.dumps(record, sort_keys=True).encode()
+        data = record.encode()
         self._final.append(lambda txn: self._put(txn, "layers", layer_id, data, overwrite=replace))
 
-    def put_image(self, image_id: bytes, record: dict[str, Any]) -> None:
-        data = json.dumps(record, sort_keys=True).encode()
+    def put_image(self, image_id: bytes, record: ImageRecord) -> None:
+        data = record.encode()
         self._final.append(lambda txn: self._put(txn, "images", image_id, data))
 
     def set_tag(self, name: str, image_id: bytes) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import lmdb
 
 from layerfs.store.entries import Entry, decode_table
+from layerfs.store.records import LayerRecord
 from layerfs.store.store import Store, decode_object
 
 
@@ -24,7 +24,7 @@ def usage(store: Store) -> dict[str, Any]:
         with txn.cursor(db=store.db("layers")) as cur:
             for _, v in cur:
                 layers += 1
-                for e in _table(store, txn, json.loads(bytes(v))):
+                for e in _table(store, txn, LayerRecord.decode(v)):
                     if e.content is not None:
                         logical += e.size
                         contents[e.content] = e.size
@@ -65,9 +65,9 @@ def usage(store: Store) -> dict[str, Any]:
     }
 
 
-def _table(store: Store, txn: lmdb.Transaction, layer: dict[str, Any]) -> list[Entry]:
+def _table(store: Store, txn: lmdb.Transaction, layer: LayerRecord) -> list[Entry]:
     """A layer's entries, read in ``txn`` (empty if its table is missing: verify reports that)."""
-    rec = txn.get(bytes.fromhex(layer["table"]), db=store.db("objects"))
+    rec = txn.get(layer.table, db=store.db("objects"))
     if rec is None:
         return []
     return decode_table(b"".join(store._chunk_bytes(txn, c) for c in decode_object(rec)[1]))

@@ -42,6 +42,8 @@ from typing import Any
 
 import pytest
 
+from layerfs import procfs
+
 OPAQUE_XATTR = "trusted.overlay.opaque"
 SNAP_XATTR_PREFIXES = ("user.", "security.")
 HARDLINKS = "#hardlinks"
@@ -50,24 +52,11 @@ HARDLINKS = "#hardlinks"
 # -- environment --------------------------------------------------------------------------------
 def mounted(mnt: str) -> bool:
     """Is ``mnt`` a mount point now (per /proc/self/mountinfo)?"""
-    target = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-            if mp == target:
-                return True
-    return False
+    return bool(procfs.mounts_on(mnt))
 
 
 def mounts_below(base: str) -> list[str]:
-    base = os.path.realpath(base).rstrip("/") + "/"
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mp = line.split()[4]
-            if mp.startswith(base):
-                out.append(mp)
-    return out
+    return [m.mountpoint for m in procfs.mounts_below(base)]
 
 
 def force_unmount(mnt: str) -> None:
@@ -82,8 +71,7 @@ def mount_devices(mnt: str) -> list[str]:
     """The device numbers of what is mounted on ``mnt``, found without touching ``mnt`` (on a
     hung mount even a stat of it never returns)."""
     target = os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
-    with open("/proc/self/mountinfo") as f:
-        return [ln.split()[2] for ln in f if ln.split()[4] == target]
+    return [m.device for m in procfs.mounts_on(target, resolved=True)]
 
 
 def abort_mount(mnt: str) -> None:

@@ -33,20 +33,12 @@ from typing import Any, NamedTuple
 
 from layerfs.store import Store, StoreError, collect
 from layerfs.tar import writer as T
-from layerfs.tar.whiteouts import opaque_member, whiteout_member
+from layerfs.tar.whiteouts import OPAQUE_MARKER, WHITEOUT_PREFIX, opaque_member, whiteout_member
 from layerfs.tools.image import store_image, store_layer
 from layerfs.tools.layer import LayerError, import_layer
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
 from layerfs.union.index import ChainIndex, build
-from layerfs.union.lower import (
-    OPAQUE_FILE,
-    WH_PREFIX,
-    ChainLayer,
-    host_xattrs,
-    is_opaque_dir,
-    is_whiteout,
-    join_path,
-)
+from layerfs.union.lower import ChainLayer, host_xattrs, is_opaque_dir, is_whiteout, join_path
 
 READ_SIZE = 1 << 20
 
@@ -73,14 +65,14 @@ def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
         host = os.path.join(root, rel) if rel else root
         names = sorted(os.listdir(host))
         fallback_whiteouts = {
-            n[len(WH_PREFIX) :] for n in names if n.startswith(WH_PREFIX) and n != OPAQUE_FILE
+            n[len(WHITEOUT_PREFIX) :] for n in names if n.startswith(WHITEOUT_PREFIX) and n != OPAQUE_MARKER
         }
         for name in names:
-            if name == OPAQUE_FILE:
+            if name == OPAQUE_MARKER:
                 continue
             path = join_path(rel, name)
-            if name.startswith(WH_PREFIX):
-                target = name[len(WH_PREFIX) :]
+            if name.startswith(WHITEOUT_PREFIX):
+                target = name[len(WHITEOUT_PREFIX) :]
                 tpath = join_path(rel, target)
                 yield tpath, UpperItem(tpath, os.lstat(os.path.join(root, path)), True, False)
                 continue
@@ -143,7 +135,7 @@ def changes(store: Store, layer_ids: list[bytes], upper: str, skip: Iterable[byt
             # what the image had below a replaced directory is gone, unless the upper has it again
             present = set(os.listdir(os.path.join(os.fsencode(upper), item.path)))
             for name, _, _ in lower.readdir(item.path):
-                if name not in present and WH_PREFIX + name not in present:
+                if name not in present and WHITEOUT_PREFIX + name not in present:
                     out.append(Change("D", show(item.path + b"/" + name)))
     return sorted(out, key=lambda c: c.path.split("/"))
 

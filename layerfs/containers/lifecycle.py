@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from layerfs import hosttree
+from layerfs import hosttree, procfs
 from layerfs.containers import ContainerError, network, shim
 from layerfs.containers.commit import CommitError
 from layerfs.containers.model import Container, all_containers, containers_dir, load
@@ -46,7 +46,6 @@ from layerfs.containers.spec import (
 from layerfs.mount import MountError, MountSpec, mount, mounted_fuse, umount
 from layerfs.store import Store
 from layerfs.store.records import ImageRecord
-from layerfs.store.store import _boot_id, _proc_start
 from layerfs.tools import refs
 from layerfs.union.index import ChainIndex, build
 from layerfs.union.lower import ChainLayer
@@ -225,14 +224,8 @@ def write_bundle(store: Store, c: Container) -> None:
 
 
 def _set_running(c: Container) -> None:
-    pid = os.getpid()
-    c.state = {
-        "status": "running",
-        "pid": pid,
-        "start": _proc_start(pid),
-        "boot": _boot_id(),
-        "started": time.time(),
-    }
+    # the waiting process (this one) as it can be found again: ``Container.waiter_alive``
+    c.state = {"status": "running", **procfs.identity(os.getpid()), "started": time.time()}
     c.save()
 
 

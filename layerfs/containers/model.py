@@ -26,11 +26,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from layerfs import procfs
 from layerfs.containers import ContainerError
 from layerfs.containers.runc import runtime_status
 from layerfs.containers.spec import ProcessOptions, Volume
 from layerfs.store import Store
-from layerfs.store.store import _boot_id, _proc_start
 
 
 @dataclass
@@ -98,8 +98,7 @@ class Container:
 
     def waiter_alive(self) -> bool:
         """Is the process that waits for it (the foreground ``run`` or the monitor) alive?"""
-        st = self.state
-        return st.get("boot") == _boot_id() and _proc_start(int(st.get("pid", 0))) == st.get("start")
+        return procfs.is_alive(self.state)
 
     def running(self) -> bool:
         """Recorded as running, and its waiting process is alive; or, if that one died (kill
@@ -108,7 +107,7 @@ class Container:
             return False
         if self.waiter_alive():
             return True
-        return self.state.get("boot") == _boot_id() and runtime_status(self.id) in ("running", "paused")
+        return self.state.get("boot") == procfs.boot_id() and runtime_status(self.id) in ("running", "paused")
 
     def status(self) -> str:
         """``docker ps``'s STATUS column."""

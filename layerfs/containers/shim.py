@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerfs import procfs
+
 RUN_DIR = "/run/layerfs"  # console sockets (the path of a unix socket must be short)
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -209,7 +211,7 @@ class Run:
                         os.kill(pid, self.terminated)
             if started.returncode == 0:
                 self.on_started(pid)
-            elif _alive(pid):  # runc could not start it, yet it is there: end it
+            elif procfs.alive(pid):  # runc could not start it, yet it is there: end it
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 _wait(pid)
@@ -280,21 +282,12 @@ def start_error(log: str, fallback: str) -> StartError:
     return StartError(message, code)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            line = f.read()
-    except OSError:
-        return False
-    return line[line.rindex(b")") + 2 : line.rindex(b")") + 3] not in (b"Z", b"X")
-
-
 def _wait(pid: int) -> int:
     """The exit code of our child ``pid`` (an adopted container init)."""
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:  # not adopted (another subreaper was closer): watch it instead
-        while _alive(pid):
+        while procfs.alive(pid):
             time.sleep(0.05)
         return 255
     code = os.waitstatus_to_exitcode(status)

@@ -41,6 +41,7 @@ import lmdb
 import xxhash
 import zstandard
 
+from layerfs import procfs
 from layerfs.store.entries import Entry, decode_table, encode_table
 from layerfs.store.payload import PACK_TARGET, LmdbPayload, Payload
 from layerfs.store.records import ImageRecord, LayerRecord
@@ -197,29 +198,6 @@ class _Slot:
     def result(self) -> tuple[bytes, int, int, int]:
         assert self.group.future is not None
         return self.group.future.result()[self.index]
-
-
-def _proc_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot; None if it is gone (a zombie is:
-    killed, it holds nothing, and its parent may take seconds to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: fields start after the last ')'
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # what a store directory holds besides data.mdb: LMDB's lock file (made before data.mdb), and
@@ -717,9 +695,8 @@ class Store:
 
     @staticmethod
     def lease_alive(lease: dict[str, Any]) -> bool:
-        if lease.get("boot") != _boot_id():
-            return False
-        return _proc_start(int(lease["pid"])) == lease.get("start")
+        """Is the process that took the lease still running?"""
+        return procfs.is_alive(lease)
 
     def add_lease(
         self,
@@ -736,9 +713,7 @@ class Store:
         and then this raises StoreError)."""
         lease_id = lease_id or secrets.token_bytes(8)
         lease: dict[str, Any] = {
-            "pid": os.getpid(),
-            "start": _proc_start(os.getpid()),
-            "boot": _boot_id(),
+            **procfs.identity(os.getpid()),
             "created": time.time(),
             "purpose": purpose,
         }

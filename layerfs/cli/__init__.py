@@ -1,4 +1,9 @@
-"""The ``layerfs`` command line: one module per verb, each a thin layer over the store and tools.
+"""The ``layerfs`` command line: one module per verb (``VERB_cmd.py``: its options and ``run``).
+
+A verb parses, calls the library and prints: it gets its open store and resolved image from
+``common.with_store``/``common.with_image``, and turns errors into one line with
+``common.failures``; what it decides is the library's (``layerfs.images``,
+``layerfs.containers``, ``layerfs.tools``).
 
 Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error,
 3 ``verify`` found corruption.

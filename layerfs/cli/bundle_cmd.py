@@ -10,10 +10,10 @@ loopback only (``--network host`` shares the host's).
 from __future__ import annotations
 
 import argparse
-import os
 
-from layerfs.cli.common import CLIError, open_store
+from layerfs.cli.common import with_image, with_store
 from layerfs.cli.containers import add_process_options, errors, process_options
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,29 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from layerfs.containers.lifecycle import mount_writable, write_runtime_config
-    from layerfs.mount import umount
-    from layerfs.tools.refs import resolve
+@with_store()
+@with_image
+def run(args: argparse.Namespace, store: Store, image_id: bytes) -> int:
+    from layerfs.containers.lifecycle import bundle
 
-    bundle = os.path.abspath(args.dir)
-    rootfs = os.path.join(bundle, "rootfs")
-    opts = process_options(args)
-    with open_store(args) as store, errors():
-        image_id = resolve(store, args.image)
+    with errors():
+        opts = process_options(args)
         opts.hostname = opts.hostname or args.name or image_id.hex()[:12]
-        # 0700: the image's files (setuid ones too) are reachable through the allow_other mount
-        os.makedirs(bundle, mode=0o700, exist_ok=True)
-        os.chmod(bundle, 0o700)
-        os.makedirs(rootfs, exist_ok=True)
-        if os.listdir(rootfs):
-            raise CLIError(f"{rootfs} is not empty (already a bundle?)")
-        upper, work = os.path.join(bundle, "upper"), os.path.join(bundle, "work")
-        mount_writable(store, image_id, rootfs, upper, work, args.image)
-        try:
-            write_runtime_config(store, image_id, rootfs, opts, os.path.join(bundle, "config.json"))
-        except BaseException:
-            umount(store, rootfs)
-            raise
-    print(bundle)
+        print(bundle(store, image_id, args.dir, opts, args.image))
     return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 
-from layerfs.cli.common import add_json, open_store, print_json
+from layerfs.cli.common import add_json, print_json, with_store
 from layerfs.cli.containers import errors
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,28 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from layerfs.containers.commit import commit
-    from layerfs.containers.lifecycle import paused
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    from layerfs.containers.lifecycle import commit_container
     from layerfs.containers.model import find
-    from layerfs.tools.refs import normalize
 
-    with open_store(args) as store, errors():
-        c = find(store, args.container)
-        name = normalize(args.name) if args.name is not None else None
-        cmd = c.options.get("command") or []
-        with paused(c):
-            res = commit(
-                store,
-                bytes.fromhex(c.image),
-                c.upper,
-                name,
-                message=args.message,
-                author=args.author,
-                created_by=shlex.join(cmd) if cmd else f"layerfs commit {c.name}",
-                changes=args.change,
-                skip=c.skip,
-            )
+    with errors():
+        res = commit_container(
+            store,
+            find(store, args.container),
+            args.name,
+            message=args.message,
+            author=args.author,
+            change=args.change,
+        )
     if args.json:
         print_json(res.__dict__)
     else:

@@ -1,11 +1,20 @@
-"""What every verb shares: opening the store, errors, output helpers."""
+"""What every verb shares: the opened store and the resolved image (``with_store``,
+``with_image``, as borg's ``with_repository``/``with_archive``), errors as one line
+(``failures``), output helpers.
+
+A verb is ``run(args) -> exit status``; decorated, it is written as ``run(args, store)`` or
+``run(args, store, image_id)`` and does not open, resolve or close anything itself.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from layerfs.store import Store, StoreError
@@ -26,6 +35,52 @@ def open_store(args: argparse.Namespace, *, readonly: bool = False) -> Store:
         return Store(args.store, readonly=readonly)
     except StoreError as exc:
         raise CLIError(str(exc)) from None
+
+
+def with_store(readonly: bool = False) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """The verb is called as ``fn(args, store, ...)`` with the store ``--store`` names, open for
+    as long as it runs (other arguments it is called with follow the store)."""
+
+    def decorate(fn: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def verb(args: argparse.Namespace, *more: Any) -> int:
+            with open_store(args, readonly=readonly) as store:
+                return fn(args, store, *more)
+
+        return verb
+
+    return decorate
+
+
+def with_image(fn: Callable[..., int]) -> Callable[..., int]:
+    """Under ``with_store``: the verb also gets the id of the image ``args.image`` names (after
+    the store, before any other arguments it is called with); a reference that names none ends
+    it with one line (``no such image: REF``)."""
+
+    @functools.wraps(fn)
+    def verb(args: argparse.Namespace, store: Store, *more: Any) -> int:
+        return fn(args, store, resolve_image(store, args.image), *more)
+
+    return verb
+
+
+def resolve_image(store: Store, ref: str) -> bytes:
+    """The image id ``ref`` names, or CLIError with why it names none."""
+    from layerfs.tools.refs import RefError, resolve
+
+    try:
+        return resolve(store, ref)
+    except RefError as exc:
+        raise CLIError(str(exc)) from None
+
+
+@contextmanager
+def failures(*kinds: type[BaseException], prefix: str = "", code: int = EXIT_ERROR) -> Iterator[None]:
+    """An error of one of ``kinds`` ends the verb as one line: ``prefix`` and its message."""
+    try:
+        yield
+    except kinds as exc:
+        raise CLIError(prefix + str(exc), code) from None
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

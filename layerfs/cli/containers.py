@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from layerfs.cli.common import CLIError, open_store
+from layerfs.cli.common import CLIError, with_store
 from layerfs.store import Store, StoreError
 from layerfs.tools.refs import RefError
 
@@ -114,11 +114,12 @@ def errors(code: int = 1) -> Iterator[None]:
         raise CLIError(str(exc), code) from None
 
 
-def each_container(args: argparse.Namespace, action: Callable[[Store, Container], None]) -> int:
+@with_store()
+def each_container(args: argparse.Namespace, store: Store, action: Callable[[Store, Container], None]) -> int:
     """``action`` on every container ``args.containers`` names, printing each name as docker does."""
     from layerfs.containers.model import find
 
-    with open_store(args) as store, errors():
+    with errors():
         for ref in args.containers:
             action(store, find(store, ref))
             print(ref)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerfs.cli.common import open_store
+from layerfs.cli.common import with_store
 from layerfs.cli.containers import EXIT_SETUP, add_process_options, errors, process_options
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -17,10 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
     from layerfs.containers import lifecycle
 
-    with open_store(args) as store, errors(EXIT_SETUP):
+    with errors(EXIT_SETUP):
         c = lifecycle.create(store, args.image, process_options(args), args.name)
         for warning in lifecycle.warnings(store, c):  # as docker: said, and created anyway
             print(f"WARNING: {warning}", file=sys.stderr)

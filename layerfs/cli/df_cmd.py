@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import add_json, human_size, open_store, print_json
+from layerfs.cli.common import add_json, human_size, print_json, with_store
+from layerfs.store import Store
 from layerfs.store.usage import usage
 
 
@@ -14,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        u = usage(store)
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    u = usage(store)
     if args.json:
         print_json(u)
         return 0

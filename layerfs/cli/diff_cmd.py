@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import add_json, open_store, print_json
+from layerfs.cli.common import add_json, print_json, with_store
 from layerfs.cli.containers import errors
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -15,17 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from layerfs.containers import ContainerError
-    from layerfs.containers.commit import changes
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    from layerfs.containers.lifecycle import diff
     from layerfs.containers.model import find
 
-    with open_store(args) as store, errors():
-        c = find(store, args.container)
-        image = store.get_image(bytes.fromhex(c.image))
-        if image is None:
-            raise ContainerError(f"the image of container {c.name} is no longer in the store")
-        found = changes(store, list(image.layers), c.upper, c.skip)
+    with errors():
+        found = diff(store, find(store, args.container))
     if args.json:
         print_json([{"kind": ch.kind, "path": ch.path} for ch in found])
     else:

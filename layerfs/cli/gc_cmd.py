@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import add_json, human_size, open_store, print_json
-from layerfs.store import collect
+from layerfs.cli.common import add_json, human_size, print_json, with_store
+from layerfs.store import Store, collect
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -14,10 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        store.refuse_if_damaged()  # nothing is collected on a store that does not read whole
-        res = collect(store)
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    store.refuse_if_damaged()  # nothing is collected on a store that does not read whole
+    res = collect(store)
     if args.json:
         print_json(res.as_dict())
         return 0

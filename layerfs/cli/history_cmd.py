@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from layerfs.cli.common import (
-    CLIError,
     add_json,
     human_age,
     human_size,
-    open_store,
     parse_time,
     print_json,
     table,
+    with_image,
+    with_store,
 )
-from layerfs.store.records import LayerRecord
-from layerfs.tools.refs import RefError, resolve
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,37 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        try:
-            image_id = resolve(store, args.image)
-        except RefError as exc:
-            raise CLIError(str(exc)) from None
-        rec = store.get_image(image_id)
-        assert rec is not None
-        config = json.loads(store.read_object(rec.config))
-        layer_sizes = [_size(store.get_layer(layer_id)) for layer_id in rec.layers]
-    history = config.get("history") or [{} for _ in layer_sizes]
-    rows, items = [], []
-    layer = 0
-    for h in history:
-        size = 0
-        if not h.get("empty_layer"):
-            size = layer_sizes[layer] if layer < len(layer_sizes) else 0
-            layer += 1
-        items.append(
-            {
-                "created": h.get("created", ""),
-                "created_by": h.get("created_by", ""),
-                "size": size,
-                "comment": h.get("comment", ""),
-                "empty_layer": bool(h.get("empty_layer")),
-            }
-        )
-    items.reverse()  # newest first, as docker prints it
+@with_store()
+@with_image
+def run(args: argparse.Namespace, store: Store, image_id: bytes) -> int:
+    from layerfs.images import history
+
+    items = history(store, image_id)
     if args.json:
         print_json(items)
         return 0
+    rows = []
     for i, it in enumerate(items):
         by = it["created_by"]
         if not args.no_trunc and len(by) > 45:
@@ -66,7 +43,3 @@ def run(args: argparse.Namespace) -> int:
         rows.append([ident, human_age(parse_time(it["created"])), by, human_size(it["size"]), it["comment"]])
     table(rows, ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"])
     return 0
-
-
-def _size(layer: LayerRecord | None) -> int:
-    return layer.size if layer is not None else 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import add_json, human_age, human_size, open_store, parse_time, print_json, table
+from layerfs.cli.common import add_json, human_age, human_size, parse_time, print_json, table, with_store
+from layerfs.store import Store
 from layerfs.tools.refs import split
 
 
@@ -16,10 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        images = store.images()
-        tags = store.tags()
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    images = store.images()
+    tags = store.tags()
     names: dict[bytes, list[str]] = {}
     for name, image_id in sorted(tags.items()):
         names.setdefault(image_id, []).append(name)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerfs.cli.common import EXIT_USAGE, CLIError, add_json, open_store, print_json
-from layerfs.store import StoreError
+from layerfs.cli.common import EXIT_USAGE, add_json, failures, print_json, with_store
+from layerfs.store import Store, StoreError
 from layerfs.tools.refs import RefError
 
 
@@ -21,22 +21,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from layerfs.tools.sources import PlatformError, normalize_platform
+
+    with failures(PlatformError, code=EXIT_USAGE):
+        platform = None if args.platform is None else normalize_platform(args.platform)
+    return _import(args, platform)
+
+
+@with_store()
+def _import(args: argparse.Namespace, store: Store, platform: str | None) -> int:
     # imported here: the importer's dependencies (tar parser, inflate, zstd) would otherwise
     # load for every command, and be inherited by every mount daemon
     from layerfs.tools.image import ImportError_, import_path
-    from layerfs.tools.sources import PlatformError, normalize_platform
 
-    try:
-        platform = None if args.platform is None else normalize_platform(args.platform)
-    except PlatformError as exc:
-        raise CLIError(str(exc), EXIT_USAGE) from None
-    with open_store(args) as store:
-        try:
-            results = import_path(
-                store, args.path, platform=platform, tag=args.tag, progress=not (args.quiet or args.json)
-            )
-        except (ImportError_, RefError, StoreError, OSError) as exc:
-            raise CLIError(f"import of {args.path} refused: {exc}") from None
+    with failures(ImportError_, RefError, StoreError, OSError, prefix=f"import of {args.path} refused: "):
+        results = import_path(
+            store, args.path, platform=platform, tag=args.tag, progress=not (args.quiet or args.json)
+        )
     if args.json:
         print_json([r.__dict__ for r in results])
         return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import add_json, human_size, open_store, print_json, table
+from layerfs.cli.common import add_json, human_size, print_json, table, with_store
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -14,13 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        layers = store.layers()
-        users: dict[bytes, int] = {}
-        for _, image in store.images():
-            for layer_id in set(image.layers):
-                users[layer_id] = users.get(layer_id, 0) + 1
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    layers = store.layers()
+    users: dict[bytes, int] = {}
+    for _, image in store.images():
+        for layer_id in set(image.layers):
+            users[layer_id] = users.get(layer_id, 0) + 1
     if args.json:
         print_json([dict(rec.as_json(), id="sha256:" + k.hex(), images=users.get(k, 0)) for k, rec in layers])
         return 0

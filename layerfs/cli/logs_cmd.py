@@ -6,8 +6,9 @@ import argparse
 import shutil
 import sys
 
-from layerfs.cli.common import open_store
+from layerfs.cli.common import with_store
 from layerfs.cli.containers import errors
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -16,10 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
     from layerfs.containers.model import find
 
-    with open_store(args) as store, errors():
+    with errors():
         c = find(store, args.container)
         try:
             f = open(c.log, "rb")

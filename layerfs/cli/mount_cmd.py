@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from layerfs.cli.common import CLIError, open_store
-from layerfs.mount import MountError, MountSpec, mount, need_dir
-from layerfs.store import StoreError
-from layerfs.tools.refs import RefError, resolve
+from layerfs.cli.common import CLIError, failures, with_image, with_store
+from layerfs.mount import MountError, mount, need_dir
+from layerfs.store import Store, StoreError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -66,37 +65,33 @@ def run(args: argparse.Namespace) -> int:
         if o in FLAGS:
             name, on = FLAGS[o]
             flags[name] = on
-    with open_store(args) as store:
-        try:
-            image_id = resolve(store, args.image)
-        except RefError as exc:
-            raise CLIError(str(exc)) from None
-        image = store.get_image(image_id)
-        assert image is not None
-        rw = args.rw or args.upper is not None or "rw" in options
-        upper, work, temporary = args.upper, args.work, False
-        if rw and upper is None:
-            base = os.path.join(store.path, "mounts", os.urandom(8).hex())
-            upper, work, temporary = os.path.join(base, "upper"), os.path.join(base, "work"), True
-        spec = MountSpec(
-            image_id,
-            list(image.layers),
-            args.mountpoint,
-            upper=upper,
-            work=work,
-            name=args.image,
-            allow_other="allow_other" in options,
-            temporary_upper=temporary,
-            lower_dirs=[os.path.abspath(d) for d in args.lower],
-            mount_options=flags,
-        )
-        try:
-            for d in spec.lower_dirs:
-                need_dir(d, "lower directory")
-        except MountError as exc:
-            raise CLIError(str(exc)) from None
-        try:
-            mount(store, spec, foreground=args.foreground, debug=args.debug)
-        except (MountError, StoreError, OSError) as exc:
-            raise CLIError(f"cannot mount {args.image} on {args.mountpoint}: {exc}") from None
+    return _mount(args, options, flags)
+
+
+@with_store()
+@with_image
+def _mount(
+    args: argparse.Namespace, store: Store, image_id: bytes, options: set[str], flags: dict[str, bool]
+) -> int:
+    from layerfs.images import mount_spec
+
+    spec = mount_spec(
+        store,
+        image_id,
+        args.mountpoint,
+        name=args.image,
+        writable=args.rw or args.upper is not None or "rw" in options,
+        upper=args.upper,
+        work=args.work,
+        lower_dirs=[os.path.abspath(d) for d in args.lower],
+        allow_other="allow_other" in options,
+        mount_options=flags,
+    )
+    with failures(MountError):
+        for d in spec.lower_dirs:
+            need_dir(d, "lower directory")
+    with failures(
+        MountError, StoreError, OSError, prefix=f"cannot mount {args.image} on {args.mountpoint}: "
+    ):
+        mount(store, spec, foreground=args.foreground, debug=args.debug)
     return 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import add_json, open_store, print_json, table
+from layerfs.cli.common import add_json, print_json, table, with_store
 from layerfs.mount import mounts
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -14,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        active = mounts(store)
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    active = mounts(store)
     if args.json:
         print_json(active)
         return 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shlex
 
-from layerfs.cli.common import add_json, human_age, open_store, print_json, table
+from layerfs.cli.common import add_json, human_age, print_json, table, with_store
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,19 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from layerfs.containers.lifecycle import reconcile
-    from layerfs.containers.model import all_containers, load
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    from layerfs.containers.lifecycle import existing
 
-    with open_store(args) as store:
-        every = all_containers(store)
-        for i, c in enumerate(every):
-            if c.state.get("status") == "running" and not c.running():
-                # its waiting process was killed and it has ended since: record that now
-                reconcile(store, c)
-                with contextlib.suppress(OSError, ValueError):
-                    every[i] = load(c.dir)
-        shown = [c for c in every if os.path.isdir(c.dir) and (args.all or c.running())]
+    shown = [c for c in existing(store) if args.all or c.running()]
     if args.json:
         print_json(
             [

@@ -9,12 +9,12 @@ As with docker, 125 means the container could not be set up.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
-from layerfs.cli.common import CLIError, open_store
+from layerfs.cli.common import CLIError, with_store
 from layerfs.cli.containers import EXIT_SETUP, add_process_options, errors, process_options
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,31 +30,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.containers import ContainerError, lifecycle
-    from layerfs.containers.model import load
-    from layerfs.containers.runc import runtime
-
     if args.tty and args.interactive and not args.detach and not sys.stdin.isatty():
         raise CLIError("the input device is not a TTY")  # docker's words and status
-    with open_store(args) as store, errors(EXIT_SETUP):
+    return _run(args)
+
+
+@with_store()
+def _run(args: argparse.Namespace, store: Store) -> int:
+    from layerfs.containers import lifecycle
+    from layerfs.containers.runc import runtime
+
+    with errors(EXIT_SETUP):
         runtime()  # say it is missing before creating anything
         c = lifecycle.create(store, args.image, process_options(args), args.name, auto_remove=args.rm)
         for warning in lifecycle.warnings(store, c):  # as docker: said, then run anyway
             print(f"WARNING: {warning}", file=sys.stderr)
         if args.detach:
-            try:
-                lifecycle.start(store, c)
-            except BaseException:
-                if args.rm:
-                    with contextlib.suppress(ContainerError, OSError):
-                        lifecycle.remove(store, load(c.dir), force=True)
-                raise
+            lifecycle.run_detached(store, c)
             print(c.id)
             return 0
-        try:
-            stdin = None if args.interactive else os.open(os.devnull, os.O_RDONLY)
-            sys.stdout.flush()
-            return lifecycle.execute(store, c, stdin=stdin)
-        finally:
-            if args.rm:
-                lifecycle.remove(store, load(c.dir), force=True)
+        stdin = None if args.interactive else os.open(os.devnull, os.O_RDONLY)
+        sys.stdout.flush()
+        return lifecycle.run_attached(store, c, stdin=stdin)

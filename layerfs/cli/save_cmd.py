@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerfs.cli.common import CLIError, add_json, open_store, print_json
-from layerfs.store import StoreError
+from layerfs.cli.common import CLIError, add_json, failures, print_json, with_store
+from layerfs.store import Store, StoreError
 from layerfs.tools.refs import RefError
 
 
@@ -26,26 +26,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.tools.export import ExportError, save
-
     output = args.output or "-"
     if output == "-" and sys.stdout.isatty():
         raise CLIError("cowardly refusing to write an archive to a terminal: use -o FILE or a redirect")
+    return _save(args, output)
+
+
+@with_store()  # writable: the save pins its layers with a lease
+def _save(args: argparse.Namespace, store: Store, output: str) -> int:
+    from layerfs.tools.export import ExportError, save
+
     bar = None
     if not (args.quiet or args.json) and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="saving", file=sys.stderr, leave=False)
-    with open_store(args) as store:  # writable: the save pins its layers with a lease
-        try:
+    try:
+        with failures(ExportError, RefError, StoreError, OSError, prefix="save refused: "):
             res = save(
                 store, args.images, output, args.format, progress=bar.update if bar else lambda n: None
             )
-        except (ExportError, RefError, StoreError, OSError) as exc:
-            raise CLIError(f"save refused: {exc}") from None
-        finally:
-            if bar is not None:
-                bar.close()
+    finally:
+        if bar is not None:
+            bar.close()
     if args.json:
         print_json(
             {

@@ -6,8 +6,9 @@ import argparse
 import os
 import sys
 
-from layerfs.cli.common import open_store
+from layerfs.cli.common import with_store
 from layerfs.cli.containers import each_container, errors
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,12 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerfs.containers import ContainerError, lifecycle
-    from layerfs.containers.model import find
+    from layerfs.containers import lifecycle
 
     if not args.attach:
         return each_container(args, lifecycle.start)
-    with open_store(args) as store, errors():
+    return _start_attached(args)
+
+
+@with_store()
+def _start_attached(args: argparse.Namespace, store: Store) -> int:
+    from layerfs.containers import ContainerError, lifecycle
+    from layerfs.containers.model import find
+
+    with errors():
         if len(args.containers) != 1:
             raise ContainerError("start -a takes one container")
         sys.stdout.flush()

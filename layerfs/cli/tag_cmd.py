@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from layerfs.cli.common import CLIError, open_store
-from layerfs.tools.refs import RefError, normalize, resolve
+from layerfs.cli.common import failures, resolve_image, with_store
+from layerfs.store import Store
+from layerfs.tools.refs import RefError, normalize
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -15,10 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        try:
-            store.set_tag(normalize(args.target), resolve(store, args.source))
-        except RefError as exc:
-            raise CLIError(str(exc)) from None
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    with failures(RefError):
+        target = normalize(args.target)  # checked first: its error is the one said
+    store.set_tag(target, resolve_image(store, args.source))
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerfs.cli.common import CLIError, open_store
+from layerfs.cli.common import failures, with_store
 from layerfs.mount import UMOUNT_TIMEOUT, MountError, umount
+from layerfs.store import Store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,12 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        try:
-            warning = umount(store, args.mountpoint, timeout=args.timeout)
-        except MountError as exc:
-            raise CLIError(str(exc)) from None
+@with_store()
+def run(args: argparse.Namespace, store: Store) -> int:
+    with failures(MountError):
+        warning = umount(store, args.mountpoint, timeout=args.timeout)
     if warning:
         print(f"layerfs: warning: {warning}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from typing import Any
 
 from layerfs import hosttree, procfs
 from layerfs.containers import ContainerError, network, shim
-from layerfs.containers.commit import CommitError
+from layerfs.containers.commit import Change, CommitError, CommitResult, changes, commit
 from layerfs.containers.model import Container, all_containers, containers_dir, load
 from layerfs.containers.runc import runc_command, runtime
 from layerfs.containers.spec import (
@@ -306,6 +307,28 @@ def _execute_locked(
     return code
 
 
+def run_detached(store: Store, c: Container) -> None:
+    """``run -d``: start the new container; one run with ``--rm`` that could not start is
+    removed again."""
+    try:
+        start(store, c)
+    except BaseException:
+        if c.auto_remove:
+            with contextlib.suppress(ContainerError, OSError):
+                remove(store, load(c.dir), force=True)
+        raise
+
+
+def run_attached(store: Store, c: Container, *, stdin: int | None = None) -> int:
+    """``run``: the new container's process in the foreground, to its end; its exit code.  One
+    run with ``--rm`` is removed after, whatever happened."""
+    try:
+        return execute(store, c, stdin=stdin)
+    finally:
+        if c.auto_remove:
+            remove(store, load(c.dir), force=True)
+
+
 def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
     """Run the container in the background: a monitor process runs it and records its end.
     Back once the container's process runs (as docker), or with why it could not start."""
@@ -477,6 +500,72 @@ def _delete_locked(store: Store, c: Container) -> None:
     if mounted_fuse(c.rootfs) is not None:  # never delete through a mount
         raise ContainerError(f"cannot remove container {c.name}: {c.rootfs} is still mounted")
     hosttree.remove(c.dir)  # a container decides how deep its tree goes
+
+
+def existing(store: Store) -> list[Container]:
+    """Every container, newest first, its state brought up to date: one recorded as running
+    whose waiting process was killed and that has ended since is recorded as ended now (and
+    removed, if it was run with --rm)."""
+    every = all_containers(store)
+    for i, c in enumerate(every):
+        if c.state.get("status") == "running" and not c.running():
+            reconcile(store, c)
+            with contextlib.suppress(OSError, ValueError):
+                every[i] = load(c.dir)
+    return [c for c in every if os.path.isdir(c.dir)]
+
+
+def diff(store: Store, c: Container) -> list[Change]:
+    """``docker diff``: what the container added, changed and deleted in its image."""
+    image = store.get_image(bytes.fromhex(c.image))
+    if image is None:
+        raise ContainerError(f"the image of container {c.name} is no longer in the store")
+    return changes(store, list(image.layers), c.upper, c.skip)
+
+
+def commit_container(
+    store: Store, c: Container, name: str | None, *, message: str, author: str, change: list[str]
+) -> CommitResult:
+    """``docker commit``: the container's changes as a new image, named ``name`` (checked as
+    every new name is); a running container is paused meanwhile.  Its history entry says the
+    container's command, as docker's does."""
+    new_name = refs.normalize(name) if name is not None else None
+    cmd = c.options.get("command") or []
+    with paused(c):
+        return commit(
+            store,
+            bytes.fromhex(c.image),
+            c.upper,
+            new_name,
+            message=message,
+            author=author,
+            created_by=shlex.join(cmd) if cmd else f"layerfs commit {c.name}",
+            changes=change,
+            skip=c.skip,
+        )
+
+
+def bundle(store: Store, image_id: bytes, directory: str, opts: ProcessOptions, name: str) -> str:
+    """An OCI runtime bundle for another runtime: ``DIR/config.json``, and the image mounted
+    writable on ``DIR/rootfs`` with its changes in ``DIR/upper`` (``layerfs umount
+    DIR/rootfs`` releases it); ``name`` is how the image was named.  Returns the bundle's
+    absolute path."""
+    bundle_dir = os.path.abspath(directory)
+    rootfs = os.path.join(bundle_dir, "rootfs")
+    # 0700: the image's files (setuid ones too) are reachable through the allow_other mount
+    os.makedirs(bundle_dir, mode=0o700, exist_ok=True)
+    os.chmod(bundle_dir, 0o700)
+    os.makedirs(rootfs, exist_ok=True)
+    if os.listdir(rootfs):
+        raise ContainerError(f"{rootfs} is not empty (already a bundle?)")
+    upper, work = os.path.join(bundle_dir, "upper"), os.path.join(bundle_dir, "work")
+    mount_writable(store, image_id, rootfs, upper, work, name)
+    try:
+        write_runtime_config(store, image_id, rootfs, opts, os.path.join(bundle_dir, "config.json"))
+    except BaseException:
+        umount(store, rootfs)
+        raise
+    return bundle_dir
 
 
 def monitor(store_path: str, cid: str, report_fd: int = -1) -> int:

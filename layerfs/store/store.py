@@ -49,7 +49,7 @@ from layerfs.store.records import ImageRecord, LayerRecord
 SCHEMA_VERSION = 1
 CHUNK_SIZE = 64 * 1024
 ZSTD_LEVEL = 3
-# A batch is committed once this much compressed data is pending (DESIGN.md:
+# A batch is committed once this much compressed data is pending (docs/ARCHITECTURE.md:
 # 64 MiB batches write ~800 MB/s; one put per commit ~1,100/s).
 BATCH_BYTES = 64 << 20
 # Files up to this size are held raw until their digest is known, so a file the

@@ -25,6 +25,68 @@ MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 
+# -- test tiers: what a test needs ------------------------------------------------------------
+# Every test gets the tier of its module (a module not listed: ``mount``, so that
+# ``-m "not mount"`` stays safe until it is); a test of a ``unit`` module that takes a store is
+# ``store``; a test that mounts is ``mount`` as well (by the fixtures it uses, or listed below);
+# one that hands images to other tools is ``interop`` as well.  Markers, not directories: a test
+# file keeps its place and its history when its tier is refined, and parallel work on the
+# tests does not collide with moved files.
+MODULE_TIERS = {
+    "test_tarstream": "unit",
+    "test_platform": "unit",
+    "test_records": "unit",
+    "test_skeleton": "store",
+    "test_store": "store",
+    "test_store_private": "store",
+    "test_usage": "store",
+    "test_hostile": "store",
+    "test_cli": "store",
+    "test_cli_errors": "store",
+    "test_crash": "store",
+    "test_commit": "store",
+    "test_save": "store",
+    "test_import_interop": "store",
+    "test_view": "view",
+    "test_mount": "mount",
+    "test_conformance": "mount",
+    "test_union_kernel": "mount",
+    "test_overlay": "mount",
+    "test_filecache": "mount",
+    "test_deep": "mount",
+    "test_containers": "mount",
+    "test_bundle_safety": "mount",
+    "test_fuse_device": "mount",
+    "test_packaging": "mount",
+    "test_podman": "mount",
+}
+# modules whose tests hand layerfs's input or output to other image tools (skopeo, umoci, podman)
+INTEROP_MODULES = {"test_import_interop", "test_save", "test_podman", "test_commit"}
+STORE_FIXTURES = {"store", "store_path", "cli"}
+# fixtures that mean a FUSE mount (or a container, which is one)
+MOUNT_FIXTURES = {"need_fuse", "fuse_core", "scenario", "sample_tree"}
+# tests of store-tier modules that mount all the same (they skip without FUSE themselves)
+MOUNT_TESTS = {
+    "test_commit.py::test_long_and_non_ascii_names_round_trip",
+    "test_crash.py::test_gc_returns_space_only_when_no_one_else_has_the_store",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        fixtures = set(getattr(item, "fixturenames", ()))
+        tier = MODULE_TIERS.get(module, "mount")
+        if tier == "unit" and fixtures & STORE_FIXTURES:
+            tier = "store"
+        item.add_marker(tier)
+        name = item.originalname if isinstance(item, pytest.Function) else item.name
+        if tier != "mount" and (fixtures & MOUNT_FIXTURES or f"{item.path.name}::{name}" in MOUNT_TESTS):
+            item.add_marker("mount")
+        if module in INTEROP_MODULES:
+            item.add_marker("interop")
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> str:
     return str(tmp_path / "store")

@@ -30,26 +30,23 @@ class CLIError(Exception):
         self.code = code
 
 
-def open_store(args: argparse.Namespace, *, readonly: bool = False) -> Store:
+def open_store(args: argparse.Namespace) -> Store:
     try:
-        return Store(args.store, readonly=readonly)
+        return Store(args.store)
     except StoreError as exc:
         raise CLIError(str(exc)) from None
 
 
-def with_store(readonly: bool = False) -> Callable[[Callable[..., int]], Callable[..., int]]:
+def with_store(fn: Callable[..., int]) -> Callable[..., int]:
     """The verb is called as ``fn(args, store, ...)`` with the store ``--store`` names, open for
     as long as it runs (other arguments it is called with follow the store)."""
 
-    def decorate(fn: Callable[..., int]) -> Callable[..., int]:
-        @functools.wraps(fn)
-        def verb(args: argparse.Namespace, *more: Any) -> int:
-            with open_store(args, readonly=readonly) as store:
-                return fn(args, store, *more)
+    @functools.wraps(fn)
+    def verb(args: argparse.Namespace, *more: Any) -> int:
+        with open_store(args) as store:
+            return fn(args, store, *more)
 
-        return verb
-
-    return decorate
+    return verb
 
 
 def with_image(fn: Callable[..., int]) -> Callable[..., int]:

@@ -114,7 +114,7 @@ def errors(code: int = 1) -> Iterator[None]:
         raise CLIError(str(exc), code) from None
 
 
-@with_store()
+@with_store
 def each_container(args: argparse.Namespace, store: Store, action: Callable[[Store, Container], None]) -> int:
     """``action`` on every container ``args.containers`` names, printing each name as docker does."""
     from layerfs.containers.model import find

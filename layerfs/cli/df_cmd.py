@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-@with_store()
+@with_store
 def run(args: argparse.Namespace, store: Store) -> int:
     u = usage(store)
     if args.json:

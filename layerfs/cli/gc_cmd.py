@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-@with_store()
+@with_store
 def run(args: argparse.Namespace, store: Store) -> int:
     store.refuse_if_damaged()  # nothing is collected on a store that does not read whole
     res = collect(store)

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-@with_store()
+@with_store
 @with_image
 def run(args: argparse.Namespace, store: Store, image_id: bytes) -> int:
     from layerfs.images import history

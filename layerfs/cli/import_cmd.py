@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     return _import(args, platform)
 
 
-@with_store()
+@with_store
 def _import(args: argparse.Namespace, store: Store, platform: str | None) -> int:
     # imported here: the importer's dependencies (tar parser, inflate, zstd) would otherwise
     # load for every command, and be inherited by every mount daemon

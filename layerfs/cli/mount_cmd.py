@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     return _mount(args, options, flags)
 
 
-@with_store()
+@with_store
 @with_image
 def _mount(
     args: argparse.Namespace, store: Store, image_id: bytes, options: set[str], flags: dict[str, bool]

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     return _run(args)
 
 
-@with_store()
+@with_store
 def _run(args: argparse.Namespace, store: Store) -> int:
     from layerfs.containers import lifecycle
     from layerfs.containers.runc import runtime

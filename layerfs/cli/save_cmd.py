@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     return _save(args, output)
 
 
-@with_store()  # writable: the save pins its layers with a lease
+@with_store  # writable: the save pins its layers with a lease
 def _save(args: argparse.Namespace, store: Store, output: str) -> int:
     from layerfs.tools.export import ExportError, save
 

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     return _start_attached(args)
 
 
-@with_store()
+@with_store
 def _start_attached(args: argparse.Namespace, store: Store) -> int:
     from layerfs.containers import ContainerError, lifecycle
     from layerfs.containers.model import find

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-@with_store()
+@with_store
 def run(args: argparse.Namespace, store: Store) -> int:
     with failures(MountError):
         warning = umount(store, args.mountpoint, timeout=args.timeout)

@@ -353,6 +353,9 @@ def start(store: Store, c: Container, *, timeout: float = 30.0) -> None:
             stderr=log,
             start_new_session=True,
             pass_fds=(report_w,),
+            # not the caller's directory: "python -m" puts it first on sys.path, and a layerfs/
+            # there (a checkout, say) would be run instead of the installed package
+            cwd="/",
         )
     finally:
         os.close(log)

@@ -27,13 +27,12 @@ import json
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 from layerfs.store import Entry, Store, StoreError, blobsources, collect
-from layerfs.tools.image import ImportError_, _check_layer, _LowerView, _raw
+from layerfs.tools.image import ImportError_, _check_layer, _LowerView, _raw, store_image, store_layer
 from layerfs.tools.layer import LayerError, import_layer
 from layerfs.tools.registry.client import BlobStream, Cancelled, Registry, RegistryError
 from layerfs.tools.registry.reference import DOCKER_HUB, Reference, mirror, parse
@@ -263,7 +262,8 @@ def _pull(store: Store, r: _Resolved, show: bool, jobs: int) -> PullResult:
     for i, (desc, diff_id) in enumerate(zip(r.layers, r.diff_ids)):
         if diff_id in todo:
             continue
-        if "skeleton" in (store.get_layer(_raw(diff_id)) or {}):
+        known = store.get_layer(_raw(diff_id))
+        if known is not None and known.skeleton is not None:
             result.layers_known += 1
             continue
         todo[diff_id] = _Layer(i, desc, diff_id)
@@ -398,28 +398,13 @@ def _one_layer(
             _check_layer(desc, res, diff_id)
         except ImportError_ as exc:
             raise PullError(str(exc)) from None
-        session.put_layer(
-            _raw(diff_id),
-            res.entries,
-            {
-                "diff_id": diff_id,
-                "size": res.size,
-                "files": res.files,
-                "blob_digest": res.blob_digest,
-                "blob_size": res.blob_size,
-                "tar_size": res.tar_size,
-                "compression": res.compression,
-                "skeleton": res.skeleton.hex(),
-                "created": time.time(),
-            },
-            replace=True,
-        )
+        store_layer(session, res, replace=True)
     layer.entries = res.entries
     bars.finish(layer)
 
 
 def _write_image(store: Store, r: _Resolved, image_id: str, names: list[str]) -> None:
-    """The image record and tags, shaped exactly as ``tools.image`` writes them."""
+    """The image record and tags, as ``tools.image`` writes them for an import."""
     size = 0
     for diff_id in r.diff_ids:
         rec = store.get_layer(_raw(diff_id))
@@ -427,28 +412,24 @@ def _write_image(store: Store, r: _Resolved, image_id: str, names: list[str]) ->
             raise PullError(
                 f"layer {diff_id} went missing during the pull (a concurrent rmi/gc?); pull again"
             )
-        size += int(rec["size"])
+        size += rec.size
     with store.session("pull") as session:
-        cfg_sha = session.add_blob(r.config)
-        man_sha = session.add_blob(r.manifest)
-        record: dict[str, Any] = {
-            "config": cfg_sha.hex(),
-            "manifest": man_sha.hex(),
-            "manifest_media_type": r.manifest_type,
-            "layers": [d[7:] for d in r.diff_ids],
-            "blobs": [cfg_sha.hex(), man_sha.hex()],
-            "layer_descriptors": [
+        stored = store_image(
+            session,
+            config=r.config,
+            manifest=r.manifest,
+            manifest_media_type=r.manifest_type,
+            layers=[_raw(d) for d in r.diff_ids],
+            layer_descriptors=[
                 {"mediaType": d.media_type, "digest": d.digest, "size": d.size} for d in r.layers
             ],
-            "platform": r.cfg_platform,
-            "created": r.created,
-            "size": size,
-            "imported": time.time(),
-            "source": f"{r.registry.host}/{r.ref.repository}@{r.digest}",
-        }
-        session.put_image(_raw(image_id), record)
-        for name in names:
-            session.set_tag(name, _raw(image_id))
+            platform=r.cfg_platform,
+            created=r.created,
+            size=size,
+            source=f"{r.registry.host}/{r.ref.repository}@{r.digest}",
+            names=names,
+        )
+        assert stored == _raw(image_id)
 
 
 class _Progress:

@@ -33,6 +33,7 @@ from typing import IO, Any
 import zstandard
 
 from layerfs.store import Store, StoreError, blobsources
+from layerfs.store.records import ImageRecord
 from layerfs.tools import refs
 from layerfs.tools.export import Blob, ExportError, ImageExport, plan
 from layerfs.tools.registry.client import Registry, RegistryError
@@ -123,7 +124,7 @@ def push(
     rec = store.get_image(image_id)
     if rec is None:
         raise PushError(f"no such image: {image}")
-    layer_ids = [bytes.fromhex(h) for h in rec["layers"]]
+    layer_ids = list(rec.layers)
     spool: list[IO[bytes]] = []
     try:
         with (
@@ -147,7 +148,7 @@ def _push(
     store: Store,
     reg: Registry,
     ref: Reference,
-    rec: dict[str, Any],
+    rec: ImageRecord,
     image_id: str,
     exp: ImageExport,
     layer_ids: list[bytes],
@@ -156,7 +157,7 @@ def _push(
 ) -> PushResult:
     repo = ref.repository
     config, layers = exp.config, exp.layers
-    docker = rec.get("manifest_media_type") == MT_DOCKER_MANIFEST and compression != "zstd"
+    docker = rec.manifest_media_type == MT_DOCKER_MANIFEST and compression != "zstd"
     result = PushResult(config.digest, str(ref), "", 0)
     bar = _bar(sum(b.size for b in layers), show)
     pushed: dict[str, dict[str, Any]] = {}
@@ -188,7 +189,7 @@ def _push(
     finally:
         if bar is not None:
             bar.close()
-    source = str(rec.get("source", ""))
+    source = rec.source
     src_host, _, src_repo = source.partition("@")[0].partition("/")
     if src_host == reg.host and src_repo and src_repo != repo and "@sha256:" in source:
         with contextlib.suppress(RegistryError):
@@ -261,19 +262,17 @@ def _desc(s: blobsources.BlobSource) -> dict[str, Any]:
 
 
 def _manifest(
-    store: Store, rec: dict[str, Any], image_id: str, config: Blob, layers: list[dict[str, Any]], docker: bool
+    store: Store, rec: ImageRecord, image_id: str, config: Blob, layers: list[dict[str, Any]], docker: bool
 ) -> tuple[bytes, str]:
     """The stored manifest when it names exactly these blobs, else a new one."""
-    stored = [
-        {k: d.get(k) for k in ("mediaType", "digest", "size")} for d in rec.get("layer_descriptors", [])
-    ]
-    if stored == layers and rec.get("manifest_media_type") and config.digest == image_id:
+    stored = [{k: d.get(k) for k in ("mediaType", "digest", "size")} for d in rec.layer_descriptors]
+    if stored == layers and rec.manifest_media_type and config.digest == image_id:
         try:
-            return store.read_object(bytes.fromhex(rec["manifest"])), str(rec["manifest_media_type"])
+            return store.read_object(rec.manifest), rec.manifest_media_type
         except StoreError:
             pass
     try:
-        cfg_type = json.loads(store.read_object(bytes.fromhex(rec["manifest"])))["config"]["mediaType"]
+        cfg_type = json.loads(store.read_object(rec.manifest))["config"]["mediaType"]
     except (StoreError, ValueError, KeyError, TypeError):
         cfg_type = ""
     if cfg_type not in (MT_OCI_CONFIG, MT_DOCKER_CONFIG):

@@ -63,6 +63,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from uniongen import UnionImage, UnionParams, debian_unavailable, ensure, ensure_debian  # noqa: E402
 
+from layerfs import procfs  # noqa: E402
+
 # layerfs-overlay: layerfs's fuse-overlayfs drop-in over the very directories fuse-overlayfs gets;
 # layerfs and layerfs-overlay run the C FUSE core, layerfs-py the same mount on the pure-Python twin
 FS = ("kernel", "fuse-overlayfs", "layerfs", "layerfs-overlay", "layerfs-py")
@@ -237,15 +239,11 @@ class _Summary:
 
 # -- processes --------------------------------------------------------------------------------------
 def _mounted(mnt: str) -> bool:
-    target = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return any(line.split()[4] == target for line in f)
+    return bool(procfs.mounts_on(mnt))
 
 
 def _mounts_below(base: str) -> list[str]:
-    base = os.path.realpath(base).rstrip("/") + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(base)]
+    return [m.mountpoint for m in procfs.mounts_below(base)]
 
 
 def _force_unmount(mnt: str) -> None:

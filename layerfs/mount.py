@@ -29,7 +29,7 @@ from typing import Any
 
 import lmdb
 
-from layerfs import hosttree
+from layerfs import hosttree, procfs
 from layerfs.store import Store, StoreError
 from layerfs.store.store import chain_id
 from layerfs.union.index import ChainIndex, build, index_ready
@@ -58,15 +58,8 @@ class MountSpec:
 
 def mounted_fuse(mountpoint: str) -> str | None:
     """The filesystem type if ``mountpoint`` is a mount point now, else None."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-            if mp == target:
-                sep = fields.index("-")
-                return fields[sep + 1]
-    return None
+    found = procfs.mounts_on(mountpoint)
+    return found[0].fstype if found else None
 
 
 def _registry(store: Store) -> str:
@@ -323,7 +316,7 @@ def _serve(
 
     store = Store(store_path)
     lease_id = store.add_lease("mount", spec.layers, image_id=spec.image_id)
-    record = dict(record, pid=os.getpid(), start=_start_time(os.getpid()), lease=lease_id.hex())
+    record = dict(record, pid=os.getpid(), start=procfs.start_time(os.getpid()), lease=lease_id.hex())
     reg = os.path.join(_registry(store), f"{record['id']}.json")
     image_layer = ChainLayer(store, ChainIndex(store, chain))
     lower: Lower = image_layer
@@ -477,29 +470,7 @@ def _records(store: Store) -> list[dict[str, Any]]:
 def _daemon_alive(rec: dict[str, Any]) -> bool:
     """Is the daemon of mount record ``rec`` running?  A record without a pid: assumed so."""
     pid = rec.get("pid")
-    return pid is None or _alive(pid, rec.get("start"))
-
-
-def _alive(pid: int, start: int | None = None) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone; so does another process that
-    took the pid, when ``start``, the start time in clock ticks since boot, is known)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return False
-    # the command name may hold spaces and parentheses: fields start after the last ')'
-    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
-    return fields[0] not in (b"Z", b"X") and (start is None or int(fields[19]) == start)
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return None
-    return int(stat_line[stat_line.rindex(b")") + 2 :].split()[19])
+    return pid is None or procfs.alive(pid, rec.get("start"))
 
 
 __all__ = ["MountError", "MountSpec", "mount", "mounts", "umount", "StoreError"]

@@ -33,77 +33,19 @@ from typing import Any, NamedTuple
 
 from layerfs.store import Store, StoreError, collect
 from layerfs.tar import writer as T
-from layerfs.tar.whiteouts import OPAQUE_MARKER, WHITEOUT_PREFIX, opaque_member, whiteout_member
+from layerfs.tar.whiteouts import WHITEOUT_PREFIX, opaque_member, whiteout_member
 from layerfs.tools.image import store_image, store_layer
 from layerfs.tools.layer import LayerError, import_layer
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
 from layerfs.union.index import ChainIndex, build
-from layerfs.union.lower import ChainLayer, host_xattrs, is_opaque_dir, is_whiteout, join_path
+from layerfs.union.lower import ChainLayer, host_xattrs
+from layerfs.union.overlayfmt import scan
 
 READ_SIZE = 1 << 20
 
 
 class CommitError(ValueError):
     """The commit is refused; nothing was stored."""
-
-
-class UpperItem(NamedTuple):
-    path: bytes  # relative to the upper directory
-    st: os.stat_result
-    whiteout: bool  # hides ``path`` in the image
-    opaque: bool  # a directory hiding the image's directory at ``path``
-
-
-def scan(upper: str, skip: Iterable[bytes] = ()) -> Iterator[UpperItem]:
-    """The upper directory's entries, parents first, siblings by name; ``skip``: top-level
-    directories that are only mount points the runtime made (left out while empty)."""
-    root = os.fsencode(upper)
-    skipped = set(skip)
-
-    def listing(rel: bytes) -> Iterator[tuple[bytes, UpperItem | None]]:
-        """A directory's items by name; (path, None) after a directory's own item: descend."""
-        host = os.path.join(root, rel) if rel else root
-        names = sorted(os.listdir(host))
-        fallback_whiteouts = {
-            n[len(WHITEOUT_PREFIX) :] for n in names if n.startswith(WHITEOUT_PREFIX) and n != OPAQUE_MARKER
-        }
-        for name in names:
-            if name == OPAQUE_MARKER:
-                continue
-            path = join_path(rel, name)
-            if name.startswith(WHITEOUT_PREFIX):
-                target = name[len(WHITEOUT_PREFIX) :]
-                tpath = join_path(rel, target)
-                yield tpath, UpperItem(tpath, os.lstat(os.path.join(root, path)), True, False)
-                continue
-            if name in fallback_whiteouts:
-                continue  # the .wh. file says deleted; a stale entry beside it does not count
-            st = os.lstat(os.path.join(root, path))
-            if (
-                not rel
-                and name in skipped
-                and stat.S_ISDIR(st.st_mode)
-                and not os.listdir(os.path.join(root, path))
-            ):
-                continue
-            if is_whiteout(st):
-                yield path, UpperItem(path, st, True, False)
-            elif stat.S_ISDIR(st.st_mode):
-                yield path, UpperItem(path, st, False, is_opaque_dir(os.path.join(root, path)))
-                yield path, None
-            else:
-                yield path, UpperItem(path, st, False, False)
-
-    # depth first with a stack of listings, not recursion: the container decides the depth
-    stack = [listing(b"")]
-    while stack:
-        for path, item in stack[-1]:
-            if item is None:
-                stack.append(listing(path))
-                break
-            yield item
-        else:
-            stack.pop()
 
 
 # -- diff ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from layerfs import procfs
 from layerfs.fuse import TRIM_EVERY, trim_store_map
 from layerfs.store import filecache
 from layerfs.union.lower import ChainLayer, join_path, parent_path
@@ -160,11 +161,15 @@ class CoreOps:
         fh = self.view.open(path, flags)
         return fh, self.view.handle_fd(fh), 0
 
-    def create(self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int) -> tuple[int, int, Attr]:
+    def create(
+        self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int
+    ) -> tuple[int, int, Attr]:
         fh = self.view.create(path, mode, flags, uid, gid, umask)
         return fh, self.view.handle_fd(fh), self.fgetattr(fh)
 
-    def tmpfile(self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int) -> tuple[int, int, Attr]:
+    def tmpfile(
+        self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int
+    ) -> tuple[int, int, Attr]:
         fh = self.view.tmpfile(path, mode, flags, uid, gid, umask)
         return fh, self.view.handle_fd(fh), self.fgetattr(fh)
 
@@ -354,8 +359,7 @@ def _raise_readahead(target: str, kib: int) -> None:
     ``target`` is the mount point's real path, resolved before mounting: the mount's device is
     taken from mountinfo, since any look at the mount point itself would wait for INIT, which
     only this process can answer."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        devs = [line.split()[2] for line in f if line.split()[4] == target]
+    devs = [m.device for m in procfs.mounts_on(target, resolved=True)]
     if not devs:
         return
     try:

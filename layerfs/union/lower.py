@@ -34,13 +34,14 @@ from layerfs import hosttree
 from layerfs.store import Store
 from layerfs.store import entries as E
 from layerfs.union.index import ROOT_INO, ChainIndex, Node
+from layerfs.union.overlayfmt import (
+    OPAQUE_FILE,
+    PRIVATE_XATTR_PREFIXES,
+    WH_PREFIX,
+    is_opaque_dir,
+)
 
 MISSING, WHITEOUT, FOUND = range(3)
-WH_PREFIX = b".wh."
-OPAQUE_FILE = b".wh..wh..opq"
-OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
-# overlayfs's own bookkeeping and ours are never shown as file attributes
-PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.layerfs.", b"user.layerfs.")
 DIR_LAYER_SHIFT = 48  # a directory layer's inodes: (position + 1) << 48 | host inode
 ACTIVE_CACHE = 8192
 
@@ -84,11 +85,6 @@ def base_name(path: bytes) -> bytes:
 
 def join_path(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
-
-
-def is_whiteout(st: os.stat_result) -> bool:
-    """An upper-directory whiteout in the kernel's format: a 0/0 character device."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 class ChainLayer:
@@ -153,16 +149,6 @@ def host_statfs(path: bytes) -> dict[str, int]:
     """statvfs(2) of a host directory, as the FUSE adapter passes it on."""
     v = os.statvfs(path)
     return {k: getattr(v, k) for k in STATFS_FIELDS}
-
-
-def is_opaque_dir(path: bytes) -> bool:
-    for name in OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            pass
-    return os.path.lexists(os.path.join(path, OPAQUE_FILE))
 
 
 def host_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:

@@ -50,18 +50,15 @@ from layerfs.store import Store
 from layerfs.store import entries as E
 from layerfs.store.store import Chunk, CorruptionError, decode_object
 from layerfs.union.index import ROOT_INO, Node
-from layerfs.union.lower import (
+from layerfs.union.lower import Lower, base_name, host_statfs, join_path, parent_path
+from layerfs.union.overlayfmt import (
     OPAQUE_FILE,
-    OPAQUE_XATTRS,
     PRIVATE_XATTR_PREFIXES,
     WH_PREFIX,
-    Lower,
-    base_name,
-    host_statfs,
+    drop_whiteouts,
     is_opaque_dir,
     is_whiteout,
-    join_path,
-    parent_path,
+    set_opaque,
 )
 
 UPPER_INO = 1 << 40
@@ -648,7 +645,9 @@ class UnionView:
         ``link_open`` names it."""
         self._need_rw()
         r = self.resolve(dir_path)
-        if not (isinstance(r, Node) and r.is_dir or isinstance(r, os.stat_result) and stat.S_ISDIR(r.st_mode)):
+        if not (
+            isinstance(r, Node) and r.is_dir or isinstance(r, os.stat_result) and stat.S_ISDIR(r.st_mode)
+        ):
             raise _err(errno.ENOTDIR)
         self._copy_up(dir_path)
         inside = join_path(dir_path, b"tmpfile")  # what _new_gid and _new_mode ask of a new object
@@ -696,7 +695,7 @@ class UnionView:
         self._new_ino(os.lstat(up))
         if replaced_whiteout or self._lower(path) is not None:
             # a directory re-created over a deleted lower one must not show the old contents
-            self._set_opaque(up)
+            set_opaque(up)
         self._vis.drop(path)
 
     def mknod(self, path: bytes, mode: int, rdev: int, uid: int, gid: int, umask: int = 0) -> None:
@@ -817,8 +816,8 @@ class UnionView:
             # we copy the whole merged directory up instead and mark it opaque, so once it
             # moves nothing of the lower layers can show through it at its new place
             self._copy_up_tree(old)
-            _drop_whiteouts(self._up(old))  # nothing below an opaque directory needs hiding
-            self._set_opaque(self._up(old))
+            drop_whiteouts(self._up(old))  # nothing below an opaque directory needs hiding
+            set_opaque(self._up(old))
         old_lower = self._lower(old) is not None
         self._copy_up(old)
         if dst is not None:
@@ -826,7 +825,7 @@ class UnionView:
         replaced_whiteout = self._prepare_new(new)
         os.rename(self._up(old), self._up(new))
         if src_dir and (replaced_whiteout or self._lower(new) is not None):
-            self._set_opaque(self._up(new))
+            set_opaque(self._up(new))
         if old_lower:
             self._whiteout(old)
         self._moved(old, new)
@@ -981,16 +980,6 @@ class UnionView:
         os.mknod(wh, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         return wh
 
-    def _set_opaque(self, up: bytes) -> None:
-        try:
-            os.setxattr(up, OPAQUE_XATTRS[0], b"y")
-        except PermissionError:
-            try:
-                os.setxattr(up, OPAQUE_XATTRS[1], b"y")
-            except OSError:
-                with open(os.path.join(up, OPAQUE_FILE), "wb"):
-                    pass
-
     def _copy_up(self, path: bytes, data: bool = True) -> None:
         """Make sure ``path`` exists in the upper directory (with its parents)."""
         r = self.resolve(path)
@@ -1129,15 +1118,3 @@ class _PathCache:
             here = todo.pop()
             self._values.pop(here, None)
             todo.extend(self._below.pop(here, ()))
-
-
-def _drop_whiteouts(path: bytes) -> None:
-    """Remove whiteouts from an upper tree about to become opaque: the kernel lists the
-    entries of a directory that merges nothing as they are, whiteouts included."""
-    for here, _dirs, files in hosttree.walk(path):
-        for name in files:
-            p = os.path.join(here, name)
-            if name.startswith(WH_PREFIX) and name != OPAQUE_FILE:
-                os.unlink(p)
-            elif is_whiteout(os.lstat(p)):
-                os.unlink(p)

@@ -1,9 +1,9 @@
 /*
- * layerfs._ctar: streaming tar parser, the C twin of layerfs/_tarstream_py.py.
+ * layerfs._ctar: streaming tar parser, the C twin of layerfs/tar/_pyreader.py.
  *
  * The pure-Python module is the reference and its docstring the API spec: both
  * backends must yield byte-identical event streams for the same input and
- * raise layerfs._tarstream_py.TarError for the same bad input.
+ * raise layerfs.tar._pyreader.TarError for the same bad input.
  *
  * Every byte parsed here may be hostile.  Rules kept throughout:
  *   - sizes are carried as uint64_t/size_t and every sum or product that could
@@ -46,7 +46,7 @@
 #define EV_DATA 1
 #define EV_END 2
 
-/* layerfs._tarstream_py.TarError, shared with the twin (strong reference). */
+/* layerfs.tar._pyreader.TarError, shared with the twin (strong reference). */
 static PyObject *TarError = NULL;
 
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L
@@ -1251,7 +1251,7 @@ PyDoc_STRVAR(TarParser_doc,
 "\n"
 "Iterate over a tar stream read with read(n), yielding (EV_ENTRY, header),\n"
 "(EV_DATA, bytes) and (EV_END, sha256_digest) events.  C twin of\n"
-"layerfs._tarstream_py.TarParser; see that module for the full contract.");
+"layerfs.tar._pyreader.TarParser; see that module for the full contract.");
 
 static PyObject *
 TarParser_offset(TarParser *self, void *closure)
@@ -1285,7 +1285,7 @@ static PyTypeObject TarParserType = {
 };
 
 PyDoc_STRVAR(module_doc,
-"Streaming tar parser in C: the twin of layerfs._tarstream_py (same API,\n"
+"Streaming tar parser in C: the twin of layerfs.tar._pyreader (same API,\n"
 "same events, same TarError).");
 
 static struct PyModuleDef ctar_module = {
@@ -1300,7 +1300,7 @@ PyInit__ctar(void)
 {
     PyObject *m, *twin, *err;
 
-    twin = PyImport_ImportModule("layerfs._tarstream_py");
+    twin = PyImport_ImportModule("layerfs.tar._pyreader");
     if (twin == NULL)
         return NULL;
     err = PyObject_GetAttrString(twin, "TarError");

@@ -4,9 +4,9 @@ This is a protocol adapter only: no filesystem logic lives here.  Paths arrive
 as ``/a/b`` strings (surrogate-escaped) and go to the view as relative bytes;
 ``OSError`` from the view becomes the FUSE errno (mfusepy does that).
 
-Dispatch is single-threaded (DESIGN.md: about 2x faster for metadata than
-mfusepy's threads); sequential reads overlap decompression with a read-ahead
-thread inside the view instead.
+Dispatch is single-threaded: the view's calls hold the GIL throughout, so more
+dispatch threads only add their switching; sequential reads overlap decompression
+with a read-ahead thread inside the view instead.
 """
 
 from __future__ import annotations

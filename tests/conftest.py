@@ -47,7 +47,13 @@ MODULE_TIERS = {
     "test_commit": "store",
     "test_save": "store",
     "test_import_interop": "store",
+    "test_registry": "store",
+    "test_registry_auth": "store",
+    "test_registry_faults": "store",
+    "test_registry_parallel": "store",
+    "test_registry_push": "store",
     "test_view": "view",
+    "test_view_replay": "view",
     "test_mount": "mount",
     "test_conformance": "mount",
     "test_union_kernel": "mount",
@@ -61,7 +67,18 @@ MODULE_TIERS = {
     "test_podman": "mount",
 }
 # modules whose tests hand layerfs's input or output to other image tools (skopeo, umoci, podman)
-INTEROP_MODULES = {"test_import_interop", "test_save", "test_podman", "test_commit"}
+INTEROP_MODULES = {
+    "test_import_interop",
+    "test_save",
+    "test_podman",
+    "test_commit",
+    # the real registry server, and skopeo and podman on the other end
+    "test_registry",
+    "test_registry_auth",
+    "test_registry_faults",
+    "test_registry_parallel",
+    "test_registry_push",
+}
 STORE_FIXTURES = {"store", "store_path", "cli"}
 # fixtures that mean a FUSE mount (or a container, which is one)
 MOUNT_FIXTURES = {"need_fuse", "fuse_core", "scenario", "sample_tree"}

@@ -66,7 +66,7 @@ def _table(store: Store, txn: lmdb.Transaction, layer: LayerRecord) -> list[Any]
     if rec is None:
         raise CorruptionError(f"entry table {layer.table.hex()} of a layer is missing")
     _, chunks = decode_object(rec)
-    return decode_table(b"".join(store._chunk_bytes(txn, c) for c in chunks))
+    return decode_table(b"".join(store.chunk_bytes(txn, c) for c in chunks))
 
 
 def _spliced(store: Store, txn: lmdb.Transaction, skel: bytes) -> list[bytes]:
@@ -74,7 +74,7 @@ def _spliced(store: Store, txn: lmdb.Transaction, skel: bytes) -> list[bytes]:
     if rec is None:
         raise CorruptionError(f"skeleton {skel.hex()} of a layer is missing")
     size, chunks = decode_object(rec)
-    data = b"".join(store._chunk_bytes(txn, c) for c in chunks)
+    data = b"".join(store.chunk_bytes(txn, c) for c in chunks)
     return [sha for _, _, sha in splices(lambda off, n: data[off : off + n], size)[1]]
 
 
@@ -276,7 +276,7 @@ def _verify_objects(store: Store, txn: lmdb.Transaction, res: VerifyResult, prog
                 h = hashlib.sha256()
                 total = 0
                 for c in chunks:
-                    raw = store._chunk_bytes(txn, c)
+                    raw = store.chunk_bytes(txn, c)
                     h.update(raw)
                     total += len(raw)
                 if total != size:

@@ -574,7 +574,8 @@ class Store:
                 raise StoreError(f"object {sha.hex()} is not in the store")
             return int(_OBJ_HEAD.unpack_from(rec, 0)[1])
 
-    def _chunk_bytes(self, txn: lmdb.Transaction, c: Chunk) -> bytes:
+    def chunk_bytes(self, txn: lmdb.Transaction, c: Chunk) -> bytes:
+        """One chunk decompressed and verified (CorruptionError if it is damaged)."""
         stored = self.payload.read(txn, c.pack, c.offset, c.stored)
         if c.codec == ZSTD:
             try:
@@ -597,7 +598,7 @@ class Store:
                 raise StoreError(f"object {sha.hex()} is not in the store")
             _, chunks = decode_object(rec)
             for c in chunks:
-                yield self._chunk_bytes(txn, c)
+                yield self.chunk_bytes(txn, c)
 
     def read_object(self, sha: bytes) -> bytes:
         return b"".join(self.iter_object(sha))
@@ -616,7 +617,7 @@ class Store:
                 if pos >= end:
                     break
                 if pos + c.raw > offset:
-                    raw = self._chunk_bytes(txn, c)
+                    raw = self.chunk_bytes(txn, c)
                     out.append(raw[max(0, offset - pos) : end - pos])
                 pos += c.raw
             return b"".join(out)

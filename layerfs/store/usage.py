@@ -70,4 +70,4 @@ def _table(store: Store, txn: lmdb.Transaction, layer: LayerRecord) -> list[Entr
     rec = txn.get(layer.table, db=store.db("objects"))
     if rec is None:
         return []
-    return decode_table(b"".join(store._chunk_bytes(txn, c) for c in decode_object(rec)[1]))
+    return decode_table(b"".join(store.chunk_bytes(txn, c) for c in decode_object(rec)[1]))

@@ -36,19 +36,17 @@ import contextlib
 import ctypes
 import errno
 import os
-import queue
 import stat
 import struct
 import sys
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from layerfs import hosttree
 from layerfs.store import Store
 from layerfs.store import entries as E
-from layerfs.store.store import Chunk, CorruptionError, decode_object
+from layerfs.store.reader import ObjectReader, StoredObject
+from layerfs.store.store import CorruptionError, StoreError
 from layerfs.union.index import ROOT_INO, Node
 from layerfs.union.lower import Lower, base_name, host_statfs, join_path, parent_path
 from layerfs.union.overlayfmt import (
@@ -73,9 +71,6 @@ AT_EMPTY_PATH = 0x1000
 # before that used the legacy names, still read
 INO_XATTRS = (b"trusted.overlay.layerfs.ino", b"user.overlay.layerfs.ino")
 _INO_XATTRS_READ = INO_XATTRS + (b"trusted.layerfs.ino", b"user.layerfs.ino")
-CACHE_BYTES = 32 << 20  # decompressed lower chunks kept for re-reads
-READ_AHEAD = 16  # chunks (1 MiB) decompressed ahead of a sequential reader
-READ_AHEAD_WORKERS = 2  # zstd releases the GIL: the reader mostly waits, so use both cores
 _INO = struct.Struct("<Q")
 LONG_PATH = 3800  # host paths from this long go through a directory descriptor (PATH_MAX: 4096)
 DIR_FDS = 16
@@ -92,96 +87,14 @@ def _err(code: int) -> OSError:
 
 @dataclass
 class _LowerFile:
-    content: bytes | None
-    size: int
-    chunks: list[Chunk]
+    obj: StoredObject | None  # None: an empty file (no object)
     node: Node
     path: bytes  # (for messages)
-    last_end: int = 0
 
 
 @dataclass
 class _UpperFile:
     fd: int
-
-
-class ChunkCache:
-    """Bounded LRU of decompressed chunks, with read-ahead on a helper thread."""
-
-    def __init__(self, store: Store, limit: int = CACHE_BYTES) -> None:
-        self.store = store
-        self.limit = limit
-        self._data: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._inflight: dict[tuple[int, int], threading.Event] = {}
-        self._queue: queue.SimpleQueue[list[Chunk]] = queue.SimpleQueue()
-        self._workers: list[threading.Thread] = []
-
-    def get(self, c: Chunk) -> bytes:
-        key = (c.pack, c.offset)
-        with self._lock:
-            data = self._data.get(key)
-            if data is not None:
-                self._data.move_to_end(key)
-                return data
-            pending = self._inflight.get(key)
-        if pending is not None:  # the read-ahead worker is on it: wait rather than redo it
-            pending.wait()
-            with self._lock:
-                data = self._data.get(key)
-            if data is not None:
-                return data
-        with self.store.read() as txn:
-            data = self.store._chunk_bytes(txn, c)
-        self._put(key, data)
-        return data
-
-    def _put(self, key: tuple[int, int], data: bytes) -> None:
-        with self._lock:
-            if key in self._data:
-                return
-            self._data[key] = data
-            self._bytes += len(data)
-            while self._bytes > self.limit and self._data:
-                _, old = self._data.popitem(last=False)
-                self._bytes -= len(old)
-
-    def prefetch(self, chunks: list[Chunk]) -> None:
-        """Queue ``chunks`` for the read-ahead worker (zstd releases the GIL while it works)."""
-        todo = []
-        with self._lock:
-            for c in chunks:
-                key = (c.pack, c.offset)
-                if key not in self._data and key not in self._inflight:
-                    self._inflight[key] = threading.Event()
-                    todo.append(c)
-        if not todo:
-            return
-        if not self._workers:
-            for _ in range(READ_AHEAD_WORKERS):
-                worker = threading.Thread(target=self._work, name="layerfs-readahead", daemon=True)
-                worker.start()
-                self._workers.append(worker)
-        for c in todo:  # one chunk a task, so the workers share a read-ahead window
-            self._queue.put([c])
-
-    def _work(self) -> None:
-        """Long-lived workers: a thread per read-ahead cost more than it saved."""
-        while True:
-            chunks = self._queue.get()
-            for c in chunks:
-                key = (c.pack, c.offset)
-                try:
-                    with self.store.read() as txn:
-                        self._put(key, self.store._chunk_bytes(txn, c))
-                except Exception:  # noqa: BLE001 - read-ahead is a hint; the real read reports errors
-                    pass
-                finally:
-                    with self._lock:
-                        done = self._inflight.pop(key, None)
-                    if done is not None:
-                        done.set()
 
 
 class UnionView:
@@ -194,7 +107,7 @@ class UnionView:
         self.work = os.fsencode(work) if work else None
         if self.upper is not None and self.work is None:
             raise ValueError("a writable view needs a work directory on the upper filesystem")
-        self.cache = ChunkCache(store) if store is not None else None
+        self.objects = ObjectReader(store) if store is not None else None
         self._handles: dict[int, _LowerFile | _UpperFile] = {}
         self._path_files: dict[bytes, _LowerFile | _UpperFile] = {}  # read_path's recent files
         self._looked_up: dict[bytes, Node] = {}  # read-only: files just stat'ed, for read_path
@@ -532,15 +445,14 @@ class UnionView:
             raise _err(errno.EISDIR)
         if r.host is not None:  # a directory-backed lower layer: read the host file
             return _UpperFile(os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW))
-        chunks: list[Chunk] = []
+        obj = None
         if r.content is not None:
-            assert self.store is not None
-            with self.store.read() as txn:
-                rec = txn.get(r.content, db=self.store.db("objects"))
-                if rec is None:
-                    raise _err(errno.EIO)
-                chunks = decode_object(rec)[1]
-        return _LowerFile(r.content, r.size, chunks, r, path)
+            assert self.objects is not None
+            try:
+                obj = self.objects.open(r.content)
+            except StoreError:
+                raise _err(errno.EIO) from None
+        return _LowerFile(obj, r, path)
 
     def _new_handle(self, h: _LowerFile | _UpperFile) -> int:
         fh = self._next_fh
@@ -555,34 +467,21 @@ class UnionView:
         return self._read_lower(h, size, offset)
 
     def _read_lower(self, h: _LowerFile, size: int, offset: int) -> bytes:
-        end = min(offset + size, h.size)
-        if offset >= end:
+        if h.obj is None:
             return b""
-        # chunks are CHUNK_SIZE except the last, so the chunk index is a division
-        csize = h.chunks[0].raw if h.chunks else 1
-        first, last = offset // csize, (end - 1) // csize
-        out = []
-        cache = self.cache
-        assert cache is not None
-        for i in range(first, last + 1):
-            try:
-                data = cache.get(h.chunks[i])
-            except CorruptionError as exc:  # EIO for the reader, and where it is for the log
-                if h.content not in self._reported:
-                    self._reported.add(h.content)
-                    print(
-                        f"layerfs: damaged data in {self.label} at /{h.path.decode(errors='replace')} "
-                        f"(object {(h.content or b'').hex()}): reads of it give EIO; run layerfs verify ({exc})",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                raise _err(errno.EIO) from None
-            base = i * csize
-            out.append(data[max(0, offset - base) : end - base])
-        if offset == h.last_end and last + 1 < len(h.chunks):
-            cache.prefetch(h.chunks[last + 1 : last + 1 + READ_AHEAD])
-        h.last_end = end
-        return out[0] if len(out) == 1 else b"".join(out)
+        assert self.objects is not None
+        try:
+            return self.objects.read(h.obj, offset, size)
+        except CorruptionError as exc:  # EIO for the reader, and where it is for the log
+            if h.obj.sha not in self._reported:
+                self._reported.add(h.obj.sha)
+                print(
+                    f"layerfs: damaged data in {self.label} at /{h.path.decode(errors='replace')} "
+                    f"(object {h.obj.sha.hex()}): reads of it give EIO; run layerfs verify ({exc})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise _err(errno.EIO) from None
 
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 from unionutil import force_unmount, fuse_unavailable, kernel_overlay, mounted, overlay_unavailable
@@ -28,6 +29,7 @@ from unionutil import force_unmount, fuse_unavailable, kernel_overlay, mounted, 
 pytestmark = pytest.mark.usefixtures("fuse_core")
 
 HELPER = [sys.executable, "-m", "layerfs.overlay"]
+T = TypeVar("T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -196,6 +198,23 @@ def test_fstat_of_a_directory_renamed_over(dirs: Dirs, fuse_core: str) -> None:
             os.close(fd)
 
 
+def ours_and_the_kernels(
+    dirs: Dirs, tmp_path, fuse_core: str, results: Callable[[str], T], twin_lacks: str
+) -> tuple[T, T]:
+    """``results`` of the mount root on layerfs-overlay and on the kernel overlay of the same
+    lower directory (skipped on the twin, which lacks ``twin_lacks``, or without the kernel's)."""
+    if fuse_core == "python":
+        pytest.skip(f"the high-level twin {twin_lacks}")
+    if overlay_unavailable(str(tmp_path)):
+        pytest.skip(overlay_unavailable(str(tmp_path)))
+    with overlay(dirs) as mnt:
+        ours = results(mnt)
+    k = tmp_path / "k"
+    with kernel_overlay([dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt")) as mnt:
+        theirs = results(mnt)
+    return ours, theirs
+
+
 def _fallocate(path: str, mode: int, offset: int, length: int) -> int:
     fd = os.open(path, os.O_RDWR)
     try:
@@ -227,15 +246,9 @@ def _fallocate_results(root: str) -> list[tuple[str, int, int, bytes]]:
 def test_fallocate_modes_match_the_kernel(dirs: Dirs, tmp_path, fuse_core: str) -> None:
     """Punch hole, zero range and keep size as the kernel overlay does them (EOPNOTSUPP before).
     Collapse and insert range are refused by the kernel's FUSE module itself, for every server."""
-    if fuse_core == "python":
-        pytest.skip("the high-level twin passes only mode 0 on (os.posix_fallocate)")
-    if overlay_unavailable(str(tmp_path)):
-        pytest.skip(overlay_unavailable(str(tmp_path)))
-    with overlay(dirs) as mnt:
-        ours = _fallocate_results(mnt)
-    k = tmp_path / "k"
-    with kernel_overlay([dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt")) as mnt:
-        theirs = _fallocate_results(mnt)
+    ours, theirs = ours_and_the_kernels(
+        dirs, tmp_path, fuse_core, _fallocate_results, "passes only mode 0 on (os.posix_fallocate)"
+    )
     assert ours == theirs
     assert all(err == 0 for _, err, _, _ in ours)
 
@@ -461,15 +474,13 @@ def test_default_and_access_acls_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: 
     """A directory's default ACL is inherited by what is made in it (the umask not counting
     then), and access ACLs are enforced, as the kernel overlay does (the mode bits alone and
     the caller's umask decided before)."""
-    if fuse_core == "python":
-        pytest.skip("the high-level twin (libfuse 3.14 through mfusepy) does not negotiate POSIX ACLs")
-    if overlay_unavailable(str(tmp_path)):
-        pytest.skip(overlay_unavailable(str(tmp_path)))
-    with overlay(dirs) as mnt:
-        ours = _acl_results(mnt)
-    k = tmp_path / "k"
-    with kernel_overlay([dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt")) as mnt:
-        theirs = _acl_results(mnt)
+    ours, theirs = ours_and_the_kernels(
+        dirs,
+        tmp_path,
+        fuse_core,
+        _acl_results,
+        "(libfuse 3.14 through mfusepy) does not negotiate POSIX ACLs",
+    )
     assert ours == theirs
     assert theirs["read as 4242"] == (0, "for 4242") and theirs["read as 4343"][0] != 0
     assert "user:4242:rwx" in str(theirs["dir/f"]) and "0o100660" in str(
@@ -514,14 +525,8 @@ def _tmpfile_results(root: str) -> list[object]:
 def test_o_tmpfile_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: str) -> None:
     """O_TMPFILE files: nameless, written, changed through the descriptor, then named with
     linkat (EOPNOTSUPP before)."""
-    if fuse_core == "python":
-        pytest.skip("the high-level twin (libfuse 3.14 through mfusepy) has no tmpfile call")
-    if overlay_unavailable(str(tmp_path)):
-        pytest.skip(overlay_unavailable(str(tmp_path)))
-    with overlay(dirs) as mnt:
-        ours = _tmpfile_results(mnt)
-    k = tmp_path / "k"
-    with kernel_overlay([dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt")) as mnt:
-        theirs = _tmpfile_results(mnt)
+    ours, theirs = ours_and_the_kernels(
+        dirs, tmp_path, fuse_core, _tmpfile_results, "(libfuse 3.14 through mfusepy) has no tmpfile call"
+    )
     assert ours == theirs
     assert theirs[4:] == [1, "0o100600", True, b"made", "ENOENT", ["dir", "file"]]

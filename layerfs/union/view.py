@@ -529,6 +529,10 @@ class UnionView:
         gid = self._new_gid(path, gid)
         bits = self._new_mode(path, mode, umask)
         fd = os.open(self._up(path), flags | os.O_CREAT | os.O_NOFOLLOW, mode & 0o7777)
+        return self._new_file(fd, uid, gid, bits)
+
+    def _new_file(self, fd: int, uid: int, gid: int, bits: int | None) -> int:
+        """A handle of the file just made on ``fd``, given its owner and (``bits``) its mode."""
         try:
             os.fchown(fd, uid, gid)
             if bits is not None:
@@ -554,15 +558,7 @@ class UnionView:
         bits = self._new_mode(inside, mode, umask)
         flags = flags & _HOST_FLAGS & ~(os.O_CREAT | os.O_TRUNC) | os.O_TMPFILE
         fd = os.open(self._up(dir_path), flags, mode & 0o7777)
-        try:
-            os.fchown(fd, uid, gid)
-            if bits is not None:
-                os.fchmod(fd, bits)
-            self._new_ino(os.fstat(fd))
-        except OSError:
-            os.close(fd)
-            raise
-        return self._new_handle(_UpperFile(fd))
+        return self._new_file(fd, uid, gid, bits)
 
     def link_open(self, fh: int, new: bytes) -> None:
         """Name an open upper file that has none (made with O_TMPFILE): linkat through its

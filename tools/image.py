@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerfs.progress import byte_bar
 from layerfs.store import Entry, Store, StoreError, WriteSession, collect
 from layerfs.store import entries as E
 from layerfs.store.records import ImageRecord, LayerRecord
@@ -171,7 +171,7 @@ def _import_one(
     # a layer stored before skeletons existed is read again, to gain its exact bytes
     todo = [i for i, d in enumerate(diff_ids) if _without_skeleton(store.get_layer(_raw(d)))]
     total = sum(max(d.size, 0) for d in layer_descs)  # known layers are read to be checked
-    bar = _progress_bar(total, progress)
+    bar = byte_bar(total, "importing", enabled=progress)
     result = ImportResult(image_id, names, platform=ref.platform or cfg_platform, layer_ids=diff_ids)
     session = store.session("import")
     try:
@@ -363,23 +363,6 @@ def _docker_manifest(config: bytes, layers: list[Descriptor]) -> bytes:
         "layers": [{"mediaType": MT_DOCKER_LAYER, "size": d.size, "digest": d.digest} for d in layers],
     }
     return json.dumps(manifest, indent=3).encode()
-
-
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled or total <= 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="importing",
-        file=sys.stderr,
-        leave=False,
-        disable=not sys.stderr.isatty(),
-    )
 
 
 __all__ = ["ImportError_", "ImportResult", "import_path", "store_image", "store_layer"]

@@ -305,19 +305,33 @@ class Source:
         if len(candidates) == 1 and platform is None:
             only = candidates[0]
             return ImageRef(only, names, platform_string(only.platform))
-        want = platform or host_platform()
-        ranked = [
-            (rank, i, c)
-            for i, c in enumerate(candidates)
-            if c.platform and (rank := platform_rank(want, platform_string(c.platform))) is not None
-        ]
-        if ranked:
-            best = min(ranked, key=lambda r: r[:2])[2]
-            return ImageRef(best, names, platform_string(best.platform))
-        if len(candidates) == 1 and not candidates[0].platform:
-            return ImageRef(candidates[0], names, "")  # platform checked against the config later
-        have = ", ".join(sorted(platform_string(c.platform) or "unknown" for c in candidates))
-        raise SourceError(f"no image for platform {want} in {self.name} (it has: {have}); use --platform")
+        best = choose_platform(candidates, platform)
+        if best is None:
+            raise SourceError(no_platform(candidates, platform, self.name))
+        return ImageRef(best, names, platform_string(best.platform))  # none: checked on the config
+
+
+def choose_platform(candidates: list[Descriptor], platform: str | None) -> Descriptor | None:
+    """The manifest for ``platform`` (the host's by default) among an index's, as docker picks
+    it: the best platform match, the first in the index among equals; else a lone manifest that
+    names no platform (its config says); None if nothing fits."""
+    want = platform or host_platform()
+    ranked = [
+        (rank, i, c)
+        for i, c in enumerate(candidates)
+        if c.platform and (rank := platform_rank(want, platform_string(c.platform))) is not None
+    ]
+    if ranked:
+        return min(ranked, key=lambda r: r[:2])[2]
+    if len(candidates) == 1 and not candidates[0].platform:
+        return candidates[0]
+    return None
+
+
+def no_platform(candidates: list[Descriptor], platform: str | None, where: str) -> str:
+    """The one line for an index ``choose_platform`` found nothing in."""
+    have = ", ".join(sorted(platform_string(c.platform) or "unknown" for c in candidates)) or "nothing"
+    return f"no image for platform {platform or host_platform()} in {where} (it has: {have}); use --platform"
 
 
 def _is_attestation(d: Descriptor) -> bool:

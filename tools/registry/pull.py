@@ -25,12 +25,12 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
+from layerfs.progress import byte_bar
 from layerfs.store import Entry, Store, StoreError, blobsources, collect
 from layerfs.tools.image import ImportError_, _check_layer, _LowerView, _raw, store_image, store_layer
 from layerfs.tools.layer import LayerError, import_layer
@@ -44,9 +44,9 @@ from layerfs.tools.sources import (
     Descriptor,
     SourceError,
     _is_attestation,
-    host_platform,
+    choose_platform,
+    no_platform,
     platform_matches,
-    platform_rank,
     platform_string,
 )
 
@@ -124,18 +124,10 @@ def _pick(reg: Registry, ref: Reference, index: Any, platform: str | None, depth
             with contextlib.suppress(PullError):
                 return _pick(reg, ref, _json(body, f"index {n.digest}"), platform, 1)
     candidates = [c for c in candidates if c.media_type not in INDEX_TYPES]
-    want = platform or host_platform()
-    ranked = [
-        (rank, i, c)
-        for i, c in enumerate(candidates)
-        if c.platform and (rank := platform_rank(want, platform_string(c.platform))) is not None
-    ]
-    if ranked:
-        return min(ranked, key=lambda r: r[:2])[2]
-    if len(candidates) == 1 and not candidates[0].platform:
-        return candidates[0]
-    have = ", ".join(sorted(platform_string(c.platform) or "unknown" for c in candidates)) or "nothing"
-    raise PullError(f"no image for platform {want} in {ref} (it has: {have}); use --platform")
+    best = choose_platform(candidates, platform)
+    if best is None:
+        raise PullError(no_platform(candidates, platform, str(ref)))
+    return best
 
 
 def resolve(reg: Registry, ref: Reference, platform: str | None) -> _Resolved:
@@ -439,37 +431,15 @@ class _Progress:
         self._bars: dict[int, Any] = {}
         self._total: Any = None
         self._lock = threading.Lock()
-        if not enabled or not layers or not sys.stderr.isatty():
-            return
-        from tqdm import tqdm
-
-        self._tqdm = tqdm
-        total = sum(x.desc.size for x in layers)
-        self._total = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="total",
-            file=sys.stderr,
-            position=0,
-            leave=False,
-        )
+        self._total = byte_bar(sum(x.desc.size for x in layers), "total", enabled=enabled, position=0)
         self._positions = {x.index: n + 1 for n, x in enumerate(layers)}
 
     def start(self, layer: _Layer) -> None:
         if self._total is None:
             return
         with self._lock:
-            self._bars[layer.index] = self._tqdm(
-                total=layer.desc.size,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=layer.desc.digest[7:19],
-                file=sys.stderr,
-                position=self._positions[layer.index],
-                leave=False,
+            self._bars[layer.index] = byte_bar(
+                layer.desc.size, layer.desc.digest[7:19], position=self._positions[layer.index]
             )
 
     def update(self, layer: _Layer, n: int) -> None:
@@ -492,7 +462,8 @@ class _Progress:
     def close(self) -> None:
         with self._lock:
             for bar in self._bars.values():
-                bar.close()
+                if bar is not None:
+                    bar.close()
             if self._total is not None:
                 self._total.close()
             self._bars.clear()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import IO, Any
 
 import zstandard
 
+from layerfs.progress import byte_bar
 from layerfs.store import Store, StoreError, blobsources
 from layerfs.store.records import ImageRecord
 from layerfs.tools import refs
@@ -159,7 +159,7 @@ def _push(
     config, layers = exp.config, exp.layers
     docker = rec.manifest_media_type == MT_DOCKER_MANIFEST and compression != "zstd"
     result = PushResult(config.digest, str(ref), "", 0)
-    bar = _bar(sum(b.size for b in layers), show)
+    bar = byte_bar(sum(b.size for b in layers), "pushing", enabled=show)
     pushed: dict[str, dict[str, Any]] = {}
     try:
         for blob, layer_id in zip(layers, layer_ids):
@@ -285,22 +285,6 @@ def _manifest(
         "layers": layers,
     }
     return json.dumps(manifest, indent=3).encode(), media_type
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    if not enabled or total <= 0 or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="pushing",
-        file=sys.stderr,
-        leave=False,
-    )
 
 
 __all__ = ["COMPRESSIONS", "PushError", "PushResult", "compressed", "push"]

@@ -1370,6 +1370,19 @@ static int read_here(Session *s, uint64_t unique, struct handle *h, const struct
     return 0;
 }
 
+/* WRITE of an upper file's host descriptor (the data follows `in`).  No Python: callable
+ * without the GIL. */
+static void write_here(Session *s, uint64_t unique, struct handle *h, const struct fuse_write_in *in)
+{
+    ssize_t n = pwrite(h->fd, in + 1, in->size, (off_t)in->offset);
+    if (n < 0) {
+        reply_err(s, unique, errno);
+        return;
+    }
+    struct fuse_write_out o = {.size = (uint32_t)n};
+    reply(s, unique, 0, &o, sizeof(o));
+}
+
 static void do_read(Session *s, uint64_t unique, uint64_t id, const struct fuse_read_in *in)
 {
     struct handle *h = (struct handle *)(uintptr_t)in->fh;
@@ -1953,13 +1966,7 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         struct handle *h = (struct handle *)(uintptr_t)in->fh;
         if (blen - sizeof(*in) < in->size || !h || !h->pyfh || h->fd < 0)
             return 0;
-        ssize_t got = pwrite(h->fd, in + 1, in->size, (off_t)in->offset);
-        if (got < 0) {
-            reply_err(s, u, errno);
-        } else {
-            struct fuse_write_out o = {.size = (uint32_t)got};
-            reply(s, u, 0, &o, sizeof(o));
-        }
+        write_here(s, u, h, in);
         return 1;
     }
     case FUSE_OPEN: {
@@ -2263,16 +2270,9 @@ static void dispatch(Session *s, const char *req, size_t n)
             return;
         }
         if (h->fd >= 0) { /* an upper file: written here, without the GIL */
-            ssize_t n;
             Py_BEGIN_ALLOW_THREADS
-            n = pwrite(h->fd, in + 1, in->size, (off_t)in->offset);
+            write_here(s, u, h, in);
             Py_END_ALLOW_THREADS
-            if (n < 0) {
-                reply_err(s, u, errno);
-                return;
-            }
-            struct fuse_write_out o = {.size = (uint32_t)n};
-            reply(s, u, 0, &o, sizeof(o));
             return;
         }
         PyObject *data = PyMemoryView_FromMemory((char *)(in + 1), in->size, PyBUF_READ);

@@ -27,6 +27,7 @@ from unionutil import (
     HARDLINKS,
     SNAP_XATTR_PREFIXES,
     Ops,
+    _type,
     assert_same,
     assert_same_steps,
     extract_layers,
@@ -275,21 +276,6 @@ class ViewOps(Ops):
             self.note(f"ls {rel or '/'}", names)
         except OSError as exc:
             self.note(f"ls {rel or '/'}", errno.errorcode.get(exc.errno or 0))
-
-
-def _type(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "dir"),
-        (stat.S_ISREG, "file"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISCHR, "chr"),
-        (stat.S_ISBLK, "blk"),
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISSOCK, "sock"),
-    ):
-        if test(mode):
-            return name
-    raise ValueError(oct(mode))
 
 
 def view_snapshot(o: ViewOps) -> dict[str, Any]:

@@ -55,6 +55,7 @@
 #define PT_INIT_EXT (1u << 30)
 #define PT_FLAG2 (1u << 5) /* FUSE_PASSTHROUGH >> 32 */
 #define PT_FOPEN (1u << 7) /* FOPEN_PASSTHROUGH */
+#define NO_EXPORT_FLAG2 (1u << 6) /* FUSE_NO_EXPORT_SUPPORT >> 32 (kernel 6.10, protocol 7.40) */
 struct pt_backing_map {
     int32_t fd;
     uint32_t flags;
@@ -93,6 +94,9 @@ struct node {
     /* passthrough: the kernel takes one backing file per inode at a time (a second one is
      * EBUSY), so every passthrough open of a node shares the first one's backing */
     uint64_t pt_opens;
+    /* passthrough opens for reading and writing: a shared writable mapping changes the host
+     * file (and its times) with no request, so its attributes are not cached meanwhile */
+    uint64_t pt_rdwr;
     int backing_id;
     int backing_mode;           /* O_RDONLY, O_WRONLY or O_RDWR */
     int backing_copy;           /* the backing is a file cache copy (else an upper file) */
@@ -372,6 +376,7 @@ struct handle {
     PyObject *pyfh;             /* the ops object's handle (None for C-only handles) */
     int fd;                     /* a host descriptor read and written here, or -1 */
     int passthrough;            /* the kernel reads and writes its node's backing (counted) */
+    int counted_rdwr;           /* ... opened O_RDWR: counted in its node's pt_rdwr */
     int owns_fd;                /* fd is ours to close (a file cache copy), not the view's */
     int want_copy;              /* at RELEASE, have the file cache fill copy_id */
     unsigned char copy_id[32];
@@ -411,6 +416,7 @@ typedef struct Session {
     struct pathbuf pb, pb2;
     char *buf;
     int passthrough;            /* the kernel took FUSE_PASSTHROUGH at INIT */
+    int setxattr_ext;           /* ... and FUSE_SETXATTR_EXT: SETXATTR carries setxattr_flags */
     int try_passthrough;        /* offer it (writable mounts of a privileged daemon) */
     char label[256];            /* the image, for messages */
     uint64_t generation;
@@ -537,13 +543,26 @@ static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, int *lower)
     return 0;
 }
 
+/* How long the kernel may keep a node's attributes: the mount's timeout, but not at all while a
+ * passthrough O_RDWR open may have a shared mapping, whose writes change the host file's times
+ * with no request (the kernel overlay's stat reads the host inode each time). */
+static double attr_timeout_of(Session *s, uint64_t id)
+{
+    if (s->passthrough) {
+        struct node *n = node_get(&s->t, id);
+        if (n && n->pt_rdwr)
+            return 0;
+    }
+    return s->attr_timeout;
+}
+
 static void fill_entry(Session *s, struct fuse_entry_out *e, const struct fuse_attr *a)
 {
     memset(e, 0, sizeof(*e));
     e->nodeid = a->ino;
     e->generation = s->generation;
     split_timeout(s->entry_timeout, &e->entry_valid, &e->entry_valid_nsec);
-    split_timeout(s->attr_timeout, &e->attr_valid, &e->attr_valid_nsec);
+    split_timeout(attr_timeout_of(s, a->ino), &e->attr_valid, &e->attr_valid_nsec);
     e->attr = *a;
 }
 
@@ -717,7 +736,7 @@ static void reply_attr(Session *s, uint64_t unique, uint64_t id, PyObject *res)
         n->has_attr = 1;
         n->lower = lower && s->lower_reader;
     }
-    split_timeout(s->attr_timeout, &o.attr_valid, &o.attr_valid_nsec);
+    split_timeout(attr_timeout_of(s, id), &o.attr_valid, &o.attr_valid_nsec);
     reply(s, unique, 0, &o, sizeof(o));
 }
 
@@ -960,6 +979,35 @@ static void do_rename(Session *s, uint64_t unique, uint64_t olddir, const char *
  * not one (EINVAL): later opens share the first one's backing, which for upper files is opened
  * read-write for that; the rare open that cannot share it gets ETXTBSY, as a write to a running
  * program does.  It refuses passthrough while an inode has page-cache opens, so those count. */
+/* Tell the kernel to drop what it caches of a node's attributes (FUSE_NOTIFY_INVAL_INODE with
+ * offset -1: its pages stay).  Safe while a request of that node waits for its reply: the kernel
+ * takes no lock of the inode for it. */
+static void notify_inval_attr(Session *s, uint64_t id)
+{
+    struct {
+        struct fuse_out_header h;
+        struct fuse_notify_inval_inode_out o;
+    } msg = {
+        .h = {.len = sizeof(msg), .error = FUSE_NOTIFY_INVAL_INODE, .unique = 0},
+        .o = {.ino = id, .off = -1, .len = 0},
+    };
+    if (write(s->fd, &msg, sizeof(msg)) < 0 && s->debug)
+        fprintf(stderr, "layerfs: invalidating inode %llu: %s\n", (unsigned long long)id, strerror(errno));
+}
+
+/* A passthrough open of `n`: an O_RDWR one may map the file shared and write it unseen, so from
+ * the first such open on, attributes are not cached (attr_timeout_of), nor kept from before. */
+static void count_passthrough(Session *s, struct handle *h, struct node *n, uint32_t flags)
+{
+    n->pt_opens++;
+    h->passthrough = 1;
+    if ((flags & O_ACCMODE) == O_RDWR) {
+        h->counted_rdwr = 1;
+        if (n->pt_rdwr++ == 0)
+            notify_inval_attr(s, n->id);
+    }
+}
+
 static int open_mode(Session *s, struct handle *h, struct node *n, uint32_t flags, uint32_t *backing_id)
 {
     int mode = (int)(flags & O_ACCMODE);
@@ -967,8 +1015,7 @@ static int open_mode(Session *s, struct handle *h, struct node *n, uint32_t flag
         /* a reader may share a copy's backing even once the file is copied up: its contents
          * cannot have changed (copy_busy) */
         if (n->backing_mode == O_RDWR || n->backing_mode == mode) {
-            n->pt_opens++;
-            h->passthrough = 1;
+            count_passthrough(s, h, n, flags);
             *backing_id = (uint32_t)n->backing_id;
             return PT_FOPEN;
         }
@@ -993,8 +1040,7 @@ static int open_mode(Session *s, struct handle *h, struct node *n, uint32_t flag
             n->backing_id = id;
             n->backing_mode = mode;
             n->backing_copy = h->owns_fd;
-            n->pt_opens = 1;
-            h->passthrough = 1;
+            count_passthrough(s, h, n, flags);
             *backing_id = (uint32_t)id;
             return PT_FOPEN;
         }
@@ -1234,6 +1280,8 @@ static void handle_close(Session *s, struct handle *h, int dir)
         struct node *n = node_get(&s->t, h->node);
         if (n && n->anon == h)
             n->anon = NULL;
+        if (n && h->counted_rdwr && n->pt_rdwr)
+            n->pt_rdwr--;
         if (n && h->passthrough && n->pt_opens && --n->pt_opens == 0) {
             uint32_t id = (uint32_t)n->backing_id;
             ioctl(s->fd, PT_BACKING_CLOSE, &id);
@@ -2078,22 +2126,34 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
         reply(s, ih->unique, 0, &o, 8);
         return;
     }
+    /* No NFS export: a file handle outlives its node here (FORGET frees it), so decoding one once
+     * the kernel dropped the inode gives ESTALE.  FUSE_NO_EXPORT_SUPPORT (below) makes
+     * name_to_handle_at say EOPNOTSUPP instead, as the kernel overlay does by default
+     * (nfs_export=off); fanotify's handles (AT_HANDLE_FID) still work. */
     uint32_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES |
-                    FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_EXPORT_SUPPORT | FUSE_PARALLEL_DIROPS;
+                    FUSE_CACHE_SYMLINKS | FUSE_ATOMIC_O_TRUNC | FUSE_PARALLEL_DIROPS;
     /* POSIX ACLs: the kernel checks access ACLs (read as xattrs, cached per inode) as the kernel
      * overlay does; on writable mounts new objects come with their mode unmasked and the umask
      * beside it, so that the view can let a parent's default ACL decide (UnionView._new_mode) */
     want |= FUSE_POSIX_ACL | (s->writable ? FUSE_DONT_MASK : 0);
+    /* SETXATTR_EXT: the kernel says when setting an access ACL must clear S_ISGID (the caller is
+     * not in the file's group); this daemon's own setxattr, as root, would keep it */
+    want |= FUSE_SETXATTR_EXT;
     o.flags = in->flags & want;
+    s->setxattr_ext = (o.flags & FUSE_SETXATTR_EXT) != 0;
+    int ext = (in->flags & PT_INIT_EXT) && blen >= sizeof(*in);
+    if (ext && (in->flags2 & NO_EXPORT_FLAG2)) {
+        o.flags |= PT_INIT_EXT;
+        o.flags2 |= NO_EXPORT_FLAG2;
+    }
     /* passthrough: reads and writes of upper files go from the kernel to the host file without
      * a round trip.  Writable mounts only (read-only ones read the store); the ioctl that names a
      * backing file needs CAP_SYS_ADMIN, so unprivileged daemons do without.  Stack depth 1: the
      * upper directory sits on a plain file system, and this mount can still be a lower of one
      * overlay. */
-    if (s->writable && s->try_passthrough && (in->flags & PT_INIT_EXT) && blen >= sizeof(*in) &&
-        (in->flags2 & PT_FLAG2)) {
+    if (s->writable && s->try_passthrough && ext && (in->flags2 & PT_FLAG2)) {
         o.flags |= PT_INIT_EXT;
-        o.flags2 = PT_FLAG2;
+        o.flags2 |= PT_FLAG2;
         o.unused[0] = 1; /* max_stack_depth, a field of protocol 7.40 */
         o.minor = 40;
         s->passthrough = 1;
@@ -2107,6 +2167,43 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
     o.congestion_threshold = 48;
     o.time_gran = 1;
     reply(s, ih->unique, 0, &o, sizeof(o));
+}
+
+/* What a change of an upper file's contents by the caller of request `ih` does to its set-id
+ * bits, as the kernel's own file systems do (file_remove_privs): S_ISUID goes, and S_ISGID with
+ * group execute or when the caller is not in the file's group, unless the caller has
+ * CAP_FSETID.  The daemon's own fallocate on the host file would keep them (it has the
+ * capability); the kernel leaves this to the server for FALLOCATE.  The caller's capabilities
+ * and groups are read from /proc (rare: only for files with set-id bits). */
+static void drop_setid_for_caller(int fd, const struct fuse_in_header *ih)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || !(st.st_mode & (S_ISUID | S_ISGID)))
+        return;
+    int capable = ih->uid == 0, in_group = ih->gid == st.st_gid;
+    char path[64], line[4096];
+    snprintf(path, sizeof(path), "/proc/%u/status", ih->pid);
+    FILE *f = ih->pid ? fopen(path, "re") : NULL;
+    while (f && fgets(line, sizeof(line), f)) {
+        if (!strncmp(line, "CapEff:", 7)) {
+            capable = (strtoull(line + 7, NULL, 16) >> 4) & 1; /* CAP_FSETID */
+        } else if (!strncmp(line, "Groups:", 7)) {
+            char *q = line + 7, *end;
+            for (unsigned long g = strtoul(q, &end, 10); end != q; g = strtoul(q, &end, 10)) {
+                in_group |= g == st.st_gid;
+                q = end;
+            }
+        }
+    }
+    if (f)
+        fclose(f);
+    if (capable)
+        return;
+    mode_t kill = st.st_mode & S_ISUID;
+    if ((st.st_mode & S_ISGID) && ((st.st_mode & S_IXGRP) || !in_group))
+        kill |= S_ISGID;
+    if (kill)
+        (void)fchmod(fd, (st.st_mode & 07777) & ~kill);
 }
 
 static void dispatch(Session *s, const char *req, size_t n)
@@ -2325,6 +2422,7 @@ static void dispatch(Session *s, const char *req, size_t n)
         if (h->fd >= 0) { /* every mode the upper file system has (punch hole, zero range, ...) */
             int r;
             Py_BEGIN_ALLOW_THREADS
+            drop_setid_for_caller(h->fd, ih);
             r = fallocate(h->fd, (int)in->mode, (off_t)in->offset, (off_t)in->length);
             Py_END_ALLOW_THREADS
             reply_err(s, u, r < 0 ? errno : 0);
@@ -2355,10 +2453,12 @@ static void dispatch(Session *s, const char *req, size_t n)
         do_getxattr(s, u, id, NULL, ((const struct fuse_getxattr_in *)body)->size, 1);
         return;
     case FUSE_SETXATTR: {
-        NEED(FUSE_COMPAT_SETXATTR_IN_SIZE);
+        size_t head = s->setxattr_ext ? sizeof(struct fuse_setxattr_in) : FUSE_COMPAT_SETXATTR_IN_SIZE;
+        NEED(head);
         const struct fuse_setxattr_in *in = (const struct fuse_setxattr_in *)body;
-        p += FUSE_COMPAT_SETXATTR_IN_SIZE;
-        left -= FUSE_COMPAT_SETXATTR_IN_SIZE;
+        int kill_sgid = s->setxattr_ext && (in->setxattr_flags & FUSE_SETXATTR_ACL_KILL_SGID);
+        p += head;
+        left -= head;
         if (!(name = take_name(&p, &left, &len)) || left < in->size)
             break;
         PyObject *path = path_or_reply(s, u, id);
@@ -2369,8 +2469,8 @@ static void dispatch(Session *s, const char *req, size_t n)
             xn->no_caps = 0;
         unmark_lower(s, id);
         call_simple(s, u,
-                    PyObject_CallMethod(s->ops, "setxattr", "Oy#y#I", path, name, (Py_ssize_t)len, p,
-                                        (Py_ssize_t)in->size, in->flags));
+                    PyObject_CallMethod(s->ops, "setxattr", "Oy#y#Ii", path, name, (Py_ssize_t)len, p,
+                                        (Py_ssize_t)in->size, in->flags, kill_sgid));
         Py_DECREF(path);
         return;
     }

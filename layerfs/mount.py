@@ -30,6 +30,7 @@ from typing import Any
 import lmdb
 
 from layerfs import hosttree, procfs
+from layerfs.privmount import atime_attr, private_paths
 from layerfs.store import Store, StoreError
 from layerfs.store.store import chain_id
 from layerfs.union.index import ChainIndex, build, index_ready
@@ -322,7 +323,10 @@ def _serve(
     lower: Lower = image_layer
     if spec.lower_dirs:  # host directories stacked above the image, leftmost on top
         lower = Stack([*(DirLayer(d, i) for i, d in enumerate(spec.lower_dirs)), image_layer])
-    view = UnionView(store, lower, spec.upper, spec.work)
+    upper, work = spec.upper, spec.work
+    if upper is not None and work is not None:  # under the mount's atime rule (privmount.py)
+        (upper, work), _ = private_paths([upper, work], atime_attr(spec.mount_options))
+    view = UnionView(store, lower, upper, work)
     view.label = f"image {spec.name or spec.image_id.hex()[:12]}"
 
     def ready() -> None:

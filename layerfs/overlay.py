@@ -143,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(ready: Callable[[], None]) -> None:
             from layerfs.fuse import serve
+            from layerfs.privmount import atime_attr, private_paths
             from layerfs.union.view import UnionView
 
-            view = UnionView(
-                None,
-                Stack([DirLayer(d, i) for i, d in enumerate(lower_dirs)]),
-                writable_upper,
-                abs_work if writable_upper else None,
-            )
+            # the upper directory under the mount's atime rule (layerfs/privmount.py)
+            up, wk = writable_upper, abs_work if writable_upper else None
+            if up is not None and wk is not None:
+                (up, wk), _ = private_paths([up, wk], atime_attr(flags))
+            view = UnionView(None, Stack([DirLayer(d, i) for i, d in enumerate(lower_dirs)]), up, wk)
             serve(
                 view,
                 mountpoint,

@@ -530,3 +530,160 @@ def test_o_tmpfile_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: str) -> None:
     )
     assert ours == theirs
     assert theirs[4:] == [1, "0o100600", True, b"made", "ENOENT", ["dir", "file"]]
+
+
+def _mmap_write_times(root: str) -> list[bool]:
+    """Whether stat sees new times after a write through a shared mapping, then after msync."""
+    import mmap
+
+    p = os.path.join(root, "mapped")
+    with open(p, "wb") as f:
+        f.write(b"\0" * 4096)
+    before = os.stat(p)
+    time.sleep(0.05)
+    with open(p, "r+b") as f, mmap.mmap(f.fileno(), 4096) as m:
+        before = os.fstat(f.fileno())  # (what the kernel caches, as xfs_io's mmap command does)
+        time.sleep(0.05)
+        m[:5] = b"hello"
+        after_write = os.stat(p)
+        m.flush()
+    after_sync = os.stat(p)
+    return [
+        after_write.st_mtime_ns > before.st_mtime_ns,
+        after_write.st_ctime_ns > before.st_ctime_ns,
+        after_sync.st_mtime_ns > before.st_mtime_ns,
+    ]
+
+
+def test_a_write_through_a_shared_mapping_updates_the_times(dirs: Dirs, tmp_path, fuse_core: str) -> None:
+    """xfstests generic/080 and 215: the kernel writes a passthrough file's mapping to the host
+    file with no request, so attributes the kernel cached before stayed (times went stale until
+    the cache timed out)."""
+    if fuse_core == "python":  # the page cache's: the times move when msync writes the pages
+        with overlay(dirs) as mnt:
+            assert _mmap_write_times(mnt) == [False, False, True]
+        return
+    ours, theirs = ours_and_the_kernels(dirs, tmp_path, fuse_core, _mmap_write_times, "")
+    assert ours == theirs == [True, True, True]
+
+
+def _as_user(uid: int, gid: int, cwd: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    # (run from inside the mount: the test's temporary directories above it are root's alone)
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+def _setgid_results(root: str) -> dict[str, str]:
+    """Set-id bits after an access ACL set by an owner outside the group (generic/375) and
+    after fallocate, punch hole and zero range by a user without CAP_FSETID (generic/683-685)."""
+    out: dict[str, str] = {}
+    for name, mkdir in (("sgfile", False), ("sgdir", True)):
+        p = os.path.join(root, name)
+        os.mkdir(p) if mkdir else open(p, "w").close()
+        os.chown(p, 4242, 4242)
+        os.chmod(p, 0o2755)
+        res = _as_user(4242, 4343, root, "setfacl", "-m", "u::rwx,g::rwx,o::rwx", name)
+        out[name] = f"{res.returncode} {oct(os.stat(p).st_mode)}"
+    falloc = (
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "sys.exit(0 if libc.fallocate(fd, int(sys.argv[2]), 4096, 4096) == 0 else ctypes.get_errno())\n"
+    )
+    for op, mode in (
+        ("alloc", 0),
+        ("punch", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE),
+        ("zero", FALLOC_FL_ZERO_RANGE),
+    ):
+        for bits in (0o6666, 0o6766):
+            p = os.path.join(root, f"{op}-{bits:o}")
+            with open(p, "wb") as f:
+                f.write(b"x" * 16384)
+            os.chmod(p, bits)
+            res = _as_user(4242, 4242, root, sys.executable, "-c", falloc, os.path.basename(p), str(mode))
+            out[p.rsplit("/", 1)[1]] = f"{res.returncode} {oct(os.stat(p).st_mode)}"
+    return out
+
+
+def test_set_id_bits_cleared_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: str) -> None:
+    """S_ISGID goes when an owner outside the file's group sets its access ACL, and S_ISUID
+    (S_ISGID too, as the group may not execute or the caller is outside it) when a user without
+    CAP_FSETID allocates, punches or zeroes a range: the daemon does those as root, which keeps
+    them, so it clears them as the kernel would have for the caller."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (files of another user)")
+    ours, theirs = ours_and_the_kernels(
+        dirs,
+        tmp_path,
+        fuse_core,
+        _setgid_results,
+        "(libfuse 3.14) passes neither the caller nor SETXATTR_EXT",
+    )
+    assert ours == theirs
+    assert theirs["sgfile"] == "0 0o100777" and theirs["alloc-6666"] == "0 0o100666"
+
+
+def _name_to_handle_errno(root: str) -> int:
+    class FileHandle(ctypes.Structure):
+        _fields_ = [
+            ("handle_bytes", ctypes.c_uint),
+            ("handle_type", ctypes.c_int),
+            ("f_handle", ctypes.c_char * 128),
+        ]
+
+    fh, mount_id = FileHandle(handle_bytes=128), ctypes.c_int()
+    p = os.path.join(root, "file")
+    r = _libc.name_to_handle_at(-100, os.fsencode(p), ctypes.byref(fh), ctypes.byref(mount_id), 0)
+    return 0 if r == 0 else ctypes.get_errno()
+
+
+def test_file_handles_are_refused_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: str) -> None:
+    """name_to_handle_at says EOPNOTSUPP, as the kernel overlay does without nfs_export: a
+    handle made here could not be opened once the kernel forgot its inode (ESTALE; xfstests
+    generic/426, 467, 477, 756, 777)."""
+    ours, theirs = ours_and_the_kernels(
+        dirs, tmp_path, fuse_core, _name_to_handle_errno, "(libfuse 3.14) predates FUSE_NO_EXPORT_SUPPORT"
+    )
+    assert ours == theirs == errno.EOPNOTSUPP
+
+
+def _atime_moves(root: str) -> dict[str, bool]:
+    """Whether a read moves the access time: one older than the mtime (relatime moves it),
+    and one newer than the mtime and the ctime, not a day old (only strictatime moves it)."""
+    out = {}
+    for name, atime in (("older", time.time() - 180), ("newer", time.time() + 60)):
+        p = os.path.join(root, name)
+        with open(p, "wb") as f:
+            f.write(b"data")
+        os.utime(p, (atime, time.time() - 120))
+        before = os.stat(p).st_atime
+        with open(p, "rb") as f:
+            f.read()
+        out[name] = os.stat(p).st_atime != before
+    return out
+
+
+@pytest.mark.parametrize("option", ["relatime", "noatime", "strictatime"])
+def test_atime_options_rule_reads_as_the_kernel(dirs: Dirs, tmp_path, fuse_core: str, option: str) -> None:
+    """noatime, relatime and strictatime decide what a read does to an upper file's access
+    time, as on the kernel overlay (xfstests generic/003, 120): the daemon reads through a
+    private mount of the upper directory with the union mount's atime rule (the host mount's
+    rule decided before)."""
+    if os.geteuid() != 0:
+        pytest.skip("a private mount needs CAP_SYS_ADMIN")
+    with overlay(dirs, option) as mnt:
+        ours = _atime_moves(mnt)
+    want = {"relatime": {"older": True, "newer": False}, "noatime": {"older": False, "newer": False}}
+    want["strictatime"] = {"older": True, "newer": True}
+    assert ours == want[option]
+    if not overlay_unavailable(str(tmp_path)):
+        k = tmp_path / "k"
+        with kernel_overlay(
+            [dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt"), extra=option
+        ) as mnt:
+            assert _atime_moves(mnt) == want[option]

@@ -380,7 +380,7 @@ def make_cli(store_path: str) -> Callable[..., Any]:
 # -- mounting -----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def kernel_overlay(
-    lowers: list[str], upper: str, work: str, mnt: str, *, index: bool = True
+    lowers: list[str], upper: str, work: str, mnt: str, *, index: bool = True, extra: str = ""
 ) -> Iterator[str]:
     """The kernel overlay of ``lowers`` (bottom first) with ``upper``, mounted on ``mnt``.
 
@@ -399,6 +399,7 @@ def kernel_overlay(
             "redirect_dir=on",
             "metacopy=off",
             "index=on" if index else "index=off",
+            *([extra] if extra else []),
         ]
     )
     res = subprocess.run(

@@ -269,8 +269,8 @@ class CoreOps:
     def rename(self, old: bytes, new: bytes, flags: int) -> None:
         self.view.rename(old, new, flags)
 
-    def setxattr(self, path: bytes, name: bytes, value: bytes, flags: int) -> None:
-        self.view.setxattr(path, name, value, flags)
+    def setxattr(self, path: bytes, name: bytes, value: bytes, flags: int, kill_sgid: int = 0) -> None:
+        self.view.setxattr(path, name, value, flags, kill_sgid=bool(kill_sgid))
 
     def removexattr(self, path: bytes, name: bytes) -> None:
         self.view.removexattr(path, name)

@@ -787,12 +787,21 @@ class UnionView:
         )
         os.utime(up, ns=ns, follow_symlinks=False)
 
-    def setxattr(self, path: bytes, name: bytes, value: bytes, flags: int) -> None:
+    def setxattr(
+        self, path: bytes, name: bytes, value: bytes, flags: int, *, kill_sgid: bool = False
+    ) -> None:
+        """``kill_sgid``: the caller, not in the file's group, set its access ACL, which clears
+        S_ISGID (the kernel's rule; this process may set it and keep the bit)."""
         self._need_rw()
         if name.startswith(PRIVATE_XATTR_PREFIXES):
             raise _err(errno.EPERM)
         self._copy_up(path)
-        os.setxattr(self._up(path), name, value, flags, follow_symlinks=False)
+        up = self._up(path)
+        os.setxattr(up, name, value, flags, follow_symlinks=False)
+        if kill_sgid:
+            mode = os.lstat(up).st_mode
+            if mode & stat.S_ISGID and not stat.S_ISLNK(mode):
+                os.chmod(up, stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def removexattr(self, path: bytes, name: bytes) -> None:
         self._need_rw()

@@ -322,7 +322,9 @@ def _serve(
     image_layer = ChainLayer(store, ChainIndex(store, chain))
     lower: Lower = image_layer
     if spec.lower_dirs:  # host directories stacked above the image, leftmost on top
-        lower = Stack([*(DirLayer(d, i) for i, d in enumerate(spec.lower_dirs)), image_layer])
+        lower = Stack(
+            [*(DirLayer(os.path.realpath(d), i) for i, d in enumerate(spec.lower_dirs)), image_layer]
+        )
     upper, work = spec.upper, spec.work
     if upper is not None and work is not None:  # under the mount's atime rule (privmount.py)
         (upper, work), _ = private_paths([upper, work], atime_attr(spec.mount_options))

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists("/dev/fuse"):
             raise MountError("/dev/fuse is missing: FUSE is not available on this machine")
         writable_upper = None if read_only else upper
-        lower_dirs = [os.path.abspath(d) for d in lowers]
+        lower_dirs = [os.path.realpath(d) for d in lowers]
         if read_only and upper is not None:
             # as the kernel: `ro` with an upper directory shows it, read-only, above the lowers
             lower_dirs.insert(0, os.path.abspath(upper))
@@ -143,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(ready: Callable[[], None]) -> None:
             from layerfs.fuse import serve
-            from layerfs.privmount import atime_attr, private_paths
+            from layerfs.privmount import MOUNT_ATTR_NOATIME, atime_attr, private_paths
             from layerfs.union.view import UnionView
 
             # the upper directory under the mount's atime rule (layerfs/privmount.py)
             up, wk = writable_upper, abs_work if writable_upper else None
             if up is not None and wk is not None:
                 (up, wk), _ = private_paths([up, wk], atime_attr(flags))
+            elif read_only and upper is not None:  # the upper, read-only: reads change no atime
+                lower_dirs[0] = private_paths([lower_dirs[0]], MOUNT_ATTR_NOATIME)[0][0]
             view = UnionView(None, Stack([DirLayer(d, i) for i, d in enumerate(lower_dirs)]), up, wk)
             serve(
                 view,

@@ -66,7 +66,8 @@ def private_paths(paths: list[str], attr: int) -> tuple[list[str], int]:
     if _libc.syscall(_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, arg, _MOUNT_ATTR.size) < 0:
         os.close(fd)
         return paths, -1
-    out = [f"/proc/self/fd/{fd}" + ("/" + os.path.relpath(r, common) if r != common else "") for r in real]
+    # ("/." for the clone's root itself: an lstat of the bare magic link sees the link)
+    out = [f"/proc/self/fd/{fd}/" + (os.path.relpath(r, common) if r != common else ".") for r in real]
     # the clone must show the very same directories (a path crossing another mount would not)
     for old, new in zip(real, out, strict=True):
         a, b = os.stat(old), os.stat(new)

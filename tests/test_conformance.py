@@ -687,3 +687,22 @@ def test_atime_options_rule_reads_as_the_kernel(dirs: Dirs, tmp_path, fuse_core:
             [dirs.lower], str(k / "upper"), str(k / "work"), str(k / "mnt"), extra=option
         ) as mnt:
             assert _atime_moves(mnt) == want[option]
+
+
+def test_a_read_only_mount_changes_no_access_time(dirs: Dirs) -> None:
+    """``-o ro`` with an upper directory: reading its files and listing its directories moves
+    no access time, as on any read-only mount (the host's relatime moved them; generic/003)."""
+    if os.geteuid() != 0:
+        pytest.skip("a private mount needs CAP_SYS_ADMIN")
+    p, d = os.path.join(dirs.upper, "old"), os.path.join(dirs.upper, "olddir")
+    os.mkdir(d)
+    with open(p, "wb") as f:
+        f.write(b"data")
+    for x in (p, d):
+        os.utime(x, (time.time() - 180, time.time() - 120))  # relatime would move them
+    before = [os.stat(x).st_atime_ns for x in (p, d)]
+    with overlay(dirs, "ro") as mnt:
+        with open(os.path.join(mnt, "old"), "rb") as f:
+            assert f.read() == b"data"
+        assert os.listdir(os.path.join(mnt, "olddir")) == []
+    assert [os.stat(x).st_atime_ns for x in (p, d)] == before

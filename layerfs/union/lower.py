@@ -172,8 +172,9 @@ class DirLayer:
     """One host directory in the kernel overlay format."""
 
     def __init__(self, root: str | bytes, position: int) -> None:
-        # realpath: podman passes lowerdirs as short symlinks (l/ABC -> ../<id>/diff)
-        self.root = os.fsencode(os.path.realpath(root))
+        """``root`` as resolved by the caller (podman passes lowerdirs as short symlinks,
+        l/ABC -> ../<id>/diff; a private mount's ``/proc/self/fd/N`` must not be resolved)."""
+        self.root = os.fsencode(root)
         self.ino_base = (position + 1) << DIR_LAYER_SHIFT
         self._by_ino: dict[int, list[bytes]] | None = None
 

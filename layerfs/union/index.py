@@ -79,6 +79,9 @@ class Node(NamedTuple):
     link: bytes
     xattrs: tuple[tuple[bytes, bytes], ...]
     host: bytes | None = None  # the host file of a directory-backed lower layer
+    # ... and its own access and change times (a stored entry has its mtime alone)
+    atime_ns: int | None = None
+    ctime_ns: int | None = None
 
     @property
     def is_dir(self) -> bool:

@@ -216,6 +216,8 @@ class DirLayer:
             link,
             host_xattrs(host),
             host,
+            st.st_atime_ns,
+            st.st_ctime_ns,
         )
 
     def entries(self, path: bytes) -> Iterator[tuple[bytes, int, int, bool]]:

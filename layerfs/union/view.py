@@ -274,9 +274,9 @@ class UnionView:
             "st_rdev": n.rdev,
             "st_blocks": (size + 511) // 512,
             "st_blksize": 65536,
-            "st_atime": n.mtime_ns,
+            "st_atime": n.mtime_ns if n.atime_ns is None else n.atime_ns,
             "st_mtime": n.mtime_ns,
-            "st_ctime": n.mtime_ns,
+            "st_ctime": n.mtime_ns if n.ctime_ns is None else n.ctime_ns,
         }
 
     def _stat_attr(self, path: bytes, st: os.stat_result) -> dict[str, int]:

@@ -6,7 +6,7 @@ A verb parses, calls the library and prints: it gets its open store and resolved
 ``layerfs.containers``, ``layerfs.tools``).
 
 Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error,
-3 ``verify`` found corruption.
+3 ``verify`` found corruption, 4 a verb that needs root run without it (``bench``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ VERBS = [
     "push",
     "login",
     "logout",
+    "bench",
 ]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from layerfs.store import Store, StoreError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT = 0, 1, 2, 3
+EXIT_NEEDS_ROOT = 4  # a verb that only root can run (bench: drops caches, mounts the overlay)
 
 
 class CLIError(Exception):

@@ -65,6 +65,8 @@ MODULE_TIERS = {
     "test_fuse_device": "mount",
     "test_packaging": "mount",
     "test_podman": "mount",
+    "test_storagebench": "mount",
+    "test_storagebench_report": "unit",
 }
 # modules whose tests hand layerfs's input or output to other image tools (skopeo, umoci, podman)
 INTEROP_MODULES = {

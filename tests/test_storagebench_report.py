@@ -109,7 +109,12 @@ def test_html_with_matplotlib_embeds_svg(tmp_path: Any) -> None:
 def test_load_refuses_what_is_not_a_report(tmp_path: Any) -> None:
     p = tmp_path / "x.json"
     p.write_text(json.dumps({"schema": "something/9"}))
-    with pytest.raises(report.ReportError, match="not a layerfs bench report of schema layerfs-bench/1"):
+    with pytest.raises(report.ReportError, match="x.json is not a layerfs bench report$"):
+        report.load(str(p))
+    p.write_text(json.dumps({"schema": "layerfs-bench/9"}))
+    with pytest.raises(
+        report.ReportError, match="schema layerfs-bench/9; this layerfs reads layerfs-bench/1"
+    ):
         report.load(str(p))
     p.write_text("<html>")
     with pytest.raises(report.ReportError, match="is not JSON"):

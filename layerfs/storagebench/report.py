@@ -41,9 +41,11 @@ def load(path: str) -> dict[str, Any]:
         raise ReportError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError:
         raise ReportError(f"{path} is not JSON") from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        found = report.get("schema") if isinstance(report, dict) else None
-        raise ReportError(f"{path} is not a layerfs bench report of schema {SCHEMA} (it has {found!r})")
+    found = report.get("schema") if isinstance(report, dict) else None
+    if not isinstance(found, str) or not found.startswith("layerfs-bench/"):
+        raise ReportError(f"{path} is not a layerfs bench report")
+    if found != SCHEMA:
+        raise ReportError(f"{path} is a bench report of schema {found}; this layerfs reads {SCHEMA}")
     return report
 
 

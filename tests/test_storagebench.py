@@ -227,3 +227,40 @@ def test_image_option_takes_an_oci_layout(tmp_path: Any, sample_layout: str) -> 
     assert report["image"]["start_command"] == "/app/run.sh"
     for w in report["workloads"]:
         assert "failed" not in report["results"][w]["layerfs"], report["results"][w]
+
+
+def test_image_option_takes_a_stored_image(tmp_path: Any, sample_layout: str) -> None:
+    _need_root_and_fuse()
+    store = str(tmp_path / "store")
+    res = subprocess.run(
+        [sys.executable, "-m", "layerfs", "--store", store, "import", "-q", sample_layout],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "r.json"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd = [
+        sys.executable,
+        "-m",
+        "layerfs",
+        "--store",
+        store,
+        "bench",
+        "--dir",
+        str(disk),
+        "--quick",
+        "-o",
+        str(out),
+    ]
+    env = dict(os.environ, LAYERFS_STORAGEBENCH_SCALE=TINY, LAYERFS_STORAGEBENCH_SYSTEMS="native")
+    res = subprocess.run([*cmd, "--image", "layerfs-sample"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["image"]["base"] == "layerfs-sample" and report["image"]["layers"] == 5
+    assert report["results"]["start"]["native"]["values"]
+    res = subprocess.run([*cmd, "--image", "no-such-image"], capture_output=True, text=True, env=env)
+    assert res.returncode == 1
+    assert res.stderr == "layerfs: cannot use image no-such-image: no such image: no-such-image\n"
+    assert os.listdir(disk) == []  # nothing left behind

@@ -399,6 +399,11 @@ def write_html(report: dict[str, Any], path: str, png: str | None = None) -> boo
 
 
 # -- two reports --------------------------------------------------------------------------------------------
+def _disk_name(report: dict[str, Any]) -> str:
+    d = report["disk"]
+    return f"{d.get('device', '?')} {d.get('fstype', '?')}"
+
+
 def _label(report: dict[str, Any], path: str) -> str:
     d = report["disk"]
     return f"{path}: {d.get('device', '?')} {d.get('fstype', '?')}"
@@ -448,7 +453,7 @@ def write_compare_html(a: dict[str, Any], b: dict[str, Any], paths: tuple[str, s
     drawn = have_matplotlib()
     chart = "<p><i>No chart: matplotlib is not installed (pip install 'layerfs[bench]').</i></p>"
     if drawn:
-        chart = _svg(compare_figure(a, b, ("A", "B")))
+        chart = _svg(compare_figure(a, b, (f"A ({_disk_name(a)})", f"B ({_disk_name(b)})")))
     rows = "".join(
         f"<tr><td>{_e(r['label'])}</td><td>{_e(r['system'])}</td><td>{_e(fmt(r['a'], r['unit']))}</td>"
         f"<td>{_e(fmt(r['b'], r['unit']))}</td><td>{_ratio_text(r['b_slowdown'])}</td></tr>"

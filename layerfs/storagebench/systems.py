@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from layerfs import procfs
 from layerfs.storagebench.image import BenchError, BenchImage
 from layerfs.storagebench.layers import OPAQUE_XATTR
+from layerfs.store.filecache import DIRNAME as FILE_CACHE_DIR
 
 SYSTEMS: dict[str, str] = {
     "native": "the directory itself (the image extracted into it)",
@@ -207,6 +208,9 @@ class Bed:
         upper = self.fresh(f"rw-{system}") if rw else None
         if system in LAYERFS:
             store = self.stores[system]
+            # cold for layerfs's own cache too: the decompressed copies a writable mount keeps
+            # of the large files it read would make every round after the first a warm one
+            shutil.rmtree(os.path.join(store, FILE_CACHE_DIR), ignore_errors=True)
             # as a container's root file system: other users (the start runs as nobody) may enter
             cmd = [
                 sys.executable,

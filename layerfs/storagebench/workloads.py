@@ -3,7 +3,7 @@ needs (a mount), drops the caches, times the work and undoes what it prepared.
 
 Cold means cold: before every timed piece ``drop_caches`` syncs and drops the page cache,
 dentries and inodes (``echo 3 > /proc/sys/vm/drop_caches``), and every mount is fresh (a FUSE
-daemon's own caches start empty).  Write workloads end with a sync, inside the time: what is
+daemon's own caches start empty; layerfs's file cache in the store is emptied first).  Write workloads end with a sync, inside the time: what is
 measured is the disk's work, not the page cache's.  fio runs the sequential and random I/O
 (``--output-format=json``; its figures include the final fsync).  Not thread-safe.
 """
@@ -23,7 +23,10 @@ from layerfs.storagebench.image import BenchError, BenchImage, Sizes
 from layerfs.storagebench.systems import OVERLAYS, Bed, Mounted
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
-COLD = "sync; echo 3 > /proc/sys/vm/drop_caches before every timed piece, and a fresh mount every time"
+COLD = (
+    "sync; echo 3 > /proc/sys/vm/drop_caches before every timed piece, a fresh mount every time, "
+    "layerfs's file cache emptied"
+)
 
 
 def drop_caches() -> None:

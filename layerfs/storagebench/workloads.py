@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,16 +160,26 @@ def append_byte(root: str, rels: list[str]) -> None:
 START_USER = "65534:65534"
 
 
+START_TIMEOUT = 60.0  # seconds: a program that neither prints nor exits (a server) is killed
+
+
 def first_output(root: str, cmd: list[str]) -> tuple[float, float]:
     """``chroot root cmd`` as nobody: seconds to its first byte of output, and to its exit."""
     t0 = time.perf_counter()
     chroot = ["chroot", f"--userspec={START_USER}", root, *cmd]
     proc = subprocess.Popen(chroot, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
-    first = proc.stdout.read(1)
-    t1 = time.perf_counter()
-    _, err = proc.communicate()
-    t2 = time.perf_counter()
+    watchdog = threading.Timer(START_TIMEOUT, proc.kill)
+    watchdog.start()
+    try:
+        first = proc.stdout.read(1)
+        t1 = time.perf_counter()
+        _, err = proc.communicate()
+        t2 = time.perf_counter()
+    finally:
+        watchdog.cancel()
+    if t2 - t0 >= START_TIMEOUT:
+        raise BenchError(f"chroot {' '.join(cmd)}: still running after {START_TIMEOUT:.0f} s: killed")
     if proc.returncode != 0 or not first:
         why = err.decode(errors="replace").strip().splitlines()
         raise BenchError(f"chroot {' '.join(cmd)}: exit {proc.returncode}" + (f": {why[-1]}" if why else ""))

@@ -264,3 +264,18 @@ def test_image_option_takes_a_stored_image(tmp_path: Any, sample_layout: str) ->
     assert res.returncode == 1
     assert res.stderr == "layerfs: cannot use image no-such-image: no such image: no-such-image\n"
     assert os.listdir(disk) == []  # nothing left behind
+
+
+def test_start_of_a_program_that_never_ends_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    from layerfs.storagebench import workloads
+    from layerfs.storagebench.image import BenchError
+
+    monkeypatch.setattr(workloads, "START_TIMEOUT", 0.5)
+    with pytest.raises(BenchError, match="still running after 0.5 s: killed"):
+        workloads.first_output("/", ["sleep", "30"])
+    first, done = workloads.first_output("/", ["sh", "-c", "echo ready; sleep 0.2"])
+    assert 0 < first < done and done >= 0.2
+    with pytest.raises(BenchError, match="exit 3"):
+        workloads.first_output("/", ["sh", "-c", "echo x; exit 3"])

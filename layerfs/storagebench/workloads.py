@@ -179,7 +179,7 @@ def first_output(root: str, cmd: list[str]) -> tuple[float, float]:
     finally:
         watchdog.cancel()
     if t2 - t0 >= START_TIMEOUT:
-        raise BenchError(f"chroot {' '.join(cmd)}: still running after {START_TIMEOUT:.0f} s: killed")
+        raise BenchError(f"chroot {' '.join(cmd)}: still running after {START_TIMEOUT:g} s: killed")
     if proc.returncode != 0 or not first:
         why = err.decode(errors="replace").strip().splitlines()
         raise BenchError(f"chroot {' '.join(cmd)}: exit {proc.returncode}" + (f": {why[-1]}" if why else ""))

@@ -200,7 +200,8 @@ def _bars(ax: Any, labels: list[str], series: dict[str, list[float | None]], tit
     ax.set_xlabel(xlabel, fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="x", which="both", linewidth=0.3, alpha=0.5)
-    ax.legend(fontsize=7, loc="lower right")
+    # below the chart: inside, it would cover the last workload's bars
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=n, frameon=False)
     lo, hi = ax.get_xlim()
     ax.set_xlim(min(lo, 0.5) / 1.6, max(hi, 2) * 1.6)
 

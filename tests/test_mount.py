@@ -759,6 +759,13 @@ def _flip_stored_byte(store_path: str, sha: bytes, at: int = 100) -> None:
             _, chunks = decode_object(bytes(txn.get(sha, db=store.db("objects"))))
         c = chunks[0]
         key = c.pack.to_bytes(8, "big")
+        if store.payload_kind == "files":  # (LAYERFS_STORE_PAYLOAD=files)
+            with open(os.path.join(store_path, "packs", f"{c.pack:016x}"), "r+b") as f:
+                f.seek(c.offset + min(at, c.stored - 1))
+                byte = f.read(1)[0]
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte ^ 0xFF]))
+            return
 
         def fn(txn: Any) -> None:
             value = bytearray(txn.get(key, db=store.db("packs")))

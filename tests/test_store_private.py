@@ -48,10 +48,17 @@ def test_existing_store_is_made_private_when_opened_for_writing(cli, store_path)
     os.chmod(store_path, 0o755)
     for name in ("data.mdb", "lock.mdb"):
         os.chmod(os.path.join(store_path, name), 0o644)
+    packs = os.path.join(store_path, "packs")  # a store with file packs (LAYERFS_STORE_PAYLOAD=files)
+    if os.path.isdir(packs):
+        os.chmod(packs, 0o755)
     assert cli("verify", "-q").code == 0  # read-only: works, changes nothing
-    assert modes(store_path) == {".": 0o755, "data.mdb": 0o644, "lock.mdb": 0o644}
+    assert modes(store_path) == {".": 0o755, "data.mdb": 0o644, "lock.mdb": 0o644} | (
+        {"packs": 0o755} if os.path.isdir(packs) else {}
+    )
     cli("images", "-q")
-    assert modes(store_path) == {".": 0o700, "data.mdb": 0o600, "lock.mdb": 0o600}
+    assert modes(store_path) == {".": 0o700, "data.mdb": 0o600, "lock.mdb": 0o600} | (
+        {"packs": 0o700} if os.path.isdir(packs) else {}
+    )
     assert cli("verify", "-q").code == 0  # and readers of the same user still use lock.mdb
 
 

@@ -7,7 +7,9 @@ layers and pinned blobs) and the leases of live processes (imports pin
 objects, mounts pin their image's layers); a lease whose
 process is gone (killed mid-import) is reclaimed first.  Layers no image uses
 are removed, then unreferenced objects, then packs: empty packs are deleted and
-packs less than half alive are compacted into new ones.
+packs less than half alive are compacted into new ones.  With file packs, the files of
+deleted packs are removed once the transaction has committed (``payload.py``), and pack
+files no record names (a writer killed before its commit) in it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import lmdb
 
 from layerfs.store import blobsources, filecache
 from layerfs.store.entries import decode_table
-from layerfs.store.payload import PACK_TARGET
+from layerfs.store.payload import PACK_TARGET, MissingPack
 from layerfs.store.records import ImageRecord, LayerRecord
 from layerfs.store.skeleton import splices
 from layerfs.store.store import (
@@ -194,6 +196,10 @@ def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
     if to_compact:
         _compact(store, txn, to_compact)
         res.packs_compacted = len(to_compact)
+    # pack files no record names: what writers killed before their commit left (file packs)
+    files, size = store.payload.remove_orphans(txn)
+    res.packs_removed += files
+    res.bytes_reclaimed += size
     return res
 
 
@@ -228,7 +234,10 @@ def _compact(store: Store, txn: lmdb.Transaction, packs: set[int]) -> None:
                 pack_id += 1
                 buf = bytearray()
             new.append(Chunk(pack_id, len(buf), c.stored, c.raw, c.xxh, c.codec))
-            buf += store.payload.read(txn, c.pack, c.offset, c.stored)
+            try:
+                buf += store.payload.read(txn, c.pack, c.offset, c.stored)
+            except MissingPack as exc:
+                raise CorruptionError(f"cannot compact pack {c.pack}: {exc}; run 'layerfs verify'") from None
         txn.put(key, encode_object(size, new), db=store.db("objects"))
     if buf:
         store.payload.put_pack(txn, pack_id, bytes(buf))
@@ -263,6 +272,12 @@ def verify(store: Store, progress: Any = None) -> VerifyResult:
         except lmdb.Error as exc:
             if not any(e.startswith(("database ", "freelist: ")) for e in res.errors):
                 res.errors.append(f"database {what}: {exc}")  # damage the page check did not see
+    try:
+        with store.read() as txn:
+            res.errors += store.payload.check(txn)  # pack files missing or not their length
+    except lmdb.Error as exc:
+        if not any(e.startswith(("database ", "freelist: ")) for e in res.errors):
+            res.errors.append(f"database packs: {exc}")
     return res
 
 

@@ -30,6 +30,7 @@ import secrets
 import shutil
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +44,18 @@ import zstandard
 
 from layerfs import procfs
 from layerfs.store.entries import Entry, decode_table, encode_table
-from layerfs.store.payload import PACK_TARGET, LmdbPayload, Payload
+from layerfs.store.payload import (
+    FILES,
+    KINDS,
+    LMDB,
+    PACK_DIR,
+    PACK_TARGET,
+    FilePayload,
+    LmdbPayload,
+    MissingPack,
+    PackWriteError,
+    Payload,
+)
 from layerfs.store.records import ImageRecord, LayerRecord
 
 SCHEMA_VERSION = 1
@@ -62,6 +74,10 @@ SPILL_BYTES = 32 << 20  # raw bytes of one file waiting in memory before they go
 # their time handing the GIL back and forth with the parsing thread.
 COMPRESS_GROUP = 4 << 20
 INITIAL_MAP = 1 << 30  # 1 GiB opens on 32-bit boards too; grown on MapFullError
+ADDRESS_32 = sys.maxsize <= 2**32
+# where a new store keeps its payload (docs/FORMAT.md, meta/payload): LAYERFS_STORE_PAYLOAD, else
+# pack files where the LMDB map cannot hold it (a 32-bit address space), else LMDB
+PAYLOAD_ENV = "LAYERFS_STORE_PAYLOAD"
 
 RAW, ZSTD = 0, 1
 _OBJ_HEAD = struct.Struct("<BQI")  # record version, size, chunk count
@@ -77,6 +93,11 @@ class StoreError(Exception):
 
 class CorruptionError(StoreError):
     """Stored bytes do not match their checksum or digest."""
+
+
+class MissingPackError(CorruptionError, LookupError):
+    """A chunk's pack (or the part of it the chunk names) is missing: a pack file deleted or cut
+    short, a pack record gone."""
 
 
 class StoreDamaged(CorruptionError):
@@ -134,6 +155,17 @@ def chain_prefix(chain: bytes) -> bytes:
     """The key prefix of a chain's records in the ``union`` database (kept short: every
     index key carries it)."""
     return chain[:8]
+
+
+def _payload_choice(asked: str | None) -> str:
+    """Where a store created now keeps its payload: ``asked``, else $LAYERFS_STORE_PAYLOAD,
+    else pack files where the address space is 32-bit (the LMDB map cannot hold a large
+    store there), else LMDB."""
+    kind = asked or os.environ.get(PAYLOAD_ENV) or (FILES if ADDRESS_32 else LMDB)
+    if kind not in KINDS:
+        where = "payload" if asked else PAYLOAD_ENV
+        raise StoreError(f"{where} must be one of {', '.join(KINDS)}, not {kind!r}")
+    return kind
 
 
 _tls = threading.local()
@@ -201,8 +233,8 @@ class _Slot:
 
 
 # what a store directory holds besides data.mdb: LMDB's lock file (made before data.mdb), and
-# the directories of mounts, containers and the file cache
-_OWN_FILES = {"lock.mdb", "mounts", "containers", "filecache"}
+# the directories of mounts, containers, the file cache and pack files
+_OWN_FILES = {"lock.mdb", "mounts", "containers", "filecache", PACK_DIR}
 
 
 class Store:
@@ -222,12 +254,26 @@ class Store:
         "union",
     )
 
-    def __init__(self, path: str | None = None, *, readonly: bool = False, create: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        readonly: bool = False,
+        create: bool = True,
+        payload: str | None = None,
+    ) -> None:
+        """Open the store at ``path`` (default: ``default_path()``), creating it unless
+        ``readonly`` or not ``create``.  ``payload`` chooses where a store created now keeps
+        its chunks (``"files"``: pack files, ``"lmdb"``: the ``packs`` database; default
+        ``$LAYERFS_STORE_PAYLOAD``, else pack files on a 32-bit system and LMDB elsewhere); an
+        existing store keeps the one it was created with (``payload_kind``)."""
         if path == "":
             raise StoreError("an empty store path names no directory")
         # absolute: mount daemons change directory to / and reopen the store by this path
         self.path = os.path.abspath(path or default_path())
         self.readonly = readonly
+        self._wanted_payload = _payload_choice(payload)
+        self.payload_kind = ""  # LMDB or FILES once the store's meta is read (_check_schema)
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise StoreError(f"{self.path} is not a directory, so not a layerfs store")
         if not os.path.isdir(self.path):
@@ -243,6 +289,8 @@ class Store:
         if not readonly:
             self._make_private()
         self._check_schema()
+        if not readonly:
+            self._remove_orphan_packs()
 
     def _make_private(self) -> None:
         """A store of ours that others can read (made before stores were private, or by hand)
@@ -251,8 +299,10 @@ class Store:
         try:
             if os.stat(self.path).st_uid != os.geteuid():
                 return
-            for name, private in (("", 0o700), ("data.mdb", 0o600), ("lock.mdb", 0o600)):
+            for name, private in (("", 0o700), ("data.mdb", 0o600), ("lock.mdb", 0o600), (PACK_DIR, 0o700)):
                 path = os.path.join(self.path, name)
+                if name == PACK_DIR and not os.path.isdir(path):
+                    continue  # a store with its payload in LMDB
                 st = os.stat(path)
                 if stat.S_IMODE(st.st_mode) & ~private & 0o777 and st.st_uid == os.geteuid():
                     os.chmod(path, stat.S_IMODE(st.st_mode) & private)
@@ -368,7 +418,28 @@ class Store:
         except lmdb.Error as exc:
             self.env.close()
             raise self._error_of(exc, "cannot open store") from None
-        self.payload: Payload = LmdbPayload(self._db["packs"])
+        old = getattr(self, "payload", None)
+        if old is not None:
+            old.close()
+        self.payload: Payload = self._new_payload()
+
+    def _new_payload(self) -> Payload:
+        if self.payload_kind == FILES:
+            return FilePayload(self.path, self._db["packs"], readonly=self.readonly)
+        return LmdbPayload(self._db["packs"])  # (also before the kind is known: nothing reads it)
+
+    def _remove_orphan_packs(self) -> None:
+        """Pack files no record names (a writer killed before its commit) are removed when
+        the store is opened for writing: looked for in a read transaction, removed in a write
+        transaction (where no other writer can be writing its own)."""
+        if not isinstance(self.payload, FilePayload):
+            return
+        payload = self.payload
+        with self.read() as txn:
+            if not payload.orphans(txn):
+                return
+        with contextlib.suppress(StoreError):  # a read-only filesystem, say: gc will
+            self.write(payload.remove_orphans)
 
     # -- plumbing -----------------------------------------------------------
     def db(self, name: str) -> Any:
@@ -376,6 +447,7 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        self.payload.close()
 
     def free_file_bytes(self) -> int:
         """Bytes of data.mdb that hold no page of any database (free pages LMDB keeps for reuse:
@@ -493,12 +565,45 @@ class Store:
         if found is None:
             if self.readonly:
                 raise StoreError(f"{self.path} is not an initialised layerfs store")
-            self.write(lambda txn: txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self._db["meta"]))
+            self.payload_kind = self._create_meta()
         elif bytes(found) != str(SCHEMA_VERSION).encode():
             raise StoreError(
                 f"store {self.path} has schema version {bytes(found).decode(errors='replace')}; "
                 f"this layerfs reads version {SCHEMA_VERSION}"
             )
+        else:
+            with self.read() as txn:
+                value = txn.get(b"payload", db=self._db["meta"])
+                kind = LMDB if value is None else bytes(value).decode(errors="replace")  # (made before it)
+            if kind not in KINDS:
+                self.env.close()
+                raise StoreError(
+                    f"store {self.path} keeps its payload in {kind!r}, which this layerfs cannot read"
+                )
+            self.payload_kind = kind
+        self.payload.close()
+        self.payload = self._new_payload()
+
+    def _create_meta(self) -> str:
+        """A new store: its schema and where it keeps its payload (the pack directory first,
+        so a store that says ``files`` has one)."""
+        kind = self._wanted_payload
+        if kind == FILES:
+            try:
+                os.makedirs(os.path.join(self.path, PACK_DIR), mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the pack directory of {self.path}: {exc.strerror}") from None
+
+        def put(txn: lmdb.Transaction) -> str:
+            meta = self._db["meta"]
+            if txn.get(b"schema", db=meta) is not None:  # another process created it meanwhile
+                value = txn.get(b"payload", db=meta)
+                return LMDB if value is None else bytes(value).decode(errors="replace")
+            txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=meta)
+            txn.put(b"payload", kind.encode(), db=meta)
+            return kind
+
+        return self.write(put)
 
     def read(self) -> lmdb.Transaction:
         """A short read transaction (values are memoryviews valid until it ends)."""
@@ -512,17 +617,30 @@ class Store:
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn`` in a write transaction, growing the map and retrying when full.
 
-        ``fn`` must be safe to run again from scratch (the failed try is aborted)."""
+        ``fn`` must be safe to run again from scratch (the failed try is aborted).  Pack files
+        the transaction wrote are synced before it commits; those of packs it deleted are
+        removed once it has (``payload.py``)."""
         if self.readonly:
             raise StoreError("store is open read-only")
         while True:
             try:
-                with self.env.begin(write=True, buffers=True) as txn:
-                    return fn(txn)
+                try:
+                    with self.env.begin(write=True, buffers=True) as txn:
+                        result = fn(txn)
+                        self.payload.before_commit()
+                except BaseException:
+                    self.payload.after_abort()
+                    raise
+                self.payload.after_commit()
+                return result
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
+            except PackWriteError as exc:
+                raise StoreError(
+                    f"cannot write to the store at {self.path}: {exc.strerror}{self._space_hint()}"
+                ) from None
             except DAMAGE as exc:
                 raise self.damaged(f"{exc}; nothing was written") from None
             except lmdb.Error as exc:
@@ -576,7 +694,10 @@ class Store:
 
     def chunk_bytes(self, txn: lmdb.Transaction, c: Chunk) -> bytes:
         """One chunk decompressed and verified (CorruptionError if it is damaged)."""
-        stored = self.payload.read(txn, c.pack, c.offset, c.stored)
+        try:
+            stored = self.payload.read(txn, c.pack, c.offset, c.stored)
+        except MissingPack as exc:
+            raise MissingPackError(f"chunk in pack {c.pack} at {c.offset}: {exc}") from None
         if c.codec == ZSTD:
             try:
                 raw = _decompressor().decompress(stored, max_output_size=c.raw)

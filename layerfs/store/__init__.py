@@ -5,6 +5,7 @@ from layerfs.store.gc import GCResult, VerifyResult, collect, verify
 from layerfs.store.store import (
     CHUNK_SIZE,
     CorruptionError,
+    MapLimitError,
     Store,
     StoreDamaged,
     StoreError,
@@ -17,6 +18,7 @@ __all__ = [
     "CorruptionError",
     "Entry",
     "GCResult",
+    "MapLimitError",
     "Store",
     "StoreDamaged",
     "StoreError",

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import shutil
@@ -73,8 +74,14 @@ SPILL_BYTES = 32 << 20  # raw bytes of one file waiting in memory before they go
 # that runs on all cores without the GIL: per-chunk tasks on a thread pool spent
 # their time handing the GIL back and forth with the parsing thread.
 COMPRESS_GROUP = 4 << 20
-INITIAL_MAP = 1 << 30  # 1 GiB opens on 32-bit boards too; grown on MapFullError
+# The LMDB map: address space reserved for data.mdb, grown on MapFullError.  A 64-bit process
+# has address space to spare; a 32-bit one (armhf) can map about 1 GiB in all, and a store with
+# file packs keeps only metadata in the map, so it starts small there (several stores can be open
+# in one process) and an existing file is mapped with a little room, not twice its size.
 ADDRESS_32 = sys.maxsize <= 2**32
+INITIAL_MAP = (32 << 20) if ADDRESS_32 else (1 << 30)
+# private knob (tests): the largest map this process asks for; None is as large as mmap allows
+MAP_LIMIT: int | None = None
 # where a new store keeps its payload (docs/FORMAT.md, meta/payload): LAYERFS_STORE_PAYLOAD, else
 # pack files where the LMDB map cannot hold it (a 32-bit address space), else LMDB
 PAYLOAD_ENV = "LAYERFS_STORE_PAYLOAD"
@@ -98,6 +105,10 @@ class CorruptionError(StoreError):
 class MissingPackError(CorruptionError, LookupError):
     """A chunk's pack (or the part of it the chunk names) is missing: a pack file deleted or cut
     short, a pack record gone."""
+
+
+class MapLimitError(StoreError):
+    """The store's LMDB map cannot grow in this process's address space (a 32-bit system)."""
 
 
 class StoreDamaged(CorruptionError):
@@ -166,6 +177,17 @@ def _payload_choice(asked: str | None) -> str:
         where = "payload" if asked else PAYLOAD_ENV
         raise StoreError(f"{where} must be one of {', '.join(KINDS)}, not {kind!r}")
     return kind
+
+
+def _address_space_for(size: int) -> bool:
+    """Can this process map ``size`` more bytes?  (A reservation with no access (PROT_NONE),
+    undone at once.)"""
+    try:
+        probe = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=0)
+    except (OSError, OverflowError, ValueError):
+        return False
+    probe.close()
+    return True
 
 
 _tls = threading.local()
@@ -396,20 +418,32 @@ class Store:
     def _open(self) -> None:
         readonly = self.readonly
         data_file = os.path.join(self.path, "data.mdb")
-        size = max(INITIAL_MAP, os.path.getsize(data_file) * 2 if os.path.exists(data_file) else 0)
-        try:
-            self.env = lmdb.open(
-                self.path,
-                map_size=size,
-                max_dbs=len(self.DBS) + 2,
-                readonly=readonly,
-                # keep the OS read-ahead: chunks of a file and files of a layer sit together in packs
-                readahead=True,
-                max_readers=256,
-                mode=0o600,  # data.mdb and lock.mdb: private to the store's owner
-            )
-        except lmdb.Error as exc:
-            raise self._error_of(exc, "cannot open store") from None
+        used = os.path.getsize(data_file) if os.path.exists(data_file) else 0
+        # 64-bit: twice the file, so a growing store seldom remaps.  32-bit: the file and an
+        # eighth more (mapping twice a 1.05 GB file is what failed there); if even that does
+        # not fit, the file alone (LMDB never maps less than the pages in use)
+        sizes = [max(INITIAL_MAP, used + used // 8), used] if ADDRESS_32 else [max(INITIAL_MAP, used * 2)]
+        if MAP_LIMIT is not None:
+            sizes = [min(size, max(MAP_LIMIT, used)) for size in sizes]
+        for i, size in enumerate(sizes):
+            try:
+                self.env = lmdb.open(
+                    self.path,
+                    map_size=size,
+                    max_dbs=len(self.DBS) + 2,
+                    readonly=readonly,
+                    # keep the OS read-ahead: chunks of a file and files of a layer sit together in packs
+                    readahead=True,
+                    max_readers=256,
+                    mode=0o600,  # data.mdb and lock.mdb: private to the store's owner
+                )
+                break
+            except lmdb.MemoryError:
+                if i + 1 < len(sizes):
+                    continue
+                raise self._map_error(size, opening=True) from None
+            except lmdb.Error as exc:
+                raise self._error_of(exc, "cannot open store") from None
         try:
             self._db = {name: self.env.open_db(name.encode(), create=not readonly) for name in self.DBS}
         except lmdb.NotFoundError:
@@ -440,6 +474,56 @@ class Store:
                 return
         with contextlib.suppress(StoreError):  # a read-only filesystem, say: gc will
             self.write(payload.remove_orphans)
+
+    def _map_error(self, size: int, *, opening: bool = False) -> MapLimitError:
+        """The error for a map of ``size`` bytes that this process cannot reserve."""
+        hint = (
+            "; its chunks are in the database: a new store made with LAYERFS_STORE_PAYLOAD=files "
+            "keeps them in pack files and only metadata in the map"
+            if self.payload_kind != FILES
+            else ""
+        )
+        if opening:
+            used = os.path.getsize(os.path.join(self.path, "data.mdb")) >> 20
+            what = f"cannot open the store at {self.path}: its database ({used} MiB) needs a map of {size >> 20} MiB"
+        else:
+            what = f"cannot grow the store at {self.path}: its database needs a map of more than {size >> 20} MiB"
+        return MapLimitError(f"{what}, more address space than this process can reserve{hint}")
+
+    def _grow_map(self) -> None:
+        """A larger map after MapFullError: twice the size, else a quarter more; MapLimitError
+        when neither fits (MAP_LIMIT, or mmap refuses: a 32-bit address space)."""
+        size = self.env.info()["map_size"]
+        wanted = [size * 2, size + size // 4]
+        if MAP_LIMIT is not None:
+            wanted = [min(new, MAP_LIMIT) for new in wanted if min(new, MAP_LIMIT) > size]
+        for new in wanted:
+            # LMDB unmaps the old map before it maps the new one, and a failed mmap leaves the
+            # environment with no map at all (reopening it would strand the database handles
+            # callers hold), so first see whether the new size fits beside the old
+            if not _address_space_for(new):
+                continue
+            try:
+                self.env.set_mapsize(new)
+                return
+            except lmdb.Error:
+                # lost a race for the address space: open the environment again as it was
+                self._reopen_after_failed_map()
+                break
+        raise self._map_error(size)
+
+    def _adopt_map(self) -> None:
+        """Another process grew the map: adopt its size (MapLimitError if it does not fit)."""
+        try:
+            self.env.set_mapsize(0)
+        except lmdb.Error:
+            self._reopen_after_failed_map()
+            raise self._map_error(self.env.info()["map_size"]) from None
+
+    def _reopen_after_failed_map(self) -> None:
+        with contextlib.suppress(lmdb.Error):
+            self.env.close()
+        self._open()
 
     # -- plumbing -----------------------------------------------------------
     def db(self, name: str) -> Any:
@@ -520,7 +604,7 @@ class Store:
                 lock=False,
                 readonly=True,
                 max_dbs=len(self.DBS) + 2,
-                map_size=max(INITIAL_MAP, os.path.getsize(data)),
+                map_size=os.path.getsize(data),  # (LMDB maps no less than the pages in use)
             )
             try:
                 env.copy(tmp, compact=True)
@@ -611,7 +695,7 @@ class Store:
             return self.env.begin(buffers=True)
         except lmdb.MapResizedError:
             # another process grew the map: adopt its size and try again
-            self.env.set_mapsize(0)
+            self._adopt_map()
             return self.env.begin(buffers=True)
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
@@ -634,9 +718,9 @@ class Store:
                 self.payload.after_commit()
                 return result
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self._grow_map()
             except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
+                self._adopt_map()
             except PackWriteError as exc:
                 raise StoreError(
                     f"cannot write to the store at {self.path}: {exc.strerror}{self._space_hint()}"

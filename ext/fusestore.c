@@ -1,13 +1,16 @@
 /* The store as the C FUSE core reads it (see fusestore.h for the why of the LMDB handle). */
+#define _FILE_OFFSET_BITS 64 /* pack files are read with pread: 64-bit offsets on 32-bit systems too */
 #include "fusestore.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <lmdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zstd.h>
 
 #define XXH_INLINE_ALL /* the system's header, inlined: XXH3 is a handful of vector loops */
@@ -27,6 +30,14 @@
  * map, so a page touched again is faulted back in from the page cache.  A drop costs
  * microseconds. */
 #define TRIM_EVERY 4096
+#define PACK_FDS 16 /* pack files kept open (file packs), by pack id modulo this */
+/* 32-bit: the map covers data.mdb and this much more (address space is scarce: a map per thread) */
+#define MAP_SLACK_32 ((size_t)32 << 20)
+
+struct pack_fd {
+    uint64_t pack;
+    int fd; /* -1: empty */
+};
 
 struct cache_slot {
     uint64_t pack;
@@ -49,6 +60,11 @@ struct fs_store {
     char *map;             /* this handle's map of data.mdb (LMDB does not tell it) */
     size_t map_len;
     struct cache_slot cache[CACHE_SLOTS];
+    char *path;            /* the store directory */
+    int pack_dir;          /* file packs (meta/payload "files"): the packs/ directory; else -1 */
+    struct pack_fd fds[PACK_FDS];
+    char *src;             /* a stored chunk read from a pack file, before it is decompressed */
+    size_t src_cap;
 };
 
 static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
@@ -65,29 +81,79 @@ static void put_be64(unsigned char *p, uint64_t v)
 
 static void find_map(struct fs_store *st, const void *p);
 
+/* The map to ask for: address space only (the pages are the data file's, mapped read-only and
+ * shared).  64-bit: plenty.  32-bit: the data file and some room, as each reader thread has its
+ * own map beside py-lmdb's (LMDB never maps less than the pages in use). */
+static size_t map_size(const char *path)
+{
+    if (sizeof(void *) >= 8)
+        return (size_t)1 << 40;
+    char data[4096];
+    struct stat sb;
+    snprintf(data, sizeof(data), "%s/data.mdb", path);
+    if (stat(data, &sb) != 0 || (uint64_t)sb.st_size > (uint64_t)SIZE_MAX - MAP_SLACK_32)
+        return (size_t)768 << 20;
+    return (size_t)sb.st_size + MAP_SLACK_32;
+}
+
 struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], char *err, size_t errlen)
 {
     struct fs_store *st = calloc(1, sizeof(*st));
     MDB_txn *txn = NULL;
-    int rc;
+    MDB_dbi dbi_meta;
+    MDB_val pk = {7, "payload"}, pv;
+    int rc, files = 0;
     if (!st) {
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
+    st->pack_dir = -1;
+    for (int i = 0; i < PACK_FDS; i++)
+        st->fds[i].fd = -1;
     memcpy(st->prefix, prefix, PREFIX_LEN);
+    if (!(st->path = strdup(path))) {
+        snprintf(err, errlen, "out of memory");
+        fs_store_close(st);
+        return NULL;
+    }
     if ((rc = mdb_env_create(&st->env)) || (rc = mdb_env_set_maxdbs(st->env, 16)) ||
-        /* address space only: the pages are the data file's, mapped read-only and shared */
-        (rc = mdb_env_set_mapsize(st->env, sizeof(void *) >= 8 ? (size_t)1 << 40 : (size_t)768 << 20)) ||
+        (rc = mdb_env_set_mapsize(st->env, map_size(path))) ||
         (rc = mdb_env_open(st->env, path, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600)) ||
         (rc = mdb_txn_begin(st->env, NULL, MDB_RDONLY, &txn)) ||
         (rc = mdb_dbi_open(txn, "union", 0, &st->dbi_union)) ||
         (rc = mdb_dbi_open(txn, "objects", 0, &st->dbi_objects)) ||
-        (rc = mdb_dbi_open(txn, "packs", 0, &st->dbi_packs)) || (rc = mdb_txn_commit(txn))) {
+        (rc = mdb_dbi_open(txn, "packs", 0, &st->dbi_packs)) || (rc = mdb_dbi_open(txn, "meta", 0, &dbi_meta))) {
         snprintf(err, errlen, "cannot open the store at %s: %s", path, mdb_strerror(rc));
-        if (txn && rc)
+        if (txn)
             mdb_txn_abort(txn);
         fs_store_close(st);
         return NULL;
+    }
+    /* where the payload is (docs/FORMAT.md: meta/payload; a store made before it has none) */
+    if (mdb_get(txn, dbi_meta, &pk, &pv) == 0) {
+        if (pv.mv_size == 5 && memcmp(pv.mv_data, "files", 5) == 0) {
+            files = 1;
+        } else if (!(pv.mv_size == 4 && memcmp(pv.mv_data, "lmdb", 4) == 0)) {
+            snprintf(err, errlen, "the store at %s keeps its payload in a way this layerfs cannot read", path);
+            mdb_txn_abort(txn);
+            fs_store_close(st);
+            return NULL;
+        }
+    }
+    if ((rc = mdb_txn_commit(txn))) {
+        snprintf(err, errlen, "cannot open the store at %s: %s", path, mdb_strerror(rc));
+        fs_store_close(st);
+        return NULL;
+    }
+    if (files) {
+        char dir[4096];
+        snprintf(dir, sizeof(dir), "%s/packs", path);
+        st->pack_dir = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (st->pack_dir < 0) {
+            snprintf(err, errlen, "cannot open the pack files of the store at %s: %s", path, strerror(errno));
+            fs_store_close(st);
+            return NULL;
+        }
     }
     if ((rc = mdb_txn_begin(st->env, NULL, MDB_RDONLY, &st->txn))) {
         snprintf(err, errlen, "cannot read the store at %s: %s", path, mdb_strerror(rc));
@@ -126,6 +192,13 @@ void fs_store_close(struct fs_store *st)
         ZSTD_freeDCtx(st->dctx);
     for (int i = 0; i < CACHE_SLOTS; i++)
         free(st->cache[i].data);
+    for (int i = 0; i < PACK_FDS; i++)
+        if (st->fds[i].fd >= 0)
+            close(st->fds[i].fd);
+    if (st->pack_dir >= 0)
+        close(st->pack_dir);
+    free(st->src);
+    free(st->path);
     free(st);
 }
 
@@ -165,7 +238,7 @@ int fs_store_begin(struct fs_store *st)
     }
     int rc = mdb_txn_renew(st->txn);
     if (rc == MDB_MAP_RESIZED) { /* another process grew the store past our map: adopt it */
-        mdb_env_set_mapsize(st->env, 0);
+        mdb_env_set_mapsize(st->env, sizeof(void *) >= 8 ? 0 : map_size(st->path));
         rc = mdb_txn_renew(st->txn);
     }
     if (rc) {
@@ -341,6 +414,52 @@ static int chunk_error(uint64_t ino, const unsigned char *content, uint64_t pack
     return -EIO;
 }
 
+/* The descriptor of a pack file (file packs), opened on first use and kept: a file is written
+ * once and never changes, and ids are never reused, so a descriptor stays right for as long as
+ * it is kept (even once gc has deleted the file).  -1 with errno set if it does not open. */
+static int pack_fd(struct fs_store *st, uint64_t pack)
+{
+    struct pack_fd *slot = &st->fds[pack % PACK_FDS];
+    if (slot->fd >= 0 && slot->pack == pack)
+        return slot->fd;
+    char name[17];
+    snprintf(name, sizeof(name), "%016llx", (unsigned long long)pack);
+    int fd = openat(st->pack_dir, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (slot->fd >= 0)
+        close(slot->fd);
+    slot->fd = fd;
+    slot->pack = pack;
+    return fd;
+}
+
+/* `len` bytes at `off` of a pack file into `dst`; 0, or -1 with a reason in `why`. */
+static int pack_pread(struct fs_store *st, uint64_t pack, uint32_t off, uint32_t len, char *dst, const char **why)
+{
+    int fd = pack_fd(st, pack);
+    if (fd < 0) {
+        *why = errno == ENOENT ? "is missing (pack file gone)" : "is missing (pack file does not open)";
+        return -1;
+    }
+    size_t done = 0;
+    while (done < len) {
+        ssize_t got = pread(fd, dst + done, len - done, (off_t)off + (off_t)done);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0) {
+            *why = "is missing (pack file does not read)";
+            return -1;
+        }
+        if (got == 0) {
+            *why = "is missing (pack file short)";
+            return -1;
+        }
+        done += (size_t)got;
+    }
+    return 0;
+}
+
 /* One chunk's bytes, verified, into dst (which has room for raw bytes). */
 static int chunk_into(struct fs_store *st, uint64_t ino, const unsigned char *content, const unsigned char *c,
                       char *dst)
@@ -349,14 +468,40 @@ static int chunk_into(struct fs_store *st, uint64_t ino, const unsigned char *co
     uint32_t off = le32(c + 8), stored = le32(c + 12), raw = le32(c + 16);
     uint64_t xxh = le64(c + 20);
     uint8_t codec = c[28];
-    unsigned char key[8];
-    put_be64(key, pack);
-    MDB_val k = {8, key}, v;
-    st->touched += 16; /* a chunk spans several pages */
-    int rc = mdb_get(st->txn, st->dbi_packs, &k, &v);
-    if (rc || (uint64_t)off + stored > v.mv_size)
-        return chunk_error(ino, content, pack, off, "is missing (pack gone or short)");
-    const char *src = (const char *)v.mv_data + off;
+    const char *src;
+    if (st->pack_dir >= 0) { /* file packs: read straight from the pack file, never more than the chunk */
+        const char *why;
+        if (stored > MAX_CHUNK)
+            return chunk_error(ino, content, pack, off, "has a wrong length");
+        if (codec == 0) {
+            if (stored != raw)
+                return chunk_error(ino, content, pack, off, "has a wrong length");
+            if (pack_pread(st, pack, off, stored, dst, &why))
+                return chunk_error(ino, content, pack, off, why);
+            if (XXH3_64bits(dst, raw) != xxh)
+                return chunk_error(ino, content, pack, off, "fails its checksum");
+            return 0;
+        }
+        if (st->src_cap < stored) {
+            char *bigger = realloc(st->src, stored);
+            if (!bigger)
+                return -ENOMEM;
+            st->src = bigger;
+            st->src_cap = stored;
+        }
+        if (pack_pread(st, pack, off, stored, st->src, &why))
+            return chunk_error(ino, content, pack, off, why);
+        src = st->src;
+    } else {
+        unsigned char key[8];
+        put_be64(key, pack);
+        MDB_val k = {8, key}, v;
+        st->touched += 16; /* a chunk spans several pages */
+        int rc = mdb_get(st->txn, st->dbi_packs, &k, &v);
+        if (rc || (uint64_t)off + stored > v.mv_size)
+            return chunk_error(ino, content, pack, off, "is missing (pack gone or short)");
+        src = (const char *)v.mv_data + off;
+    }
     if (codec == 0) {
         if (stored != raw)
             return chunk_error(ino, content, pack, off, "has a wrong length");

@@ -411,9 +411,11 @@ def serve(
     ops = CoreOps(view)
     from_store: dict[str, Any] = {}
     # the C side maps the store again (one map per thread): on a 32-bit userland the address
-    # space cannot hold that beside py-lmdb's map, so there Python reads the store
-    can_map = sys.maxsize > 2**32 and os.environ.get("LAYERFS_C_STORE", "1") != "0"
+    # space cannot hold that beside py-lmdb's map when the payload is in LMDB, so there Python
+    # reads the store; with file packs the map holds only metadata, and C maps just that
     chain, store = view.lower, view.store
+    small_map = store is not None and store.payload_kind == "files"
+    can_map = (sys.maxsize > 2**32 or small_map) and os.environ.get("LAYERFS_C_STORE", "1") != "0"
     if can_map and isinstance(chain, ChainLayer) and store is not None:
         ops.pin()
         from_store = {"store": store.path, "chain_prefix": chain.index.prefix}

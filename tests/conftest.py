@@ -39,6 +39,7 @@ MODULE_TIERS = {
     "test_skeleton": "store",
     "test_store": "store",
     "test_store_private": "store",
+    "test_store_files": "store",
     "test_usage": "store",
     "test_hostile": "store",
     "test_cli": "store",

@@ -142,6 +142,7 @@ def test_objects_live_in_pack_files(files_store: Store) -> None:
     assert os.path.getsize(os.path.join(s.path, "data.mdb")) < sum(files.values()) // 4
     u = usage(s)
     assert u["payload_bytes"] == sum(files.values())
+    assert u["file_bytes"] == sum(files.values()) + os.path.getsize(os.path.join(s.path, "data.mdb"))
     assert verify(s).errors == []
     assert {m & 0o777 for m in [os.stat(packs_dir(s)).st_mode]} == {0o700}
     assert all(os.stat(os.path.join(packs_dir(s), n)).st_mode & 0o777 == 0o600 for n in files)

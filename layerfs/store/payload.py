@@ -201,14 +201,13 @@ class FilePayload:
 
     def _sync_written(self) -> None:
         written, self._written = self._written, []
+        self._synced += [pack_id for pack_id, _ in written]  # after_abort deletes them either way
         try:
             for pack_id, fd in written:
                 try:
                     os.fsync(fd)
                 except OSError as exc:
                     raise _write_error("sync", self.path(pack_id), exc) from None
-                finally:
-                    self._synced.append(pack_id)  # after_abort deletes it either way
         finally:
             for _, fd in written:
                 os.close(fd)
@@ -238,7 +237,7 @@ class FilePayload:
         doomed, self._doomed = self._doomed, []
         for pack_id in doomed:
             self._forget(pack_id)
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # (one left behind is an orphan: removed later)
                 os.unlink(self.path(pack_id))
 
     def after_abort(self) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import lmdb
 
 from layerfs.store.entries import Entry, decode_table
+from layerfs.store.payload import PACK_DIR
 from layerfs.store.records import LayerRecord
 from layerfs.store.store import Store, decode_object
 
@@ -45,6 +46,11 @@ def usage(store: Store) -> dict[str, Any]:
         tags = txn.stat(store.db("tags"))["entries"]
     unique = sum(contents.values())
     data_file = os.path.join(store.path, "data.mdb")
+    on_disk = os.path.getsize(data_file) if os.path.exists(data_file) else 0
+    packs = os.path.join(store.path, PACK_DIR)  # a store whose payload is in pack files
+    if os.path.isdir(packs):
+        with os.scandir(packs) as it:
+            on_disk += sum(e.stat().st_size for e in it if e.is_file(follow_symlinks=False))
     stored = payload + metadata
     return {
         "path": store.path,
@@ -59,7 +65,7 @@ def usage(store: Store) -> dict[str, Any]:
         "payload_bytes": payload,
         "metadata_bytes": metadata,
         "stored_bytes": stored,
-        "file_bytes": os.path.getsize(data_file) if os.path.exists(data_file) else 0,
+        "file_bytes": on_disk,  # data.mdb, and the pack files of a store that has them
         "dedup_ratio": logical / unique if unique else 1.0,
         "compression_ratio": object_bytes / payload if payload else 1.0,
     }

@@ -269,7 +269,7 @@ class FilePayload:
         """Ids of pack files that no record of ``txn``'s snapshot names."""
         try:
             names = os.listdir(self.dir)
-        except FileNotFoundError:
+        except OSError:  # none yet, or not ours to list: nothing to remove from here
             return []
         found = []
         doomed = set(self._doomed)  # deleted by this transaction: removed once it commits

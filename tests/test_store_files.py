@@ -157,6 +157,9 @@ def test_import_and_read_through_the_cli(store_path: str, tmp_path: Path, cli) -
     assert out[0]["layers_new"] == 1  # type: ignore[index]
     assert pack_files(store_path)
     assert cli("verify", "-q").code == 0
+    df = cli("df", "--json").json()
+    assert df["payload"] == "files" and df["file_bytes"] > df["payload_bytes"]  # type: ignore[index]
+    assert "(data.mdb and pack files)" in cli("df").out
     with Store(store_path) as s:
         assert s.payload_kind == "files"
         ((layer_id, _),) = s.layers()

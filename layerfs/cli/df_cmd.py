@@ -34,7 +34,8 @@ def run(args: argparse.Namespace, store: Store) -> int:
         f"Stored bytes:       {human_size(u['stored_bytes'])}  (compressed payload {human_size(u['payload_bytes'])}"
         f" + metadata {human_size(u['metadata_bytes'])})"
     )
-    print(f"On disk:            {human_size(u['file_bytes'])}")
+    where = "data.mdb and pack files" if u["payload"] == "files" else "data.mdb"
+    print(f"On disk:            {human_size(u['file_bytes'])}  ({where})")
     print(f"Dedup ratio:        {u['dedup_ratio']:.2f}x")
     print(f"Compression ratio:  {u['compression_ratio']:.2f}x")
     return 0

@@ -54,6 +54,7 @@ def usage(store: Store) -> dict[str, Any]:
     stored = payload + metadata
     return {
         "path": store.path,
+        "payload": store.payload_kind,  # where chunks live: "lmdb" (data.mdb) or "files" (packs/)
         "images": images,
         "tags": tags,
         "layers": layers,

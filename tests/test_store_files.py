@@ -559,3 +559,38 @@ def test_when_mmap_refuses_to_grow_the_map(payload: str, store_path: str) -> Non
     else:
         assert lines[0].startswith("MapLimitError cannot grow the store at"), lines
         assert lines[2] == "after 0", lines  # the store reads after the failed growth
+
+
+def test_a_reader_of_an_older_snapshot_keeps_the_files_it_may_read(
+    files_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc deletes the records of dead and compacted packs, but their files stay while a reader
+    (here a read transaction of this process; in a mount, the daemon's pin) holds a snapshot
+    from before: it still reads them, as it would an LMDB pack's pages.  The next gc after
+    it let go removes them."""
+    import layerfs.store.payload as payload_mod
+
+    monkeypatch.setattr(payload_mod, "READER_WAIT", 0.2)
+    s = files_store
+    per_pack = PACK_TARGET // CHUNK_SIZE
+    blobs = [os.urandom(CHUNK_SIZE) for _ in range(2 * per_pack)]
+    with s.session() as w:
+        shas = [w.add_blob(b) for b in blobs]
+        w.put_image(b"\x04" * 32, ImageRecord(shas[0], shas[1], "", layers=(), blobs=(shas[0], shas[1])))
+    before = pack_files(s)
+    old = s.read()  # a snapshot from before the gc
+    try:
+        old_chunks = [chunks_of(s, h)[0] for h in shas[:3]]
+        res = collect(s)
+        assert (res.packs_removed, res.packs_compacted) == (1, 1)
+        assert set(pack_files(s)) > set(before)  # the old files stay, the compacted copy is new
+        for c, data in zip(old_chunks, blobs):  # the old snapshot reads as it did
+            assert s.chunk_bytes(old, c) == data
+        assert s.read_object(shas[0]) == blobs[0]  # and the new one through the new pack
+        assert verify(s).errors == []  # the leftovers are no damage
+    finally:
+        old.abort()
+    res = collect(s)
+    assert res.packs_removed == 2  # the two files left behind, as orphans
+    assert len(pack_files(s)) == 1 and s.read_object(shas[1]) == blobs[1]
+    assert verify(s).errors == []

@@ -22,6 +22,13 @@ A killed writer leaves at worst files no record names; they are removed in a
 write transaction (``remove_orphans``: when the store is opened for writing,
 and by ``gc``), where no other writer can be half-way through its own files.
 
+A reader holding an older snapshot may still read a pack whose record a newer
+transaction deleted (an LMDB pack's pages outlive the deletion the same way), so
+the file of a deleted pack is removed only once no reader of the environment
+holds a snapshot older than the last commit (``readers_behind``; a mount daemon
+renews the snapshot it pins about once a second, and the C reader's snapshots
+are never older than that pin); until then it is left as an orphan.
+
 Thread-safety: reads are safe from any thread (each call runs in the caller's
 transaction; pack files are read with ``pread`` on shared descriptors).  The
 write hooks (``put_pack``, ``delete_pack``, ``before_commit``, ``after_commit``,
@@ -34,8 +41,9 @@ import contextlib
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import lmdb
@@ -49,6 +57,7 @@ KINDS = (LMDB, FILES)
 PACK_DIR = "packs"
 OPEN_FILES = 64  # pack file descriptors a process keeps open for reading
 SYNC_BATCH = 64  # files written in one transaction are synced in groups of this many
+READER_WAIT = 2.0  # seconds to wait for readers of older snapshots before deleting pack files
 
 
 class Payload(Protocol):
@@ -160,8 +169,19 @@ class FilePayload:
 
     kind = FILES
 
-    def __init__(self, store_path: str, db: lmdb._Database, *, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        store_path: str,
+        db: lmdb._Database,
+        meta: lmdb._Database,
+        readers_behind: Callable[[], bool],
+        *,
+        readonly: bool = False,
+    ) -> None:
         self._db = db
+        self._meta = meta
+        # does a reader hold a snapshot older than the last commit?  (it may read deleted packs)
+        self._readers_behind = readers_behind
         self.dir = os.path.join(store_path, PACK_DIR)
         self.readonly = readonly
         self._lock = threading.Lock()
@@ -232,9 +252,12 @@ class FilePayload:
             raise _write_error("sync the directory of", self.dir, exc) from None
 
     def after_commit(self) -> None:
-        """The transaction committed: the files of the packs it deleted can go."""
+        """The transaction committed: the files of the packs it deleted can go, once no
+        reader holds a snapshot from before it (else they stay, orphans for later)."""
         self._synced = []
         doomed, self._doomed = self._doomed, []
+        if not doomed or not self._caught_up(READER_WAIT):
+            return
         for pack_id in doomed:
             self._forget(pack_id)
             with contextlib.suppress(OSError):  # (one left behind is an orphan: removed later)
@@ -252,11 +275,26 @@ class FilePayload:
             with contextlib.suppress(OSError):
                 os.unlink(self.path(pack_id))
 
+    def _caught_up(self, wait: float) -> bool:
+        """True once no reader holds a snapshot older than the last commit (waiting up to
+        ``wait`` seconds for them to move on)."""
+        deadline = time.monotonic() + wait
+        while self._readers_behind():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def remove_orphans(self, txn: lmdb.Transaction) -> tuple[int, int]:
-        """Delete pack files no record names (files, bytes): what a killed writer wrote, or
-        what a gc killed after its commit did not delete yet.  Only in a write transaction:
+        """Delete pack files no record names (files, bytes): what a killed writer wrote (ids
+        never committed: always), and files of packs deleted earlier (only when no reader
+        holds an older snapshot, which may still name them).  Only in a write transaction:
         no writer in another process is then half-way through writing its own."""
         orphans = self.orphans(txn)
+        value = txn.get(b"next_pack", db=self._meta)
+        next_pack = _ID.unpack(value)[0] if value is not None else 1
+        if any(pack_id < next_pack for pack_id in orphans) and self._readers_behind():
+            orphans = [pack_id for pack_id in orphans if pack_id >= next_pack]
         freed = 0
         for pack_id in orphans:
             path = self.path(pack_id)

@@ -459,7 +459,9 @@ class Store:
 
     def _new_payload(self) -> Payload:
         if self.payload_kind == FILES:
-            return FilePayload(self.path, self._db["packs"], readonly=self.readonly)
+            return FilePayload(
+                self.path, self._db["packs"], self._db["meta"], self.readers_behind, readonly=self.readonly
+            )
         return LmdbPayload(self._db["packs"])  # (also before the kind is known: nothing reads it)
 
     def _remove_orphan_packs(self) -> None:
@@ -470,10 +472,31 @@ class Store:
             return
         payload = self.payload
         with self.read() as txn:
-            if not payload.orphans(txn):
-                return
+            orphans = payload.orphans(txn)
+            value = txn.get(b"next_pack", db=self._db["meta"])
+            next_pack = _U64.unpack(value)[0] if value is not None else 1
+        # (files of deleted packs wait for readers of older snapshots: no write to find that out)
+        if not orphans or (max(orphans) < next_pack and self.readers_behind()):
+            return
         with contextlib.suppress(StoreError):  # a read-only filesystem, say: gc will
             self.write(payload.remove_orphans)
+
+    def readers_behind(self) -> bool:
+        """Does a reader of the environment (in any process) hold a snapshot older than the
+        last commit?  Such a reader may still read packs deleted since.  Slots of processes
+        that are gone are cleared first; the C reader has no slot of its own, but never reads
+        a snapshot older than the one its daemon pins (docs/FORMAT.md)."""
+        try:
+            self.env.reader_check()
+            table = self.env.readers()
+            last = self.env.info()["last_txnid"]
+        except lmdb.Error:
+            return True
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) == 3 and fields[2].isdigit() and int(fields[2]) < last:
+                return True
+        return False
 
     def _map_error(self, size: int, *, opening: bool = False) -> MapLimitError:
         """The error for a map of ``size`` bytes that this process cannot reserve."""

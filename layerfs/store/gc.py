@@ -82,6 +82,7 @@ def _spliced(store: Store, txn: lmdb.Transaction, skel: bytes) -> list[bytes]:
 
 def collect(store: Store) -> GCResult:
     res = store.write(lambda txn: _collect(store, txn))
+    store.orphans_removed = (0, 0)  # counted once
     with store.read() as txn:
         objects = store.db("objects")
         files, size = filecache.prune(store.path, lambda oid: txn.get(oid, db=objects) is not None)
@@ -198,8 +199,8 @@ def _collect(store: Store, txn: lmdb.Transaction) -> GCResult:
         res.packs_compacted = len(to_compact)
     # pack files no record names: what writers killed before their commit left (file packs)
     files, size = store.payload.remove_orphans(txn)
-    res.packs_removed += files
-    res.bytes_reclaimed += size
+    res.packs_removed += files + store.orphans_removed[0]  # (and those the open removed)
+    res.bytes_reclaimed += size + store.orphans_removed[1]
     return res
 
 

@@ -296,6 +296,7 @@ class Store:
         self.readonly = readonly
         self._wanted_payload = _payload_choice(payload)
         self.payload_kind = ""  # LMDB or FILES once the store's meta is read (_check_schema)
+        self.orphans_removed = (0, 0)  # pack files (and bytes) removed when opened: gc reports them
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise StoreError(f"{self.path} is not a directory, so not a layerfs store")
         if not os.path.isdir(self.path):
@@ -479,7 +480,8 @@ class Store:
         if not orphans or (max(orphans) < next_pack and self.readers_behind()):
             return
         with contextlib.suppress(StoreError):  # a read-only filesystem, say: gc will
-            self.write(payload.remove_orphans)
+            files, size = self.write(payload.remove_orphans)
+            self.orphans_removed = (self.orphans_removed[0] + files, self.orphans_removed[1] + size)
 
     def readers_behind(self) -> bool:
         """Does a reader of the environment (in any process) hold a snapshot older than the

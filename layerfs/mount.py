@@ -408,7 +408,13 @@ def umount(store: Store, mountpoint: str, *, timeout: float = UMOUNT_TIMEOUT) ->
     elif not fstype.startswith("fuse.layerfs"):
         raise MountError(f"{mountpoint} is a {fstype} mount, not a layerfs one")
     else:
-        res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        for attempt in range(4):
+            res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+            # busy for a moment (a stat or close still on its way out, on a loaded machine) is
+            # worth a few short waits before detaching lazily, which leaves the daemon running
+            if res.returncode == 0 or "busy" not in res.stderr:
+                break
+            time.sleep(0.05 * 2**attempt)
         if res.returncode != 0:
             # busy, or a dead daemon's "Transport endpoint is not connected": detach lazily
             lazy = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)

@@ -5,8 +5,18 @@ A process is named by its pid and its start time (clock ticks since boot, field 
 another process after the first one died, a start time is not reused within one boot.
 Records that outlive their writer (store leases, mount records, a container's waiting process)
 keep all three (``identity``) and ask ``is_alive`` later.  A zombie counts as gone: killed, it
-holds nothing, and its parent may take seconds to reap it.  qemu-user reports an emulated
-process's own start time one tick off, so exact checks fail there.
+holds nothing, and its parent may take seconds to reap it.
+
+Start times match within ``START_SLACK`` ticks, not exactly: qemu-user answers an emulated
+process's reads of its own ``/proc/self/stat`` itself, from its own clock, one tick off what the
+kernel shows every other process (measured on arm64 and armhf guests), so an exact check made
+every lease and mount record of an emulated process look dead to the next ``gc``.  The slack lets
+no other process pass for the recorded one: the same pid within the same boot and within
+``START_SLACK`` ticks (20 ms at the usual 100 Hz) of the recorded start means that the recorded
+process wrote its record, died, and the kernel went through its whole pid space (32768 pids by
+default, 4 million where systemd raises ``pid_max``) and back to that pid, all within those
+20 ms: no machine forks that fast, and a record is written only after its writer's interpreter started,
+which itself takes longer than that.
 
 ``mountinfo`` parses ``/proc/self/mountinfo``: mount points unescaped, in the kernel's order
 (a mount stacked over another comes after it).  Reading it never touches a mount point, so it
@@ -34,10 +44,19 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+# how far a recorded start time may be from the one /proc shows (module docstring: qemu-user)
+START_SLACK = 2
+
+
+def same_start(recorded: Any, found: int | None) -> bool:
+    """Is ``found`` (read from /proc now) the start time ``recorded`` for the process?"""
+    return found is not None and isinstance(recorded, int) and abs(found - recorded) <= START_SLACK
+
+
 def alive(pid: int, start: int | None = None) -> bool:
     """Running (not a zombie), and when ``start`` is given, still the process that started then."""
     found = start_time(pid)
-    return found is not None and (start is None or found == start)
+    return found is not None and (start is None or same_start(start, found))
 
 
 def boot_id() -> str:
@@ -58,8 +77,7 @@ def is_alive(record: dict[str, Any]) -> bool:
     """Is the process a record's ``identity`` fields name still running, in this boot?"""
     if record.get("boot") != boot_id():
         return False
-    found = start_time(int(record.get("pid", 0)))
-    return found is not None and found == record.get("start")
+    return same_start(record.get("start"), start_time(int(record.get("pid", 0))))
 
 
 class Mount(NamedTuple):

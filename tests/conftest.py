@@ -35,6 +35,7 @@ MT_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MODULE_TIERS = {
     "test_tarstream": "unit",
     "test_platform": "unit",
+    "test_procfs": "unit",
     "test_records": "unit",
     "test_skeleton": "store",
     "test_store": "store",

@@ -35,6 +35,8 @@ from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are f
     wait_until,
 )
 
+from layerfs.userland import userland_arch
+
 pytestmark = [
     pytest.mark.usefixtures("need_fuse"),
     pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed (apt install runc)"),
@@ -1145,7 +1147,8 @@ def test_a_killed_process_leaves_the_truth(cli, sample, store_path, victim):
 def test_image_of_another_architecture_warns_as_docker(cli, tmp_path):
     """An image whose config names another architecture: docker's warning, then the kernel's
     "exec format error" from the container and status 1, as with docker."""
-    arch, machine = ("amd64", 62) if os.uname().machine == "aarch64" else ("arm64", 183)
+    here, _ = userland_arch()  # the userland's, not the kernel's (32-bit Raspberry Pi OS: aarch64)
+    arch, machine = ("arm64", 183) if here == "amd64" else ("amd64", 62)
     # an ELF header for that machine: the kernel refuses it with ENOEXEC.  Its EI_ABIVERSION is 1:
     # binfmt_misc's qemu-user handlers match 0 only, so where qemu-user-static is installed (the
     # emulated CI job installs it) none of them takes the header for an emulator to run
@@ -1171,7 +1174,7 @@ def test_image_of_another_architecture_warns_as_docker(cli, tmp_path):
     assert (res.code, error) == (1, "exec /bin/app: exec format error"), res
     res = cli("create", "foreign:latest")
     assert res.err.startswith("WARNING: The requested image's platform") and len(res.err.splitlines()) == 1
-    if os.uname().machine == "x86_64":  # what an amd64 machine runs: a lower level, 386
+    if here == "amd64":  # what an amd64 machine runs: a lower level, 386
         for n, extra in enumerate(({"architecture": "amd64", "variant": "v2"}, {"architecture": "386"})):
             cfg = {**extra, "config": {"Cmd": ["/bin/app"]}}
             cli(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import make_layout, member, tar_bytes
 
 from layerfs.tools import sources
+from layerfs.userland import userland_arch
 
 SPELLINGS = {
     "arm64": "linux/arm64/v8",
@@ -124,3 +127,66 @@ def test_config_platform_is_checked_the_same_way(cli, tmp_path):
     assert cli("import", "-q", "--platform", "aarch64", layout).code == 0
     res = cli("import", "--platform", "armhf", layout, check=False)
     assert res.code == 1 and "image is for linux/arm64, not linux/arm/v7" in res.err
+
+
+# -- the host's platform is its userland's, not its kernel's ------------------------------------
+# (kernel machine, Python's multiarch triplet, pointer size) -> (architecture, variant)
+USERLANDS = [
+    (("x86_64", "x86_64-linux-gnu", 8), ("amd64", "")),
+    (("aarch64", "aarch64-linux-gnu", 8), ("arm64", "v8")),
+    (("armv7l", "arm-linux-gnueabihf", 4), ("arm", "v7")),
+    # 32-bit Raspberry Pi OS on a 64-bit kernel: uname -m says aarch64
+    (("aarch64", "arm-linux-gnueabihf", 4), ("arm", "v7")),
+    (("armv8l", "arm-linux-gnueabihf", 4), ("arm", "v7")),
+    (("armv6l", "arm-linux-gnueabihf", 4), ("arm", "v6")),  # Raspberry Pi Zero / 1
+    (("x86_64", "i386-linux-gnu", 4), ("386", "")),
+    # a Python without a multiarch triplet: the kernel's name, corrected by the pointer size
+    (("aarch64", "", 4), ("arm", "v7")),
+    (("x86_64", "", 4), ("386", "")),
+    (("aarch64", "", 8), ("arm64", "v8")),
+    (("riscv64", "riscv64-linux-gnu", 8), ("riscv64", "")),
+]
+
+
+@pytest.mark.parametrize("given, want", USERLANDS, ids=["-".join(map(str, g)) for g, _ in USERLANDS])
+def test_userland_not_kernel_names_the_host(given, want):
+    assert userland_arch(*given) == want
+
+
+def test_host_platform_is_this_pythons():
+    arch, variant = userland_arch()
+    assert sources.normalize_platform(sources.host_platform()) == sources.normalize_platform(
+        f"linux/{arch}/{variant}" if variant else f"linux/{arch}"
+    )
+    if struct.calcsize("P") == 4:
+        assert arch not in ("amd64", "arm64")  # whatever uname -m says
+
+
+def test_an_arm_entry_without_variant_serves_an_armv7_host(monkeypatch):
+    """An index names 32-bit arm images ``linux/arm`` as often as ``linux/arm/v7``."""
+    monkeypatch.setattr(sources, "host_platform", lambda: "linux/arm/v7")
+    arm = sources.Descriptor("m", "sha256:" + "a" * 64, 1, {}, {"os": "linux", "architecture": "arm"})
+    arm64 = sources.Descriptor("m", "sha256:" + "b" * 64, 1, {}, {"os": "linux", "architecture": "arm64"})
+    assert sources.choose_platform([arm64, arm], None) is arm
+    assert sources.platform_rank("linux/arm/v7", "linux/arm") == 0
+
+
+def test_import_without_platform_takes_the_hosts(cli, tmp_path):
+    """Whatever the host is (amd64, arm64, arm/v7...), a multi-platform index gives its image."""
+    ids = multi_arch(tmp_path / "multi")
+    host = sources.normalize_platform(sources.host_platform())
+    if host not in ids:
+        pytest.skip(f"the test index has no image for this host ({host})")
+    (res,) = cli("import", "--json", str(tmp_path / "multi")).json()  # type: ignore[misc]
+    assert res["image_id"] == ids[host] and res["platform"] == host
+
+
+def test_no_dependency_is_chosen_by_the_kernels_machine_name():
+    """pip reads ``platform_machine`` from the kernel: aarch64 under a 32-bit userland, which
+    would then fetch 64-bit-only packages (isal) and build them from source, or fail."""
+    with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    deps = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        deps += extra
+    assert [d for d in deps if "platform_machine" in d] == []

@@ -28,6 +28,7 @@ import tarfile
 
 from layerfs.tools.export import ImageExport, bytes_blob, write_oci_dir
 from layerfs.tools.sources import MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST
+from layerfs.userland import userland_arch
 
 MTIME = 1_700_000_000
 APPLETS = [
@@ -179,9 +180,8 @@ def write_layout(out: str, busybox_path: str) -> str:
         blob, raw = layer.blob()
         layers.append(bytes_blob(blob, MT_OCI_LAYER + "+gzip"))
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(
-        os.uname().machine, os.uname().machine
-    )
+    # the busybox is this userland's (a 32-bit Raspberry Pi OS on a 64-bit kernel: arm/v7)
+    arch, variant = userland_arch()
     created = "2023-11-14T22:13:20Z"
     config = {
         "created": created,
@@ -202,7 +202,7 @@ def write_layout(out: str, busybox_path: str) -> str:
         ],
     }
     if arch == "arm":
-        config["variant"] = "v7"
+        config["variant"] = variant
     config_blob = bytes_blob(json.dumps(config, sort_keys=True).encode(), MT_OCI_CONFIG)
     manifest = {
         "schemaVersion": 2,

@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform as _platform
 import stat
 import tarfile
 import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from layerfs.userland import userland_platform
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -130,21 +131,9 @@ class ImageRef:
 
 
 def host_platform() -> str:
-    machine = _platform.machine().lower()
-    arch = {
-        "x86_64": "amd64",
-        "amd64": "amd64",
-        "aarch64": "arm64",
-        "arm64": "arm64",
-        "armv7l": "arm/v7",
-        "armv6l": "arm/v6",
-        "i686": "386",
-        "i386": "386",
-        "ppc64le": "ppc64le",
-        "s390x": "s390x",
-        "riscv64": "riscv64",
-    }.get(machine, machine)
-    return "linux/" + arch
+    """The platform of the images this machine runs (its userland's, not its kernel's: a 32-bit
+    Raspberry Pi OS on a 64-bit kernel runs ``linux/arm/v7``), the default of import and pull."""
+    return userland_platform()
 
 
 def platform_string(p: dict[str, Any] | None) -> str:

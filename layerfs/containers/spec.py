@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerfs.containers.seccomp import linux_seccomp
+from layerfs.userland import userland_arch
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # docker's default capability set (moby oci/caps/defaults.go)
@@ -179,21 +180,16 @@ def _cpu_flags() -> set[str]:
 
 
 def host_platform() -> tuple[str, str, str]:
-    """(os, architecture, variant) of this machine, as docker (containerd) names it: amd64 with
-    its microarchitecture level (v2, v3, v4: the x86-64 psABI's, from the CPU flags)."""
-    machine = os.uname().machine
-    if machine in _ARM:
-        return "linux", "arm", _ARM[machine]
-    arch = _ARCH.get(machine, machine)
-    variant = ""
+    """(os, architecture, variant) of this machine, as docker (containerd) names it: its
+    userland's (a 32-bit Raspberry Pi OS on a 64-bit kernel is arm/v7), amd64 with its
+    microarchitecture level (v2, v3, v4: the x86-64 psABI's, from the CPU flags)."""
+    arch, variant = userland_arch()
     if arch == "amd64":
         flags = _cpu_flags()
         v2 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}
         v3 = v2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
         v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
         variant = next((v for v, need in (("v4", v4), ("v3", v3), ("v2", v2)) if need <= flags), "")
-    elif arch == "arm64":
-        variant = "v8"
     return "linux", arch, variant
 
 

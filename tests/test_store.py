@@ -12,12 +12,14 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
 
 from layerfs.store import CHUNK_SIZE, CorruptionError, Store, StoreError, collect, verify
 from layerfs.store import entries as E
+from layerfs.store import store as store_mod
 from layerfs.store.entries import Entry, TableError, decode_table, encode_table
 from layerfs.store.payload import PACK_TARGET
 from layerfs.store.records import ImageRecord, LayerRecord
@@ -109,6 +111,24 @@ def test_codecs(store: Store) -> None:
     _, tc = chunks_of(store, t)
     assert {c.codec for c in tc} == {ZSTD} and sum(c.stored for c in tc) < len(text) // 20
     assert store.read_object(n) == noise and store.read_object(t) == text
+
+
+def test_zstandard_without_multi_compress(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """zstandard built on the system's libzstd (Debian's python3-zstandard) lacks
+    multi_compress_to_buffer: every import failed with AttributeError there."""
+
+    class SystemZstd:
+        def __init__(self, cctx: Any) -> None:
+            self.compress = cctx.compress
+
+    real = store_mod._compressor
+    monkeypatch.setattr(store_mod, "_compressor", lambda: SystemZstd(real()))
+    raws = [b"text " * 10000, os.urandom(CHUNK_SIZE), b"more text " * 3000]
+    assert store_mod.compress_group(raws) == [compress_chunk(r) for r in raws]
+    text = b"compress me " * 20000
+    with store.session() as s:
+        t = s.add_blob(text)
+    assert store.read_object(t) == text
 
 
 # -- corruption ------------------------------------------------------------------------------

@@ -222,10 +222,14 @@ def _stored_form(raw: bytes, packed: bytes) -> tuple[bytes, int, int, int]:
 
 def compress_group(raws: list[bytes]) -> list[tuple[bytes, int, int, int]]:
     """``compress_chunk`` of many chunks in one zstd call across all cores (GIL released)."""
-    if len(raws) == 1:
-        return [compress_chunk(raws[0])]
+    cctx = _compressor()
+    if len(raws) == 1 or not hasattr(cctx, "multi_compress_to_buffer"):
+        # zstandard built on the system's libzstd (Debian's python3-zstandard, which a venv with
+        # --system-site-packages uses on boards without wheels) has no multi_compress_to_buffer:
+        # one call per chunk, still in this pool thread with the GIL released
+        return [compress_chunk(raw) for raw in raws]
     inputs: Any = raws  # zstandard's stubs want a BufferWithSegments; a list of bytes works
-    packed = _compressor().multi_compress_to_buffer(inputs, threads=os.cpu_count() or 2)
+    packed = cctx.multi_compress_to_buffer(inputs, threads=os.cpu_count() or 2)
     return [_stored_form(raw, packed[i].tobytes()) for i, raw in enumerate(raws)]
 
 

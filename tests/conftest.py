@@ -57,6 +57,7 @@ MODULE_TIERS = {
     "test_view": "view",
     "test_view_replay": "view",
     "test_mount": "mount",
+    "test_arch32": "mount",
     "test_conformance": "mount",
     "test_union_kernel": "mount",
     "test_overlay": "mount",

@@ -238,7 +238,12 @@ def _stat_packer() -> tuple[Callable[[dict[str, int]], bytes], int]:
     for name in ("st_atime", "st_mtime", "st_ctime"):
         f = getattr(mfusepy.c_stat, name + "spec")
         half = f.size // 2  # tv_sec, tv_nsec
-        fields.append((f.offset, codes[half].lower(), f"a[{name!r}] // 1000000000"))
+        seconds = f"a[{name!r}] // 1000000000"
+        if half == 4:
+            # a 32-bit time_t (armhf, i386 until Debian 13) holds no time after 2038-01-19: the
+            # pack raised, mfusepy answered EINVAL and lstat failed; the latest it can say instead
+            seconds = f"min(max({seconds}, {-(1 << 31)}), {(1 << 31) - 1})"
+        fields.append((f.offset, codes[half].lower(), seconds))
         fields.append((f.offset + half, codes[half].lower(), f"a[{name!r}] % 1000000000"))
     fields.sort()
     fmt, pos = "=", 0
@@ -254,6 +259,31 @@ def _stat_packer() -> tuple[Callable[[dict[str, int]], bytes], int]:
 
 
 _pack_stat, _STAT_SIZE = _stat_packer()
+
+
+class _Statvfs(ctypes.Structure):
+    """``struct statvfs`` as libfuse (built with 64-bit file offsets) hands it to us, up to
+    ``f_namemax``.  On a 32-bit target glibc puts an int after ``f_fsid`` (``__f_unused``; musl
+    pads the same), which mfusepy's ``c_statvfs`` lacks: through it ``f_flag`` landed in the
+    padding, ``f_namemax`` in ``f_flag``, and statvfs(2) on the mount said names of 0 bytes."""
+
+    _fields_ = [
+        ("f_bsize", ctypes.c_ulong),
+        ("f_frsize", ctypes.c_ulong),
+        ("f_blocks", ctypes.c_uint64),
+        ("f_bfree", ctypes.c_uint64),
+        ("f_bavail", ctypes.c_uint64),
+        ("f_files", ctypes.c_uint64),
+        ("f_ffree", ctypes.c_uint64),
+        ("f_favail", ctypes.c_uint64),
+        ("f_fsid", ctypes.c_ulong),
+        *([("f_unused", ctypes.c_int)] if ctypes.sizeof(ctypes.c_ulong) == 4 else []),
+        ("f_flag", ctypes.c_ulong),
+        ("f_namemax", ctypes.c_ulong),
+    ]
+
+
+_STATVFS_FIELDS = tuple(f[0] for f in _Statvfs._fields_ if f[0] != "f_unused")
 
 
 class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
@@ -274,6 +304,15 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
             # we return; dispatch is single-threaded.)
             ops._config.attr_timeout = 0.0 if stat.S_ISREG(attrs["st_mode"]) else RW_TIMEOUT
         ctypes.memmove(buf, _pack_stat(attrs), _STAT_SIZE)
+        return 0
+
+    def statfs(self, path: bytes, buf: Any) -> int:
+        # our own layout of the struct, not mfusepy's (wrong for 32-bit glibc: see _Statvfs)
+        attrs = self.operations.statfs(os.fsdecode(path))
+        out = ctypes.cast(buf, ctypes.POINTER(_Statvfs)).contents
+        for name in _STATVFS_FIELDS:
+            if name in attrs:
+                setattr(out, name, attrs[name])
         return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:

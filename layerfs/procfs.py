@@ -7,16 +7,16 @@ Records that outlive their writer (store leases, mount records, a container's wa
 keep all three (``identity``) and ask ``is_alive`` later.  A zombie counts as gone: killed, it
 holds nothing, and its parent may take seconds to reap it.
 
-Start times match within ``START_SLACK`` ticks, not exactly: qemu-user answers an emulated
-process's reads of its own ``/proc/self/stat`` itself, from its own clock, one tick off what the
-kernel shows every other process (measured on arm64 and armhf guests), so an exact check made
-every lease and mount record of an emulated process look dead to the next ``gc``.  The slack lets
-no other process pass for the recorded one: the same pid within the same boot and within
-``START_SLACK`` ticks (20 ms at the usual 100 Hz) of the recorded start means that the recorded
-process wrote its record, died, and the kernel went through its whole pid space (32768 pids by
-default, 4 million where systemd raises ``pid_max``) and back to that pid, all within those
-20 ms: no machine forks that fast, and a record is written only after its writer's interpreter started,
-which itself takes longer than that.
+A recorded start time may be up to ``START_SLACK`` ticks later than the one /proc shows now,
+never earlier.  qemu-user answers an emulated process's reads of its own ``/proc/self/stat``
+itself, with the time its own start-up read the clock, which comes after the kernel's (taken at
+fork): measured 1 to 4 ticks later on a busy 2-core machine, the more the busier.  An exact check made every lease and mount
+record an emulated process wrote about itself look dead to the next ``gc``.  The one-sided check
+lets no other process pass for the recorded one, whatever the slack: a record is written after
+its writer's start (as the writer read it), so a process that got the pid after the writer died
+started later than the recorded time and fails; a process that started no later than that and
+holds the pid now held it when the record was written, so it is the writer.  The slack only
+bounds how late a record may claim its process started.
 
 ``mountinfo`` parses ``/proc/self/mountinfo``: mount points unescaped, in the kernel's order
 (a mount stacked over another comes after it).  Reading it never touches a mount point, so it
@@ -44,13 +44,13 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-# how far a recorded start time may be from the one /proc shows (module docstring: qemu-user)
-START_SLACK = 2
+# how much later than /proc's a recorded start time may be (module docstring: qemu-user)
+START_SLACK = 50  # ticks of USER_HZ (100 on every Linux): half a second
 
 
 def same_start(recorded: Any, found: int | None) -> bool:
     """Is ``found`` (read from /proc now) the start time ``recorded`` for the process?"""
-    return found is not None and isinstance(recorded, int) and abs(found - recorded) <= START_SLACK
+    return found is not None and isinstance(recorded, int) and found <= recorded <= found + START_SLACK
 
 
 def alive(pid: int, start: int | None = None) -> bool:

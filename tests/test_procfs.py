@@ -26,18 +26,20 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
 # (start time the process recorded, start time /proc shows now, alive?)
 CASES = [
     (4711, 4711, True),
-    # qemu-user: the emulated process read its own start time one tick before what the kernel
-    # shows other processes (recorded from an armhf guest; arm64 guests alike)
-    (4711, 4712, True),
-    (4712, 4711, True),
-    # the pid now belongs to a process started a second later (100 ticks): another process
+    # qemu-user: an emulated process reads its own start time as qemu's start-up saw the clock,
+    # later than the kernel's (recorded on armhf under qemu 7.2: own view, another's view)
+    (3308654, 3308653, True),
+    (3308552, 3308548, True),  # the machine was busy
+    # the pid now belongs to a process that started after the recorded one: pid reuse
+    (4711, 4712, False),
     (4711, 4811, False),
-    (4711, 4611, False),
+    # a record claiming a start far later than the process's: not that process
+    (4711 + procfs.START_SLACK + 1, 4711, False),
 ]
 
 
 @pytest.mark.parametrize("start, now, alive", CASES)
-def test_start_times_match_within_a_few_ticks(recorded, start, now, alive):
+def test_a_recorded_start_may_be_later_never_earlier(recorded, start, now, alive):
     recorded[1234] = now
     assert procfs.is_alive({"pid": 1234, "start": start, "boot": BOOT}) is alive
     assert procfs.alive(1234, start) is alive

@@ -7,16 +7,14 @@ Records that outlive their writer (store leases, mount records, a container's wa
 keep all three (``identity``) and ask ``is_alive`` later.  A zombie counts as gone: killed, it
 holds nothing, and its parent may take seconds to reap it.
 
-A recorded start time may be up to ``START_SLACK`` ticks later than the one /proc shows now,
-never earlier.  qemu-user answers an emulated process's reads of its own ``/proc/self/stat``
-itself, with the time its own start-up read the clock, which comes after the kernel's (taken at
-fork): measured 1 to 4 ticks later on a busy 2-core machine, the more the busier.  An exact check made every lease and mount
-record an emulated process wrote about itself look dead to the next ``gc``.  The one-sided check
-lets no other process pass for the recorded one, whatever the slack: a record is written after
-its writer's start (as the writer read it), so a process that got the pid after the writer died
-started later than the recorded time and fails; a process that started no later than that and
-holds the pid now held it when the record was written, so it is the writer.  The slack only
-bounds how late a record may claim its process started.
+The start time is read as the kernel writes it, through a directory descriptor of ``/proc``
+and a relative ``PID/stat``, never as ``/proc/self/stat``: qemu-user answers an emulated
+process's reads of ``/proc/self/stat`` and ``/proc/<its own pid>/stat`` itself, with a start
+time of its own making (a tick or more after the kernel's, and in a forked child, which
+daemons are, its parent's: seconds off), so every lease and mount record an emulated process
+wrote about itself looked dead to the next ``gc``, which deleted layers in use.  qemu rewrites
+only those absolute paths; the relative read gets the kernel's value, the one every other
+process sees, so the times still match exactly.
 
 ``mountinfo`` parses ``/proc/self/mountinfo``: mount points unescaped, in the kernel's order
 (a mount stacked over another comes after it).  Reading it never touches a mount point, so it
@@ -33,8 +31,15 @@ from typing import Any, NamedTuple
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot; None if it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(f"{pid}/stat", os.O_RDONLY, dir_fd=proc)  # not /proc/self: docstring
+        finally:
+            os.close(proc)
+        try:
+            stat = os.read(fd, 65536)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # the command name may hold spaces and parentheses: fields start after the last ')'
@@ -44,19 +49,10 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-# how much later than /proc's a recorded start time may be (module docstring: qemu-user)
-START_SLACK = 50  # ticks of USER_HZ (100 on every Linux): half a second
-
-
-def same_start(recorded: Any, found: int | None) -> bool:
-    """Is ``found`` (read from /proc now) the start time ``recorded`` for the process?"""
-    return found is not None and isinstance(recorded, int) and found <= recorded <= found + START_SLACK
-
-
 def alive(pid: int, start: int | None = None) -> bool:
     """Running (not a zombie), and when ``start`` is given, still the process that started then."""
     found = start_time(pid)
-    return found is not None and (start is None or same_start(start, found))
+    return found is not None and (start is None or found == start)
 
 
 def boot_id() -> str:
@@ -77,7 +73,8 @@ def is_alive(record: dict[str, Any]) -> bool:
     """Is the process a record's ``identity`` fields name still running, in this boot?"""
     if record.get("boot") != boot_id():
         return False
-    return same_start(record.get("start"), start_time(int(record.get("pid", 0))))
+    found = start_time(int(record.get("pid", 0)))
+    return found is not None and found == record.get("start")
 
 
 class Mount(NamedTuple):

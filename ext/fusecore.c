@@ -2518,6 +2518,9 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
                                      &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough,
                                      &cache_dir, &cache_size, &cache_min, &label))
         return -1;
+    /* owned from here on: Session_dealloc drops it, also after a failure below (it dropped a
+       reference it never took when a store failed to open: the caller's ops was freed) */
+    Py_INCREF(s->ops);
     snprintf(s->label, sizeof(s->label), "%s", label);
     if (store_path == Py_None || s->writable)
         threads = 1; /* the Python request path is single-threaded */
@@ -2609,7 +2612,6 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
         Py_DECREF(encoded);
         s->store = s->workers[0].store;
     }
-    Py_INCREF(s->ops);
     if (table_init(&s->t) < 0) {
         PyErr_NoMemory();
         return -1;

@@ -36,6 +36,7 @@ MODULE_TIERS = {
     "test_tarstream": "unit",
     "test_platform": "unit",
     "test_procfs": "unit",
+    "test_cfuse": "unit",
     "test_records": "unit",
     "test_skeleton": "store",
     "test_store": "store",

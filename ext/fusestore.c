@@ -96,6 +96,32 @@ static size_t map_size(const char *path)
     return (size_t)sb.st_size + MAP_SLACK_32;
 }
 
+/* The environment, read-only, with the map map_size asks for; where that much address space is
+ * not lent (qemu-aarch64 refused 1 TiB with ENOMEM, as a 39-bit arm64 kernel, 512 GiB per process,
+ * would), half of it and so on.  LMDB raises the size to at least the one the store was written
+ * with. */
+static int open_env(struct fs_store *st, const char *path)
+{
+    size_t size = map_size(path);
+    for (;;) {
+        int rc = mdb_env_create(&st->env);
+        if (rc)
+            return rc;
+        rc = mdb_env_set_maxdbs(st->env, 16);
+        if (!rc)
+            rc = mdb_env_set_mapsize(st->env, size);
+        if (!rc)
+            rc = mdb_env_open(st->env, path, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600);
+        if (!rc)
+            return 0;
+        mdb_env_close(st->env);
+        st->env = NULL;
+        if (rc != ENOMEM || size <= (size_t)256 << 20)
+            return rc;
+        size /= 2;
+    }
+}
+
 struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], char *err, size_t errlen)
 {
     struct fs_store *st = calloc(1, sizeof(*st));
@@ -116,10 +142,7 @@ struct fs_store *fs_store_open(const char *path, const unsigned char prefix[8], 
         fs_store_close(st);
         return NULL;
     }
-    if ((rc = mdb_env_create(&st->env)) || (rc = mdb_env_set_maxdbs(st->env, 16)) ||
-        (rc = mdb_env_set_mapsize(st->env, map_size(path))) ||
-        (rc = mdb_env_open(st->env, path, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600)) ||
-        (rc = mdb_txn_begin(st->env, NULL, MDB_RDONLY, &txn)) ||
+    if ((rc = open_env(st, path)) || (rc = mdb_txn_begin(st->env, NULL, MDB_RDONLY, &txn)) ||
         (rc = mdb_dbi_open(txn, "union", 0, &st->dbi_union)) ||
         (rc = mdb_dbi_open(txn, "objects", 0, &st->dbi_objects)) ||
         (rc = mdb_dbi_open(txn, "packs", 0, &st->dbi_packs)) || (rc = mdb_dbi_open(txn, "meta", 0, &dbi_meta))) {

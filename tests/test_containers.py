@@ -953,9 +953,11 @@ def test_network_host_without_raw_sockets_and_none(cli, sample):
 
 
 def test_commit_of_a_running_container_pauses_it(cli, sample, store_path):
-    script = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done"
+    # (a rename: a pause between the truncate and the write of `echo $i > /count` would commit
+    # an empty file, as docker commit would)
+    script = "i=0; while true; do i=$((i+1)); echo $i > /count.new; mv /count.new /count; sleep 0.02; done"
     cid = cli("run", "-d", sample, "sh", "-c", script).out.strip()
-    assert wait_until(lambda: cli("diff", cid).out.strip() != "")
+    assert wait_until(lambda: "/count" in (line.split()[-1] for line in cli("diff", cid).out.splitlines()))
     image = cli("commit", cid, "snap:1").out.strip()
     assert image.startswith("sha256:")
     assert int(cli("run", "--rm", "snap:1", "cat", "/count").out) >= 1

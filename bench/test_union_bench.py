@@ -64,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from uniongen import UnionImage, UnionParams, debian_unavailable, ensure, ensure_debian  # noqa: E402
 
 from layerfs import procfs  # noqa: E402
+from layerfs.storagebench.workloads import read_big, read_files, walk_stat  # noqa: E402
 
 # layerfs-overlay: layerfs's fuse-overlayfs drop-in over the very directories fuse-overlayfs gets;
 # layerfs and layerfs-overlay run the C FUSE core, layerfs-py the same mount on the pure-Python twin
@@ -465,40 +466,7 @@ class Mounter:
 
 
 # -- workloads ---------------------------------------------------------------------------------------
-def walk_stat(root: str) -> int:
-    n = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.lstat(os.path.join(dirpath, name))
-            n += 1
-    return n
-
-
-def read_files(root: str, rels: list[str]) -> int:
-    total = 0
-    for rel in rels:
-        fd = os.open(os.path.join(root, rel), os.O_RDONLY)
-        try:
-            while True:
-                b = os.read(fd, 65536)
-                if not b:
-                    break
-                total += len(b)
-        finally:
-            os.close(fd)
-    return total
-
-
-def read_big(path: str) -> int:
-    buf = bytearray(1 << 20)
-    total = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            total += n
-    return total
+# walk_stat, read_files and read_big: the same work as layerfs bench's (storagebench.workloads)
 
 
 def create_files(root: str, n: int, dirs: list[str]) -> None:

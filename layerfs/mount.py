@@ -327,7 +327,7 @@ def _serve(
         )
     upper, work = spec.upper, spec.work
     if upper is not None and work is not None:  # under the mount's atime rule (privmount.py)
-        (upper, work), _ = private_paths([upper, work], atime_attr(spec.mount_options))
+        upper, work = private_paths([upper, work], atime_attr(spec.mount_options))
     view = UnionView(store, lower, upper, work)
     view.label = f"image {spec.name or spec.image_id.hex()[:12]}"
 

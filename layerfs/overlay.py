@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             # the upper directory under the mount's atime rule (layerfs/privmount.py)
             up, wk = writable_upper, abs_work if writable_upper else None
             if up is not None and wk is not None:
-                (up, wk), _ = private_paths([up, wk], atime_attr(flags))
+                up, wk = private_paths([up, wk], atime_attr(flags))
             elif read_only and upper is not None:  # the upper, read-only: reads change no atime
-                lower_dirs[0] = private_paths([lower_dirs[0]], MOUNT_ATTR_NOATIME)[0][0]
+                (lower_dirs[0],) = private_paths([lower_dirs[0]], MOUNT_ATTR_NOATIME)
             view = UnionView(None, Stack([DirLayer(d, i) for i, d in enumerate(lower_dirs)]), up, wk)
             serve(
                 view,

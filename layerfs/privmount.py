@@ -49,23 +49,23 @@ def atime_attr(mount_options: dict[str, bool]) -> int:
     return attr
 
 
-def private_paths(paths: list[str], attr: int) -> tuple[list[str], int]:
+def private_paths(paths: list[str], attr: int) -> list[str]:
     """``paths`` (directories of one mount) through a private clone of their common ancestor
-    with the atime rule ``attr``, and the clone's descriptor (kept open for the life of the
-    process); ``(paths, -1)`` unchanged where that cannot be done."""
+    with the atime rule ``attr`` (its descriptor stays open for the life of the process: the
+    paths name it); ``paths`` unchanged where that cannot be done."""
     real = [os.path.realpath(p) for p in paths]
     common = os.path.commonpath(real)
     path = os.fsencode(common)
     fd = _libc.syscall(_OPEN_TREE, _AT_FDCWD, path, _OPEN_TREE_CLONE | os.O_CLOEXEC)
     if fd < 0:
-        return paths, -1
+        return paths
     fd = int(fd)
     arg = ctypes.create_string_buffer(
         _MOUNT_ATTR.pack(attr, _MOUNT_ATTR__ATIME | MOUNT_ATTR_NODIRATIME, 0, 0)
     )
     if _libc.syscall(_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, arg, _MOUNT_ATTR.size) < 0:
         os.close(fd)
-        return paths, -1
+        return paths
     # ("/." for the clone's root itself: an lstat of the bare magic link sees the link)
     out = [f"/proc/self/fd/{fd}/" + (os.path.relpath(r, common) if r != common else ".") for r in real]
     # the clone must show the very same directories (a path crossing another mount would not)
@@ -73,5 +73,5 @@ def private_paths(paths: list[str], attr: int) -> tuple[list[str], int]:
         a, b = os.stat(old), os.stat(new)
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
             os.close(fd)
-            return paths, -1
-    return out, fd
+            return paths
+    return out

@@ -30,6 +30,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/xattr.h>
 #include <pthread.h>
 #include <signal.h>
 #include <time.h>
@@ -112,7 +113,15 @@ struct node {
     int lower;
     /* an O_TMPFILE file without a name yet: its handle, through which a LINK names it */
     struct handle *anon;
+    /* an upper directory's union state as Python last told it (union_dir), valid while dir_gen
+     * is the session's union_gen: DIR_UPPER (only the upper directory's names count in it) or
+     * DIR_MERGED (and the lower directory dir_lower's, unless whited out); else DIR_PYTHON */
+    int dir_state;
+    uint64_t dir_gen;
+    uint64_t dir_lower;
 };
+
+enum { DIR_PYTHON, DIR_UPPER, DIR_MERGED };
 
 struct table {
     struct node **nodes;
@@ -384,6 +393,10 @@ struct handle {
     int counted_cached;         /* counted in its node's cached_opens */
     uint64_t lower_ino;         /* > 0: a lower file read from the store (the index's inode) */
     uint64_t node;
+    /* made by upper_create: fd is ours to close until the ops adopt it (adopt_pending: queued
+     * in the session's adopt list, adopted before the next call into Python) */
+    int c_fd;
+    int adopt_pending;
     /* directories: the listing taken at the first READDIR, served by offset after that */
     PyObject *listing;
     /* directories read from the store: where the last reply stopped, to resume there */
@@ -433,6 +446,18 @@ typedef struct Session {
     int nworkers;
     pthread_rwlock_t pin_lock;
     long long last_pin_ns;
+    /* writable mounts of a stored image: new files made in upper directories without Python
+     * (upper_create).  upper_fd is the upper directory (O_PATH), upper_ino what the view adds
+     * to a host inode number to number an upper object; union_gen is bumped by every change
+     * that may hide or show lower names (a node's dir_state holds while it is unchanged). */
+    int upper_fd;
+    uint64_t upper_ino;
+    uint64_t union_gen;
+    /* what Python learns before its next call: handles to adopt, host inodes made here */
+    struct handle **adopt;
+    size_t nadopt, adoptcap;
+    uint64_t *made;
+    size_t nmade, madecap;
 } Session;
 
 static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
@@ -1264,8 +1289,14 @@ static void do_create(Session *s, uint64_t unique, uint64_t parent, const struct
     reply(s, unique, 0, &out, sizeof(out));
 }
 
+static void adopt_cancel(Session *s, struct handle *h);
+
 static void handle_close(Session *s, struct handle *h, int dir)
 {
+    if (h->adopt_pending)
+        adopt_cancel(s, h);
+    if (h->c_fd)
+        close(h->fd);
     if (h->pyfh && h->pyfh != Py_None) {
         PyObject *res = PyObject_CallMethod(s->ops, "release", "O", h->pyfh);
         if (!res)
@@ -1944,6 +1975,294 @@ static int fast_dispatch(Session *s, struct worker *w, const char *req, size_t n
     return 1;
 }
 
+/* ---- new names in upper directories, without Python ------------------------------------------
+ *
+ * Creating a file is four round trips (LOOKUP of the new name, CREATE, GETXATTR of
+ * security.capability before the first write, RELEASE); in a directory already in the upper
+ * directory each was a call into Python.  What the union rules say there is simple enough to
+ * say here as well, for the common case; anything else (a whiteout or an upper entry at the
+ * name, a setgid parent, a default ACL, a ".wh." name, a long path) goes to Python as before.
+ * UnionView (layerfs/union/view.py) is the reference: union_dir tells us which lower
+ * directory, if any, a directory is merged with; _prepare_new, create and _new_file say what a
+ * new file must be. */
+
+#define WH_PREFIX ".wh."
+#define ACL_DEFAULT_XATTR "system.posix_acl_default"
+
+/* Queue a C-made handle for the ops to adopt before the next call into Python (which may be
+ * a request naming this handle). */
+static int adopt_later(Session *s, struct handle *h)
+{
+    if (s->nadopt == s->adoptcap) {
+        size_t cap = s->adoptcap ? s->adoptcap * 2 : 16;
+        struct handle **a = realloc(s->adopt, cap * sizeof(*a));
+        if (!a)
+            return -1;
+        s->adopt = a;
+        s->adoptcap = cap;
+    }
+    s->adopt[s->nadopt++] = h;
+    h->adopt_pending = 1;
+    return 0;
+}
+
+static void adopt_cancel(Session *s, struct handle *h)
+{
+    for (size_t i = s->nadopt; i-- > 0;) /* mostly the last one: a create, a write, a close */
+        if (s->adopt[i] == h) {
+            s->adopt[i] = s->adopt[--s->nadopt];
+            break;
+        }
+    h->adopt_pending = 0;
+}
+
+static int made_here(Session *s, uint64_t host_ino)
+{
+    if (s->nmade == s->madecap) {
+        size_t cap = s->madecap ? s->madecap * 2 : 64;
+        uint64_t *m = realloc(s->made, cap * sizeof(*m));
+        if (!m)
+            return -1;
+        s->made = m;
+        s->madecap = cap;
+    }
+    s->made[s->nmade++] = host_ino;
+    return 0;
+}
+
+/* Tell Python what was made without it: the host inodes of new files (the view numbers them
+ * as new, whatever an earlier file of that host inode was numbered) and the handles of those
+ * still open.  Called with the GIL, before any request goes to Python. */
+static void tell_python(Session *s)
+{
+    if (s->nmade) {
+        PyObject *list = PyList_New((Py_ssize_t)s->nmade);
+        for (size_t i = 0; list && i < s->nmade; i++)
+            PyList_SET_ITEM(list, (Py_ssize_t)i, PyLong_FromUnsignedLongLong(s->made[i]));
+        PyObject *res = list ? PyObject_CallMethod(s->ops, "made", "O", list) : NULL;
+        if (!res)
+            PyErr_Print();
+        Py_XDECREF(res);
+        Py_XDECREF(list);
+        s->nmade = 0;
+    }
+    for (size_t i = 0; i < s->nadopt; i++) {
+        struct handle *h = s->adopt[i];
+        PyObject *fh = PyObject_CallMethod(s->ops, "adopt", "i", h->fd);
+        if (fh) {
+            h->pyfh = fh; /* the view's now: it closes the descriptor at release */
+            h->c_fd = 0;
+        } else {
+            PyErr_Print();
+            Py_INCREF(Py_None);
+            h->pyfh = Py_None; /* requests naming it fail in Python (EBADF), none crashes */
+        }
+        h->adopt_pending = 0;
+    }
+    s->nadopt = 0;
+}
+
+/* Ask Python what directory `id` is in the union, unless known since the last change. */
+static int load_dir_state(Session *s, struct node *p)
+{
+    if (p->dir_gen == s->union_gen)
+        return p->dir_state;
+    p->dir_state = DIR_PYTHON;
+    p->dir_gen = s->union_gen;
+    int err = 0;
+    PyObject *path = path_bytes(s, p->id, &s->pb2, &err);
+    PyObject *res = path ? PyObject_CallMethod(s->ops, "union_dir", "O", path) : NULL;
+    Py_XDECREF(path);
+    if (!res) {
+        PyErr_Clear();
+        return DIR_PYTHON;
+    }
+    long long v = PyLong_AsLongLong(res);
+    Py_DECREF(res);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return DIR_PYTHON;
+    }
+    if (v == 0) {
+        p->dir_state = DIR_UPPER;
+    } else if (v > 0) {
+        p->dir_state = DIR_MERGED;
+        p->dir_lower = (uint64_t)v;
+    }
+    return p->dir_state;
+}
+
+/* 1 when Python has just told the state of directory `id` and C may decide about names in it
+ * (rw_fast, without the GIL, could not ask): try the C path again. */
+static int learn_dir_state(Session *s, uint64_t id)
+{
+    struct node *p = s->upper_fd >= 0 ? node_get(&s->t, id) : NULL;
+    if (!p || p->lower || p->dir_gen == s->union_gen)
+        return 0;
+    return load_dir_state(s, p) != DIR_PYTHON;
+}
+
+/* The parent node of a new name, if C may decide about names in it (Python told its state). */
+static struct node *upper_parent(Session *s, uint64_t parent, const char *name, size_t len)
+{
+    if (s->upper_fd < 0 || len == 0 || len > 255 || (len >= 4 && memcmp(name, WH_PREFIX, 4) == 0) ||
+        (name[0] == '.' && (len == 1 || (len == 2 && name[1] == '.'))))
+        return NULL;
+    struct node *p = node_get(&s->t, parent);
+    if (!p || p->lower || p->dir_gen != s->union_gen || p->dir_state == DIR_PYTHON)
+        return NULL;
+    return p;
+}
+
+/* The upper directory of node `p`, opened (O_RDONLY: its xattrs can be read), or -1. */
+static int upper_dir_open(Session *s, struct node *p)
+{
+    if (node_path(&s->t, p->id, &s->pb2) < 0 || s->pb2.len >= PATH_MAX - 1 || pb_reserve(&s->pb2, 1))
+        return -1;
+    s->pb2.p[s->pb2.len] = 0;
+    return openat(s->upper_fd, s->pb2.len ? s->pb2.p : ".", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+}
+
+/* 1: `name` shows nothing in directory p (open as dfd): no upper entry (a whiteout is one:
+ * Python's), no fallback whiteout, no lower entry.  0: Python decides. */
+static int name_is_free(Session *s, struct node *p, int dfd, const char *name, size_t len)
+{
+    struct stat st;
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+        return 0;
+    if (p->dir_state != DIR_MERGED)
+        return 1;
+    char wh[4 + 256];
+    memcpy(wh, WH_PREFIX, 4);
+    memcpy(wh + 4, name, len + 1);
+    if (fstatat(dfd, wh, &st, AT_SYMLINK_NOFOLLOW) == 0 || (errno != ENOENT && errno != ENAMETOOLONG))
+        return 0;
+    struct fs_store *st_ = s->lower_reader;
+    uint64_t ino;
+    if (!st_ || fs_store_begin(st_) < 0)
+        return 0;
+    int r = fs_store_lookup(st_, p->dir_lower, name, len, &ino);
+    fs_store_end(st_);
+    return r == -ENOENT;
+}
+
+/* LOOKUP of a name that is nowhere, in a directory C may decide about: a negative entry. */
+static int upper_lookup(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len)
+{
+    struct node *p = upper_parent(s, parent, name, len);
+    if (!p)
+        return 0;
+    int dfd = upper_dir_open(s, p);
+    if (dfd < 0)
+        return 0;
+    int free_ = name_is_free(s, p, dfd, name, len);
+    close(dfd);
+    if (!free_)
+        return 0;
+    struct fuse_entry_out e;
+    memset(&e, 0, sizeof(e));
+    split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
+    dentry_forget(&s->t, parent, name, len);
+    reply(s, u, 0, &e, sizeof(e));
+    return 1;
+}
+
+static void attr_from_stat(struct fuse_attr *a, uint64_t ino, const struct stat *st)
+{
+    memset(a, 0, sizeof(*a));
+    a->ino = ino;
+    a->mode = st->st_mode;
+    a->nlink = (uint32_t)st->st_nlink;
+    a->uid = st->st_uid;
+    a->gid = st->st_gid;
+    a->rdev = (uint32_t)st->st_rdev;
+    a->size = (uint64_t)st->st_size;
+    a->blocks = (uint64_t)st->st_blocks;
+    a->blksize = 4096; /* as attr_from_tuple */
+    a->atime = (uint64_t)st->st_atim.tv_sec;
+    a->atimensec = (uint32_t)st->st_atim.tv_nsec;
+    a->mtime = (uint64_t)st->st_mtim.tv_sec;
+    a->mtimensec = (uint32_t)st->st_mtim.tv_nsec;
+    a->ctime = (uint64_t)st->st_ctim.tv_sec;
+    a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
+}
+
+/* CREATE of a new regular file where the name is free (name_is_free) in a directory of the
+ * upper directory, not setgid and without a default ACL: what UnionView.create does there. */
+static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fuse_create_in *in, const char *name,
+                        size_t len, const struct fuse_in_header *ih)
+{
+    struct node *p = upper_parent(s, parent, name, len);
+    if (!p)
+        return 0;
+    int dfd = upper_dir_open(s, p);
+    if (dfd < 0)
+        return 0;
+    struct stat st;
+    if (fstat(dfd, &st) < 0 || (st.st_mode & S_ISGID) || !name_is_free(s, p, dfd, name, len))
+        goto python;
+    if (fgetxattr(dfd, ACL_DEFAULT_XATTR, NULL, 0) >= 0 || (errno != ENODATA && errno != EOPNOTSUPP))
+        goto python; /* the host applies a default ACL: Python's (_new_mode) */
+    int flags = (int)(in->flags & ~(uint32_t)O_DIRECT) | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+    int fd = openat(dfd, name, flags, in->mode & 07777);
+    if (fd < 0) {
+        int err = errno;
+        close(dfd);
+        reply_err(s, u, err);
+        return 1;
+    }
+    /* the owner first: a chown drops set-id bits, which the mode then gives back */
+    if (fchown(fd, ih->uid, ih->gid) < 0 || fchmod(fd, in->mode & ~in->umask & 07777) < 0 || fstat(fd, &st) < 0) {
+        int err = errno;
+        close(fd);
+        unlinkat(dfd, name, 0);
+        close(dfd);
+        reply_err(s, u, err);
+        return 1;
+    }
+    close(dfd);
+    struct fuse_attr a;
+    attr_from_stat(&a, (uint64_t)st.st_ino + s->upper_ino, &st);
+    struct handle *h = NULL;
+    int r = made_here(s, (uint64_t)st.st_ino);
+    if (r == 0)
+        r = remember(s, parent, name, len, &a, 0);
+    if (r == 0 && (h = handle_new(NULL, fd, a.ino)) != NULL) {
+        h->c_fd = 1;
+        if (adopt_later(s, h) < 0) {
+            free(h);
+            h = NULL;
+        }
+    }
+    if (!h) {
+        close(fd);
+        reply_err(s, u, r < 0 ? -r : ENOMEM);
+        return 1;
+    }
+    struct {
+        struct fuse_entry_out e;
+        struct fuse_open_out o;
+    } out;
+    struct node *n = node_get(&s->t, a.ino);
+    n->opens++;
+    n->no_caps = 1; /* a new file has no capability: spare the GETXATTR of its first write */
+    fill_entry(s, &out.e, &a);
+    memset(&out.o, 0, sizeof(out.o));
+    out.o.fh = (uint64_t)(uintptr_t)h;
+    int how = open_mode(s, h, n, in->flags, &out.o.padding);
+    if (how < 0) {
+        handle_close(s, h, 0);
+        reply_err(s, u, -how);
+        return 1;
+    }
+    out.o.open_flags = (uint32_t)how;
+    reply(s, u, 0, &out, sizeof(out));
+    return 1;
+python:
+    close(dfd);
+    return 0;
+}
+
 /* ---- writable mounts of a stored image: what needs no union rule, without Python ------------ */
 
 static void do_forget(Session *s, const struct fuse_in_header *ih, const char *body, size_t blen)
@@ -2012,7 +2331,7 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
             return 0;
         const struct fuse_write_in *in = (const struct fuse_write_in *)body;
         struct handle *h = (struct handle *)(uintptr_t)in->fh;
-        if (blen - sizeof(*in) < in->size || !h || !h->pyfh || h->fd < 0)
+        if (blen - sizeof(*in) < in->size || !h || !(h->pyfh || h->c_fd) || h->fd < 0)
             return 0;
         write_here(s, u, h, in);
         return 1;
@@ -2037,12 +2356,30 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
             return 0;
         break;
     case FUSE_LOOKUP:
-        if (!lower || (blen == 2 && body[0] == '.') || (blen == 3 && body[0] == '.' && body[1] == '.'))
+        if (!lower) /* a new name in an upper directory, mostly */
+            return (name = take_name(&p, &left, &len)) ? upper_lookup(s, u, id, name, len) : 0;
+        if ((blen == 2 && body[0] == '.') || (blen == 3 && body[0] == '.' && body[1] == '.'))
             /* "." and "..": what NFS export asks when it reconnects a handle */
             return 0;
         break;
-    case FUSE_READLINK:
+    case FUSE_CREATE: {
+        if (blen < sizeof(struct fuse_create_in))
+            return 0;
+        p += sizeof(struct fuse_create_in);
+        left -= sizeof(struct fuse_create_in);
+        if (!(name = take_name(&p, &left, &len)))
+            return 0;
+        return upper_create(s, u, id, (const struct fuse_create_in *)body, name, len, ih);
+    }
     case FUSE_GETXATTR:
+        if (!lower && nd && nd->no_caps && blen > sizeof(struct fuse_getxattr_in) &&
+            memchr(body + sizeof(struct fuse_getxattr_in), 0, blen - sizeof(struct fuse_getxattr_in)) &&
+            strcmp(body + sizeof(struct fuse_getxattr_in), CAPS_XATTR) == 0) {
+            reply_err(s, u, ENODATA); /* as do_getxattr, without the GIL */
+            return 1;
+        }
+        return lower ? fast_dispatch(s, w, req, n) : 0;
+    case FUSE_READLINK:
     case FUSE_LISTXATTR:
         return lower ? fast_dispatch(s, w, req, n) : 0; /* as a read-only mount */
     case FUSE_READDIR:
@@ -2216,6 +2553,19 @@ static void dispatch(Session *s, const char *req, size_t n)
     size_t left = blen, len, len2;
     const char *name, *name2;
 
+    if (s->nmade || s->nadopt)
+        tell_python(s);
+    switch (ih->opcode) {
+    case FUSE_RENAME:
+    case FUSE_RENAME2:
+    case FUSE_RMDIR:
+    case FUSE_MKDIR:
+    case FUSE_UNLINK:
+    case FUSE_SETXATTR:
+    case FUSE_REMOVEXATTR:
+        s->union_gen++; /* may hide or show lower names, or move directories: ask afresh */
+        break;
+    }
     switch (ih->opcode) {
     case FUSE_INIT:
         do_init(s, ih, body, blen);
@@ -2232,7 +2582,8 @@ static void dispatch(Session *s, const char *req, size_t n)
     case FUSE_LOOKUP:
         if (!(name = take_name(&p, &left, &len)))
             break;
-        do_lookup(s, u, id, name, len);
+        if (!(learn_dir_state(s, id) && upper_lookup(s, u, id, name, len)))
+            do_lookup(s, u, id, name, len);
         return;
     case FUSE_GETATTR:
         do_getattr(s, u, id, blen >= sizeof(struct fuse_getattr_in) ? (const struct fuse_getattr_in *)body : NULL);
@@ -2345,7 +2696,8 @@ static void dispatch(Session *s, const char *req, size_t n)
         left -= sizeof(*in);
         if (!(name = take_name(&p, &left, &len)))
             break;
-        do_create(s, u, id, in, name, len, ih);
+        if (!(learn_dir_state(s, id) && upper_create(s, u, id, in, name, len, ih)))
+            do_create(s, u, id, in, name, len, ih);
         return;
     }
     case OP_TMPFILE:
@@ -2505,18 +2857,22 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"fd",         "ops",         "writable",        "entry_timeout",
                              "attr_timeout", "negative_timeout", "debug",      "store",
                              "chain_prefix", "statfs",      "threads",         "passthrough",
-                             "file_cache",   "file_cache_size", "file_cache_min", "label", NULL};
+                             "file_cache",   "file_cache_size", "file_cache_min", "label",   "upper_dir",
+                             "upper_ino",    NULL};
     const char *label = "the image";
-    PyObject *store_path = Py_None, *statfs = Py_None, *cache_dir = Py_None;
+    PyObject *store_path = Py_None, *statfs = Py_None, *cache_dir = Py_None, *upper_dir = Py_None;
+    unsigned long long upper_ino = 0;
     unsigned long long cache_size = 0, cache_min = 0;
     const char *prefix = NULL;
     Py_ssize_t prefix_len = 0;
     int threads = 1;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKs", kwlist, &s->fd, &s->ops, &s->writable,
+    s->upper_fd = -1;
+    s->union_gen = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKsOK", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
                                      &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough,
-                                     &cache_dir, &cache_size, &cache_min, &label))
+                                     &cache_dir, &cache_size, &cache_min, &label, &upper_dir, &upper_ino))
         return -1;
     /* owned from here on: Session_dealloc drops it, also after a failure below (it dropped a
        reference it never took when a store failed to open: the caller's ops was freed) */
@@ -2581,6 +2937,13 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
             Py_DECREF(encoded);
             store_path = Py_None;
             s->workers[0].store = s->lower_reader; /* rw_fast's: the same thread */
+            if (upper_dir != Py_None) { /* upper_create's; without it Python makes every name */
+                if (!PyUnicode_FSConverter(upper_dir, &encoded))
+                    return -1;
+                s->upper_fd = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
+                s->upper_ino = upper_ino;
+                Py_DECREF(encoded);
+            }
         }
     }
     if (store_path != Py_None) {
@@ -2670,6 +3033,10 @@ static void Session_dealloc(Session *s)
     }
     free(s->pb.p);
     free(s->pb2.p);
+    if (s->upper_fd > 0) /* (0: never initialised) */
+        close(s->upper_fd);
+    free(s->adopt); /* handles still queued are freed at their RELEASE, or die with the daemon */
+    free(s->made);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 

@@ -29,7 +29,7 @@ from layerfs import procfs
 from layerfs.fuse import TRIM_EVERY, trim_store_map
 from layerfs.store import filecache
 from layerfs.union.lower import ChainLayer, join_path, parent_path
-from layerfs.union.view import UnionView
+from layerfs.union.view import UPPER_INO, UnionView
 
 # (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns[, lower])
 Attr = tuple[int, ...]
@@ -107,6 +107,25 @@ class CoreOps:
         return (*_attr(attr), 1) if lower and self.stored_reads else _attr(attr)
 
     getattr = lookup
+
+    def union_dir(self, path: bytes) -> int:
+        """What the C core may decide by itself about new names in directory ``path``: -1
+        nothing (not an upper directory, or merged with lower directories it cannot read);
+        0 an upper directory whose names are its own; else the index inode of the stored lower
+        directory merged with it (a name free in both is free in the union)."""
+        is_dir, lower = self.view.upper_dir_state(path)
+        if not is_dir:
+            return -1
+        if lower is None:
+            return 0
+        return lower.ino if self.stored_reads and lower.host is None else -1
+
+    def adopt(self, fd: int) -> int:
+        """The view's handle for an upper file the C core created and opened."""
+        return self.view.adopt(fd)
+
+    def made(self, host_inos: list[int]) -> None:
+        self.view.made(host_inos)
 
     def fgetattr(self, fh: int) -> Attr:
         return _attr(self.view.fgetattr(fh))
@@ -423,6 +442,8 @@ def serve(
             # a writable mount of one stored image: lower files opened for reading are read by C,
             # from the store or from their decompressed copies in the file cache
             ops.stored_reads = True
+            if view.upper is not None:  # new files in upper directories made by C (upper_create)
+                from_store.update(upper_dir=view.upper, upper_ino=UPPER_INO)
             size = filecache.bound(store.path)
             if size > 0:
                 from_store.update(

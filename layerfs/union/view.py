@@ -321,10 +321,32 @@ class UnionView:
         return attr
 
     def _new_ino(self, st: os.stat_result) -> None:
-        """An object made in the upper directory just now: its inode number is the host's plus
-        UPPER_INO (no copy-up xattr to look for; and a host inode number reused after a
-        deletion must not keep the number its earlier file had)."""
-        self._upper_ino[st.st_ino] = st.st_ino + UPPER_INO
+        self.made([st.st_ino])
+
+    def made(self, host_inos: list[int]) -> None:
+        """Objects made in the upper directory just now (by the view, or by a FUSE core
+        beside it): each inode number is the host's plus UPPER_INO (no copy-up xattr to look
+        for; and a host inode number reused after a deletion must not keep the number its
+        earlier file had)."""
+        for ino in host_inos:
+            self._upper_ino[ino] = ino + UPPER_INO
+
+    def upper_dir_state(self, path: bytes) -> tuple[bool, Node | None]:
+        """Whether ``path`` is a directory of the upper directory, and the lower directory
+        whose names show in it beside the upper's (None: only the upper's count, as in an
+        opaque or an upper-only directory).  What a FUSE core needs to decide, by itself,
+        that a name is free there: no upper entry, no fallback whiteout, no such lower name."""
+        st = self._ulstat(path)
+        if st is None or not stat.S_ISDIR(st.st_mode) or is_whiteout(st):
+            return False, None
+        if not self._lower_visible(path):
+            return True, None
+        lower = self._lower(path)
+        return True, lower if lower is not None and lower.is_dir else None
+
+    def adopt(self, fd: int) -> int:
+        """A handle for an upper file a FUSE core made and opened (``fd`` is the view's now)."""
+        return self._new_handle(_UpperFile(fd))
 
     def _ino_of(self, path: bytes, st: os.stat_result) -> int:
         if not path:

@@ -69,6 +69,7 @@ struct pt_backing_map {
 #define MAX_WRITE (1u << 20)          /* 1 MiB requests: a quarter of the round trips of 128 KiB */
 #define BUF_SIZE (MAX_WRITE + 65536)  /* the kernel wants room for the headers as well */
 #define ATTR_TUPLE_LEN 11
+#define CAPS_XATTR "security.capability"
 
 /* ---- the inode and dentry tables ------------------------------------------------------- */
 
@@ -119,6 +120,7 @@ struct node {
     int dir_state;
     uint64_t dir_gen;
     uint64_t dir_lower;
+    int dir_plain; /* ... and neither setgid nor with a default ACL: upper_create may make files */
 };
 
 enum { DIR_PYTHON, DIR_UPPER, DIR_MERGED };
@@ -397,6 +399,7 @@ struct handle {
      * in the session's adopt list, adopted before the next call into Python) */
     int c_fd;
     int adopt_pending;
+    int fd_rdwr; /* fd is open for reading and writing whatever the open asked (a backing to share) */
     /* directories: the listing taken at the first READDIR, served by offset after that */
     PyObject *listing;
     /* directories read from the store: where the last reply stopped, to resume there */
@@ -451,14 +454,27 @@ typedef struct Session {
      * to a host inode number to number an upper object; union_gen is bumped by every change
      * that may hide or show lower names (a node's dir_state holds while it is unchanged). */
     int upper_fd;
+    int work_fd;                /* the work directory (O_PATH): copies are made there, then renamed */
+    uint64_t copies;            /* ... named copyup-<pid>-c<n> (the view's are copyup-<pid>-<n>) */
     uint64_t upper_ino;
     uint64_t union_gen;
     /* what Python learns before its next call: handles to adopt, host inodes made here */
     struct handle **adopt;
     size_t nadopt, adoptcap;
-    uint64_t *made;
+    uint64_t *made; /* (host inode, number) pairs */
     size_t nmade, madecap;
+    /* upper directories kept open, by node id modulo DIR_SLOTS, while union_gen stays */
+    struct dir_slot {
+        uint64_t id, gen;
+        int fd;
+    } dirs[32];
+    /* the last name upper_lookup found free: the CREATE that mostly follows need not look
+     * again unless something changed meanwhile (change_seq) */
+    uint64_t change_seq, free_parent, free_seq;
+    size_t free_len;
+    char free_name[256];
 } Session;
+#define DIR_SLOTS 32
 
 static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
 {
@@ -1048,7 +1064,9 @@ static int open_mode(Session *s, struct handle *h, struct node *n, uint32_t flag
     }
     if (s->passthrough && n && h->fd >= 0 && n->cached_opens == 0) {
         int fd = h->fd, reopened = -1;
-        if (!h->owns_fd && mode != O_RDWR) { /* an upper file: a backing later writers can share */
+        if (h->fd_rdwr) {
+            mode = O_RDWR;
+        } else if (!h->owns_fd && mode != O_RDWR) { /* an upper file: a backing later writers can share */
             char path[64];
             snprintf(path, sizeof(path), "/proc/self/fd/%d", h->fd);
             if ((reopened = open(path, O_RDWR | O_CLOEXEC)) >= 0) {
@@ -1213,6 +1231,13 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
     if (!h) {
         reply_err(s, unique, ENOMEM);
         return;
+    }
+    if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) {
+        /* the kernel asks for security.capability before every write (to drop it): a file
+         * opened to be written (mostly just copied up) is asked here, once, on its descriptor */
+        struct node *n = node_get(&s->t, id);
+        if (n && !n->no_caps && fgetxattr(fd, CAPS_XATTR, NULL, 0) < 0 && errno == ENODATA)
+            n->no_caps = 1;
     }
     finish_open(s, unique, h, flags);
 }
@@ -1531,7 +1556,6 @@ static void do_statfs(Session *s, uint64_t unique)
     reply(s, unique, 0, &o, sizeof(o));
 }
 
-#define CAPS_XATTR "security.capability"
 
 static void do_getxattr(Session *s, uint64_t unique, uint64_t id, const char *name, uint32_t size, int list)
 {
@@ -2016,29 +2040,32 @@ static void adopt_cancel(Session *s, struct handle *h)
     h->adopt_pending = 0;
 }
 
-static int made_here(Session *s, uint64_t host_ino)
+/* The view numbers upper object host_ino as `number` (UnionView._upper_ino). */
+static int made_here(Session *s, uint64_t host_ino, uint64_t number)
 {
     if (s->nmade == s->madecap) {
         size_t cap = s->madecap ? s->madecap * 2 : 64;
-        uint64_t *m = realloc(s->made, cap * sizeof(*m));
+        uint64_t *m = realloc(s->made, 2 * cap * sizeof(*m));
         if (!m)
             return -1;
         s->made = m;
         s->madecap = cap;
     }
-    s->made[s->nmade++] = host_ino;
+    s->made[2 * s->nmade] = host_ino;
+    s->made[2 * s->nmade + 1] = number;
+    s->nmade++;
     return 0;
 }
 
-/* Tell Python what was made without it: the host inodes of new files (the view numbers them
- * as new, whatever an earlier file of that host inode was numbered) and the handles of those
- * still open.  Called with the GIL, before any request goes to Python. */
+/* Tell Python what was made without it: the numbers of new and copied-up files by host inode
+ * (whatever an earlier file of that host inode was numbered) and the handles of those still
+ * open.  Called with the GIL, before any request goes to Python. */
 static void tell_python(Session *s)
 {
     if (s->nmade) {
         PyObject *list = PyList_New((Py_ssize_t)s->nmade);
         for (size_t i = 0; list && i < s->nmade; i++)
-            PyList_SET_ITEM(list, (Py_ssize_t)i, PyLong_FromUnsignedLongLong(s->made[i]));
+            PyList_SET_ITEM(list, (Py_ssize_t)i, Py_BuildValue("(KK)", s->made[2 * i], s->made[2 * i + 1]));
         PyObject *res = list ? PyObject_CallMethod(s->ops, "made", "O", list) : NULL;
         if (!res)
             PyErr_Print();
@@ -2061,6 +2088,8 @@ static void tell_python(Session *s)
     }
     s->nadopt = 0;
 }
+
+static int upper_dir_fd(Session *s, struct node *p);
 
 /* Ask Python what directory `id` is in the union, unless known since the last change. */
 static int load_dir_state(Session *s, struct node *p)
@@ -2089,6 +2118,15 @@ static int load_dir_state(Session *s, struct node *p)
         p->dir_state = DIR_MERGED;
         p->dir_lower = (uint64_t)v;
     }
+    /* what decides a new file's group and mode besides the caller: a setgid directory gives its
+     * group, a default ACL the mode (_new_gid, _new_mode); files there are Python's to make.
+     * SETATTR and SETXATTR move union_gen, so this is asked again after a change */
+    p->dir_plain = 0;
+    struct stat st;
+    int dfd = p->dir_state != DIR_PYTHON ? upper_dir_fd(s, p) : -1;
+    if (dfd >= 0 && fstat(dfd, &st) == 0 && !(st.st_mode & S_ISGID) &&
+        fgetxattr(dfd, ACL_DEFAULT_XATTR, NULL, 0) < 0 && (errno == ENODATA || errno == EOPNOTSUPP))
+        p->dir_plain = 1;
     return p->dir_state;
 }
 
@@ -2114,13 +2152,26 @@ static struct node *upper_parent(Session *s, uint64_t parent, const char *name, 
     return p;
 }
 
-/* The upper directory of node `p`, opened (O_RDONLY: its xattrs can be read), or -1. */
-static int upper_dir_open(Session *s, struct node *p)
+/* The upper directory of node `p`, open (O_RDONLY: its xattrs can be read) and kept in the
+ * session's few slots until union_gen moves (a rename or rmdir may have moved it); -1 if it
+ * does not open.  Not the caller's to close. */
+static int upper_dir_fd(Session *s, struct node *p)
 {
+    struct dir_slot *d = &s->dirs[p->id % DIR_SLOTS];
+    if (d->fd > 0 && d->id == p->id && d->gen == s->union_gen)
+        return d->fd;
     if (node_path(&s->t, p->id, &s->pb2) < 0 || s->pb2.len >= PATH_MAX - 1 || pb_reserve(&s->pb2, 1))
         return -1;
     s->pb2.p[s->pb2.len] = 0;
-    return openat(s->upper_fd, s->pb2.len ? s->pb2.p : ".", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    int fd = openat(s->upper_fd, s->pb2.len ? s->pb2.p : ".", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (d->fd > 0)
+        close(d->fd);
+    d->id = p->id;
+    d->gen = s->union_gen;
+    d->fd = fd;
+    return fd;
 }
 
 /* 1: `name` shows nothing in directory p (open as dfd): no upper entry (a whiteout is one:
@@ -2152,13 +2203,13 @@ static int upper_lookup(Session *s, uint64_t u, uint64_t parent, const char *nam
     struct node *p = upper_parent(s, parent, name, len);
     if (!p)
         return 0;
-    int dfd = upper_dir_open(s, p);
-    if (dfd < 0)
+    int dfd = upper_dir_fd(s, p);
+    if (dfd < 0 || !name_is_free(s, p, dfd, name, len))
         return 0;
-    int free_ = name_is_free(s, p, dfd, name, len);
-    close(dfd);
-    if (!free_)
-        return 0;
+    s->free_parent = parent;
+    s->free_seq = s->change_seq;
+    s->free_len = len;
+    memcpy(s->free_name, name, len);
     struct fuse_entry_out e;
     memset(&e, 0, sizeof(e));
     split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
@@ -2195,40 +2246,43 @@ static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fu
     struct node *p = upper_parent(s, parent, name, len);
     if (!p)
         return 0;
-    int dfd = upper_dir_open(s, p);
+    if (!p->dir_plain)
+        return 0;
+    int dfd = upper_dir_fd(s, p);
     if (dfd < 0)
         return 0;
-    struct stat st;
-    if (fstat(dfd, &st) < 0 || (st.st_mode & S_ISGID) || !name_is_free(s, p, dfd, name, len))
-        goto python;
-    if (fgetxattr(dfd, ACL_DEFAULT_XATTR, NULL, 0) >= 0 || (errno != ENODATA && errno != EOPNOTSUPP))
-        goto python; /* the host applies a default ACL: Python's (_new_mode) */
-    int flags = (int)(in->flags & ~(uint32_t)O_DIRECT) | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
-    int fd = openat(dfd, name, flags, in->mode & 07777);
+    /* free, as the LOOKUP just before found (nothing changed since), or as we look now */
+    int known_free = s->free_parent == parent && s->free_seq == s->change_seq && s->free_len == len &&
+                     memcmp(s->free_name, name, len) == 0;
+    if (!known_free && !name_is_free(s, p, dfd, name, len))
+        return 0;
+    s->change_seq++;
+    /* read-write whatever the caller asked (the kernel holds it to its own open mode): a
+     * passthrough backing other opens can share, without opening the file again */
+    uint32_t how_open = (in->flags & ~(uint32_t)(O_DIRECT | O_ACCMODE)) | O_RDWR;
+    int fd = openat(dfd, name, (int)how_open | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, in->mode & 07777);
     if (fd < 0) {
-        int err = errno;
-        close(dfd);
-        reply_err(s, u, err);
+        reply_err(s, u, errno);
         return 1;
     }
     /* the owner first: a chown drops set-id bits, which the mode then gives back */
+    struct stat st;
     if (fchown(fd, ih->uid, ih->gid) < 0 || fchmod(fd, in->mode & ~in->umask & 07777) < 0 || fstat(fd, &st) < 0) {
         int err = errno;
         close(fd);
         unlinkat(dfd, name, 0);
-        close(dfd);
         reply_err(s, u, err);
         return 1;
     }
-    close(dfd);
     struct fuse_attr a;
     attr_from_stat(&a, (uint64_t)st.st_ino + s->upper_ino, &st);
     struct handle *h = NULL;
-    int r = made_here(s, (uint64_t)st.st_ino);
+    int r = made_here(s, (uint64_t)st.st_ino, a.ino);
     if (r == 0)
         r = remember(s, parent, name, len, &a, 0);
     if (r == 0 && (h = handle_new(NULL, fd, a.ino)) != NULL) {
         h->c_fd = 1;
+        h->fd_rdwr = 1;
         if (adopt_later(s, h) < 0) {
             free(h);
             h = NULL;
@@ -2258,9 +2312,160 @@ static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fu
     out.o.open_flags = (uint32_t)how;
     reply(s, u, 0, &out, sizeof(out));
     return 1;
-python:
-    close(dfd);
-    return 0;
+}
+
+
+/* Set a copy's xattr, as _copy_one does: what the host refuses (EPERM, ENOTSUP) is left out. */
+static int copy_xattr(int fd, const char *name, const void *value, size_t len)
+{
+    if (fsetxattr(fd, name, value, len, 0) == 0 || errno == EPERM || errno == ENOTSUP)
+        return 0;
+    return -errno;
+}
+
+/* The lower file's metadata onto its copy (open as fd), as UnionView._copy_one gives it: owner,
+ * then mode (a chown drops set-id bits), xattrs, the inode number it keeps, times. */
+static int copy_meta(int fd, const struct fs_inode *fi, uint64_t ino)
+{
+    if (fchown(fd, fi->uid, fi->gid) < 0 || fchmod(fd, fi->mode & 07777) < 0)
+        return -errno;
+    size_t x = 0;
+    char name[256 + 1];
+    for (unsigned i = 0; i < fi->xattr_count; i++) {
+        if (x + 6 > fi->xattrs_len)
+            return -EIO;
+        size_t nl = (size_t)(fi->xattrs[x] | fi->xattrs[x + 1] << 8);
+        size_t vl = (size_t)fi->xattrs[x + 2] | (size_t)fi->xattrs[x + 3] << 8 | (size_t)fi->xattrs[x + 4] << 16 |
+                    (size_t)fi->xattrs[x + 5] << 24;
+        if (nl > 256 || x + 6 + nl + vl > fi->xattrs_len)
+            return -EIO;
+        memcpy(name, fi->xattrs + x + 6, nl);
+        name[nl] = 0;
+        int r = copy_xattr(fd, name, fi->xattrs + x + 6 + nl, vl);
+        if (r < 0)
+            return r;
+        x += 6 + nl + vl;
+    }
+    unsigned char num[8];
+    for (int i = 0; i < 8; i++)
+        num[i] = (unsigned char)(ino >> (8 * i)); /* <Q, as view._INO */
+    static const char *const ino_xattrs[] = {"trusted.overlay.layerfs.ino", "user.overlay.layerfs.ino"};
+    for (int i = 0; i < 2; i++) {
+        if (fsetxattr(fd, ino_xattrs[i], num, sizeof(num), 0) == 0)
+            break;
+        if (errno != EPERM && errno != ENOTSUP)
+            return -errno;
+    }
+    int64_t ns = fi->mtime_ns;
+    struct timespec ts[2];
+    ts[0].tv_sec = ts[1].tv_sec = (time_t)(ns / 1000000000LL - (ns % 1000000000LL < 0));
+    ts[0].tv_nsec = ts[1].tv_nsec = (long)(((ns % 1000000000LL) + 1000000000LL) % 1000000000LL);
+    return futimens(fd, ts) < 0 ? -errno : 0;
+}
+
+/* OPEN to write (or truncate) a lower file of the stored image, alone in its inode (no other
+ * names to link), in a directory already in the upper directory: the copy-up of
+ * UnionView._copy_one, here - the bytes from the store into a new file of the work directory,
+ * its metadata, then renamed into place with its directory's times kept.  0: Python's. */
+static int upper_copy_up(Session *s, uint64_t u, uint64_t id, uint32_t flags)
+{
+    struct node *n = node_get(&s->t, id);
+    if (s->work_fd < 0 || !n || !n->lower || !n->names || n->names->nnext || !S_ISREG(n->attr.mode))
+        return 0;
+    struct dentry *d = n->names;
+    struct node *p = upper_parent(s, d->parent, d->name, d->len);
+    struct fs_store *st = s->lower_reader;
+    if (!p || copy_busy(s, id))
+        return 0;
+    int dfd = upper_dir_fd(s, p);
+    if (dfd < 0 || fs_store_begin(st) < 0)
+        return 0;
+    struct fs_inode fi;
+    struct stat ds;
+    int r = fs_store_inode(st, id, &fi);
+    if (r < 0 || fi.nlink != 1 || !S_ISREG(fi.mode) || fstat(dfd, &ds) < 0) {
+        fs_store_end(st);
+        return 0;
+    }
+    char tmp[64];
+    snprintf(tmp, sizeof(tmp), "copyup-%d-c%llu", (int)getpid(), (unsigned long long)++s->copies);
+    int fd = openat(s->work_fd, tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        fs_store_end(st);
+        return 0; /* Python says why */
+    }
+    char *buf = s->buf + BUF_SIZE;
+    for (uint64_t off = 0; !(flags & O_TRUNC) && off < fi.size && r >= 0;) {
+        long got = fs_store_read(st, &fi, id, buf, MAX_WRITE, off);
+        if (got <= 0) {
+            r = got < 0 ? (int)got : -EIO;
+            break;
+        }
+        for (long w = 0; w < got;) {
+            ssize_t put = pwrite(fd, buf + w, (size_t)(got - w), (off_t)(off + (uint64_t)w));
+            if (put < 0) {
+                r = -errno;
+                break;
+            }
+            w += put;
+        }
+        off += (uint64_t)got;
+    }
+    if (r >= 0)
+        r = copy_meta(fd, &fi, id);
+    int caps = 0;
+    for (size_t x = 0, i = 0; r >= 0 && i < fi.xattr_count; i++) {
+        size_t nl = (size_t)(fi.xattrs[x] | fi.xattrs[x + 1] << 8);
+        size_t vl = (size_t)fi.xattrs[x + 2] | (size_t)fi.xattrs[x + 3] << 8 | (size_t)fi.xattrs[x + 4] << 16 |
+                    (size_t)fi.xattrs[x + 5] << 24;
+        caps |= nl == sizeof(CAPS_XATTR) - 1 && memcmp(fi.xattrs + x + 6, CAPS_XATTR, nl) == 0;
+        x += 6 + nl + vl;
+    }
+    if (r == -EIO)
+        report_damage(s, st, id, &fi);
+    fs_store_end(st);
+    close(fd);
+    if (r >= 0 && renameat(s->work_fd, tmp, dfd, d->name) < 0)
+        r = -errno;
+    if (r < 0) {
+        unlinkat(s->work_fd, tmp, 0);
+        reply_err(s, u, -r);
+        return 1;
+    }
+    /* a copy-up is no change of its directory: its times stay (_parent_times_kept) */
+    struct timespec dts[2] = {ds.st_atim, ds.st_mtim};
+    futimens(dfd, dts);
+    s->change_seq++;
+    /* the copy, opened as the caller asked but read-write (a backing other opens can share) */
+    uint32_t how = (flags & ~(uint32_t)(O_DIRECT | O_ACCMODE | O_CREAT | O_EXCL)) | O_RDWR;
+    fd = openat(dfd, d->name, (int)how | O_NOFOLLOW | O_CLOEXEC);
+    struct stat cs;
+    if (fd < 0 || fstat(fd, &cs) < 0) {
+        int err = errno;
+        if (fd >= 0)
+            close(fd);
+        n->lower = 0;
+        reply_err(s, u, err);
+        return 1;
+    }
+    n->lower = 0; /* the upper directory has it now */
+    n->no_caps = !caps;
+    struct handle *h = NULL;
+    if (made_here(s, (uint64_t)cs.st_ino, id) == 0 && (h = handle_new(NULL, fd, id)) != NULL) {
+        h->c_fd = 1;
+        h->fd_rdwr = 1;
+        if (adopt_later(s, h) < 0) {
+            free(h);
+            h = NULL;
+        }
+    }
+    if (!h) {
+        close(fd);
+        reply_err(s, u, ENOMEM);
+        return 1;
+    }
+    finish_open(s, u, h, flags);
+    return 1;
 }
 
 /* ---- writable mounts of a stored image: what needs no union rule, without Python ------------ */
@@ -2341,7 +2546,7 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
             return 0;
         uint32_t flags = ((const struct fuse_open_in *)body)->flags;
         if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC))
-            return 0; /* a copy-up: Python's */
+            return upper_copy_up(s, u, id, flags); /* else Python's */
         open_lower(s, u, id, id, flags);
         return 1;
     }
@@ -2555,7 +2760,9 @@ static void dispatch(Session *s, const char *req, size_t n)
 
     if (s->nmade || s->nadopt)
         tell_python(s);
+    s->change_seq++; /* Python may change anything: a name found free is looked at again */
     switch (ih->opcode) {
+    case FUSE_SETATTR: /* a directory made setgid (upper_create leaves those to Python) */
     case FUSE_RENAME:
     case FUSE_RENAME2:
     case FUSE_RMDIR:
@@ -2682,10 +2889,17 @@ static void dispatch(Session *s, const char *req, size_t n)
         do_rename(s, u, id, name, len, newdir, name2, len2, flags);
         return;
     }
-    case FUSE_OPEN:
+    case FUSE_OPEN: {
         NEED(sizeof(struct fuse_open_in));
-        do_open(s, u, id, ((const struct fuse_open_in *)body)->flags, 0);
+        uint32_t flags = ((const struct fuse_open_in *)body)->flags;
+        struct node *nd = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) ? node_get(&s->t, id) : NULL;
+        /* a copy-up C may make once Python has told it the directory (rw_fast could not ask) */
+        if (nd && nd->lower && nd->names && learn_dir_state(s, nd->names->parent) &&
+            upper_copy_up(s, u, id, flags))
+            return;
+        do_open(s, u, id, flags, 0);
         return;
+    }
     case FUSE_OPENDIR:
         do_open(s, u, id, 0, 1);
         return;
@@ -2858,21 +3072,21 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
                              "attr_timeout", "negative_timeout", "debug",      "store",
                              "chain_prefix", "statfs",      "threads",         "passthrough",
                              "file_cache",   "file_cache_size", "file_cache_min", "label",   "upper_dir",
-                             "upper_ino",    NULL};
+                             "upper_ino",    "work_dir",        NULL};
     const char *label = "the image";
-    PyObject *store_path = Py_None, *statfs = Py_None, *cache_dir = Py_None, *upper_dir = Py_None;
+    PyObject *store_path = Py_None, *statfs = Py_None, *cache_dir = Py_None, *upper_dir = Py_None, *work_dir = Py_None;
     unsigned long long upper_ino = 0;
     unsigned long long cache_size = 0, cache_min = 0;
     const char *prefix = NULL;
     Py_ssize_t prefix_len = 0;
     int threads = 1;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
-    s->upper_fd = -1;
+    s->upper_fd = s->work_fd = -1;
     s->union_gen = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKsOK", kwlist, &s->fd, &s->ops, &s->writable,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKsOKO", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
                                      &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough,
-                                     &cache_dir, &cache_size, &cache_min, &label, &upper_dir, &upper_ino))
+                                     &cache_dir, &cache_size, &cache_min, &label, &upper_dir, &upper_ino, &work_dir))
         return -1;
     /* owned from here on: Session_dealloc drops it, also after a failure below (it dropped a
        reference it never took when a store failed to open: the caller's ops was freed) */
@@ -2942,6 +3156,12 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
                     return -1;
                 s->upper_fd = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
                 s->upper_ino = upper_ino;
+                Py_DECREF(encoded);
+            }
+            if (upper_dir != Py_None && work_dir != Py_None) { /* upper_copy_up's */
+                if (!PyUnicode_FSConverter(work_dir, &encoded))
+                    return -1;
+                s->work_fd = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
                 Py_DECREF(encoded);
             }
         }
@@ -3035,6 +3255,11 @@ static void Session_dealloc(Session *s)
     free(s->pb2.p);
     if (s->upper_fd > 0) /* (0: never initialised) */
         close(s->upper_fd);
+    if (s->work_fd > 0)
+        close(s->work_fd);
+    for (int i = 0; i < DIR_SLOTS; i++)
+        if (s->dirs[i].fd > 0)
+            close(s->dirs[i].fd);
     free(s->adopt); /* handles still queued are freed at their RELEASE, or die with the daemon */
     free(s->made);
     Py_TYPE(s)->tp_free((PyObject *)s);

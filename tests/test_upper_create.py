@@ -10,11 +10,13 @@ import os
 import shutil
 import stat
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import make_layout, member, tar_bytes
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
     extract_layers,
     force_unmount,
@@ -239,3 +241,98 @@ def test_the_kernel_overlay_shows_what_was_made(cli, sample, sample_layout, tmp_
     with kernel_overlay(lowers, upper, str(tmp_path / "work"), str(tmp_path / "k")) as k:
         theirs = snapshot(k)
     assert theirs == ours
+
+
+# -- copy-up in C: a lower file alone in its inode, in a directory already in the upper ----------
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep (v2)
+
+
+@pytest.fixture
+def xattr_image(cli: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Files with an owner, a mode, set-id bits, xattrs, a capability and a hardlink pair."""
+    members = [member("d/", kind=tarfile.DIRTYPE, mode=0o755)]
+    for i in range(4):
+        info, data = member(f"d/f{i}", b"lower %d\n" % i * 1000, mode=0o640, mtime=1_600_000_000 + i)
+        info.uid, info.gid = 1000 + i, 2000 + i
+        members.append((info, data))
+    info, data = member("d/xa", b"with xattrs", mode=0o4755)
+    info.pax_headers = {"SCHILY.xattr.user.note": "hello", "SCHILY.xattr.trusted.keep": "t"}
+    members.append((info, data))
+    info, data = member("d/cap", b"#!/bin/true\n", mode=0o755)
+    info.pax_headers = {"SCHILY.xattr.security.capability": CAP.decode("latin-1")}
+    members.append((info, data))
+    members.append(member("d/big", bytes(range(256)) * 12_000))  # several chunks
+    members.append(member("d/h1", b"linked"))
+    members.append(member("d/h2", kind=tarfile.LNKTYPE, link="d/h1"))
+    layout = str(tmp_path_factory.mktemp("xattr-image") / "layout")
+    make_layout(layout, [tar_bytes(members)], ref="xattrs:1")
+    cli("import", layout)
+    return "xattrs:1", layout
+
+
+def _meta(path: str) -> tuple[Any, ...]:
+    st = os.lstat(path)
+    xattrs = {
+        n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)
+    }
+    return (st.st_ino, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size, xattrs)
+
+
+def test_a_copy_up_keeps_what_the_lower_file_had(cli, xattr_image, tmp_path):
+    image, layout = xattr_image
+    """Opened to write, each lower file is copied up whole: its bytes, owner, mode (set-id bits
+    too), xattrs, modification time and inode number, as the view copies; its directory's
+    times stay.  What the kernel overlay mounts from the same upper directory is the same."""
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    with layerfs_mount(cli, image, mnt, upper=upper):
+        d = os.path.join(mnt, "d")
+        names = ["f0", "f1", "f2", "f3", "xa", "cap", "big", "h1"]
+        before = {n: _meta(os.path.join(d, n)) for n in names}
+        data = {n: open(os.path.join(d, n), "rb").read() for n in names}
+        fd = os.open(os.path.join(d, "f0"), os.O_RDONLY)  # the first copy-up makes d an upper directory
+        os.close(fd)
+        _make(os.path.join(d, "new"), b"n")
+        dir_times = os.lstat(d).st_mtime_ns
+        for n in names:
+            fd = os.open(os.path.join(d, n), os.O_RDWR)  # copied up, nothing written
+            os.close(fd)
+            got = _meta(os.path.join(d, n))
+            assert got == before[n], n
+            with open(os.path.join(d, n), "rb") as f:
+                assert f.read() == data[n], n
+        assert os.lstat(d).st_mtime_ns == dir_times
+        assert os.lstat(os.path.join(d, "h1")).st_ino == os.lstat(os.path.join(d, "h2")).st_ino
+        with open(os.path.join(d, "f1"), "ab") as f:  # and written
+            f.write(b"appended")
+        with open(os.path.join(d, "f1"), "rb") as f:
+            assert f.read() == data["f1"] + b"appended"
+        fd = os.open(os.path.join(d, "f2"), os.O_WRONLY | os.O_TRUNC)
+        os.close(fd)
+        assert os.lstat(os.path.join(d, "f2")).st_size == 0
+        ours = snapshot(mnt, volatile={"/d/f1", "/d/f2", "/d/new"})
+        inos = {n: os.lstat(os.path.join(d, n)).st_ino for n in names}
+    with layerfs_mount(cli, image, mnt, upper=upper):
+        assert {n: os.lstat(os.path.join(mnt, "d", n)).st_ino for n in names} == inos
+    for n in names:  # plain files in the upper directory
+        assert stat.S_ISREG(os.lstat(os.path.join(upper, "d", n)).st_mode)
+    assert not [n for n in os.listdir(os.path.join(tmp_path, "upper")) if n.startswith("copyup-")]
+    reason = overlay_unavailable(str(tmp_path))
+    if reason:
+        pytest.skip(reason)
+    lowers = extract_layers(layout, str(tmp_path / "lowers"))
+    with kernel_overlay(lowers, upper, str(tmp_path / "work"), str(tmp_path / "k")) as k:
+        assert snapshot(k, volatile={"/d/f1", "/d/f2", "/d/new"}) == ours
+
+
+def test_a_write_after_copy_up_drops_a_capability_as_the_kernel_does(cli, xattr_image, tmp_path):
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, xattr_image[0], mnt, rw=True):
+        d = os.path.join(mnt, "d")
+        _make(os.path.join(d, "new"), b"n")
+        p = os.path.join(d, "cap")
+        assert os.getxattr(p, "security.capability") == CAP
+        with open(p, "ab") as f:
+            f.write(b"# more\n")
+        with pytest.raises(OSError) as e:
+            os.getxattr(p, "security.capability")
+        assert e.value.errno == errno.ENODATA

@@ -124,8 +124,8 @@ class CoreOps:
         """The view's handle for an upper file the C core created and opened."""
         return self.view.adopt(fd)
 
-    def made(self, host_inos: list[int]) -> None:
-        self.view.made(host_inos)
+    def made(self, numbers: list[tuple[int, int]]) -> None:
+        self.view.made(numbers)
 
     def fgetattr(self, fh: int) -> Attr:
         return _attr(self.view.fgetattr(fh))
@@ -443,7 +443,7 @@ def serve(
             # from the store or from their decompressed copies in the file cache
             ops.stored_reads = True
             if view.upper is not None:  # new files in upper directories made by C (upper_create)
-                from_store.update(upper_dir=view.upper, upper_ino=UPPER_INO)
+                from_store.update(upper_dir=view.upper, upper_ino=UPPER_INO, work_dir=view.work)
             size = filecache.bound(store.path)
             if size > 0:
                 from_store.update(

@@ -321,15 +321,15 @@ class UnionView:
         return attr
 
     def _new_ino(self, st: os.stat_result) -> None:
-        self.made([st.st_ino])
+        """An object made in the upper directory just now: its inode number is the host's plus
+        UPPER_INO (no copy-up xattr to look for; and a host inode number reused after a
+        deletion must not keep the number its earlier file had)."""
+        self._upper_ino[st.st_ino] = st.st_ino + UPPER_INO
 
-    def made(self, host_inos: list[int]) -> None:
-        """Objects made in the upper directory just now (by the view, or by a FUSE core
-        beside it): each inode number is the host's plus UPPER_INO (no copy-up xattr to look
-        for; and a host inode number reused after a deletion must not keep the number its
-        earlier file had)."""
-        for ino in host_inos:
-            self._upper_ino[ino] = ino + UPPER_INO
+    def made(self, numbers: list[tuple[int, int]]) -> None:
+        """Objects a FUSE core beside the view made (new files: host inode + UPPER_INO) or
+        copied up (the lower inode number): (host inode, number) pairs."""
+        self._upper_ino.update(numbers)
 
     def upper_dir_state(self, path: bytes) -> tuple[bool, Node | None]:
         """Whether ``path`` is a directory of the upper directory, and the lower directory
@@ -945,11 +945,12 @@ class UnionView:
         assert self.work is not None
         self._tmp += 1
         tmp = os.path.join(self.work, b"copyup-%d-%d" % (os.getpid(), self._tmp))
-        if n.kind == E.DIR:
-            os.mkdir(tmp, 0o700)
-        elif n.kind == E.REG:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
+        fd = -1
+        try:
+            if n.kind == E.DIR:
+                os.mkdir(tmp, 0o700)
+            elif n.kind == E.REG:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 if data and n.host is not None:
                     with open(n.host, "rb") as src:
                         while piece := src.read(1 << 20):
@@ -958,34 +959,39 @@ class UnionView:
                     assert self.store is not None
                     for piece in self.store.iter_object(n.content):
                         os.write(fd, piece)
-            finally:
-                os.close(fd)
-        elif n.kind == E.SYMLINK:
-            os.symlink(n.link, tmp)
-        else:
-            os.mknod(tmp, n.mode, n.rdev)
-        try:
-            os.lchown(tmp, n.uid, n.gid)
+            elif n.kind == E.SYMLINK:
+                os.symlink(n.link, tmp)
+            else:
+                os.mknod(tmp, n.mode, n.rdev)
+            # a regular file's metadata through its descriptor: no path walk per call
+            target: bytes | int = tmp if fd < 0 else fd
+            follow = fd >= 0  # (a descriptor is never followed; a path must not be)
+            os.chown(target, n.uid, n.gid, follow_symlinks=follow)
             if n.kind != E.SYMLINK:
-                os.chmod(tmp, n.mode & 0o7777)  # after chown, which clears setuid bits
+                os.chmod(target, n.mode & 0o7777)  # after chown, which clears setuid bits
             for name, value in n.xattrs:
                 try:
-                    os.setxattr(tmp, name, value, follow_symlinks=False)
+                    os.setxattr(target, name, value, follow_symlinks=follow)
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                         raise
             for name in INO_XATTRS:
                 try:
-                    os.setxattr(tmp, name, _INO.pack(n.ino), follow_symlinks=False)
+                    os.setxattr(target, name, _INO.pack(n.ino), follow_symlinks=follow)
                     break
                 except OSError as exc:  # a symlink takes no user.* xattr: its number may change
                     if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                         raise
-            os.utime(tmp, ns=(n.mtime_ns, n.mtime_ns), follow_symlinks=False)
+            os.utime(target, ns=(n.mtime_ns, n.mtime_ns), follow_symlinks=follow)
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
             final = self._up(path)
             with _parent_times_kept(final):
                 os.rename(tmp, final)
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             hosttree.remove(tmp)
             raise
         self._vis.drop(path)

@@ -2041,6 +2041,22 @@ static void adopt_cancel(Session *s, struct handle *h)
 }
 
 /* The view numbers upper object host_ino as `number` (UnionView._upper_ino). */
+/* A handle of an upper file C opened read-write (fd), for the ops to adopt later; NULL when
+ * memory runs out (fd is then still the caller's). */
+static struct handle *c_handle(Session *s, int fd, uint64_t node)
+{
+    struct handle *h = handle_new(NULL, fd, node);
+    if (!h)
+        return NULL;
+    h->c_fd = 1;
+    h->fd_rdwr = 1;
+    if (adopt_later(s, h) < 0) {
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
 static int made_here(Session *s, uint64_t host_ino, uint64_t number)
 {
     if (s->nmade == s->madecap) {
@@ -2280,14 +2296,8 @@ static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fu
     int r = made_here(s, (uint64_t)st.st_ino, a.ino);
     if (r == 0)
         r = remember(s, parent, name, len, &a, 0);
-    if (r == 0 && (h = handle_new(NULL, fd, a.ino)) != NULL) {
-        h->c_fd = 1;
-        h->fd_rdwr = 1;
-        if (adopt_later(s, h) < 0) {
-            free(h);
-            h = NULL;
-        }
-    }
+    if (r == 0)
+        h = c_handle(s, fd, a.ino);
     if (!h) {
         close(fd);
         reply_err(s, u, r < 0 ? -r : ENOMEM);
@@ -2450,15 +2460,7 @@ static int upper_copy_up(Session *s, uint64_t u, uint64_t id, uint32_t flags)
     }
     n->lower = 0; /* the upper directory has it now */
     n->no_caps = !caps;
-    struct handle *h = NULL;
-    if (made_here(s, (uint64_t)cs.st_ino, id) == 0 && (h = handle_new(NULL, fd, id)) != NULL) {
-        h->c_fd = 1;
-        h->fd_rdwr = 1;
-        if (adopt_later(s, h) < 0) {
-            free(h);
-            h = NULL;
-        }
-    }
+    struct handle *h = made_here(s, (uint64_t)cs.st_ino, id) == 0 ? c_handle(s, fd, id) : NULL;
     if (!h) {
         close(fd);
         reply_err(s, u, ENOMEM);

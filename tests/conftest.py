@@ -188,6 +188,16 @@ def sample_layout(tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
+SAMPLE = "layerfs-sample:latest"
+
+
+@pytest.fixture
+def sample(cli: Callable[..., CLIResult], sample_layout: str) -> str:
+    """The sample image, imported into the test's store: its name."""
+    cli("import", sample_layout)
+    return SAMPLE
+
+
 def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:

@@ -42,7 +42,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed (apt install runc)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="running containers with runc needs root"),
 ]
-SAMPLE = "layerfs-sample:latest"
 RUNC_ROOT = "/run/layerfs/runc"  # where layerfs keeps runc's state
 HELLO = f"hello from the layerfs sample image on {os.uname().machine}\nlayerfs-sample\n"
 SETUP_FAILED = 125
@@ -162,12 +161,6 @@ def run_in_pty(
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture
-def sample(cli: Callable[..., CLIResult], sample_layout: str) -> str:
-    cli("import", sample_layout)
-    return SAMPLE
-
-
 @pytest.fixture
 def cli_input(store_path: str) -> Callable[..., CLIResult]:
     """``cli`` with stdin: ``cli_input(*args, input=TEXT)`` (``input=None``: the caller's stdin

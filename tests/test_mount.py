@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_layout, member, tar_bytes
+from conftest import SAMPLE, make_layout, member, tar_bytes
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
     abort_mount,
     extract_layers,
+    inode_numbers,
     layerfs_mount,
     mount_devices,
     mounted,
@@ -33,13 +34,6 @@ from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are f
 )
 
 pytestmark = pytest.mark.usefixtures("need_fuse", "fuse_core")
-SAMPLE = "layerfs-sample:latest"
-
-
-@pytest.fixture
-def sample(cli: Callable[..., Any], sample_layout: str) -> str:
-    cli("import", sample_layout)
-    return SAMPLE
 
 
 def _fstype(mnt: str) -> str | None:
@@ -611,28 +605,19 @@ def test_100k_entries_walk_and_daemon_rss(cli, tmp_path: Path):
     assert mem["VmRSS"] < 50 * 1024, f"daemon {rss} after walking 100k entries"
 
 
-def _inodes(root: str) -> dict[str, int]:
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = os.path.join(d, name)
-            out[os.path.relpath(p, root)] = os.lstat(p).st_ino
-    return out
-
-
 def test_inode_numbers_are_stable_across_remounts_and_copy_up(cli, sample, tmp_path):
     mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
     with layerfs_mount(cli, sample, mnt):
-        first = _inodes(mnt)
+        first = inode_numbers(mnt)
     with layerfs_mount(cli, sample, mnt, upper=upper):
-        assert _inodes(mnt) == first  # a writable mount of an untouched image: the same numbers
+        assert inode_numbers(mnt) == first  # a writable mount of an untouched image: the same numbers
         with open(os.path.join(mnt, "etc/passwd"), "a") as f:
             f.write("copied up\n")
         os.chmod(os.path.join(mnt, "usr/share/doc"), 0o700)
-        after_copy_up = _inodes(mnt)
+        after_copy_up = inode_numbers(mnt)
     assert after_copy_up == first  # copy-up keeps the lower inode number (files and dirs)
     with layerfs_mount(cli, sample, mnt, upper=upper):
-        assert _inodes(mnt) == first
+        assert inode_numbers(mnt) == first
     assert len(set(first.values())) == len(first) - 2  # only the two hardlinked pairs share
 
 
@@ -642,7 +627,7 @@ def test_statfs_describes_the_image(cli, sample, tmp_path):
         st = os.statvfs(mnt)
         assert st.f_bsize == 4096 and st.f_namemax == 255
         assert st.f_blocks * st.f_bsize >= 3_000_000  # the sample holds ~3 MB of file data
-        assert st.f_files == len(set(_inodes(mnt).values())) + 1  # every inode, with the root
+        assert st.f_files == len(set(inode_numbers(mnt).values())) + 1  # every inode, with the root
 
 
 def test_reads_stay_right_while_other_images_come_and_go(cli, sample, tmp_path):

@@ -20,6 +20,7 @@ from conftest import make_layout, member, tar_bytes
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
     extract_layers,
     force_unmount,
+    inode_numbers,
     kernel_overlay,
     layerfs_mount,
     need_fuse,
@@ -29,13 +30,6 @@ from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are f
 )
 
 pytestmark = pytest.mark.usefixtures("need_fuse", "fuse_core")
-SAMPLE = "layerfs-sample:latest"
-
-
-@pytest.fixture
-def sample(cli: Callable[..., Any], sample_layout: str) -> str:
-    cli("import", sample_layout)
-    return SAMPLE
 
 
 @contextlib.contextmanager
@@ -58,15 +52,6 @@ def _make(path: str, data: bytes, flags: int = 0, mode: int = 0o644) -> int:
         os.close(fd)
 
 
-def _inodes(root: str) -> dict[str, int]:
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = os.path.join(d, name)
-            out[os.path.relpath(p, root)] = os.lstat(p).st_ino
-    return out
-
-
 def test_new_files_keep_their_inode_numbers_and_contents_across_remounts(cli, sample, tmp_path):
     """The first file in a lower directory copies it up (the view); the next ones in it, in the
     root and in a directory made through the mount are made in C: numbered as the view numbers
@@ -78,10 +63,10 @@ def test_new_files_keep_their_inode_numbers_and_contents_across_remounts(cli, sa
         for rel in ("etc/one", "etc/two", "etc/three", "top", "fresh/a", "fresh/b", "usr/share/doc/n"):
             made[rel] = _make(os.path.join(mnt, rel), rel.encode() * 3)
             assert os.lstat(os.path.join(mnt, rel)).st_ino == made[rel]
-        first = _inodes(mnt)
+        first = inode_numbers(mnt)
         assert len(set(first.values())) == len(first) - 2  # only the sample's two hardlinked pairs
     with layerfs_mount(cli, sample, mnt, upper=upper):
-        assert _inodes(mnt) == first
+        assert inode_numbers(mnt) == first
         for rel in made:
             with open(os.path.join(mnt, rel), "rb") as f:
                 assert f.read() == rel.encode() * 3

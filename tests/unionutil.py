@@ -435,6 +435,16 @@ def layerfs_mount(
             force_unmount(mnt)
 
 
+def inode_numbers(root: str) -> dict[str, int]:
+    """Every path below ``root`` (relative) -> its inode number."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            out[os.path.relpath(p, root)] = os.lstat(p).st_ino
+    return out
+
+
 def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

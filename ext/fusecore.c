@@ -421,6 +421,8 @@ struct worker {
     int started;
 };
 
+#define DIR_SLOTS 32 /* upper directories the C create and copy-up paths keep open */
+
 typedef struct Session {
     PyObject_HEAD
     int fd;
@@ -467,14 +469,13 @@ typedef struct Session {
     struct dir_slot {
         uint64_t id, gen;
         int fd;
-    } dirs[32];
+    } dirs[DIR_SLOTS];
     /* the last name upper_lookup found free: the CREATE that mostly follows need not look
      * again unless something changed meanwhile (change_seq) */
     uint64_t change_seq, free_parent, free_seq;
     size_t free_len;
     char free_name[256];
 } Session;
-#define DIR_SLOTS 32
 
 static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
 {
@@ -536,6 +537,18 @@ static int py_errno(void)
 
 /* (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns[, lower]):
  * a 12th item, true, marks a node of the stored image alone (struct node's `lower`). */
+/* Nanoseconds since the epoch as seconds and nanoseconds, floored (before 1970 too). */
+static void split_ns(long long t, int64_t *sec, uint32_t *nsec)
+{
+    long long s_ = t / 1000000000LL, ns = t % 1000000000LL;
+    if (ns < 0) {
+        ns += 1000000000LL;
+        s_ -= 1;
+    }
+    *sec = s_;
+    *nsec = (uint32_t)ns;
+}
+
 static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, int *lower)
 {
     if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) < ATTR_TUPLE_LEN) {
@@ -569,17 +582,12 @@ static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, int *lower)
     a->size = v[6];
     a->blocks = v[7];
     a->blksize = 4096;
-    long long t[3] = {(long long)v[8], (long long)v[9], (long long)v[10]};
     uint64_t *sec[3] = {&a->atime, &a->mtime, &a->ctime};
     uint32_t *nsec[3] = {&a->atimensec, &a->mtimensec, &a->ctimensec};
     for (int i = 0; i < 3; i++) {
-        long long s_ = t[i] / 1000000000LL, ns = t[i] % 1000000000LL;
-        if (ns < 0) { /* before 1970: floor division */
-            ns += 1000000000LL;
-            s_ -= 1;
-        }
+        int64_t s_;
+        split_ns((long long)v[8 + i], &s_, nsec[i]);
         *sec[i] = (uint64_t)s_;
-        *nsec[i] = (uint32_t)ns;
     }
     return 0;
 }
@@ -1601,6 +1609,32 @@ static void do_getxattr(Session *s, uint64_t unique, uint64_t id, const char *na
 static const char *take_name(const char **p, size_t *left, size_t *len);
 static void do_init(Session *s, const struct fuse_in_header *ih, const char *body, size_t blen);
 
+/* The xattrs of an index record, one at a time: `at` starts at 0; 1 with the next one's name
+ * and value (neither NUL-terminated), 0 after the last, -1 where the record is damaged. */
+struct xattr_it {
+    unsigned i;
+    size_t at;
+};
+
+static int next_xattr(const struct fs_inode *n, struct xattr_it *it, const char **name, size_t *nl,
+                      const char **value, size_t *vl)
+{
+    if (it->i >= n->xattr_count)
+        return 0;
+    const unsigned char *x = n->xattrs + it->at;
+    if (it->at + 6 > n->xattrs_len)
+        return -1;
+    *nl = (size_t)(x[0] | x[1] << 8);
+    *vl = (size_t)x[2] | (size_t)x[3] << 8 | (size_t)x[4] << 16 | (size_t)x[5] << 24;
+    if (*nl > n->xattrs_len || *vl > n->xattrs_len - *nl || it->at + 6 > n->xattrs_len - *nl - *vl)
+        return -1;
+    *name = (const char *)x + 6;
+    *value = *name + *nl;
+    it->at += 6 + *nl + *vl;
+    it->i++;
+    return 1;
+}
+
 static void attr_from_inode(struct fuse_attr *a, uint64_t ino, const struct fs_inode *n)
 {
     memset(a, 0, sizeof(*a));
@@ -1613,13 +1647,10 @@ static void attr_from_inode(struct fuse_attr *a, uint64_t ino, const struct fs_i
     a->size = S_ISLNK(n->mode) ? n->link_len : n->size;
     a->blocks = (a->size + 511) / 512;
     a->blksize = 65536;
-    long long sec = n->mtime_ns / 1000000000LL, ns = n->mtime_ns % 1000000000LL;
-    if (ns < 0) {
-        ns += 1000000000LL;
-        sec -= 1;
-    }
+    int64_t sec;
+    split_ns(n->mtime_ns, &sec, &a->mtimensec);
     a->atime = a->mtime = a->ctime = (uint64_t)sec;
-    a->atimensec = a->mtimensec = a->ctimensec = (uint32_t)ns;
+    a->atimensec = a->ctimensec = a->mtimensec;
 }
 
 /* LOOKUP in a directory of the stored image; on a writable mount (a `lower` parent) the entry
@@ -1792,13 +1823,11 @@ static void fast_xattr(Session *s, struct worker *w, uint64_t u, uint64_t ino, c
         return;
     }
     char *out = w->buf + BUF_SIZE;
-    size_t len = 0, x = 0;
+    size_t len = 0, nl, vl;
     int found = 0;
-    for (unsigned i = 0; i < n.xattr_count; i++) {
-        size_t nl = (size_t)(n.xattrs[x] | n.xattrs[x + 1] << 8);
-        size_t vl = (size_t)n.xattrs[x + 2] | (size_t)n.xattrs[x + 3] << 8 | (size_t)n.xattrs[x + 4] << 16 |
-                    (size_t)n.xattrs[x + 5] << 24;
-        const char *xn = (const char *)n.xattrs + x + 6;
+    const char *xn, *xv;
+    struct xattr_it it = {0, 0};
+    while (next_xattr(&n, &it, &xn, &nl, &xv, &vl) > 0) {
         if (list) {
             if (len + nl + 1 <= BUF_SIZE) {
                 memcpy(out + len, xn, nl);
@@ -1808,11 +1837,10 @@ static void fast_xattr(Session *s, struct worker *w, uint64_t u, uint64_t ino, c
         } else if (nl == name_len && memcmp(xn, name, nl) == 0) {
             len = vl;
             if (vl <= BUF_SIZE)
-                memcpy(out, xn + nl, vl);
+                memcpy(out, xv, vl);
             found = 1;
             break;
         }
-        x += 6 + nl + vl;
     }
     if (!list && !found) {
         reply_err(s, u, ENODATA);
@@ -2040,7 +2068,6 @@ static void adopt_cancel(Session *s, struct handle *h)
     h->adopt_pending = 0;
 }
 
-/* The view numbers upper object host_ino as `number` (UnionView._upper_ino). */
 /* A handle of an upper file C opened read-write (fd), for the ops to adopt later; NULL when
  * memory runs out (fd is then still the caller's). */
 static struct handle *c_handle(Session *s, int fd, uint64_t node)
@@ -2057,6 +2084,7 @@ static struct handle *c_handle(Session *s, int fd, uint64_t node)
     return h;
 }
 
+/* The view numbers upper object host_ino as `number` (UnionView._upper_ino). */
 static int made_here(Session *s, uint64_t host_ino, uint64_t number)
 {
     if (s->nmade == s->madecap) {
@@ -2334,28 +2362,30 @@ static int copy_xattr(int fd, const char *name, const void *value, size_t len)
 }
 
 /* The lower file's metadata onto its copy (open as fd), as UnionView._copy_one gives it: owner,
- * then mode (a chown drops set-id bits), xattrs, the inode number it keeps, times. */
-static int copy_meta(int fd, const struct fs_inode *fi, uint64_t ino)
+ * then mode (a chown drops set-id bits), xattrs, the inode number it keeps, times.  *caps: the
+ * file has a security.capability. */
+static int copy_meta(int fd, const struct fs_inode *fi, uint64_t ino, int *caps)
 {
     if (fchown(fd, fi->uid, fi->gid) < 0 || fchmod(fd, fi->mode & 07777) < 0)
         return -errno;
-    size_t x = 0;
     char name[256 + 1];
-    for (unsigned i = 0; i < fi->xattr_count; i++) {
-        if (x + 6 > fi->xattrs_len)
+    const char *xn, *xv;
+    size_t nl, vl;
+    struct xattr_it it = {0, 0};
+    int more;
+    *caps = 0;
+    while ((more = next_xattr(fi, &it, &xn, &nl, &xv, &vl)) > 0) {
+        if (nl > 256)
             return -EIO;
-        size_t nl = (size_t)(fi->xattrs[x] | fi->xattrs[x + 1] << 8);
-        size_t vl = (size_t)fi->xattrs[x + 2] | (size_t)fi->xattrs[x + 3] << 8 | (size_t)fi->xattrs[x + 4] << 16 |
-                    (size_t)fi->xattrs[x + 5] << 24;
-        if (nl > 256 || x + 6 + nl + vl > fi->xattrs_len)
-            return -EIO;
-        memcpy(name, fi->xattrs + x + 6, nl);
+        memcpy(name, xn, nl);
         name[nl] = 0;
-        int r = copy_xattr(fd, name, fi->xattrs + x + 6 + nl, vl);
+        *caps |= strcmp(name, CAPS_XATTR) == 0;
+        int r = copy_xattr(fd, name, xv, vl);
         if (r < 0)
             return r;
-        x += 6 + nl + vl;
     }
+    if (more < 0)
+        return -EIO;
     unsigned char num[8];
     for (int i = 0; i < 8; i++)
         num[i] = (unsigned char)(ino >> (8 * i)); /* <Q, as view._INO */
@@ -2366,10 +2396,10 @@ static int copy_meta(int fd, const struct fs_inode *fi, uint64_t ino)
         if (errno != EPERM && errno != ENOTSUP)
             return -errno;
     }
-    int64_t ns = fi->mtime_ns;
-    struct timespec ts[2];
-    ts[0].tv_sec = ts[1].tv_sec = (time_t)(ns / 1000000000LL - (ns % 1000000000LL < 0));
-    ts[0].tv_nsec = ts[1].tv_nsec = (long)(((ns % 1000000000LL) + 1000000000LL) % 1000000000LL);
+    int64_t sec;
+    uint32_t nsec;
+    split_ns(fi->mtime_ns, &sec, &nsec);
+    struct timespec ts[2] = {{(time_t)sec, (long)nsec}, {(time_t)sec, (long)nsec}};
     return futimens(fd, ts) < 0 ? -errno : 0;
 }
 
@@ -2421,16 +2451,9 @@ static int upper_copy_up(Session *s, uint64_t u, uint64_t id, uint32_t flags)
         }
         off += (uint64_t)got;
     }
-    if (r >= 0)
-        r = copy_meta(fd, &fi, id);
     int caps = 0;
-    for (size_t x = 0, i = 0; r >= 0 && i < fi.xattr_count; i++) {
-        size_t nl = (size_t)(fi.xattrs[x] | fi.xattrs[x + 1] << 8);
-        size_t vl = (size_t)fi.xattrs[x + 2] | (size_t)fi.xattrs[x + 3] << 8 | (size_t)fi.xattrs[x + 4] << 16 |
-                    (size_t)fi.xattrs[x + 5] << 24;
-        caps |= nl == sizeof(CAPS_XATTR) - 1 && memcmp(fi.xattrs + x + 6, CAPS_XATTR, nl) == 0;
-        x += 6 + nl + vl;
-    }
+    if (r >= 0)
+        r = copy_meta(fd, &fi, id, &caps);
     if (r == -EIO)
         report_damage(s, st, id, &fi);
     fs_store_end(st);
@@ -3153,19 +3176,16 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
             Py_DECREF(encoded);
             store_path = Py_None;
             s->workers[0].store = s->lower_reader; /* rw_fast's: the same thread */
-            if (upper_dir != Py_None) { /* upper_create's; without it Python makes every name */
-                if (!PyUnicode_FSConverter(upper_dir, &encoded))
+            /* upper_create's and upper_copy_up's; without them Python makes every name */
+            PyObject *dirs[2] = {upper_dir, work_dir};
+            int *fds[2] = {&s->upper_fd, &s->work_fd};
+            for (int i = 0; i < 2 && upper_dir != Py_None && dirs[i] != Py_None; i++) {
+                if (!PyUnicode_FSConverter(dirs[i], &encoded))
                     return -1;
-                s->upper_fd = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
-                s->upper_ino = upper_ino;
+                *fds[i] = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
                 Py_DECREF(encoded);
             }
-            if (upper_dir != Py_None && work_dir != Py_None) { /* upper_copy_up's */
-                if (!PyUnicode_FSConverter(work_dir, &encoded))
-                    return -1;
-                s->work_fd = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
-                Py_DECREF(encoded);
-            }
+            s->upper_ino = upper_ino;
         }
     }
     if (store_path != Py_None) {

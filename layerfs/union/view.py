@@ -337,7 +337,7 @@ class UnionView:
         opaque or an upper-only directory).  What a FUSE core needs to decide, by itself,
         that a name is free there: no upper entry, no fallback whiteout, no such lower name."""
         st = self._ulstat(path)
-        if st is None or not stat.S_ISDIR(st.st_mode) or is_whiteout(st):
+        if st is None or not stat.S_ISDIR(st.st_mode):
             return False, None
         if not self._lower_visible(path):
             return True, None

@@ -20,8 +20,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/fuse.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -112,6 +114,10 @@ struct node {
      * stored, its id the index's inode: served from the store without Python (rw_fast) until
      * a change through the mount clears it (before_change) */
     int lower;
+    /* layerfs-overlay (lower layers that are host directories): the layers a `lower` node's
+     * entries come from, bit i the i-th lowerdir from the top: its own for a file, every one
+     * whose directory merges into it for a directory (Stack._layers_of_dir) */
+    uint64_t layers;
     /* an O_TMPFILE file without a name yet: its handle, through which a LINK names it */
     struct handle *anon;
     /* an upper directory's union state as Python last told it (union_dir), valid while dir_gen
@@ -383,12 +389,50 @@ static int node_path(struct table *t, uint64_t id, struct pathbuf *out)
 
 /* ---- handles ------------------------------------------------------------------------------ */
 
+/* A lower directory's merged listing (layerfs-overlay), as Stack.readdir gives it: every name
+ * once, in the order of first appearance from the top layer down, without whiteouts and the
+ * names they hide.  `layer`: where the name was found (the layers above have nothing of it). */
+struct stack_item {
+    uint64_t ino;
+    uint32_t mode;
+    uint32_t len;
+    size_t name; /* offset in `names` */
+    int layer;
+    int hidden; /* (while listing) a whiteout's name: not shown, and hides the layers below */
+};
+
+struct stack_listing {
+    struct stack_item *items;
+    size_t n, cap;
+    char *names;
+    size_t used, ncap;
+    uint32_t *slots; /* (while listing) the names so far: item index + 1, open addressing */
+    size_t nslots;
+};
+
+static void stack_listing_free(struct stack_listing *l)
+{
+    if (!l)
+        return;
+    free(l->items);
+    free(l->names);
+    free(l->slots);
+    free(l);
+}
+
 struct handle {
     PyObject *pyfh;             /* the ops object's handle (None for C-only handles) */
     int fd;                     /* a host descriptor read and written here, or -1 */
     int passthrough;            /* the kernel reads and writes its node's backing (counted) */
     int counted_rdwr;           /* ... opened O_RDWR: counted in its node's pt_rdwr */
     int owns_fd;                /* fd is ours to close (a file cache copy), not the view's */
+    /* fd is a lower file's copy in the file cache: a backing for readers only, which a writer
+     * (of the copied-up file, the same node) must never share: it waits for them (copy_busy) */
+    int lower_copy;
+    /* fd is a lower layer's own file (layerfs-overlay): never a backing, since a writer of the
+     * node (the file once copied up) could not wait as for a copy: readers and writers share
+     * the kernel's page cache instead, and both see the copy-up's writes */
+    int lower_file;
     int want_copy;              /* at RELEASE, have the file cache fill copy_id */
     unsigned char copy_id[32];
     uint64_t copy_size;
@@ -402,6 +446,7 @@ struct handle {
     int fd_rdwr; /* fd is open for reading and writing whatever the open asked (a backing to share) */
     /* directories: the listing taken at the first READDIR, served by offset after that */
     PyObject *listing;
+    struct stack_listing *stack; /* ... or, a lower directory of layerfs-overlay, C's own */
     /* directories read from the store: where the last reply stopped, to resume there */
     int from_store;             /* this listing comes from the store (rw_fast) */
     int relist;                 /* ... came: Python lists the directory afresh */
@@ -421,6 +466,7 @@ struct worker {
     int started;
 };
 
+#define MAX_LAYERS 63 /* a bit per layer in struct node's `layers`, which Python sends as an int64 */
 #define DIR_SLOTS 32 /* upper directories the C create and copy-up paths keep open */
 
 typedef struct Session {
@@ -475,6 +521,10 @@ typedef struct Session {
     uint64_t change_seq, free_parent, free_seq;
     size_t free_len;
     char free_name[256];
+    /* layerfs-overlay's lower layers (host directories, O_PATH), topmost first: `lower` nodes
+     * are answered from them without Python (the stack_* functions) */
+    int nlayers;
+    int layer_fd[MAX_LAYERS];
 } Session;
 
 static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
@@ -536,7 +586,8 @@ static int py_errno(void)
 }
 
 /* (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns[, lower]):
- * a 12th item, true, marks a node of the stored image alone (struct node's `lower`). */
+ * a 12th item, not 0, marks a node of the lower layers alone (struct node's `lower`): 1 for a
+ * stored image, the node's `layers` for layerfs-overlay's. */
 /* Nanoseconds since the epoch as seconds and nanoseconds, floored (before 1970 too). */
 static void split_ns(long long t, int64_t *sec, uint32_t *nsec)
 {
@@ -549,7 +600,7 @@ static void split_ns(long long t, int64_t *sec, uint32_t *nsec)
     *nsec = (uint32_t)ns;
 }
 
-static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, int *lower)
+static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, uint64_t *lower)
 {
     if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) < ATTR_TUPLE_LEN) {
         PyErr_SetString(PyExc_TypeError, "attributes must be an 11-tuple");
@@ -569,8 +620,11 @@ static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, int *lower)
     }
     if (lower) {
         *lower = 0;
-        if (PyTuple_GET_SIZE(tup) > ATTR_TUPLE_LEN && (*lower = PyObject_IsTrue(PyTuple_GET_ITEM(tup, ATTR_TUPLE_LEN))) < 0)
-            return -1;
+        if (PyTuple_GET_SIZE(tup) > ATTR_TUPLE_LEN) {
+            *lower = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(tup, ATTR_TUPLE_LEN));
+            if (PyErr_Occurred())
+                return -1;
+        }
     }
     memset(a, 0, sizeof(*a));
     a->ino = v[0];
@@ -618,7 +672,7 @@ static void fill_entry(Session *s, struct fuse_entry_out *e, const struct fuse_a
 /* A node the kernel now holds one more reference to, named (parent, name); `lower` as the
  * struct's field (honoured where the store can answer). */
 static int remember(Session *s, uint64_t parent, const char *name, size_t len, const struct fuse_attr *a,
-                    int lower)
+                    uint64_t lower)
 {
     struct node *n = node_make(&s->t, a->ino);
     if (!n)
@@ -630,7 +684,8 @@ static int remember(Session *s, uint64_t parent, const char *name, size_t len, c
     n->nlookup++;
     n->attr = *a;
     n->has_attr = 1;
-    n->lower = lower && s->lower_reader;
+    n->lower = lower && (s->lower_reader || s->nlayers);
+    n->layers = lower;
     return 0;
 }
 
@@ -722,7 +777,7 @@ static void reply_entry_from(Session *s, uint64_t unique, uint64_t parent, const
 {
     struct fuse_attr a;
     struct fuse_entry_out e;
-    int lower;
+    uint64_t lower;
     if (!res || attr_from_tuple(res, &a, &lower) < 0) {
         reply_err(s, unique, py_errno());
         return;
@@ -773,7 +828,7 @@ static void forget_one(Session *s, uint64_t id, uint64_t count)
 static void reply_attr(Session *s, uint64_t unique, uint64_t id, PyObject *res)
 {
     struct fuse_attr_out o;
-    int lower;
+    uint64_t lower;
     memset(&o, 0, sizeof(o));
     if (!res || attr_from_tuple(res, &o.attr, &lower) < 0) {
         reply_err(s, unique, py_errno());
@@ -783,7 +838,8 @@ static void reply_attr(Session *s, uint64_t unique, uint64_t id, PyObject *res)
     if (n) {
         n->attr = o.attr;
         n->has_attr = 1;
-        n->lower = lower && s->lower_reader;
+        n->lower = lower && (s->lower_reader || s->nlayers);
+        n->layers = lower;
     }
     split_timeout(attr_timeout_of(s, id), &o.attr_valid, &o.attr_valid_nsec);
     reply(s, unique, 0, &o, sizeof(o));
@@ -1070,11 +1126,11 @@ static int open_mode(Session *s, struct handle *h, struct node *n, uint32_t flag
         }
         return -ETXTBSY; /* the kernel refuses any other kind of open beside passthrough ones */
     }
-    if (s->passthrough && n && h->fd >= 0 && n->cached_opens == 0) {
+    if (s->passthrough && n && h->fd >= 0 && n->cached_opens == 0 && !h->lower_file) {
         int fd = h->fd, reopened = -1;
         if (h->fd_rdwr) {
             mode = O_RDWR;
-        } else if (!h->owns_fd && mode != O_RDWR) { /* an upper file: a backing later writers can share */
+        } else if (!h->lower_copy && mode != O_RDWR) { /* an upper file: a backing later writers can share */
             char path[64];
             snprintf(path, sizeof(path), "/proc/self/fd/%d", h->fd);
             if ((reopened = open(path, O_RDWR | O_CLOEXEC)) >= 0) {
@@ -1090,7 +1146,7 @@ static int open_mode(Session *s, struct handle *h, struct node *n, uint32_t flag
         if (id > 0) {
             n->backing_id = id;
             n->backing_mode = mode;
-            n->backing_copy = h->owns_fd;
+            n->backing_copy = h->lower_copy;
             count_passthrough(s, h, n, flags);
             *backing_id = (uint32_t)id;
             return PT_FOPEN;
@@ -1172,7 +1228,7 @@ static void open_lower(Session *s, uint64_t unique, uint64_t id, uint64_t ino, u
     int copy = s->cache ? cached_copy(s, ino, h) : -1;
     if (copy >= 0) { /* read by the kernel from the copy (or here, with pread) */
         h->fd = copy;
-        h->owns_fd = 1;
+        h->owns_fd = h->lower_copy = 1;
     } else {
         h->lower_ino = ino;
     }
@@ -1214,9 +1270,9 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
     PyObject *res = PyObject_CallMethod(s->ops, "open", "OI", path, flags);
     Py_DECREF(path);
     PyObject *pyfh;
-    int fd;
+    int fd, lower_file = 0;
     unsigned long long lower_ino = 0;
-    if (!res || !PyArg_ParseTuple(res, "Oi|K", &pyfh, &fd, &lower_ino)) {
+    if (!res || !PyArg_ParseTuple(res, "Oi|Kp", &pyfh, &fd, &lower_ino, &lower_file)) {
         Py_XDECREF(res);
         reply_err(s, unique, py_errno());
         return;
@@ -1240,6 +1296,7 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply_err(s, unique, ENOMEM);
         return;
     }
+    h->lower_file = lower_file; /* a lower layer's own file (layerfs-overlay), opened to read */
     if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) {
         /* the kernel asks for security.capability before every write (to drop it): a file
          * opened to be written (mostly just copied up) is asked here, once, on its descriptor */
@@ -1360,6 +1417,7 @@ static void handle_close(Session *s, struct handle *h, int dir)
     }
     Py_XDECREF(h->pyfh);
     Py_XDECREF(h->listing);
+    stack_listing_free(h->stack);
     free(h);
 }
 
@@ -1416,7 +1474,7 @@ static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fu
         const char *name = PyBytes_AS_STRING(pyname);
         size_t len = (size_t)PyBytes_GET_SIZE(pyname);
         struct fuse_attr a;
-        int lower;
+        uint64_t lower;
         if (attr_from_tuple(attr, &a, &lower) < 0) {
             PyErr_Clear();
             continue;
@@ -1713,9 +1771,11 @@ static void fast_getattr(Session *s, struct worker *w, uint64_t u, uint64_t ino)
     reply(s, u, 0, &o, sizeof(o));
 }
 
-/* Append one entry to a READDIR(PLUS) reply; 0 if it does not fit. */
+/* Append one entry to a READDIR(PLUS) reply; 0 if it does not fit.  `a`: the entry's
+ * attributes for READDIRPLUS, or NULL (node id 0: the kernel neither links nor counts it, and
+ * LOOKUPs the name when it needs it). */
 static int put_dirent(Session *s, char *out, size_t *used, size_t cap, int plus, const char *name, size_t len,
-                      uint64_t off, uint64_t ino, uint32_t mode, const struct fs_inode *n)
+                      uint64_t off, uint64_t ino, uint32_t mode, const struct fuse_attr *a)
 {
     size_t base = plus ? FUSE_NAME_OFFSET_DIRENTPLUS : FUSE_NAME_OFFSET;
     size_t rec = FUSE_DIRENT_ALIGN(base + len);
@@ -1726,11 +1786,9 @@ static int put_dirent(Session *s, char *out, size_t *used, size_t cap, int plus,
     struct fuse_dirent *de;
     if (plus) {
         struct fuse_direntplus *dp = (struct fuse_direntplus *)p;
-        if (n) {
-            struct fuse_attr a;
-            attr_from_inode(&a, ino, n);
-            fill_entry(s, &dp->entry_out, &a);
-        } else { /* "." and "..": node id 0, the kernel neither links nor counts them */
+        if (a) {
+            fill_entry(s, &dp->entry_out, a);
+        } else {
             dp->entry_out.attr.ino = ino;
             dp->entry_out.attr.mode = mode;
         }
@@ -1789,12 +1847,13 @@ static void fast_readdir(Session *s, struct worker *w, uint64_t u, uint64_t dir,
          * the image's no longer gets none (node id 0: the kernel will LOOKUP it) */
         struct node *known = s->writable && plus ? node_get(&s->t, de.ino) : NULL;
         int attrs = plus && !(known && !known->lower);
+        struct fuse_attr a;
+        if (attrs)
+            attr_from_inode(&a, de.ino, &n);
         size_t before = used;
-        if (!put_dirent(s, out, &used, cap, plus, de.name, de.name_len, off + 1, de.ino, de.mode, attrs ? &n : NULL))
+        if (!put_dirent(s, out, &used, cap, plus, de.name, de.name_len, off + 1, de.ino, de.mode, attrs ? &a : NULL))
             break;
         if (attrs && s->writable) {
-            struct fuse_attr a;
-            attr_from_inode(&a, de.ino, &n);
             if (remember(s, dir, de.name, de.name_len, &a, 1) < 0) {
                 used = before;
                 break;
@@ -2160,7 +2219,7 @@ static int load_dir_state(Session *s, struct node *p)
         p->dir_state = DIR_UPPER;
     } else if (v > 0) {
         p->dir_state = DIR_MERGED;
-        p->dir_lower = (uint64_t)v;
+        p->dir_lower = (uint64_t)v; /* (layerfs-overlay: the lower directory's layers) */
     }
     /* what decides a new file's group and mode besides the caller: a setgid directory gives its
      * group, a default ACL the mode (_new_gid, _new_mode); files there are Python's to make.
@@ -2218,6 +2277,8 @@ static int upper_dir_fd(Session *s, struct node *p)
     return fd;
 }
 
+static int stack_name_free(Session *s, struct node *p, const char *name, size_t len);
+
 /* 1: `name` shows nothing in directory p (open as dfd): no upper entry (a whiteout is one:
  * Python's), no fallback whiteout, no lower entry.  0: Python decides. */
 static int name_is_free(Session *s, struct node *p, int dfd, const char *name, size_t len)
@@ -2232,6 +2293,8 @@ static int name_is_free(Session *s, struct node *p, int dfd, const char *name, s
     memcpy(wh + 4, name, len + 1);
     if (fstatat(dfd, wh, &st, AT_SYMLINK_NOFOLLOW) == 0 || (errno != ENOENT && errno != ENAMETOOLONG))
         return 0;
+    if (s->nlayers)
+        return stack_name_free(s, p, name, len);
     struct fs_store *st_ = s->lower_reader;
     uint64_t ino;
     if (!st_ || fs_store_begin(st_) < 0)
@@ -2361,6 +2424,24 @@ static int copy_xattr(int fd, const char *name, const void *value, size_t len)
     return -errno;
 }
 
+/* The last of a copy's metadata: the inode number it keeps, then atime and mtime the lower
+ * file's mtime. */
+static int copy_number_times(int fd, uint64_t ino, time_t sec, uint32_t nsec)
+{
+    unsigned char num[8];
+    for (int i = 0; i < 8; i++)
+        num[i] = (unsigned char)(ino >> (8 * i)); /* <Q, as view._INO */
+    static const char *const ino_xattrs[] = {"trusted.overlay.layerfs.ino", "user.overlay.layerfs.ino"};
+    for (int i = 0; i < 2; i++) {
+        if (fsetxattr(fd, ino_xattrs[i], num, sizeof(num), 0) == 0)
+            break;
+        if (errno != EPERM && errno != ENOTSUP)
+            return -errno;
+    }
+    struct timespec ts[2] = {{sec, (long)nsec}, {sec, (long)nsec}};
+    return futimens(fd, ts) < 0 ? -errno : 0;
+}
+
 /* The lower file's metadata onto its copy (open as fd), as UnionView._copy_one gives it: owner,
  * then mode (a chown drops set-id bits), xattrs, the inode number it keeps, times.  *caps: the
  * file has a security.capability. */
@@ -2386,27 +2467,68 @@ static int copy_meta(int fd, const struct fs_inode *fi, uint64_t ino, int *caps)
     }
     if (more < 0)
         return -EIO;
-    unsigned char num[8];
-    for (int i = 0; i < 8; i++)
-        num[i] = (unsigned char)(ino >> (8 * i)); /* <Q, as view._INO */
-    static const char *const ino_xattrs[] = {"trusted.overlay.layerfs.ino", "user.overlay.layerfs.ino"};
-    for (int i = 0; i < 2; i++) {
-        if (fsetxattr(fd, ino_xattrs[i], num, sizeof(num), 0) == 0)
-            break;
-        if (errno != EPERM && errno != ENOTSUP)
-            return -errno;
-    }
     int64_t sec;
     uint32_t nsec;
     split_ns(fi->mtime_ns, &sec, &nsec);
-    struct timespec ts[2] = {{(time_t)sec, (long)nsec}, {(time_t)sec, (long)nsec}};
-    return futimens(fd, ts) < 0 ? -errno : 0;
+    return copy_number_times(fd, ino, (time_t)sec, nsec);
 }
 
-/* OPEN to write (or truncate) a lower file of the stored image, alone in its inode (no other
- * names to link), in a directory already in the upper directory: the copy-up of
- * UnionView._copy_one, here - the bytes from the store into a new file of the work directory,
- * its metadata, then renamed into place with its directory's times kept.  0: Python's. */
+/* The end of a copy-up: the copy `tmp`, made in the work directory from node n's lower file
+ * (r < 0: that failed, with -r), renamed into place as its name d in upper directory dfd,
+ * whose times (ds) it keeps; then opened as the caller asked, read-write, for the ops to adopt.
+ * `caps`: the copy has a security.capability. */
+static int copy_up_place(Session *s, uint64_t u, struct node *n, struct dentry *d, int dfd, const struct stat *ds,
+                         const char *tmp, int r, int caps, uint32_t flags)
+{
+    if (r >= 0 && renameat(s->work_fd, tmp, dfd, d->name) < 0)
+        r = -errno;
+    if (r < 0) {
+        unlinkat(s->work_fd, tmp, 0);
+        reply_err(s, u, -r);
+        return 1;
+    }
+    /* a copy-up is no change of its directory: its times stay (_parent_times_kept) */
+    struct timespec dts[2] = {ds->st_atim, ds->st_mtim};
+    futimens(dfd, dts);
+    s->change_seq++;
+    n->lower = 0; /* the upper directory has it now */
+    /* the copy, opened as the caller asked but read-write (a backing other opens can share) */
+    uint32_t how = (flags & ~(uint32_t)(O_DIRECT | O_ACCMODE | O_CREAT | O_EXCL)) | O_RDWR;
+    int fd = openat(dfd, d->name, (int)how | O_NOFOLLOW | O_CLOEXEC);
+    struct stat cs;
+    if (fd < 0 || fstat(fd, &cs) < 0) {
+        int err = errno;
+        if (fd >= 0)
+            close(fd);
+        reply_err(s, u, err);
+        return 1;
+    }
+    n->no_caps = !caps;
+    struct handle *h = made_here(s, (uint64_t)cs.st_ino, n->id) == 0 ? c_handle(s, fd, n->id) : NULL;
+    if (!h) {
+        close(fd);
+        reply_err(s, u, ENOMEM);
+        return 1;
+    }
+    finish_open(s, u, h, flags);
+    return 1;
+}
+
+/* A new file in the work directory for a copy-up (its name into tmp); -1 if none. */
+static int copy_up_file(Session *s, char *tmp, size_t size)
+{
+    snprintf(tmp, size, "copyup-%d-c%llu", (int)getpid(), (unsigned long long)++s->copies);
+    return openat(s->work_fd, tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+}
+
+static int stack_copy_up(Session *s, uint64_t u, struct node *n, struct dentry *d, int dfd, const struct stat *ds,
+                         uint32_t flags);
+
+/* OPEN to write (or truncate) a lower file, alone in its inode (no other names to link), in a
+ * directory already in the upper directory: the copy-up of UnionView._copy_one, here - the
+ * bytes into a new file of the work directory, its metadata, then renamed into place with its
+ * directory's times kept.  From the store (this function) or from a layer's own file
+ * (stack_copy_up).  0: Python's. */
 static int upper_copy_up(Session *s, uint64_t u, uint64_t id, uint32_t flags)
 {
     struct node *n = node_get(&s->t, id);
@@ -2415,21 +2537,24 @@ static int upper_copy_up(Session *s, uint64_t u, uint64_t id, uint32_t flags)
     struct dentry *d = n->names;
     struct node *p = upper_parent(s, d->parent, d->name, d->len);
     struct fs_store *st = s->lower_reader;
+    struct stat ds;
     if (!p || copy_busy(s, id))
         return 0;
     int dfd = upper_dir_fd(s, p);
-    if (dfd < 0 || fs_store_begin(st) < 0)
+    if (dfd < 0 || fstat(dfd, &ds) < 0)
+        return 0;
+    if (s->nlayers)
+        return stack_copy_up(s, u, n, d, dfd, &ds, flags);
+    if (!st || fs_store_begin(st) < 0)
         return 0;
     struct fs_inode fi;
-    struct stat ds;
     int r = fs_store_inode(st, id, &fi);
-    if (r < 0 || fi.nlink != 1 || !S_ISREG(fi.mode) || fstat(dfd, &ds) < 0) {
+    if (r < 0 || fi.nlink != 1 || !S_ISREG(fi.mode)) {
         fs_store_end(st);
         return 0;
     }
     char tmp[64];
-    snprintf(tmp, sizeof(tmp), "copyup-%d-c%llu", (int)getpid(), (unsigned long long)++s->copies);
-    int fd = openat(s->work_fd, tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    int fd = copy_up_file(s, tmp, sizeof(tmp));
     if (fd < 0) {
         fs_store_end(st);
         return 0; /* Python says why */
@@ -2458,39 +2583,521 @@ static int upper_copy_up(Session *s, uint64_t u, uint64_t id, uint32_t flags)
         report_damage(s, st, id, &fi);
     fs_store_end(st);
     close(fd);
-    if (r >= 0 && renameat(s->work_fd, tmp, dfd, d->name) < 0)
-        r = -errno;
+    return copy_up_place(s, u, n, d, dfd, &ds, tmp, r, caps, flags);
+}
+
+/* ---- layerfs-overlay's lower layers (host directories), without Python ----------------------
+ * A writable mount over lowerdirs (a UnionView over a Stack of DirLayers, layerfs/union/lower.py)
+ * gives C the layers' roots.  A `lower` node there (nothing of it in the upper directory) is
+ * answered from them as Stack and DirLayer answer: the same probes in the same order, the same
+ * numbers ((position + 1) << 48 | host inode) and attributes.  Directories that merge with the
+ * upper directory, and every change, stay Python's. */
+
+#define LAYER_SHIFT 48 /* lower.DIR_LAYER_SHIFT */
+#define OPAQUE_FILE ".wh..wh..opq"
+
+enum { L_MISSING, L_WHITEOUT, L_FOUND };
+
+/* a path relative to a layer's root as the *at() calls take it ("" is the root itself) */
+static const char *at_path(const char *path)
+{
+    return *path ? path : ".";
+}
+
+/* overlayfmt.is_opaque_dir: an opaque xattr of "y", else the fallback marker file */
+static int layer_opaque(Session *s, int i, const char *path)
+{
+    static const char *const xattrs[] = {"trusted.overlay.opaque", "user.overlay.opaque"};
+    char full[PATH_MAX + 32];
+    int n = snprintf(full, sizeof(full), "/proc/self/fd/%d/%s", s->layer_fd[i], path);
+    for (int k = 0; k < 2 && n > 0 && (size_t)n < sizeof(full); k++) {
+        char v[2];
+        if (lgetxattr(full, xattrs[k], v, sizeof(v)) == 1 && v[0] == 'y')
+            return 1;
+    }
+    char marker[PATH_MAX];
+    struct stat st;
+    n = snprintf(marker, sizeof(marker), "%s%s" OPAQUE_FILE, path, *path ? "/" : "");
+    return n > 0 && (size_t)n < sizeof(marker) && fstatat(s->layer_fd[i], marker, &st, AT_SYMLINK_NOFOLLOW) == 0;
+}
+
+/* DirLayer.probe: what layer i has at `path` (plen bytes, NUL-terminated, its last name at
+ * noff): L_MISSING, L_WHITEOUT, or L_FOUND with its stat (and whether a directory is opaque);
+ * -errno for what DirLayer would raise. */
+static int layer_probe(Session *s, int i, const char *path, size_t plen, size_t noff, struct stat *st, int *opaque)
+{
+    *opaque = 0;
+    if (fstatat(s->layer_fd[i], at_path(path), st, AT_SYMLINK_NOFOLLOW) < 0) {
+        if (errno != ENOENT && errno != ENOTDIR)
+            return -errno;
+        char wh[PATH_MAX];
+        struct stat w;
+        if (!plen || plen + 4 >= sizeof(wh))
+            return L_MISSING;
+        memcpy(wh, path, noff); /* parent/.wh.name: the fallback whiteout */
+        memcpy(wh + noff, WH_PREFIX, 4);
+        memcpy(wh + noff + 4, path + noff, plen - noff + 1);
+        return fstatat(s->layer_fd[i], wh, &w, AT_SYMLINK_NOFOLLOW) == 0 ? L_WHITEOUT : L_MISSING;
+    }
+    if (S_ISCHR(st->st_mode) && st->st_rdev == 0)
+        return L_WHITEOUT;
+    if (plen && plen - noff >= 4 && memcmp(path + noff, WH_PREFIX, 4) == 0)
+        return L_MISSING; /* bookkeeping of the format, never an entry */
+    if (S_ISDIR(st->st_mode))
+        *opaque = layer_opaque(s, i, path);
+    return L_FOUND;
+}
+
+/* Stack.lookup of `path` below a directory whose layers are `pm`: 1 with its attributes (as
+ * UnionView._node_attr of DirLayer's node) and its `layers`; 0 if nothing shows there; -errno. */
+static int stack_entry(Session *s, uint64_t pm, const char *path, size_t plen, size_t noff, struct fuse_attr *a,
+                       uint64_t *layers)
+{
+    struct stat st, top;
+    int found = -1, opaque;
+    uint64_t active = 0;
+    for (int i = 0; i < s->nlayers; i++) {
+        if (!(pm >> i & 1))
+            continue;
+        int r = layer_probe(s, i, path, plen, noff, &st, &opaque);
+        if (r < 0)
+            return r;
+        if (r == L_WHITEOUT) {
+            if (found < 0)
+                return 0;
+            break;
+        }
+        if (r == L_MISSING)
+            continue;
+        if (found < 0) {
+            found = i;
+            top = st;
+        }
+        if (!S_ISDIR(st.st_mode)) /* the topmost entry, or what ends a directory's merge */
+            break;
+        active |= 1ull << i;
+        if (opaque)
+            break;
+    }
+    if (found < 0)
+        return 0;
+    attr_from_stat(a, ((uint64_t)(found + 1) << LAYER_SHIFT) | (uint64_t)top.st_ino, &top);
+    if (S_ISDIR(top.st_mode) && (active & (active - 1)))
+        a->nlink = 1; /* merged: one link, as overlayfs */
+    if (S_ISCHR(top.st_mode) || S_ISBLK(top.st_mode) || S_ISFIFO(top.st_mode))
+        a->size = 0;
+    a->blocks = (a->size + 511) / 512;
+    *layers = S_ISDIR(top.st_mode) ? active : 1ull << found;
+    return 1;
+}
+
+/* The path of (parent, name) into s->pb, NUL-terminated, the name at *noff; -1 if the parent
+ * has no name left or the path is too long for the *at() calls (Python's then). */
+static int stack_child_path(Session *s, uint64_t parent, const char *name, size_t len, size_t *noff)
+{
+    if (node_path(&s->t, parent, &s->pb) < 0 || pb_reserve(&s->pb, len + 2))
+        return -1;
+    if (s->pb.len)
+        s->pb.p[s->pb.len++] = '/';
+    *noff = s->pb.len;
+    memcpy(s->pb.p + s->pb.len, name, len);
+    s->pb.len += len;
+    s->pb.p[s->pb.len] = 0;
+    return s->pb.len + 4 < PATH_MAX ? 0 : -1;
+}
+
+/* ... and of node n itself */
+static int stack_node_path(Session *s, struct node *n)
+{
+    if (node_path(&s->t, n->id, &s->pb) < 0 || pb_reserve(&s->pb, 1))
+        return -1;
+    s->pb.p[s->pb.len] = 0;
+    return 0;
+}
+
+/* name_is_free below a directory merged with the lower directory whose layers are
+ * p->dir_lower */
+static int stack_name_free(Session *s, struct node *p, const char *name, size_t len)
+{
+    struct fuse_attr a;
+    uint64_t layers;
+    size_t noff;
+    return stack_child_path(s, p->id, name, len, &noff) == 0 &&
+           stack_entry(s, p->dir_lower, s->pb.p, s->pb.len, noff, &a, &layers) == 0;
+}
+
+/* LOOKUP in a lower directory; 0 for Python (a node known to be the layers' no longer: a
+ * hardlink copied up under another name). */
+static int stack_lookup(Session *s, uint64_t u, struct node *p, const char *name, size_t len)
+{
+    struct fuse_entry_out e;
+    struct fuse_attr a;
+    uint64_t layers = 0, parent = p->id;
+    size_t noff;
+    int r = 0;
+    if (!(len >= 4 && memcmp(name, WH_PREFIX, 4) == 0)) { /* (never shown, as UnionView.resolve) */
+        if (stack_child_path(s, parent, name, len, &noff) < 0)
+            return 0;
+        r = stack_entry(s, p->layers, s->pb.p, s->pb.len, noff, &a, &layers);
+    }
     if (r < 0) {
-        unlinkat(s->work_fd, tmp, 0);
         reply_err(s, u, -r);
         return 1;
     }
-    /* a copy-up is no change of its directory: its times stay (_parent_times_kept) */
-    struct timespec dts[2] = {ds.st_atim, ds.st_mtim};
-    futimens(dfd, dts);
-    s->change_seq++;
-    /* the copy, opened as the caller asked but read-write (a backing other opens can share) */
-    uint32_t how = (flags & ~(uint32_t)(O_DIRECT | O_ACCMODE | O_CREAT | O_EXCL)) | O_RDWR;
-    fd = openat(dfd, d->name, (int)how | O_NOFOLLOW | O_CLOEXEC);
-    struct stat cs;
-    if (fd < 0 || fstat(fd, &cs) < 0) {
-        int err = errno;
-        if (fd >= 0)
-            close(fd);
-        n->lower = 0;
-        reply_err(s, u, err);
+    if (r == 0) {
+        memset(&e, 0, sizeof(e));
+        split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
+        dentry_forget(&s->t, parent, name, len);
+        reply(s, u, 0, &e, sizeof(e));
         return 1;
     }
-    n->lower = 0; /* the upper directory has it now */
-    n->no_caps = !caps;
-    struct handle *h = made_here(s, (uint64_t)cs.st_ino, id) == 0 ? c_handle(s, fd, id) : NULL;
+    struct node *known = node_get(&s->t, a.ino);
+    if (known && !known->lower)
+        return 0;
+    if ((r = remember(s, parent, name, len, &a, layers)) < 0) {
+        reply_err(s, u, -r);
+        return 1;
+    }
+    fill_entry(s, &e, &a);
+    reply(s, u, 0, &e, sizeof(e));
+    return 1;
+}
+
+/* Add `name` to a listing unless it is in it already: 1 added, 0 there, -1 out of memory. */
+static int listing_put(struct stack_listing *l, const char *name, size_t len, uint64_t ino, uint32_t mode, int layer,
+                       int hidden)
+{
+    if ((l->n + 1) * 2 > l->nslots) { /* rehash at half full */
+        size_t ns = l->nslots ? l->nslots * 2 : 64;
+        uint32_t *slots = calloc(ns, sizeof(*slots));
+        if (!slots)
+            return -1;
+        for (size_t k = 0; k < l->n; k++) {
+            const struct stack_item *it = &l->items[k];
+            size_t j = name_hash(0, l->names + it->name, it->len) & (ns - 1);
+            while (slots[j])
+                j = (j + 1) & (ns - 1);
+            slots[j] = (uint32_t)k + 1;
+        }
+        free(l->slots);
+        l->slots = slots;
+        l->nslots = ns;
+    }
+    size_t j = name_hash(0, name, len) & (l->nslots - 1);
+    for (; l->slots[j]; j = (j + 1) & (l->nslots - 1)) {
+        const struct stack_item *it = &l->items[l->slots[j] - 1];
+        if (it->len == len && memcmp(l->names + it->name, name, len) == 0)
+            return 0;
+    }
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        struct stack_item *items = realloc(l->items, cap * sizeof(*items));
+        if (!items)
+            return -1;
+        l->items = items;
+        l->cap = cap;
+    }
+    if (l->used + len > l->ncap) {
+        size_t cap = l->ncap ? l->ncap : 4096;
+        while (cap < l->used + len)
+            cap *= 2;
+        char *names = realloc(l->names, cap);
+        if (!names)
+            return -1;
+        l->names = names;
+        l->ncap = cap;
+    }
+    memcpy(l->names + l->used, name, len);
+    l->items[l->n] = (struct stack_item){ino, mode, (uint32_t)len, l->used, layer, hidden};
+    l->used += len;
+    l->slots[j] = (uint32_t)++l->n;
+    return 1;
+}
+
+/* Stack.readdir of lower directory p into a new listing (*out); -errno. */
+static int stack_list(Session *s, struct node *p, struct stack_listing **out)
+{
+    struct stack_listing *l = calloc(1, sizeof(*l));
+    char *pending = NULL; /* one layer's whiteouts: they hide names of the layers below it */
+    size_t plen = 0, pcap = 0;
+    int r = 0;
+    if (!l)
+        return -ENOMEM;
+    if (stack_node_path(s, p) < 0) {
+        free(l);
+        return -ESTALE;
+    }
+    for (int i = 0; i < s->nlayers && r == 0; i++) {
+        if (!(p->layers >> i & 1))
+            continue;
+        int fd = openat(s->layer_fd[i], at_path(s->pb.p), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+        if (!d) {
+            if (fd >= 0)
+                close(fd);
+            if (errno != ENOENT && errno != ENOTDIR)
+                r = -errno;
+            continue;
+        }
+        uint64_t base = (uint64_t)(i + 1) << LAYER_SHIFT;
+        struct dirent *de;
+        plen = 0;
+        while (r == 0 && (de = readdir(d))) {
+            const char *nm = de->d_name;
+            size_t nl = strlen(nm);
+            if (nm[0] == '.' && (nl == 1 || (nl == 2 && nm[1] == '.')))
+                continue;
+            const char *hide = NULL;
+            uint64_t hino = de->d_ino;
+            uint32_t mode = DTTOIF(de->d_type);
+            if (nl >= 4 && memcmp(nm, WH_PREFIX, 4) == 0) {
+                if (strcmp(nm, OPAQUE_FILE) == 0)
+                    continue;
+                hide = nm + 4;
+            } else if (de->d_type == DT_CHR || de->d_type == DT_UNKNOWN) {
+                struct stat st;
+                if (fstatat(dirfd(d), nm, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                    continue; /* gone meanwhile */
+                if (S_ISCHR(st.st_mode) && st.st_rdev == 0)
+                    hide = nm;
+                hino = st.st_ino;
+                mode = st.st_mode & S_IFMT;
+            }
+            if (hide) {
+                size_t hl = strlen(hide) + 1;
+                if (plen + hl > pcap) {
+                    size_t cap = pcap ? pcap * 2 : 1024;
+                    while (cap < plen + hl)
+                        cap *= 2;
+                    char *np = realloc(pending, cap);
+                    if (!np) {
+                        r = -ENOMEM;
+                        break;
+                    }
+                    pending = np;
+                    pcap = cap;
+                }
+                memcpy(pending + plen, hide, hl);
+                plen += hl;
+            } else if (listing_put(l, nm, nl, base | hino, mode, i, 0) < 0) {
+                r = -ENOMEM;
+            }
+        }
+        closedir(d);
+        for (size_t k = 0; r == 0 && k < plen; k += strlen(pending + k) + 1)
+            if (listing_put(l, pending + k, strlen(pending + k), 0, 0, i, 1) < 0)
+                r = -ENOMEM;
+    }
+    free(pending);
+    if (r < 0) {
+        stack_listing_free(l);
+        return r;
+    }
+    size_t kept = 0; /* the whiteouts' names go */
+    for (size_t k = 0; k < l->n; k++)
+        if (!l->items[k].hidden)
+            l->items[kept++] = l->items[k];
+    l->n = kept;
+    free(l->slots);
+    l->slots = NULL;
+    l->nslots = 0;
+    *out = l;
+    return 0;
+}
+
+/* READDIR(PLUS) of a lower directory, from its listing made at offset 0.  The offset of an
+ * entry is its index + 3 ("." and ".." are 1 and 2). */
+static void stack_readdir(Session *s, uint64_t u, struct node *p, const struct fuse_read_in *in, int plus)
+{
+    struct handle *h = (struct handle *)(uintptr_t)in->fh;
+    if (in->offset == 0 || !h->stack) {
+        stack_listing_free(h->stack);
+        h->stack = NULL;
+        int r = stack_list(s, p, &h->stack);
+        if (r < 0) {
+            reply_err(s, u, -r);
+            return;
+        }
+    }
+    const struct stack_listing *l = h->stack;
+    size_t cap = in->size < BUF_SIZE ? in->size : BUF_SIZE, used = 0;
+    char *out = s->buf + BUF_SIZE;
+    uint64_t off = in->offset, dir = p->id, up = p->names ? p->names->parent : p->id, dir_layers = p->layers;
+    if (off < 1 && !put_dirent(s, out, &used, cap, plus, ".", 1, 1, dir, S_IFDIR, NULL))
+        goto done;
+    if (off < 2 && !put_dirent(s, out, &used, cap, plus, "..", 2, 2, up, S_IFDIR, NULL))
+        goto done;
+    for (size_t j = off < 2 ? 0 : off - 2; j < l->n; j++) {
+        const struct stack_item *it = &l->items[j];
+        const char *nm = l->names + it->name;
+        struct fuse_attr a;
+        uint64_t layers = 0;
+        size_t noff;
+        int attrs = 0;
+        /* its attributes as a LOOKUP gives them, from the layer it was listed in down */
+        if (plus && stack_child_path(s, dir, nm, it->len, &noff) == 0 &&
+            stack_entry(s, dir_layers & ~((1ull << it->layer) - 1), s->pb.p, s->pb.len, noff, &a, &layers) > 0) {
+            struct node *known = node_get(&s->t, a.ino);
+            attrs = !(known && !known->lower);
+        }
+        size_t before = used;
+        if (!put_dirent(s, out, &used, cap, plus, nm, it->len, j + 3, it->ino, it->mode, attrs ? &a : NULL))
+            break;
+        if (attrs && remember(s, dir, nm, it->len, &a, layers) < 0) {
+            used = before;
+            break;
+        }
+    }
+done:
+    reply(s, u, 0, out, used);
+}
+
+/* OPEN for reading of a lower file: read here from the layer's file, through the kernel's
+ * page cache (lower_file). */
+static int stack_open(Session *s, uint64_t u, struct node *n, uint32_t flags)
+{
+    if (!n->layers || stack_node_path(s, n) < 0)
+        return 0;
+    int fd = openat(s->layer_fd[__builtin_ctzll(n->layers)], s->pb.p, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        reply_err(s, u, errno);
+        return 1;
+    }
+    struct handle *h = handle_new(NULL, fd, n->id);
     if (!h) {
         close(fd);
         reply_err(s, u, ENOMEM);
         return 1;
     }
+    h->owns_fd = h->lower_file = 1;
     finish_open(s, u, h, flags);
     return 1;
+}
+
+static int stack_readlink(Session *s, uint64_t u, struct node *n)
+{
+    if (!S_ISLNK(n->attr.mode) || !n->layers || stack_node_path(s, n) < 0)
+        return 0;
+    char *out = s->buf + BUF_SIZE;
+    ssize_t r = readlinkat(s->layer_fd[__builtin_ctzll(n->layers)], at_path(s->pb.p), out, PATH_MAX);
+    if (r < 0)
+        reply_err(s, u, errno);
+    else
+        reply(s, u, 0, out, (size_t)r);
+    return 1;
+}
+
+/* GETATTR of a lower node: what its LOOKUP gave (the lower layers do not change) */
+static int stack_getattr(Session *s, uint64_t u, struct node *n)
+{
+    if (!n->has_attr)
+        return 0;
+    struct fuse_attr_out o;
+    memset(&o, 0, sizeof(o));
+    o.attr = n->attr;
+    split_timeout(attr_timeout_of(s, n->id), &o.attr_valid, &o.attr_valid_nsec);
+    reply(s, u, 0, &o, sizeof(o));
+    return 1;
+}
+
+/* xattrs the overlay format keeps to itself (overlayfmt.PRIVATE_XATTR_PREFIXES) */
+static int private_xattr(const char *name)
+{
+    static const char *const prefixes[] = {"trusted.overlay.", "user.overlay.", "trusted.layerfs.", "user.layerfs."};
+    for (int i = 0; i < 4; i++)
+        if (strncmp(name, prefixes[i], strlen(prefixes[i])) == 0)
+            return 1;
+    return 0;
+}
+
+/* The bytes of src into dst (both at offset 0), in the kernel where it can. */
+static int copy_bytes(Session *s, int src, int dst)
+{
+    off_t off = 0;
+    for (;;) {
+        ssize_t n = copy_file_range(src, NULL, dst, NULL, MAX_WRITE, 0);
+        if (n == 0)
+            return 0;
+        if (n > 0) {
+            off += n;
+            continue;
+        }
+        if (errno != EXDEV && errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+            return -errno;
+        break; /* not between these two: by hand, from where it stopped */
+    }
+    char *buf = s->buf + BUF_SIZE;
+    for (;;) {
+        ssize_t got = pread(src, buf, MAX_WRITE, off);
+        if (got <= 0)
+            return got < 0 ? -errno : 0;
+        for (ssize_t w = 0; w < got;) {
+            ssize_t put = pwrite(dst, buf + w, (size_t)(got - w), off + w);
+            if (put < 0)
+                return -errno;
+            w += put;
+        }
+        off += got;
+    }
+}
+
+/* The metadata of a layer's file (src, stat st) onto its copy, as copy_meta: owner, mode, the
+ * xattrs DirLayer shows (host_xattrs), the inode number, times. */
+static int copy_host_meta(int fd, int src, const struct stat *st, uint64_t ino, int *caps)
+{
+    if (fchown(fd, st->st_uid, st->st_gid) < 0 || fchmod(fd, st->st_mode & 07777) < 0)
+        return -errno;
+    *caps = 0;
+    ssize_t len = flistxattr(src, NULL, 0);
+    char *names = len > 0 ? malloc((size_t)len) : NULL, *value = NULL;
+    int r = 0;
+    if (len > 0 && (!names || (len = flistxattr(src, names, (size_t)len)) < 0))
+        r = names ? -errno : -ENOMEM;
+    for (ssize_t i = 0; r == 0 && len > 0 && i < len; i += (ssize_t)strlen(names + i) + 1) {
+        const char *name = names + i;
+        if (private_xattr(name))
+            continue;
+        ssize_t vl = fgetxattr(src, name, NULL, 0);
+        char *v = vl >= 0 ? realloc(value, (size_t)vl + 1) : NULL;
+        if (!v)
+            continue; /* gone meanwhile, as host_xattrs leaves it out */
+        value = v;
+        if ((vl = fgetxattr(src, name, value, (size_t)vl)) < 0)
+            continue;
+        *caps |= strcmp(name, CAPS_XATTR) == 0;
+        r = copy_xattr(fd, name, value, (size_t)vl);
+    }
+    free(names);
+    free(value);
+    return r < 0 ? r : copy_number_times(fd, ino, st->st_mtim.tv_sec, (uint32_t)st->st_mtim.tv_nsec);
+}
+
+/* upper_copy_up of a layerfs-overlay lower file: from its layer's own file. */
+static int stack_copy_up(Session *s, uint64_t u, struct node *n, struct dentry *d, int dfd, const struct stat *ds,
+                         uint32_t flags)
+{
+    struct stat st;
+    if (!n->layers || stack_node_path(s, n) < 0)
+        return 0;
+    int src = openat(s->layer_fd[__builtin_ctzll(n->layers)], s->pb.p, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (src < 0 || fstat(src, &st) < 0 || st.st_nlink != 1 || !S_ISREG(st.st_mode)) {
+        if (src >= 0)
+            close(src);
+        return 0; /* hardlinks (their names are linked together), and errors: Python's */
+    }
+    char tmp[64];
+    int fd = copy_up_file(s, tmp, sizeof(tmp)), caps = 0, r = 0;
+    if (fd < 0) {
+        close(src);
+        return 0;
+    }
+    if (!(flags & O_TRUNC))
+        r = copy_bytes(s, src, fd);
+    if (r >= 0)
+        r = copy_host_meta(fd, src, &st, n->id, &caps);
+    close(src);
+    close(fd);
+    return copy_up_place(s, u, n, d, dfd, ds, tmp, r, caps, flags);
 }
 
 /* ---- writable mounts of a stored image: what needs no union rule, without Python ------------ */
@@ -2533,6 +3140,7 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         do_forget(s, ih, body, blen);
         return 1;
     case FUSE_FLUSH:
+    case FUSE_IOCTL: /* (every buffered fopen's isatty(): one per file opened) */
         reply_err(s, u, ENOSYS); /* see dispatch */
         return 1;
     case FUSE_OPENDIR:
@@ -2572,6 +3180,8 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         uint32_t flags = ((const struct fuse_open_in *)body)->flags;
         if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC))
             return upper_copy_up(s, u, id, flags); /* else Python's */
+        if (s->nlayers)
+            return stack_open(s, u, nd, flags);
         open_lower(s, u, id, id, flags);
         return 1;
     }
@@ -2608,10 +3218,13 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
             reply_err(s, u, ENODATA); /* as do_getxattr, without the GIL */
             return 1;
         }
-        return lower ? fast_dispatch(s, w, req, n) : 0;
+        return lower && !s->nlayers ? fast_dispatch(s, w, req, n) : 0;
     case FUSE_READLINK:
-    case FUSE_LISTXATTR:
+        if (lower && s->nlayers)
+            return stack_readlink(s, u, nd);
         return lower ? fast_dispatch(s, w, req, n) : 0; /* as a read-only mount */
+    case FUSE_LISTXATTR:
+        return lower && !s->nlayers ? fast_dispatch(s, w, req, n) : 0;
     case FUSE_READDIR:
     case FUSE_READDIRPLUS: {
         if (blen < sizeof(struct fuse_read_in))
@@ -2631,6 +3244,20 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         break;
     }
     default:
+        return 0;
+    }
+    if (s->nlayers) { /* layerfs-overlay: from the layers' directories */
+        s->fast_requests++;
+        switch (ih->opcode) {
+        case FUSE_LOOKUP:
+            return (name = take_name(&p, &left, &len)) ? stack_lookup(s, u, nd, name, len) : 0;
+        case FUSE_GETATTR:
+            return stack_getattr(s, u, nd);
+        case FUSE_READDIR:
+        case FUSE_READDIRPLUS:
+            stack_readdir(s, u, nd, (const struct fuse_read_in *)body, ih->opcode == FUSE_READDIRPLUS);
+            return 1;
+        }
         return 0;
     }
     if (fs_store_begin(w->store) < 0) {
@@ -3097,9 +3724,10 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
                              "attr_timeout", "negative_timeout", "debug",      "store",
                              "chain_prefix", "statfs",      "threads",         "passthrough",
                              "file_cache",   "file_cache_size", "file_cache_min", "label",   "upper_dir",
-                             "upper_ino",    "work_dir",        NULL};
+                             "upper_ino",    "work_dir",        "lower_dirs",     NULL};
     const char *label = "the image";
     PyObject *store_path = Py_None, *statfs = Py_None, *cache_dir = Py_None, *upper_dir = Py_None, *work_dir = Py_None;
+    PyObject *lower_dirs = Py_None;
     unsigned long long upper_ino = 0;
     unsigned long long cache_size = 0, cache_min = 0;
     const char *prefix = NULL;
@@ -3108,10 +3736,11 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
     s->upper_fd = s->work_fd = -1;
     s->union_gen = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKsOKO", kwlist, &s->fd, &s->ops, &s->writable,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKsOKOO", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
                                      &store_path, &prefix, &prefix_len, &statfs, &threads, &s->try_passthrough,
-                                     &cache_dir, &cache_size, &cache_min, &label, &upper_dir, &upper_ino, &work_dir))
+                                     &cache_dir, &cache_size, &cache_min, &label, &upper_dir, &upper_ino, &work_dir,
+                                     &lower_dirs))
         return -1;
     /* owned from here on: Session_dealloc drops it, also after a failure below (it dropped a
        reference it never took when a store failed to open: the caller's ops was freed) */
@@ -3176,17 +3805,41 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
             Py_DECREF(encoded);
             store_path = Py_None;
             s->workers[0].store = s->lower_reader; /* rw_fast's: the same thread */
-            /* upper_create's and upper_copy_up's; without them Python makes every name */
-            PyObject *dirs[2] = {upper_dir, work_dir};
-            int *fds[2] = {&s->upper_fd, &s->work_fd};
-            for (int i = 0; i < 2 && upper_dir != Py_None && dirs[i] != Py_None; i++) {
-                if (!PyUnicode_FSConverter(dirs[i], &encoded))
-                    return -1;
-                *fds[i] = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
-                Py_DECREF(encoded);
-            }
-            s->upper_ino = upper_ino;
         }
+    }
+    if (s->writable && lower_dirs != Py_None) { /* layerfs-overlay's layers, topmost first */
+        Py_ssize_t n = PySequence_Check(lower_dirs) ? PySequence_Size(lower_dirs) : -1;
+        if (n < 1 || n > MAX_LAYERS) {
+            PyErr_SetString(PyExc_ValueError, "lower_dirs: 1 to 63 directories");
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PySequence_GetItem(lower_dirs, i), *encoded;
+            int ok = item && PyUnicode_FSConverter(item, &encoded);
+            Py_XDECREF(item);
+            if (!ok)
+                return -1;
+            s->layer_fd[i] = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
+            if (s->layer_fd[i] < 0) {
+                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, encoded);
+                Py_DECREF(encoded);
+                return -1;
+            }
+            Py_DECREF(encoded);
+            s->nlayers = (int)i + 1;
+        }
+    }
+    if (s->writable && upper_dir != Py_None) {
+        /* upper_create's and upper_copy_up's; without them Python makes every name */
+        PyObject *dirs[2] = {upper_dir, work_dir}, *encoded;
+        int *fds[2] = {&s->upper_fd, &s->work_fd};
+        for (int i = 0; i < 2 && dirs[i] != Py_None; i++) {
+            if (!PyUnicode_FSConverter(dirs[i], &encoded))
+                return -1;
+            *fds[i] = open(PyBytes_AS_STRING(encoded), O_PATH | O_DIRECTORY | O_CLOEXEC);
+            Py_DECREF(encoded);
+        }
+        s->upper_ino = upper_ino;
     }
     if (store_path != Py_None) {
         PyObject *encoded;
@@ -3279,6 +3932,8 @@ static void Session_dealloc(Session *s)
         close(s->upper_fd);
     if (s->work_fd > 0)
         close(s->work_fd);
+    for (int i = 0; i < s->nlayers; i++)
+        close(s->layer_fd[i]);
     for (int i = 0; i < DIR_SLOTS; i++)
         if (s->dirs[i].fd > 0)
             close(s->dirs[i].fd);
@@ -3388,7 +4043,7 @@ static PyObject *Session_run(Session *s, PyObject *unused)
                     ((const struct fuse_in_header *)w->buf)->len);
         if (s->store && valid_request(w->buf, n))
             handled = serve_fast(s, w, n);
-        else if (w->store && valid_request(w->buf, n))
+        else if ((w->store || s->nlayers) && valid_request(w->buf, n))
             handled = rw_fast(s, w, w->buf, (size_t)n);
         PyEval_RestoreThread(ts);
         if (n < 0) {

@@ -326,6 +326,8 @@ def test_an_upper_file_open_several_times_at_once(dirs: Dirs) -> None:
                 assert again.read(5) == b"UPPER"
         with open(os.path.join(dirs.upper, "log"), "rb") as f:
             assert f.read() == b"ONE\ntwo\n"
+    with open(os.path.join(dirs.lower, "file"), "rb") as f:  # the write went to the copy alone
+        assert f.read(5) == b"lower"
 
 
 def test_file_capabilities_are_dropped_by_a_write(dirs: Dirs) -> None:

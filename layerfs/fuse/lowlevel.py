@@ -28,12 +28,13 @@ from typing import Any
 from layerfs import procfs
 from layerfs.fuse import TRIM_EVERY, trim_store_map
 from layerfs.store import filecache
-from layerfs.union.lower import ChainLayer, join_path, parent_path
+from layerfs.union.lower import ChainLayer, DirLayer, Stack, join_path, parent_path
 from layerfs.union.view import UPPER_INO, UnionView
 
 # (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns[, lower])
 Attr = tuple[int, ...]
 
+STACK_MAX_LAYERS = 63  # MAX_LAYERS in ext/fusecore.c: one bit each in a node's layer mask
 READ_AHEAD_KIB = 1024  # as large as a request (MAX_WRITE in ext/fusecore.c)
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 3600.0  # writable mounts too: every change goes through the mount, and the kernel
@@ -80,6 +81,7 @@ class CoreOps:
         self._calls = 0
         self._pin: Any = None
         self.stored_reads = False  # the C side reads lower files from the store
+        self.stack: Stack | None = None  # ... or from layerfs-overlay's directory layers
 
     def pin(self) -> None:
         """Hold (and renew: about once a second) a read transaction of the store, so that no
@@ -98,13 +100,20 @@ class CoreOps:
 
     # -- names and attributes --------------------------------------------------------
     def lookup(self, path: bytes) -> Attr:
-        """Attributes; with a 12th item, 1, when the C side may answer for this node and all
-        below it from the stored image itself (``UnionView.lookup``) until something changes."""
+        """Attributes; with a 12th item, not 0, when the C side may answer for this node and
+        all below it from the lower layers themselves (``UnionView.lookup``) until something
+        changes: 1 for a stored image, the node's layers (``Stack.layer_mask``) for directory
+        layers."""
         self._calls += 1
         if self._calls % TRIM_EVERY == 0:
             trim_store_map(self.view)
         attr, lower = self.view.lookup(path)
-        return (*_attr(attr), 1) if lower and self.stored_reads else _attr(attr)
+        if lower and self.stored_reads:
+            return (*_attr(attr), 1)
+        if lower and self.stack is not None:
+            mask = self.stack.layer_mask(path, attr["st_ino"], stat.S_ISDIR(attr["st_mode"]))
+            return (*_attr(attr), mask)
+        return _attr(attr)
 
     getattr = lookup
 
@@ -112,13 +121,18 @@ class CoreOps:
         """What the C core may decide by itself about new names in directory ``path``: -1
         nothing (not an upper directory, or merged with lower directories it cannot read);
         0 an upper directory whose names are its own; else the index inode of the stored lower
-        directory merged with it (a name free in both is free in the union)."""
+        directory merged with it, or for directory layers that directory's layers (a name free
+        in both is free in the union)."""
         is_dir, lower = self.view.upper_dir_state(path)
         if not is_dir:
             return -1
         if lower is None:
             return 0
-        return lower.ino if self.stored_reads and lower.host is None else -1
+        if self.stored_reads and lower.host is None:
+            return lower.ino
+        if self.stack is not None:
+            return self.stack.layer_mask(path, lower.ino, True) or -1
+        return -1
 
     def adopt(self, fd: int) -> int:
         """The view's handle for an upper file the C core created and opened."""
@@ -170,15 +184,18 @@ class CoreOps:
         return b"".join(n + b"\0" for n in names)
 
     # -- files -------------------------------------------------------------------------
-    def open(self, path: bytes, flags: int) -> tuple[int | None, int, int]:
-        """(view handle, host descriptor or -1, 0); or (None, -1, index inode) for a lower file
-        opened for reading, which the C side reads from the store itself (no handle here)."""
+    def open(self, path: bytes, flags: int) -> tuple[int | None, int, int, bool]:
+        """(view handle, host descriptor or -1, 0, whether the descriptor is a lower layer's
+        own file); or (None, -1, index inode, False) for a lower file opened for reading, which
+        the C side reads from the store itself (no handle here).  A lower layer's file is
+        never passed through: a writer of the same node (the file once copied up) would be
+        passed through to it too (one backing per inode)."""
         if self.stored_reads and not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             ino = self.view.stored_lower_ino(path)
             if ino is not None:
-                return None, -1, ino
+                return None, -1, ino, False
         fh = self.view.open(path, flags)
-        return fh, self.view.handle_fd(fh), 0
+        return fh, self.view.handle_fd(fh), 0, self.view.is_lower_handle(fh)
 
     def create(
         self, path: bytes, mode: int, flags: int, uid: int, gid: int, umask: int
@@ -455,6 +472,22 @@ def serve(
             # a read-only mount of one stored image: the C core answers from the store itself,
             # on a thread per CPU (up to 4): zstd of one file's chunks runs on all of them at once
             from_store.update(statfs=ops.statfs(), threads=min(4, len(os.sched_getaffinity(0))))
+    elif (
+        view.writable
+        and isinstance(chain, Stack)
+        and len(chain.layers) <= STACK_MAX_LAYERS
+        and os.environ.get("LAYERFS_C_LOWER", "1") != "0"
+        and len(dirs := [layer for layer in chain.layers if isinstance(layer, DirLayer)]) == len(chain.layers)
+    ):
+        # layerfs-overlay: lower nodes answered by C from the layers' directories, new files
+        # made and lower files copied up by C (the same calls as for a stored image)
+        ops.stack = chain
+        from_store = {
+            "lower_dirs": [layer.root for layer in dirs],
+            "upper_dir": view.upper,
+            "upper_ino": UPPER_INO,
+            "work_dir": view.work,
+        }
     try:
         session = _cfuse.Session(
             fd,

@@ -357,6 +357,14 @@ class Stack:
                 return layer.link_group(node)
         return []
 
+    def layer_mask(self, path: bytes, ino: int, is_dir: bool) -> int:
+        """Which layers lower node ``path`` (inode ``ino``) comes from, bit i for layer i: every
+        layer whose directory merges into a directory, a file's own layer; 0 if unknown."""
+        if is_dir:
+            return sum(1 << i for i in self._layers_of_dir(path) or ())
+        position = (ino >> DIR_LAYER_SHIFT) - 1
+        return 1 << position if 0 <= position < len(self.layers) else 0
+
     def statfs(self) -> dict[str, int]:
         top = self.layers[0]
         if isinstance(top, ChainLayer):

@@ -95,6 +95,7 @@ class _LowerFile:
 @dataclass
 class _UpperFile:
     fd: int
+    lower: bool = False  # a directory layer's file, opened to read (never to write through)
 
 
 class UnionView:
@@ -301,6 +302,11 @@ class UnionView:
         h = self._handles.get(fh)
         return h.fd if isinstance(h, _UpperFile) else -1
 
+    def is_lower_handle(self, fh: int) -> bool:
+        """Whether handle ``fh`` reads a lower layer's own file (a directory layer's)."""
+        h = self._handles.get(fh)
+        return isinstance(h, _UpperFile) and h.lower
+
     def fgetattr(self, fh: int) -> dict[str, int]:
         """Attributes of an open file, whatever became of its names."""
         h = self._handles.get(fh)
@@ -466,7 +472,7 @@ class UnionView:
         if r.kind == E.DIR:
             raise _err(errno.EISDIR)
         if r.host is not None:  # a directory-backed lower layer: read the host file
-            return _UpperFile(os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW))
+            return _UpperFile(os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW), lower=True)
         obj = None
         if r.content is not None:
             assert self.objects is not None

@@ -1,0 +1,268 @@
+"""layerfs-overlay's lower directories served by the C core itself (ext/fusecore.c, stack_*).
+
+Below a directory that has nothing in the upper directory, the C core answers LOOKUP,
+GETATTR, READDIR(PLUS), READLINK and OPEN for reading from the lowerdirs without Python.
+It must give what Python gives (``LAYERFS_C_LOWER=0`` keeps those requests in Python): the
+same inode numbers, attributes and listings.  It must give what the kernel overlay gives over
+the same directories.  And it must never let a write reach a lower layer.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from test_overlay import HELPER, opts, overlay_mount
+from unionutil import (
+    _copy_meta,
+    assert_same,
+    fuse_unavailable,
+    kernel_overlay,
+    overlay_unavailable,
+    snapshot,
+    upper_snapshot,
+)
+
+
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _whiteout(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mknod(path, stat.S_IFCHR | 0o600, 0)
+
+
+def build_layers(base: str, fallbacks: bool) -> list[str]:
+    """Three layers in the kernel format, bottom first, deep enough that most directories are
+    the lower layers' alone: whiteouts, opaque directories, hardlinks, special files, a file
+    hiding a directory.  ``fallbacks``: also the forms the kernel does not read but layerfs
+    does (``.wh.`` whiteout files, the ``.wh..wh..opq`` marker, ``user.overlay.opaque``)."""
+    l0, l1, l2 = (os.path.join(base, f"l{i}") for i in range(3))  # l0 bottom
+    for n in range(40):
+        _write(f"{l0}/a/b/c/many{n:02}", b"bottom %d\n" % n)
+    _write(f"{l0}/a/b/c/file1", b"old one\n")
+    _write(f"{l0}/a/b/gone", b"whited out above\n")
+    _write(f"{l0}/a/b/hidden/x", b"in a whited-out dir\n")
+    _write(f"{l0}/a/keep/k1", b"dir hidden by a file\n")
+    _write(f"{l0}/a/opq/old", b"hidden by an opaque xattr\n")
+    _write(f"{l0}/a/opq2/old2", b"hidden by the marker file\n")
+    _write(f"{l0}/a/opq3/old3", b"hidden by user.overlay.opaque\n")
+    _write(f"{l0}/a/hl1", b"hardlinked\n")
+    os.link(f"{l0}/a/hl1", f"{l0}/a/hl2")
+    os.symlink("b/c/file1", f"{l0}/a/sym")
+    os.mkfifo(f"{l0}/a/fifo")
+    os.mknod(f"{l0}/a/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    _write(f"{l0}/deep/x1/x2/x3/x4/f", b"deep\n")
+    _write(f"{l1}/a/b/c/file1", b"newer one\n")
+    _write(f"{l1}/a/b/c/file3", b"middle\n")
+    os.setxattr(f"{l1}/a/b/c/file3", "user.note", b"kept")
+    os.chown(f"{l1}/a/b/c/file3", 1234, 5678)
+    os.chmod(f"{l1}/a/b/c/file3", 0o4751)
+    _whiteout(f"{l1}/a/b/gone")
+    _write(f"{l1}/a/keep", b"a file over a directory\n")
+    _write(f"{l1}/a/opq/new", b"in the opaque dir\n")
+    os.setxattr(f"{l1}/a/opq", "trusted.overlay.opaque", b"y")
+    _write(f"{l1}/a/opq2/new2", b"beside the marker\n")
+    _write(f"{l1}/a/opq3/new3", b"user opaque\n")
+    _write(f"{l1}/deep/x1/x2/x3/x4/g", b"merged deep\n")
+    _write(f"{l2}/a/b/c/file4", b"top\n")
+    _whiteout(f"{l2}/a/b/c/many07")
+    _write(f"{l2}/deep/x1/x2/top", b"top deep\n")
+    if fallbacks:
+        _write(f"{l1}/a/b/.wh.hidden", b"")
+        _write(f"{l1}/a/opq2/.wh..wh..opq", b"")
+        os.setxattr(f"{l1}/a/opq3", "user.overlay.opaque", b"y")
+        _write(f"{l2}/a/b/c/.wh.many08", b"")
+    else:
+        _whiteout(f"{l1}/a/b/hidden")
+        os.setxattr(f"{l1}/a/opq2", "trusted.overlay.opaque", b"y")
+        os.setxattr(f"{l1}/a/opq3", "trusted.overlay.opaque", b"y")
+        _whiteout(f"{l2}/a/b/c/many08")
+    for d in (l0, l1, l2):
+        os.chmod(d, 0o755)
+    return [l0, l1, l2]
+
+
+def _layers(tmp_path_factory: pytest.TempPathFactory, fallbacks: bool) -> tuple[str, list[str]]:
+    base = str(tmp_path_factory.mktemp("ovl-lower"))
+    reason = fuse_unavailable() or overlay_unavailable(base)
+    if reason:
+        pytest.skip(reason)
+    try:
+        from layerfs import _cfuse  # noqa: F401
+    except ImportError:
+        pytest.skip("the C core is not built")
+    return base, build_layers(base, fallbacks)
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    """What the kernel overlay reads too."""
+    return _layers(tmp_path_factory, False)
+
+
+@pytest.fixture(scope="module")
+def all_layers(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    """... and the fallback forms."""
+    return _layers(tmp_path_factory, True)
+
+
+@contextmanager
+def ours(base: str, lowers: list[str], name: str, *, c_lower: bool = True, **env: str) -> Iterator[str]:
+    upper, work, mnt = (os.path.join(base, f"{name}-{k}") for k in ("upper", "work", "mnt"))
+    for d in (upper, work):
+        subprocess.run(["rm", "-rf", d], check=True)
+        os.makedirs(d)
+    _copy_meta(lowers[-1], upper)
+    old = {k: os.environ.get(k) for k in ("LAYERFS_FUSE", "LAYERFS_C_LOWER", *env)}
+    os.environ.update(LAYERFS_FUSE="c", LAYERFS_C_LOWER="1" if c_lower else "0", **env)
+    try:
+        with overlay_mount([*HELPER, "-o", opts(lowers, upper, work), mnt], mnt):
+            yield mnt
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def full_stat(root: str) -> dict[str, object]:
+    """Every lstat field and every listing (order, d_ino, d_type) below ``root``; not the
+    root's (each mount has an upper directory of its own) nor atimes (reading a layer's
+    directory or file moves its atime on the host)."""
+    out: dict[str, object] = {}
+    for d, dirs, files in os.walk(root):
+        rel = os.path.relpath(d, root)
+        with os.scandir(d) as it:
+            out["ls " + rel] = [(e.name, e.inode(), e.is_dir(follow_symlinks=False)) for e in it]
+        for name in [*dirs, *files]:
+            st = os.lstat(os.path.join(d, name))
+            out[os.path.normpath(os.path.join(rel, name))] = (
+                st.st_ino,
+                st.st_mode,
+                st.st_nlink,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_blocks,
+                st.st_rdev,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+    return out
+
+
+def test_c_answers_what_python_answers(all_layers: tuple[str, list[str]]) -> None:
+    base, lowers = all_layers
+    with ours(base, lowers, "py", c_lower=False) as m:
+        expected = full_stat(m)
+    with ours(base, lowers, "c") as m:
+        got = full_stat(m)
+        # a second look: now from the nodes C remembered (GETATTR, cached LOOKUPs)
+        assert full_stat(m) == got
+    assert sorted(expected) == sorted(got)
+    for key in expected:
+        assert got[key] == expected[key], key
+    names = {k.split("/")[-1] for k in got}
+    assert {"many06", "file4", "new", "new2", "new3", "g", "top", "x"} - names == {"x"}
+    assert not names & {"gone", "many07", "many08", "old", "old2", "old3", "hidden", "k1"}
+
+
+def test_tree_is_the_kernel_overlays(layers: tuple[str, list[str]]) -> None:
+    base, lowers = layers
+    kupper, kwork = os.path.join(base, "k-upper"), os.path.join(base, "k-work")
+    with kernel_overlay(lowers, kupper, kwork, os.path.join(base, "k-mnt")) as km:
+        expected = snapshot(km)
+    with ours(base, lowers, "c") as m:
+        assert_same(expected, snapshot(m), "lower directories served by C")
+        with open(os.path.join(m, "a/sym")) as f:  # READLINK, then OPEN of the target
+            assert f.read() == "newer one\n"
+
+
+def test_changes_below_c_served_directories_match_the_kernel(layers: tuple[str, list[str]]) -> None:
+    """After C answered for a directory, changes in it go to Python and the directory is the
+    union's again: new files (in a merged directory, by C), a copy-up, removals, renames."""
+    base, lowers = layers
+
+    def run(m: str) -> list[object]:
+        steps: list[object] = []
+        full_stat(m)  # every node remembered as the layers' first
+        c = os.path.join(m, "a/b/c")
+
+        def step(fn, *args):  # type: ignore[no-untyped-def]
+            try:
+                steps.append(fn(*args))
+            except OSError as e:
+                steps.append(errno.errorcode[e.errno or 0])
+
+        step(os.open, os.path.join(c, "file1"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        fd = os.open(os.path.join(c, "new"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, b"made\n")
+        os.close(fd)
+        for name in ("many07", "many08", "many06"):  # whited out (both kinds), then a lower name
+            step(os.open, os.path.join(c, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        ino = os.lstat(os.path.join(c, "file3")).st_ino
+        with open(os.path.join(c, "file3"), "ab") as f:  # copy-up (the directory is upper now)
+            f.write(b"appended\n")
+        steps.append(os.lstat(os.path.join(c, "file3")).st_ino == ino)
+        os.unlink(os.path.join(c, "many01"))
+        os.rename(os.path.join(c, "many02"), os.path.join(c, "renamed"))
+        os.rename(os.path.join(m, "deep/x1/x2"), os.path.join(m, "deep/moved"))
+        os.mkdir(os.path.join(m, "a/b/hidden"))
+        steps.append(sorted(os.listdir(c)))
+        steps.append(sorted(os.listdir(os.path.join(m, "deep/moved"))))
+        steps.append(os.listdir(os.path.join(m, "a/b/hidden")))
+        return [s if not isinstance(s, int) else "fd" for s in steps]
+
+    kupper, kwork = os.path.join(base, "k2-upper"), os.path.join(base, "k2-work")
+    with kernel_overlay(lowers, kupper, kwork, os.path.join(base, "k2-mnt")) as km:
+        expected_steps = run(km)
+        volatile = {"/a/b/c/new", "/a/b/c/file3", "/a/b/c/many07", "/a/b/c/many08"}
+        expected = snapshot(km, volatile=volatile)
+    with ours(base, lowers, "c2") as m:
+        assert run(m) == expected_steps
+        assert_same(expected, snapshot(m, volatile=volatile), "after the changes")
+    upper = upper_snapshot(os.path.join(base, "c2-upper"))
+    assert upper["/a/b/c/new"].startswith("file")
+    # the kernel mounts what layerfs-overlay left in the upper directory, and shows the same
+    with kernel_overlay(
+        lowers, os.path.join(base, "c2-upper"), os.path.join(base, "c2-kwork"), os.path.join(base, "c2-kmnt")
+    ) as km:
+        assert_same(expected, snapshot(km, volatile=volatile), "the upper directory under the kernel")
+
+
+@pytest.mark.parametrize("passthrough", ["1", "0"])
+def test_a_write_never_reaches_a_lower_layer(layers: tuple[str, list[str]], passthrough: str) -> None:
+    """A lower file open for reading while it is opened to be written: the write goes to its
+    copy in the upper directory, and every reader of the mount sees it, the one already open
+    too (they share the kernel's page cache).  The layer's own file never changes.  (The C
+    core passed lower files through to the layer's file, and a writer's open shared that
+    backing, the kernel taking one per inode: the write went into the lower layer.)"""
+    base, lowers = layers
+    files = {"a/b/c/file3": lowers[1], "a/hl1": lowers[0]}
+    before = {name: open(os.path.join(layer, name), "rb").read() for name, layer in files.items()}
+    # served by C (a directory of the layers alone), and by Python (one merged with the upper)
+    for name in files:
+        with ours(base, lowers, "w" + passthrough, LAYERFS_PASSTHROUGH=passthrough) as m:
+            path = os.path.join(m, name)
+            with open(path, "rb") as reader:
+                first = reader.read()
+                with open(path, "ab") as writer:
+                    writer.write(b"written\n")
+                reader.seek(0)
+                assert reader.read() == first + b"written\n"
+                with open(path, "rb") as again:
+                    assert again.read() == first + b"written\n"
+            with open(os.path.join(base, "w" + passthrough + "-upper", name), "rb") as f:
+                assert f.read() == first + b"written\n"
+        for other, layer in files.items():
+            assert open(os.path.join(layer, other), "rb").read() == before[other]

@@ -1251,7 +1251,7 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply(s, unique, 0, &o, sizeof(o));
         return;
     }
-    if (!s->writable) {
+    if (!s->writable && !s->nlayers) {
         /* the kernel remembers ENOSYS: no OPEN or RELEASE for the rest of the mount, reads by
          * path with the page cache kept across opens (lower files never change) */
         reply_err(s, unique, ENOSYS);
@@ -1872,6 +1872,22 @@ done:
     reply(s, u, 0, out, used);
 }
 
+/* Reply to GETXATTR or LISTXATTR (`size`: the caller's buffer, 0 to ask the size) with `len`
+ * bytes at `out` (the reply area; more than fits there: ERANGE), or ENODATA if not found. */
+static void reply_xattr(Session *s, uint64_t u, const char *out, size_t len, int found, uint32_t size)
+{
+    if (!found) {
+        reply_err(s, u, ENODATA);
+    } else if (size == 0) {
+        struct fuse_getxattr_out o = {.size = (uint32_t)len};
+        reply(s, u, 0, &o, sizeof(o));
+    } else if (len > size || len > BUF_SIZE) {
+        reply_err(s, u, ERANGE);
+    } else {
+        reply(s, u, 0, out, len);
+    }
+}
+
 static void fast_xattr(Session *s, struct worker *w, uint64_t u, uint64_t ino, const char *name, size_t name_len, uint32_t size,
                        int list)
 {
@@ -1901,16 +1917,7 @@ static void fast_xattr(Session *s, struct worker *w, uint64_t u, uint64_t ino, c
             break;
         }
     }
-    if (!list && !found) {
-        reply_err(s, u, ENODATA);
-    } else if (size == 0) {
-        struct fuse_getxattr_out o = {.size = (uint32_t)len};
-        reply(s, u, 0, &o, sizeof(o));
-    } else if (len > size || len > BUF_SIZE) {
-        reply_err(s, u, ERANGE);
-    } else {
-        reply(s, u, 0, out, len);
-    }
+    reply_xattr(s, u, out, len, list || found, size);
 }
 
 /* Say which file of which image a damaged chunk belongs to (the reader gets EIO), once per
@@ -3072,6 +3079,46 @@ static int copy_host_meta(int fd, int src, const struct stat *st, uint64_t ino, 
     return r < 0 ? r : copy_number_times(fd, ino, st->st_mtim.tv_sec, (uint32_t)st->st_mtim.tv_nsec);
 }
 
+static int by_name(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* GETXATTR (`name`) or LISTXATTR (`name` NULL) of a lower node: its layer's file's xattrs but the
+ * overlay format's own, names sorted, as DirLayer's node has them (host_xattrs). */
+static int stack_xattr(Session *s, uint64_t u, struct node *n, const char *name, uint32_t size)
+{
+    char full[PATH_MAX + 32];
+    if (!n->layers || stack_node_path(s, n) < 0)
+        return 0;
+    int fl = snprintf(full, sizeof(full), "/proc/self/fd/%d/%s", s->layer_fd[__builtin_ctzll(n->layers)], s->pb.p);
+    if (fl < 0 || (size_t)fl >= sizeof(full))
+        return 0;
+    char *out = s->buf + BUF_SIZE;
+    if (name) {
+        /* what the host will not give (no such xattr, no xattrs there, no permission) is
+         * not among the node's */
+        ssize_t vl = private_xattr(name) ? -1 : lgetxattr(full, name, out, BUF_SIZE);
+        reply_xattr(s, u, out, vl < 0 ? 0 : (size_t)vl, vl >= 0, size);
+        return 1;
+    }
+    char *names = s->buf + BUF_SIZE + BUF_SIZE / 2; /* listed into the reply area's second half */
+    ssize_t nl = llistxattr(full, names, BUF_SIZE / 2);
+    const char *sorted[4096];
+    size_t count = 0, len = 0;
+    for (ssize_t i = 0; nl > 0 && i < nl && count < 4096; i += (ssize_t)strlen(names + i) + 1)
+        if (!private_xattr(names + i))
+            sorted[count++] = names + i;
+    qsort(sorted, count, sizeof(*sorted), by_name);
+    for (size_t i = 0; i < count; i++) {
+        size_t l = strlen(sorted[i]) + 1;
+        memcpy(out + len, sorted[i], l); /* (the names' half is not reached: len <= nl) */
+        len += l;
+    }
+    reply_xattr(s, u, out, len, 1, size);
+    return 1;
+}
+
 /* upper_copy_up of a layerfs-overlay lower file: from its layer's own file. */
 static int stack_copy_up(Session *s, uint64_t u, struct node *n, struct dentry *d, int dfd, const struct stat *ds,
                          uint32_t flags)
@@ -3218,13 +3265,24 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
             reply_err(s, u, ENODATA); /* as do_getxattr, without the GIL */
             return 1;
         }
-        return lower && !s->nlayers ? fast_dispatch(s, w, req, n) : 0;
+        if (lower && s->nlayers) {
+            if (blen <= sizeof(struct fuse_getxattr_in))
+                return 0;
+            p += sizeof(struct fuse_getxattr_in);
+            left -= sizeof(struct fuse_getxattr_in);
+            return (name = take_name(&p, &left, &len)) &&
+                   stack_xattr(s, u, nd, name, ((const struct fuse_getxattr_in *)body)->size);
+        }
+        return lower ? fast_dispatch(s, w, req, n) : 0;
     case FUSE_READLINK:
         if (lower && s->nlayers)
             return stack_readlink(s, u, nd);
         return lower ? fast_dispatch(s, w, req, n) : 0; /* as a read-only mount */
     case FUSE_LISTXATTR:
-        return lower && !s->nlayers ? fast_dispatch(s, w, req, n) : 0;
+        if (lower && s->nlayers)
+            return blen >= sizeof(struct fuse_getxattr_in) &&
+                   stack_xattr(s, u, nd, NULL, ((const struct fuse_getxattr_in *)body)->size);
+        return lower ? fast_dispatch(s, w, req, n) : 0;
     case FUSE_READDIR:
     case FUSE_READDIRPLUS: {
         if (blen < sizeof(struct fuse_read_in))
@@ -3807,7 +3865,7 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
             s->workers[0].store = s->lower_reader; /* rw_fast's: the same thread */
         }
     }
-    if (s->writable && lower_dirs != Py_None) { /* layerfs-overlay's layers, topmost first */
+    if (lower_dirs != Py_None) { /* layerfs-overlay's layers, topmost first */
         Py_ssize_t n = PySequence_Check(lower_dirs) ? PySequence_Size(lower_dirs) : -1;
         if (n < 1 || n > MAX_LAYERS) {
             PyErr_SetString(PyExc_ValueError, "lower_dirs: 1 to 63 directories");

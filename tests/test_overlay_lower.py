@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,12 +59,18 @@ def build_layers(base: str, fallbacks: bool) -> list[str]:
     _write(f"{l0}/a/hl1", b"hardlinked\n")
     os.link(f"{l0}/a/hl1", f"{l0}/a/hl2")
     os.symlink("b/c/file1", f"{l0}/a/sym")
+    os.setxattr(f"{l0}/a/sym", "trusted.mark", b"on a symlink", follow_symlinks=False)
+    os.setxattr(f"{l0}/a/b", "user.dir", b"on a directory")
     os.mkfifo(f"{l0}/a/fifo")
     os.mknod(f"{l0}/a/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     _write(f"{l0}/deep/x1/x2/x3/x4/f", b"deep\n")
     _write(f"{l1}/a/b/c/file1", b"newer one\n")
     _write(f"{l1}/a/b/c/file3", b"middle\n")
     os.setxattr(f"{l1}/a/b/c/file3", "user.note", b"kept")
+    os.setxattr(
+        f"{l1}/a/b/c/file3", "security.capability", struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    )
+    os.setxattr(f"{l1}/a/b/c/file3", "trusted.overlay.origin", b"private: never shown")
     os.chown(f"{l1}/a/b/c/file3", 1234, 5678)
     os.chmod(f"{l1}/a/b/c/file3", 0o4751)
     _whiteout(f"{l1}/a/b/gone")
@@ -116,7 +123,10 @@ def all_layers(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]
 
 
 @contextmanager
-def ours(base: str, lowers: list[str], name: str, *, c_lower: bool = True, **env: str) -> Iterator[str]:
+def ours(
+    base: str, lowers: list[str], name: str, *, c_lower: bool = True, writable: bool = True, **env: str
+) -> Iterator[str]:
+    """layerfs-overlay over ``lowers`` (bottom first) with a fresh upper directory, or none."""
     upper, work, mnt = (os.path.join(base, f"{name}-{k}") for k in ("upper", "work", "mnt"))
     for d in (upper, work):
         subprocess.run(["rm", "-rf", d], check=True)
@@ -125,7 +135,8 @@ def ours(base: str, lowers: list[str], name: str, *, c_lower: bool = True, **env
     old = {k: os.environ.get(k) for k in ("LAYERFS_FUSE", "LAYERFS_C_LOWER", *env)}
     os.environ.update(LAYERFS_FUSE="c", LAYERFS_C_LOWER="1" if c_lower else "0", **env)
     try:
-        with overlay_mount([*HELPER, "-o", opts(lowers, upper, work), mnt], mnt):
+        o = opts(lowers, upper, work) if writable else opts(lowers)
+        with overlay_mount([*HELPER, "-o", o, mnt], mnt):
             yield mnt
     finally:
         for k, v in old.items():
@@ -136,7 +147,7 @@ def ours(base: str, lowers: list[str], name: str, *, c_lower: bool = True, **env
 
 
 def full_stat(root: str) -> dict[str, object]:
-    """Every lstat field and every listing (order, d_ino, d_type) below ``root``; not the
+    """Every lstat field, xattr and listing (order, d_ino, d_type) below ``root``; not the
     root's (each mount has an upper directory of its own) nor atimes (reading a layer's
     directory or file moves its atime on the host)."""
     out: dict[str, object] = {}
@@ -145,7 +156,12 @@ def full_stat(root: str) -> dict[str, object]:
         with os.scandir(d) as it:
             out["ls " + rel] = [(e.name, e.inode(), e.is_dir(follow_symlinks=False)) for e in it]
         for name in [*dirs, *files]:
-            st = os.lstat(os.path.join(d, name))
+            p = os.path.join(d, name)
+            names = os.listxattr(p, follow_symlinks=False)
+            out["xattrs " + os.path.relpath(p, root)] = [
+                (n, os.getxattr(p, n, follow_symlinks=False)) for n in names
+            ]
+            st = os.lstat(p)
             out[os.path.normpath(os.path.join(rel, name))] = (
                 st.st_ino,
                 st.st_mode,
@@ -161,14 +177,28 @@ def full_stat(root: str) -> dict[str, object]:
     return out
 
 
-def test_c_answers_what_python_answers(all_layers: tuple[str, list[str]]) -> None:
+def read_all(root: str) -> dict[str, bytes]:
+    out = {}
+    for d, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(d, name)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                with open(p, "rb") as f:
+                    out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["rw", "ro"])
+def test_c_answers_what_python_answers(all_layers: tuple[str, list[str]], writable: bool) -> None:
     base, lowers = all_layers
-    with ours(base, lowers, "py", c_lower=False) as m:
+    with ours(base, lowers, "py", c_lower=False, writable=writable) as m:
         expected = full_stat(m)
-    with ours(base, lowers, "c") as m:
+        expected["read"] = read_all(m)
+    with ours(base, lowers, "c", writable=writable) as m:
         got = full_stat(m)
         # a second look: now from the nodes C remembered (GETATTR, cached LOOKUPs)
         assert full_stat(m) == got
+        got["read"] = read_all(m)
     assert sorted(expected) == sorted(got)
     for key in expected:
         assert got[key] == expected[key], key

@@ -473,8 +473,7 @@ def serve(
             # on a thread per CPU (up to 4): zstd of one file's chunks runs on all of them at once
             from_store.update(statfs=ops.statfs(), threads=min(4, len(os.sched_getaffinity(0))))
     elif (
-        view.writable
-        and isinstance(chain, Stack)
+        isinstance(chain, Stack)
         and len(chain.layers) <= STACK_MAX_LAYERS
         and os.environ.get("LAYERFS_C_LOWER", "1") != "0"
         and len(dirs := [layer for layer in chain.layers if isinstance(layer, DirLayer)]) == len(chain.layers)
@@ -482,12 +481,9 @@ def serve(
         # layerfs-overlay: lower nodes answered by C from the layers' directories, new files
         # made and lower files copied up by C (the same calls as for a stored image)
         ops.stack = chain
-        from_store = {
-            "lower_dirs": [layer.root for layer in dirs],
-            "upper_dir": view.upper,
-            "upper_ino": UPPER_INO,
-            "work_dir": view.work,
-        }
+        from_store = {"lower_dirs": [layer.root for layer in dirs]}
+        if view.upper is not None:
+            from_store.update(upper_dir=view.upper, upper_ino=UPPER_INO, work_dir=view.work)
     try:
         session = _cfuse.Session(
             fd,

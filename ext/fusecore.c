@@ -433,6 +433,8 @@ struct handle {
      * node (the file once copied up) could not wait as for a copy: readers and writers share
      * the kernel's page cache instead, and both see the copy-up's writes */
     int lower_file;
+    /* ... and the node, copied up since, is read from its copy: this descriptor (follow_copy_up) */
+    int followed, followed_fd;
     int want_copy;              /* at RELEASE, have the file cache fill copy_id */
     unsigned char copy_id[32];
     uint64_t copy_size;
@@ -877,7 +879,9 @@ static void do_getattr(Session *s, uint64_t unique, uint64_t id, const struct fu
     PyObject *res;
     if (in && (in->getattr_flags & FUSE_GETATTR_FH) && in->fh) {
         struct handle *h = (struct handle *)(uintptr_t)in->fh;
-        if (h->pyfh && h->pyfh != Py_None) {
+        /* (a lower layer's file opened to read is that file still when the node has been
+         * copied up since: its name says what the node is now) */
+        if (h->pyfh && h->pyfh != Py_None && !h->lower_file) {
             res = PyObject_CallMethod(s->ops, "fgetattr", "O", h->pyfh);
             reply_attr(s, unique, id, res);
             Py_XDECREF(res);
@@ -1395,6 +1399,8 @@ static void handle_close(Session *s, struct handle *h, int dir)
     }
     if (h->owns_fd)
         close(h->fd);
+    if (h->followed)
+        close(h->followed_fd);
     if (h->want_copy)
         fc_want(s->cache, h->copy_id, h->lower_ino, h->copy_size);
     if (!dir) {
@@ -1514,11 +1520,37 @@ static void do_readdir(Session *s, uint64_t unique, uint64_t id, const struct fu
 static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, uint64_t ino,
                        const struct fuse_read_in *in);
 
+/* A handle opened to read a lower file (from the store, its copy in the file cache, or a
+ * layer's own file) whose node was copied up since: read the copy from then on, as the kernel
+ * overlay's files do once their inode is copied up (ovl_real_fdget).  The node is no longer
+ * marked `lower` then; until the copy is there, the lower file is read. */
+static void follow_copy_up(Session *s, struct handle *h)
+{
+    struct node *n = node_get(&s->t, h->node);
+    struct stat st;
+    if (s->upper_fd < 0 || !n || n->lower || node_path(&s->t, n->id, &s->pb) < 0 || !s->pb.len ||
+        pb_reserve(&s->pb, 1))
+        return;
+    s->pb.p[s->pb.len] = 0;
+    int fd = openat(s->upper_fd, s->pb.p, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return;
+    }
+    h->followed = 1;
+    h->followed_fd = fd;
+}
+
 /* READ of a handle C reads by itself (a stored lower file, a host descriptor); 0 if it is not
  * one.  No Python: callable without the GIL. */
 static int read_here(Session *s, uint64_t unique, struct handle *h, const struct fuse_read_in *in)
 {
-    if (h && h->lower_ino && s->lower_reader) { /* a lower file: from the store */
+    if (h && !h->followed && (h->lower_ino || h->lower_copy || h->lower_file))
+        follow_copy_up(s, h);
+    int fd = h && h->followed ? h->followed_fd : h ? h->fd : -1;
+    if (h && h->lower_ino && !h->followed && s->lower_reader) { /* a lower file: from the store */
         if (fs_store_begin(s->lower_reader) < 0) {
             reply_err(s, unique, EIO);
         } else {
@@ -1527,10 +1559,10 @@ static int read_here(Session *s, uint64_t unique, struct handle *h, const struct
         }
         return 1;
     }
-    if (h && h->fd >= 0) { /* an upper file, or a lower file's copy in the file cache */
+    if (fd >= 0) { /* an upper file, a lower file's copy in the file cache, a layer's file */
         size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
         char *out = s->buf + BUF_SIZE;
-        ssize_t n = pread(h->fd, out, size, (off_t)in->offset);
+        ssize_t n = pread(fd, out, size, (off_t)in->offset);
         if (n < 0)
             reply_err(s, unique, errno);
         else
@@ -2329,6 +2361,25 @@ static int upper_lookup(Session *s, uint64_t u, uint64_t parent, const char *nam
     split_timeout(s->negative_timeout, &e.entry_valid, &e.entry_valid_nsec);
     dentry_forget(&s->t, parent, name, len);
     reply(s, u, 0, &e, sizeof(e));
+    return 1;
+}
+
+/* UNLINK of a lower file (not a directory) in a directory of the upper directory C may decide
+ * about: the work directory's shared whiteout linked at the name, as UnionView._whiteout does.
+ * 0: Python's (no shared whiteout yet: Python makes it; an unprivileged daemon's .wh. files). */
+static int upper_unlink(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len)
+{
+    struct node *p = upper_parent(s, parent, name, len);
+    struct dentry *d = p ? dentry_get(&s->t, parent, name, len) : NULL;
+    if (!d || !d->node->lower || S_ISDIR(d->node->attr.mode) || s->work_fd < 0)
+        return 0;
+    int dfd = upper_dir_fd(s, p);
+    if (dfd < 0 || linkat(s->work_fd, "whiteout", dfd, name, 0) < 0)
+        return 0;
+    s->change_seq++;
+    unmark_child(s, parent, name, len); /* (another name of it is the layers' no longer either) */
+    dentry_forget(&s->t, parent, name, len);
+    reply_err(s, u, 0);
     return 1;
 }
 
@@ -3249,6 +3300,8 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
             /* "." and "..": what NFS export asks when it reconnects a handle */
             return 0;
         break;
+    case FUSE_UNLINK:
+        return (name = take_name(&p, &left, &len)) ? upper_unlink(s, u, id, name, len) : 0;
     case FUSE_CREATE: {
         if (blen < sizeof(struct fuse_create_in))
             return 0;
@@ -3477,11 +3530,10 @@ static void dispatch(Session *s, const char *req, size_t n)
     case FUSE_RENAME2:
     case FUSE_RMDIR:
     case FUSE_MKDIR:
-    case FUSE_UNLINK:
     case FUSE_SETXATTR:
     case FUSE_REMOVEXATTR:
         s->union_gen++; /* may hide or show lower names, or move directories: ask afresh */
-        break;
+        break;         /* (an UNLINK removes a file: no directory's state changes) */
     }
     switch (ih->opcode) {
     case FUSE_INIT:
@@ -3571,7 +3623,8 @@ static void dispatch(Session *s, const char *req, size_t n)
     case FUSE_UNLINK:
         if (!(name = take_name(&p, &left, &len)))
             break;
-        do_unlink(s, u, id, name, len, "unlink");
+        if (!(learn_dir_state(s, id) && upper_unlink(s, u, id, name, len)))
+            do_unlink(s, u, id, name, len, "unlink");
         return;
     case FUSE_RMDIR:
         if (!(name = take_name(&p, &left, &len)))

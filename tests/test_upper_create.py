@@ -321,3 +321,26 @@ def test_a_write_after_copy_up_drops_a_capability_as_the_kernel_does(cli, xattr_
         with pytest.raises(OSError) as e:
             os.getxattr(p, "security.capability")
         assert e.value.errno == errno.ENODATA
+
+
+def test_a_reader_open_before_the_copy_up_reads_the_copy(cli, xattr_image, tmp_path, fuse_core):
+    """As the kernel overlay's files do once their inode is copied up: a lower file opened to
+    read, then copied up and written through another open, reads the copy, also where the
+    kernel's page cache no longer has it (from the store, in C, before)."""
+    if fuse_core == "python":
+        pytest.skip("the twin's open lower files keep reading the store")
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, xattr_image[0], mnt, rw=True):
+        d = os.path.join(mnt, "d")
+        _make(os.path.join(d, "new"), b"n")  # d in the upper directory: the copy-up is C's
+        for name in ("f3", "big"):
+            p = os.path.join(d, name)
+            reader = os.open(p, os.O_RDONLY)
+            try:
+                first = os.pread(reader, 1 << 22, 0)
+                with open(p, "r+b") as writer:
+                    writer.write(b"NEW")
+                os.posix_fadvise(reader, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(reader, 1 << 22, 0) == b"NEW" + first[3:], name
+            finally:
+                os.close(reader)

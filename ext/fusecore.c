@@ -87,33 +87,12 @@ struct dentry {                 /* one name of a node: (parent node id, name) */
     char name[];
 };
 
+/* (Packed: a walk of 100k entries keeps 100k of them, and the daemon stays under 50 MB.) */
 struct node {
     struct node *hnext;
     struct dentry *names;
     uint64_t id;
     uint64_t nlookup;           /* the kernel's references (LOOKUP, READDIRPLUS, CREATE, ...) */
-    uint64_t children;          /* dentries naming this node as parent: it must outlive them */
-    uint64_t opens;             /* open handles: an unlinked open file keeps its node */
-    uint64_t cached_opens;      /* opens through the page cache: the kernel refuses passthrough then */
-    /* passthrough: the kernel takes one backing file per inode at a time (a second one is
-     * EBUSY), so every passthrough open of a node shares the first one's backing */
-    uint64_t pt_opens;
-    /* passthrough opens for reading and writing: a shared writable mapping changes the host
-     * file (and its times) with no request, so its attributes are not cached meanwhile */
-    uint64_t pt_rdwr;
-    int backing_id;
-    int backing_mode;           /* O_RDONLY, O_WRONLY or O_RDWR */
-    int backing_copy;           /* the backing is a file cache copy (else an upper file) */
-    struct fuse_attr attr;      /* the last attributes sent: what is left once every name is gone */
-    int has_attr;
-    /* known to have no security.capability: the kernel asks before every write (to drop it),
-     * a round trip into Python each time; only SETXATTR/REMOVEXATTR through us can add one */
-    int no_caps;
-    /* writable mounts of a stored image: the upper directory has nothing at this node's path
-     * (a directory: nothing below it either), so the node and all below it are the image's as
-     * stored, its id the index's inode: served from the store without Python (rw_fast) until
-     * a change through the mount clears it (before_change) */
-    int lower;
     /* layerfs-overlay (lower layers that are host directories): the layers a `lower` node's
      * entries come from, bit i the i-th lowerdir from the top: its own for a file, every one
      * whose directory merges into it for a directory (Stack._layers_of_dir) */
@@ -123,10 +102,32 @@ struct node {
     /* an upper directory's union state as Python last told it (union_dir), valid while dir_gen
      * is the session's union_gen: DIR_UPPER (only the upper directory's names count in it) or
      * DIR_MERGED (and the lower directory dir_lower's, unless whited out); else DIR_PYTHON */
-    int dir_state;
     uint64_t dir_gen;
     uint64_t dir_lower;
-    int dir_plain; /* ... and neither setgid nor with a default ACL: upper_create may make files */
+    struct fuse_attr attr;      /* the last attributes sent: what is left once every name is gone */
+    uint32_t children;          /* dentries naming this node as parent: it must outlive them */
+    uint32_t opens;             /* open handles: an unlinked open file keeps its node */
+    uint32_t cached_opens;      /* opens through the page cache: the kernel refuses passthrough then */
+    /* passthrough: the kernel takes one backing file per inode at a time (a second one is
+     * EBUSY), so every passthrough open of a node shares the first one's backing */
+    uint32_t pt_opens;
+    /* passthrough opens for reading and writing: a shared writable mapping changes the host
+     * file (and its times) with no request, so its attributes are not cached meanwhile */
+    uint32_t pt_rdwr;
+    int backing_id;
+    unsigned char backing_mode; /* O_RDONLY, O_WRONLY or O_RDWR */
+    unsigned char dir_state;
+    unsigned backing_copy : 1;  /* the backing is a file cache copy (else an upper file) */
+    unsigned has_attr : 1;
+    /* known to have no security.capability: the kernel asks before every write (to drop it),
+     * a round trip into Python each time; only SETXATTR/REMOVEXATTR through us can add one */
+    unsigned no_caps : 1;
+    /* the upper directory has nothing at this node's path (a directory: nothing below it
+     * either), so the node and all below it are the lower layers' as they are: served from
+     * them without Python (rw_fast; a stored image's: its id is the index's inode) until a
+     * change through the mount clears it */
+    unsigned lower : 1;
+    unsigned dir_plain : 1; /* ... and neither setgid nor with a default ACL: upper_create may make files */
 };
 
 enum { DIR_PYTHON, DIR_UPPER, DIR_MERGED };
@@ -881,7 +882,7 @@ static void do_getattr(Session *s, uint64_t unique, uint64_t id, const struct fu
         struct handle *h = (struct handle *)(uintptr_t)in->fh;
         /* (a lower layer's file opened to read is that file still when the node has been
          * copied up since: its name says what the node is now) */
-        if (h->pyfh && h->pyfh != Py_None && !h->lower_file) {
+        if (h->pyfh && h->pyfh != Py_None && !h->lower_file && !h->lower_copy) {
             res = PyObject_CallMethod(s->ops, "fgetattr", "O", h->pyfh);
             reply_attr(s, unique, id, res);
             Py_XDECREF(res);
@@ -1201,6 +1202,20 @@ static long fill_read(void *arg, uint64_t ino, char *buf, size_t size, uint64_t 
     return got;
 }
 
+/* How a lower layer's own file (layerfs-overlay), open as h->fd, is read: one of 1 MiB or more
+ * is passed through to the kernel as a file cache copy is (a writer of its node waits until
+ * its readers are gone: copy_busy), a smaller one is read here through the page cache, which
+ * a writer shares (lower_file).  Never as a backing writers share: that was the layer's file. */
+#define PASS_LOWER_MIN (1u << 20) /* filecache.MIN_SIZE */
+static void lower_file_mode(struct handle *h)
+{
+    struct stat st;
+    if (fstat(h->fd, &st) == 0 && st.st_size >= PASS_LOWER_MIN)
+        h->lower_copy = 1;
+    else
+        h->lower_file = 1;
+}
+
 /* Reply to an OPEN with the new handle `h` (closed on failure). */
 static void finish_open(Session *s, uint64_t unique, struct handle *h, uint32_t flags)
 {
@@ -1300,7 +1315,8 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply_err(s, unique, ENOMEM);
         return;
     }
-    h->lower_file = lower_file; /* a lower layer's own file (layerfs-overlay), opened to read */
+    if (lower_file) /* a lower layer's own file (layerfs-overlay), opened to read */
+        lower_file_mode(h);
     if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) {
         /* the kernel asks for security.capability before every write (to drop it): a file
          * opened to be written (mostly just copied up) is asked here, once, on its descriptor */
@@ -3010,8 +3026,7 @@ done:
     reply(s, u, 0, out, used);
 }
 
-/* OPEN for reading of a lower file: read here from the layer's file, through the kernel's
- * page cache (lower_file). */
+/* OPEN for reading of a lower file: from the layer's file (lower_file_mode says how). */
 static int stack_open(Session *s, uint64_t u, struct node *n, uint32_t flags)
 {
     if (!n->layers || stack_node_path(s, n) < 0)
@@ -3027,7 +3042,8 @@ static int stack_open(Session *s, uint64_t u, struct node *n, uint32_t flags)
         reply_err(s, u, ENOMEM);
         return 1;
     }
-    h->owns_fd = h->lower_file = 1;
+    h->owns_fd = 1;
+    lower_file_mode(h);
     finish_open(s, u, h, flags);
     return 1;
 }

@@ -25,16 +25,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import lmdb
+from typing import TYPE_CHECKING, Any
 
 from layerfs import hosttree, procfs
 from layerfs.privmount import atime_attr, private_paths
-from layerfs.store import Store, StoreError
-from layerfs.store.store import chain_id
 from layerfs.union.index import ChainIndex, build, index_ready
 from layerfs.union.lower import ChainLayer, DirLayer, Lower, Stack
+
+if TYPE_CHECKING:  # (layerfs-overlay's daemon uses this module without the store: see layerfs.store)
+    from layerfs.store import Store
 
 
 class MountError(Exception):
@@ -150,6 +149,8 @@ def _init_upper_root(store: Store, chain: bytes, upper: str) -> None:
 def _build_index(store: Store, layers: list[bytes]) -> bytes:
     """Build the merged index in a short-lived child process when it is not cached yet: the
     daemon is forked from this process, and must not inherit the heap a large build leaves."""
+    from layerfs.store.store import chain_id
+
     chain = chain_id(layers)
     if index_ready(store, chain):
         return chain
@@ -187,6 +188,8 @@ def mount(store: Store, spec: MountSpec, *, foreground: bool = False, debug: boo
     gc meanwhile (or while the first mount builds the merged index) would leave a mount that
     lists every file and then fails every read.  This process's lease holds the layers until
     the daemon's own lease does."""
+    from layerfs.store import StoreError
+
     try:
         lease_id = store.add_lease("mount", spec.layers, image_id=spec.image_id)
     except StoreError as exc:
@@ -200,6 +203,10 @@ def mount(store: Store, spec: MountSpec, *, foreground: bool = False, debug: boo
 def _drop_lease(store: Store, lease_id: bytes) -> None:
     def drop(txn: Any) -> None:
         store.drop_lease(txn, lease_id)
+
+    import lmdb
+
+    from layerfs.store import StoreError
 
     with contextlib.suppress(Exception):  # (else gc reclaims it once this process is gone)
         try:
@@ -313,6 +320,7 @@ def _serve(
     debug: bool,
 ) -> None:
     from layerfs.fuse import serve
+    from layerfs.store import Store
     from layerfs.union.view import UnionView
 
     store = Store(store_path)
@@ -485,4 +493,4 @@ def _daemon_alive(rec: dict[str, Any]) -> bool:
     return pid is None or procfs.alive(pid, rec.get("start"))
 
 
-__all__ = ["MountError", "MountSpec", "mount", "mounts", "umount", "StoreError"]
+__all__ = ["MountError", "MountSpec", "mount", "mounts", "umount"]

@@ -51,6 +51,7 @@ def build_layers(base: str, fallbacks: bool) -> list[str]:
     for n in range(40):
         _write(f"{l0}/a/b/c/many{n:02}", b"bottom %d\n" % n)
     _write(f"{l0}/a/b/c/file1", b"old one\n")
+    _write(f"{l0}/a/b/c/large", bytes(range(256)) * 8192)  # 2 MiB: passed through
     _write(f"{l0}/a/b/gone", b"whited out above\n")
     _write(f"{l0}/a/b/hidden/x", b"in a whited-out dir\n")
     _write(f"{l0}/a/keep/k1", b"dir hidden by a file\n")
@@ -311,3 +312,33 @@ def test_a_write_never_reaches_a_lower_layer(layers: tuple[str, list[str]], pass
                 assert f.read() == first + b"written\n"
         for other, layer in files.items():
             assert open(os.path.join(layer, other), "rb").read() == before[other]
+
+
+@pytest.mark.parametrize("passthrough", ["1", "0"])
+def test_a_large_lower_file_is_passed_through_and_never_written(
+    layers: tuple[str, list[str]], passthrough: str
+) -> None:
+    """A lower file of 1 MiB or more is passed through to the layer's file where the kernel
+    can, as a stored image's file cache copies are: while it is open for reading, an open to
+    write it (its copy-up) waits, with ETXTBSY (the kernel takes one backing file per inode);
+    once the reader is gone it works.  The layer's file never changes."""
+    base, lowers = layers
+    name, layer_file = "a/b/c/large", os.path.join(lowers[0], "a/b/c/large")
+    before = open(layer_file, "rb").read()
+    with ours(base, lowers, "big" + passthrough, LAYERFS_PASSTHROUGH=passthrough) as m:
+        path = os.path.join(m, name)
+        with open(path, "rb") as reader:
+            assert reader.read() == before
+            try:
+                with open(path, "r+b") as writer:
+                    writer.write(b"NEW")
+            except OSError as e:
+                assert passthrough == "1" and e.errno == errno.ETXTBSY
+            else:
+                reader.seek(0)
+                assert reader.read(3) == b"NEW"
+        with open(path, "r+b") as writer:
+            writer.write(b"NEW")
+        with open(path, "rb") as f:
+            assert f.read() == b"NEW" + before[3:]
+    assert open(layer_file, "rb").read() == before

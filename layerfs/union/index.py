@@ -31,14 +31,15 @@ import json
 import stat
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import lmdb
-
-from layerfs.store import Entry, Store
 from layerfs.store import entries as E
-from layerfs.store.entries import decode_xattrs, encode_xattrs
-from layerfs.store.store import chain_id, chain_prefix
+from layerfs.store.entries import Entry, decode_xattrs, encode_xattrs
+
+if TYPE_CHECKING:  # (not loaded by a mount of host directories alone: see layerfs.store)
+    import lmdb
+
+    from layerfs.store import Store
 
 _U64 = struct.Struct(">Q")
 _INO = struct.Struct("<Q")
@@ -219,6 +220,8 @@ def index_ready(store: Store, chain: bytes) -> bool:
 
 def build(store: Store, layer_ids: list[bytes]) -> bytes:
     """Build (or find) the cached index of a layer chain; returns the chain id."""
+    from layerfs.store.store import chain_id, chain_prefix
+
     chain = chain_id(layer_ids)
     if index_ready(store, chain):
         return chain
@@ -335,6 +338,8 @@ class ChainIndex:
     def __init__(self, store: Store, chain: bytes) -> None:
         self.store = store
         self.chain = chain
+        from layerfs.store.store import chain_prefix
+
         self._prefix = chain_prefix(chain)
         self._db = store.db("union")
         self._dirs: dict[bytes, int] = {}

@@ -28,10 +28,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from layerfs import hosttree
-from layerfs.store import Store
 from layerfs.store import entries as E
 from layerfs.union.index import ROOT_INO, ChainIndex, Node
 from layerfs.union.overlayfmt import (
@@ -40,6 +39,9 @@ from layerfs.union.overlayfmt import (
     WH_PREFIX,
     is_opaque_dir,
 )
+
+if TYPE_CHECKING:
+    from layerfs.store import Store
 
 MISSING, WHITEOUT, FOUND = range(3)
 DIR_LAYER_SHIFT = 48  # a directory layer's inodes: (position + 1) << 48 | host inode

@@ -41,12 +41,10 @@ import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerfs import hosttree
-from layerfs.store import Store
 from layerfs.store import entries as E
-from layerfs.store.reader import ObjectReader, StoredObject
-from layerfs.store.store import CorruptionError, StoreError
 from layerfs.union.index import ROOT_INO, Node
 from layerfs.union.lower import Lower, base_name, host_statfs, join_path, parent_path
 from layerfs.union.overlayfmt import (
@@ -58,6 +56,10 @@ from layerfs.union.overlayfmt import (
     is_whiteout,
     set_opaque,
 )
+
+if TYPE_CHECKING:  # (a view of host directories alone never loads the store: see layerfs.store)
+    from layerfs.store import Store
+    from layerfs.store.reader import ObjectReader, StoredObject
 
 UPPER_INO = 1 << 40
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -108,7 +110,11 @@ class UnionView:
         self.work = os.fsencode(work) if work else None
         if self.upper is not None and self.work is None:
             raise ValueError("a writable view needs a work directory on the upper filesystem")
-        self.objects = ObjectReader(store) if store is not None else None
+        self.objects: ObjectReader | None = None
+        if store is not None:
+            from layerfs.store.reader import ObjectReader
+
+            self.objects = ObjectReader(store)
         self._handles: dict[int, _LowerFile | _UpperFile] = {}
         self._path_files: dict[bytes, _LowerFile | _UpperFile] = {}  # read_path's recent files
         self._looked_up: dict[bytes, Node] = {}  # read-only: files just stat'ed, for read_path
@@ -475,6 +481,8 @@ class UnionView:
             return _UpperFile(os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW), lower=True)
         obj = None
         if r.content is not None:
+            from layerfs.store import StoreError
+
             assert self.objects is not None
             try:
                 obj = self.objects.open(r.content)
@@ -497,6 +505,8 @@ class UnionView:
     def _read_lower(self, h: _LowerFile, size: int, offset: int) -> bytes:
         if h.obj is None:
             return b""
+        from layerfs.store import CorruptionError
+
         assert self.objects is not None
         try:
             return self.objects.read(h.obj, offset, size)

@@ -397,7 +397,7 @@ struct stack_item {
     uint64_t ino;
     uint32_t mode;
     uint32_t len;
-    size_t name; /* offset in `names` */
+    size_t name; /* where in `names` */
     int layer;
     int hidden; /* (while listing) a whiteout's name: not shown, and hides the layers below */
 };
@@ -405,8 +405,7 @@ struct stack_item {
 struct stack_listing {
     struct stack_item *items;
     size_t n, cap;
-    char *names;
-    size_t used, ncap;
+    struct pathbuf names; /* the names one after another */
     uint32_t *slots; /* (while listing) the names so far: item index + 1, open addressing */
     size_t nslots;
 };
@@ -416,7 +415,7 @@ static void stack_listing_free(struct stack_listing *l)
     if (!l)
         return;
     free(l->items);
-    free(l->names);
+    free(l->names.p);
     free(l->slots);
     free(l);
 }
@@ -2848,7 +2847,7 @@ static int listing_put(struct stack_listing *l, const char *name, size_t len, ui
             return -1;
         for (size_t k = 0; k < l->n; k++) {
             const struct stack_item *it = &l->items[k];
-            size_t j = name_hash(0, l->names + it->name, it->len) & (ns - 1);
+            size_t j = name_hash(0, l->names.p + it->name, it->len) & (ns - 1);
             while (slots[j])
                 j = (j + 1) & (ns - 1);
             slots[j] = (uint32_t)k + 1;
@@ -2860,7 +2859,7 @@ static int listing_put(struct stack_listing *l, const char *name, size_t len, ui
     size_t j = name_hash(0, name, len) & (l->nslots - 1);
     for (; l->slots[j]; j = (j + 1) & (l->nslots - 1)) {
         const struct stack_item *it = &l->items[l->slots[j] - 1];
-        if (it->len == len && memcmp(l->names + it->name, name, len) == 0)
+        if (it->len == len && memcmp(l->names.p + it->name, name, len) == 0)
             return 0;
     }
     if (l->n == l->cap) {
@@ -2871,19 +2870,11 @@ static int listing_put(struct stack_listing *l, const char *name, size_t len, ui
         l->items = items;
         l->cap = cap;
     }
-    if (l->used + len > l->ncap) {
-        size_t cap = l->ncap ? l->ncap : 4096;
-        while (cap < l->used + len)
-            cap *= 2;
-        char *names = realloc(l->names, cap);
-        if (!names)
-            return -1;
-        l->names = names;
-        l->ncap = cap;
-    }
-    memcpy(l->names + l->used, name, len);
-    l->items[l->n] = (struct stack_item){ino, mode, (uint32_t)len, l->used, layer, hidden};
-    l->used += len;
+    if (pb_reserve(&l->names, len))
+        return -1;
+    memcpy(l->names.p + l->names.len, name, len);
+    l->items[l->n] = (struct stack_item){ino, mode, (uint32_t)len, l->names.len, layer, hidden};
+    l->names.len += len;
     l->slots[j] = (uint32_t)++l->n;
     return 1;
 }
@@ -2892,8 +2883,7 @@ static int listing_put(struct stack_listing *l, const char *name, size_t len, ui
 static int stack_list(Session *s, struct node *p, struct stack_listing **out)
 {
     struct stack_listing *l = calloc(1, sizeof(*l));
-    char *pending = NULL; /* one layer's whiteouts: they hide names of the layers below it */
-    size_t plen = 0, pcap = 0;
+    struct pathbuf pending = {0}; /* one layer's whiteouts (NUL-ended): they hide the layers below */
     int r = 0;
     if (!l)
         return -ENOMEM;
@@ -2915,7 +2905,7 @@ static int stack_list(Session *s, struct node *p, struct stack_listing **out)
         }
         uint64_t base = (uint64_t)(i + 1) << LAYER_SHIFT;
         struct dirent *de;
-        plen = 0;
+        pending.len = 0;
         while (r == 0 && (de = readdir(d))) {
             const char *nm = de->d_name;
             size_t nl = strlen(nm);
@@ -2939,30 +2929,22 @@ static int stack_list(Session *s, struct node *p, struct stack_listing **out)
             }
             if (hide) {
                 size_t hl = strlen(hide) + 1;
-                if (plen + hl > pcap) {
-                    size_t cap = pcap ? pcap * 2 : 1024;
-                    while (cap < plen + hl)
-                        cap *= 2;
-                    char *np = realloc(pending, cap);
-                    if (!np) {
-                        r = -ENOMEM;
-                        break;
-                    }
-                    pending = np;
-                    pcap = cap;
+                if (pb_reserve(&pending, hl)) {
+                    r = -ENOMEM;
+                    break;
                 }
-                memcpy(pending + plen, hide, hl);
-                plen += hl;
+                memcpy(pending.p + pending.len, hide, hl);
+                pending.len += hl;
             } else if (listing_put(l, nm, nl, base | hino, mode, i, 0) < 0) {
                 r = -ENOMEM;
             }
         }
         closedir(d);
-        for (size_t k = 0; r == 0 && k < plen; k += strlen(pending + k) + 1)
-            if (listing_put(l, pending + k, strlen(pending + k), 0, 0, i, 1) < 0)
+        for (size_t k = 0; r == 0 && k < pending.len; k += strlen(pending.p + k) + 1)
+            if (listing_put(l, pending.p + k, strlen(pending.p + k), 0, 0, i, 1) < 0)
                 r = -ENOMEM;
     }
-    free(pending);
+    free(pending.p);
     if (r < 0) {
         stack_listing_free(l);
         return r;
@@ -3003,7 +2985,7 @@ static void stack_readdir(Session *s, uint64_t u, struct node *p, const struct f
         goto done;
     for (size_t j = off < 2 ? 0 : off - 2; j < l->n; j++) {
         const struct stack_item *it = &l->items[j];
-        const char *nm = l->names + it->name;
+        const char *nm = l->names.p + it->name;
         struct fuse_attr a;
         uint64_t layers = 0;
         size_t noff;

@@ -97,3 +97,38 @@ def test_read_only_view_refuses_writes(store: Store, sample_layout: str) -> None
             call()
         assert exc.value.errno == errno.EROFS
     assert ro.read_path(b"etc/hostname", 100, 0) == b"layerfs-sample\n"
+
+
+@pytest.mark.parametrize("target", [b"etc/passwd", b"etc/mine"], ids=["over-lower", "over-upper"])
+def test_rename_over_a_file_replaces_it_in_one_step(
+    view: UnionView, monkeypatch: pytest.MonkeyPatch, target: bytes
+) -> None:
+    """Write a new copy, rename it over the old: the name is never missing, for a reader or
+    after a crash (the view removed the old file first, then renamed)."""
+    fh = view.create(b"etc/mine", 0o644, os.O_WRONLY, 0, 0)
+    view.write(fh, b"old", 0)
+    view.release(fh)
+    fh = view.create(b"etc/new", 0o644, os.O_WRONLY, 0, 0)
+    view.write(fh, b"new contents", 0)
+    view.release(fh)
+    up = os.fsencode(view.upper or b"")
+    real_rename, real_unlink = os.rename, os.unlink
+    seen: list[str] = []
+
+    def unlink(path: bytes, *args: object, **kwargs: object) -> None:
+        seen.append("unlink " + os.fsdecode(os.path.relpath(path, up)))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def rename(src: bytes, dst: bytes, *args: object, **kwargs: object) -> None:
+        seen.append("rename")
+        real_rename(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "rename", rename)
+    view.rename(b"etc/new", target)
+    monkeypatch.undo()
+    assert seen == ["rename"]
+    fh = view.open(target, os.O_RDONLY)
+    assert view.read(fh, 100, 0) == b"new contents"
+    view.release(fh)
+    assert b"new" not in names(view, b"etc")

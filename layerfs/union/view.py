@@ -727,6 +727,7 @@ class UnionView:
             dst = None
         if old == new:
             return
+        dst_dir = False
         if dst is not None:
             if flags & 1:
                 raise _err(errno.EEXIST)
@@ -753,10 +754,18 @@ class UnionView:
             set_opaque(self._up(old))
         old_lower = self._lower(old) is not None
         self._copy_up(old)
-        if dst is not None:
-            self._remove(new, dst)
-        replaced_whiteout = self._prepare_new(new)
+        if dst is None or dst_dir:
+            if dst is not None:
+                self._remove(new, dst)  # an empty directory: its whiteouts go with it
+            replaced_whiteout = self._prepare_new(new)
+        else:
+            # over a file: one rename(2) replaces it, atomically, as on any file system (it was
+            # removed first: a reader saw neither for a moment, and after a crash, for good)
+            self._copy_up(parent_path(new))
+            replaced_whiteout = False
         os.rename(self._up(old), self._up(new))
+        if isinstance(dst, os.stat_result) and not dst_dir:
+            self._upper_ino.pop(dst.st_ino, None)
         if src_dir and (replaced_whiteout or self._lower(new) is not None):
             set_opaque(self._up(new))
         if old_lower:

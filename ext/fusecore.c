@@ -1269,7 +1269,7 @@ static void do_open(Session *s, uint64_t unique, uint64_t id, uint32_t flags, in
         reply(s, unique, 0, &o, sizeof(o));
         return;
     }
-    if (!s->writable && !s->nlayers) {
+    if (!s->writable) {
         /* the kernel remembers ENOSYS: no OPEN or RELEASE for the rest of the mount, reads by
          * path with the page cache kept across opens (lower files never change) */
         reply_err(s, unique, ENOSYS);
@@ -1412,7 +1412,7 @@ static void handle_close(Session *s, struct handle *h, int dir)
             py_errno();
         Py_XDECREF(res);
     }
-    if (h->owns_fd)
+    if (h->owns_fd && h->fd >= 0)
         close(h->fd);
     if (h->followed)
         close(h->followed_fd);
@@ -1560,10 +1560,20 @@ static void follow_copy_up(Session *s, struct handle *h)
 
 /* READ of a handle C reads by itself (a stored lower file, a host descriptor); 0 if it is not
  * one.  No Python: callable without the GIL. */
+static int stack_file(Session *s, struct node *n);
+
 static int read_here(Session *s, uint64_t unique, struct handle *h, const struct fuse_read_in *in)
 {
     if (h && !h->followed && (h->lower_ino || h->lower_copy || h->lower_file))
         follow_copy_up(s, h);
+    if (h && h->lower_file && !h->followed && h->fd < 0) { /* opened at its first READ (stack_open) */
+        int opened = stack_file(s, node_get(&s->t, h->node));
+        if (opened < 0) {
+            reply_err(s, unique, -opened);
+            return 1;
+        }
+        h->fd = opened;
+    }
     int fd = h && h->followed ? h->followed_fd : h ? h->fd : -1;
     if (h && h->lower_ino && !h->followed && s->lower_reader) { /* a lower file: from the store */
         if (fs_store_begin(s->lower_reader) < 0) {
@@ -3008,25 +3018,63 @@ done:
     reply(s, u, 0, out, used);
 }
 
-/* OPEN for reading of a lower file: from the layer's file (lower_file_mode says how). */
+/* The layer's own file of lower node n, opened to read; -errno. */
+static int stack_file(Session *s, struct node *n)
+{
+    if (!n || !n->layers || stack_node_path(s, n) < 0)
+        return -ESTALE;
+    int fd = openat(s->layer_fd[__builtin_ctzll(n->layers)], s->pb.p, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+/* OPEN for reading of a lower file, as lower_file_mode says: one of 1 MiB or more passed
+ * through, a smaller one through the page cache, its layer's file opened at the first READ
+ * that reaches us (a file the page cache holds costs no open, fstat and close here). */
 static int stack_open(Session *s, uint64_t u, struct node *n, uint32_t flags)
 {
-    if (!n->layers || stack_node_path(s, n) < 0)
+    if (!n->layers)
         return 0;
-    int fd = openat(s->layer_fd[__builtin_ctzll(n->layers)], s->pb.p, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) {
-        reply_err(s, u, errno);
+    int fd = -1;
+    if (n->attr.size >= PASS_LOWER_MIN && (fd = stack_file(s, n)) < 0) {
+        reply_err(s, u, -fd);
         return 1;
     }
     struct handle *h = handle_new(NULL, fd, n->id);
     if (!h) {
-        close(fd);
+        if (fd >= 0)
+            close(fd);
         reply_err(s, u, ENOMEM);
         return 1;
     }
     h->owns_fd = 1;
-    lower_file_mode(h);
+    if (fd >= 0)
+        h->lower_copy = 1;
+    else
+        h->lower_file = 1;
     finish_open(s, u, h, flags);
+    return 1;
+}
+
+/* READ of a lower file without a handle: a read-only mount answers OPEN with ENOSYS (the kernel
+ * then sends no OPEN or RELEASE at all, and keeps the page cache), so each READ opens the
+ * layer's file. */
+static int stack_read(Session *s, uint64_t u, struct node *n, const struct fuse_read_in *in)
+{
+    if (!S_ISREG(n->attr.mode))
+        return 0;
+    int fd = stack_file(s, n);
+    if (fd < 0) {
+        reply_err(s, u, -fd);
+        return 1;
+    }
+    size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+    char *out = s->buf + BUF_SIZE;
+    ssize_t got = pread(fd, out, size, (off_t)in->offset);
+    if (got < 0)
+        reply_err(s, u, errno);
+    else
+        reply(s, u, 0, out, (size_t)got);
+    close(fd);
     return 1;
 }
 
@@ -3258,6 +3306,8 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         if (blen < sizeof(struct fuse_read_in))
             return 0;
         const struct fuse_read_in *in = (const struct fuse_read_in *)body;
+        if (!in->fh && lower && s->nlayers) /* a read-only mount: no OPEN, reads by node */
+            return stack_read(s, u, nd, in);
         return read_here(s, u, (struct handle *)(uintptr_t)in->fh, in);
     }
     case FUSE_WRITE: {

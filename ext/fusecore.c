@@ -1562,6 +1562,18 @@ static void follow_copy_up(Session *s, struct handle *h)
  * one.  No Python: callable without the GIL. */
 static int stack_file(Session *s, struct node *n);
 
+/* Reply to READ `in` with what host descriptor fd holds there. */
+static void reply_pread(Session *s, uint64_t unique, int fd, const struct fuse_read_in *in)
+{
+    size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+    char *out = s->buf + BUF_SIZE;
+    ssize_t n = pread(fd, out, size, (off_t)in->offset);
+    if (n < 0)
+        reply_err(s, unique, errno);
+    else
+        reply(s, unique, 0, out, (size_t)n);
+}
+
 static int read_here(Session *s, uint64_t unique, struct handle *h, const struct fuse_read_in *in)
 {
     if (h && !h->followed && (h->lower_ino || h->lower_copy || h->lower_file))
@@ -1585,13 +1597,7 @@ static int read_here(Session *s, uint64_t unique, struct handle *h, const struct
         return 1;
     }
     if (fd >= 0) { /* an upper file, a lower file's copy in the file cache, a layer's file */
-        size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
-        char *out = s->buf + BUF_SIZE;
-        ssize_t n = pread(fd, out, size, (off_t)in->offset);
-        if (n < 0)
-            reply_err(s, unique, errno);
-        else
-            reply(s, unique, 0, out, (size_t)n);
+        reply_pread(s, unique, fd, in);
         return 1;
     }
     return 0;
@@ -3067,13 +3073,7 @@ static int stack_read(Session *s, uint64_t u, struct node *n, const struct fuse_
         reply_err(s, u, -fd);
         return 1;
     }
-    size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
-    char *out = s->buf + BUF_SIZE;
-    ssize_t got = pread(fd, out, size, (off_t)in->offset);
-    if (got < 0)
-        reply_err(s, u, errno);
-    else
-        reply(s, u, 0, out, (size_t)got);
+    reply_pread(s, u, fd, in);
     close(fd);
     return 1;
 }

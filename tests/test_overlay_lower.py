@@ -135,7 +135,8 @@ def ours(
         os.makedirs(d)
     _copy_meta(lowers[-1], upper)
     old = {k: os.environ.get(k) for k in ("LAYERFS_FUSE", "LAYERFS_C_LOWER", *env)}
-    os.environ.update(LAYERFS_FUSE="c", LAYERFS_C_LOWER="1" if c_lower else "0", **env)
+    os.environ.update(LAYERFS_FUSE="c", LAYERFS_C_LOWER="1" if c_lower else "0")
+    os.environ.update(env)
     try:
         o = opts(lowers, upper, work) if writable else opts(lowers)
         with overlay_mount([*HELPER, "-o", o, mnt], mnt):
@@ -280,19 +281,24 @@ def test_changes_below_c_served_directories_match_the_kernel(layers: tuple[str, 
         assert_same(expected, snapshot(km, volatile=volatile), "the upper directory under the kernel")
 
 
-@pytest.mark.parametrize("passthrough", ["1", "0"])
-def test_a_write_never_reaches_a_lower_layer(layers: tuple[str, list[str]], passthrough: str) -> None:
+@pytest.mark.parametrize(
+    "core, passthrough", [("c", "1"), ("c", "0"), ("python", "0")], ids=["c-passthrough", "c", "python"]
+)
+def test_a_write_never_reaches_a_lower_layer(
+    layers: tuple[str, list[str]], core: str, passthrough: str
+) -> None:
     """A lower file open for reading while it is opened to be written: the write goes to its
     copy in the upper directory, and every reader of the mount sees it, the one already open
     too (from the kernel's page cache, or, out of it, from the copy).  The layer's own file never changes.  (The C
     core passed lower files through to the layer's file, and a writer's open shared that
-    backing, the kernel taking one per inode: the write went into the lower layer.)"""
+    backing, the kernel taking one per inode: the write went into the lower layer.)  The
+    twin too: its handles on lower files read the copy once it is made."""
     base, lowers = layers
     files = {"a/b/c/file3": lowers[1], "a/hl1": lowers[0]}
     before = {name: open(os.path.join(layer, name), "rb").read() for name, layer in files.items()}
     # served by C (a directory of the layers alone), and by Python (one merged with the upper)
     for name in files:
-        with ours(base, lowers, "w" + passthrough, LAYERFS_PASSTHROUGH=passthrough) as m:
+        with ours(base, lowers, "w" + passthrough, LAYERFS_PASSTHROUGH=passthrough, LAYERFS_FUSE=core) as m:
             path = os.path.join(m, name)
             reader = os.open(path, os.O_RDONLY)
             try:

@@ -323,12 +323,10 @@ def test_a_write_after_copy_up_drops_a_capability_as_the_kernel_does(cli, xattr_
         assert e.value.errno == errno.ENODATA
 
 
-def test_a_reader_open_before_the_copy_up_reads_the_copy(cli, xattr_image, tmp_path, fuse_core):
+def test_a_reader_open_before_the_copy_up_reads_the_copy(cli, xattr_image, tmp_path):
     """As the kernel overlay's files do once their inode is copied up: a lower file opened to
     read, then copied up and written through another open, reads the copy, also where the
-    kernel's page cache no longer has it (from the store, in C, before)."""
-    if fuse_core == "python":
-        pytest.skip("the twin's open lower files keep reading the store")
+    kernel's page cache no longer has it (from the store, before)."""
     mnt = str(tmp_path / "m")
     with layerfs_mount(cli, xattr_image[0], mnt, rw=True):
         d = os.path.join(mnt, "d")

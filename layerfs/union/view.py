@@ -98,6 +98,7 @@ class _LowerFile:
 class _UpperFile:
     fd: int
     lower: bool = False  # a directory layer's file, opened to read (never to write through)
+    node_ino: int = 0  # ... and the number of its node (a copy-up of it is followed)
 
 
 class UnionView:
@@ -116,6 +117,9 @@ class UnionView:
 
             self.objects = ObjectReader(store)
         self._handles: dict[int, _LowerFile | _UpperFile] = {}
+        # descriptors of lower files whose handles now read their copy-up, closed at release: a
+        # FUSE core given the number at open (handle_fd) may still read it
+        self._superseded: dict[int, int] = {}
         self._path_files: dict[bytes, _LowerFile | _UpperFile] = {}  # read_path's recent files
         self._looked_up: dict[bytes, Node] = {}  # read-only: files just stat'ed, for read_path
         self._next_fh = 1
@@ -478,7 +482,7 @@ class UnionView:
         if r.kind == E.DIR:
             raise _err(errno.EISDIR)
         if r.host is not None:  # a directory-backed lower layer: read the host file
-            return _UpperFile(os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW), lower=True)
+            return _UpperFile(os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW), lower=True, node_ino=r.ino)
         obj = None
         if r.content is not None:
             from layerfs.store import StoreError
@@ -525,6 +529,9 @@ class UnionView:
         h = self._handles.pop(fh, None)
         if isinstance(h, _UpperFile):
             os.close(h.fd)
+        old = self._superseded.pop(fh, None)
+        if old is not None:
+            os.close(old)
 
     # -- writing ----------------------------------------------------------------------
     def _need_rw(self) -> None:
@@ -1020,7 +1027,20 @@ class UnionView:
             hosttree.remove(tmp)
             raise
         self._vis.drop(path)
+        if n.kind == E.REG:
+            self._follow_copy(n.ino, final)
         return final
+
+    def _follow_copy(self, ino: int, copy: bytes) -> None:
+        """Handles open on lower file ``ino`` read its copy from now on, as the kernel overlay's
+        open files do once their inode is copied up (a write through another open shows)."""
+        for fh, h in list(self._handles.items()):
+            if (h.node.ino if isinstance(h, _LowerFile) else h.node_ino) != ino:
+                continue
+            fd = os.open(copy, os.O_RDONLY | os.O_NOFOLLOW)
+            if isinstance(h, _UpperFile):
+                self._superseded[fh] = h.fd
+            self._handles[fh] = _UpperFile(fd)
 
 
 @contextlib.contextmanager

@@ -527,6 +527,11 @@ typedef struct Session {
      * are answered from them without Python (the stack_* functions) */
     int nlayers;
     int layer_fd[MAX_LAYERS];
+    /* large READs of host files go through this pipe (reply_splice); pipe[0] -1: not made yet,
+     * -2: not available.  The serving thread's alone: a stored image's extra threads read no
+     * host file. */
+    int pipe[2];
+    size_t pipe_cap;
 } Session;
 
 static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
@@ -1562,10 +1567,82 @@ static void follow_copy_up(Session *s, struct handle *h)
  * one.  No Python: callable without the GIL. */
 static int stack_file(Session *s, struct node *n);
 
+/* The largest READ: 1 MiB, 16 of a stored file's chunks.  A mount of host directories alone
+ * (layerfs-overlay) takes a page less: such a READ and its header then fit the 1 MiB pipe
+ * (pipe-max-size) reply_splice sends it through, a page each. */
+static uint32_t request_size(const Session *s)
+{
+    return s->store || s->lower_reader ? MAX_WRITE : MAX_WRITE - 4096;
+}
+
+/* READs of this size or more are spliced (reply_splice); a smaller one costs fewer calls as a
+ * pread and a writev */
+#define SPLICE_MIN (64u << 10)
+
+static void drain_pipe(Session *s)
+{
+    while (read(s->pipe[0], s->buf + BUF_SIZE, BUF_SIZE) > 0)
+        ;
+}
+
+/* Reply to a READ of `size` bytes at `offset` of host file fd by splicing them through a pipe
+ * to the device: the kernel copies the file's pages once, where a pread and a writev copy them
+ * twice (fuse-overlayfs and libfuse reply so too).  0 if it could not (no pipe, a file that
+ * changed size meanwhile, a reply too large for the pipe): nothing was sent, the caller replies
+ * the usual way. */
+static int reply_splice(Session *s, uint64_t unique, int fd, uint64_t offset, size_t size)
+{
+    if (s->pipe[0] == -1) {
+        s->pipe[0] = -2;
+        int p[2];
+        if (pipe2(p, O_CLOEXEC | O_NONBLOCK) == 0) {
+            /* a page for the header, one more for data not aligned to a page; 2 MiB wants
+             * CAP_SYS_RESOURCE (pipe-max-size is 1 MiB), an unprivileged daemon gets 1 MiB */
+            long cap = fcntl(p[1], F_SETPIPE_SZ, 2 * MAX_WRITE);
+            if (cap < 0)
+                cap = fcntl(p[1], F_SETPIPE_SZ, MAX_WRITE);
+            if (cap < 0)
+                cap = fcntl(p[1], F_GETPIPE_SZ);
+            s->pipe[0] = p[0];
+            s->pipe[1] = p[1];
+            s->pipe_cap = cap > 0 ? (size_t)cap : 0;
+        }
+    }
+    struct stat st;
+    if (s->pipe[0] < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || offset >= (uint64_t)st.st_size)
+        return 0;
+    size_t want = (uint64_t)st.st_size - offset < size ? (size_t)((uint64_t)st.st_size - offset) : size;
+    if ((1 + (offset + want - 1) / 4096 - offset / 4096 + 1) * 4096 > s->pipe_cap)
+        return 0; /* a pipe buffer per page the bytes touch, and one for the header */
+    struct fuse_out_header h = {(uint32_t)(sizeof(h) + want), 0, unique};
+    if (write(s->pipe[1], &h, sizeof(h)) != (ssize_t)sizeof(h)) {
+        drain_pipe(s);
+        return 0;
+    }
+    loff_t off = (loff_t)offset;
+    for (size_t got = 0; got < want;) {
+        ssize_t n = splice(fd, &off, s->pipe[1], NULL, want - got, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n <= 0) { /* the file shrank (or an error the pread will give the caller) */
+            drain_pipe(s);
+            return 0;
+        }
+        got += (size_t)n;
+    }
+    ssize_t n = splice(s->pipe[0], NULL, s->fd, NULL, sizeof(h) + want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n == (ssize_t)(sizeof(h) + want))
+        return 1;
+    int err = n < 0 ? errno : 0;
+    drain_pipe(s);
+    /* ENOENT: the request was interrupted meanwhile, the kernel no longer waits for a reply */
+    return err == ENOENT;
+}
+
 /* Reply to READ `in` with what host descriptor fd holds there. */
 static void reply_pread(Session *s, uint64_t unique, int fd, const struct fuse_read_in *in)
 {
     size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
+    if (size >= SPLICE_MIN && reply_splice(s, unique, fd, in->offset, size))
+        return;
     char *out = s->buf + BUF_SIZE;
     ssize_t n = pread(fd, out, size, (off_t)in->offset);
     if (n < 0)
@@ -3512,10 +3589,10 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
         s->passthrough = 1;
     }
     /* the kernel takes the smaller of this and its device's read-ahead, which the Python side
-     * raised to a request's size before mounting: 1 MiB READs instead of 128 KiB ones */
-    o.max_readahead = MAX_WRITE;
+     * raised to a request's size (request_size) before serving: 1 MiB READs, not 128 KiB ones */
+    o.max_readahead = request_size(s);
     o.max_write = MAX_WRITE;
-    o.max_pages = (uint16_t)(MAX_WRITE / 4096);
+    o.max_pages = (uint16_t)(request_size(s) / 4096);
     o.max_background = 64;
     o.congestion_threshold = 48;
     o.time_gran = 1;
@@ -3894,6 +3971,7 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
     int threads = 1;
     s->entry_timeout = s->attr_timeout = s->negative_timeout = 1.0;
     s->upper_fd = s->work_fd = -1;
+    s->pipe[0] = s->pipe[1] = -1;
     s->union_gen = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|pdddpOy#OipOKKsOKOO", kwlist, &s->fd, &s->ops, &s->writable,
                                      &s->entry_timeout, &s->attr_timeout, &s->negative_timeout, &s->debug,
@@ -4091,6 +4169,9 @@ static void Session_dealloc(Session *s)
         close(s->upper_fd);
     if (s->work_fd > 0)
         close(s->work_fd);
+    for (int i = 0; i < 2; i++)
+        if (s->pipe[i] > 0)
+            close(s->pipe[i]);
     for (int i = 0; i < s->nlayers; i++)
         close(s->layer_fd[i]);
     for (int i = 0; i < DIR_SLOTS; i++)
@@ -4241,8 +4322,15 @@ static PyObject *Session_stats(Session *s, PyObject *unused)
                          (Py_ssize_t)s->t.ndentries);
 }
 
+static PyObject *Session_request_size(Session *s, PyObject *unused)
+{
+    return PyLong_FromUnsignedLong(request_size(s));
+}
+
 static PyMethodDef Session_methods[] = {
     {"run", (PyCFunction)Session_run, METH_NOARGS, "Serve requests until the file system is unmounted."},
+    {"request_size", (PyCFunction)Session_request_size, METH_NOARGS,
+     "The largest READ this session asks of the kernel (what the device's read-ahead should be)."},
     {"stats", (PyCFunction)Session_stats, METH_NOARGS, "Requests served, nodes and names held."},
     {NULL, NULL, 0, NULL},
 };

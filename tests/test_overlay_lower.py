@@ -10,6 +10,7 @@ the same directories.  And it must never let a write reach a lower layer.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import stat
@@ -348,3 +349,73 @@ def test_a_large_lower_file_is_passed_through_and_never_written(
         with open(path, "rb") as f:
             assert f.read() == b"NEW" + before[3:]
     assert open(layer_file, "rb").read() == before
+
+
+def _daemon_rchar(mnt: str) -> int:
+    """Bytes the mount's daemon has read with read(2) and its kin (not splice(2))."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"layerfs.overlay" not in argv or os.fsencode(mnt) not in argv:
+                continue
+            with open(f"/proc/{pid}/io") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+        except OSError:
+            continue
+    raise AssertionError(f"no daemon serves {mnt}")
+
+
+def _read_at(path: str, offset: int, size: int, direct: bool) -> bytes:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the READ reaches the daemon
+            return os.pread(fd, size, offset)
+        buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT wants
+        try:
+            return bytes(buf[: os.preadv(fd, [buf], offset)])
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["rw", "ro"])
+def test_large_reads_are_spliced_and_give_the_files_bytes(
+    layers: tuple[str, list[str]], writable: bool
+) -> None:
+    """A READ of 64 KiB or more of a host file (a layer's, an upper one's, without passthrough)
+    reaches the kernel by splice(2): the daemon never reads the bytes itself (its rchar stays
+    far below what was read).  Every offset and size still gives the file's bytes: at the end
+    of the file, off the page grid, and a direct read one page too large for the pipe (that one
+    goes by pread)."""
+    base, lowers = layers
+    top = os.path.join(base, "splice-top")
+    data = os.urandom(3 << 20)  # (not periodic: a read from a wrong offset shows)
+    _write(os.path.join(top, "rand"), data)
+    os.chmod(top, 0o755)
+    with ours(base, [*lowers, top], "splice", writable=writable, LAYERFS_PASSTHROUGH="0") as m:
+        files = {os.path.join(m, "rand"): data}
+        if writable:
+            new = os.urandom(3 << 20)
+            _write(os.path.join(m, "up", "new"), new)
+            files[os.path.join(m, "up", "new")] = new
+        before = _daemon_rchar(m)
+        for path, want in files.items():
+            with open(path, "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                assert f.read() == want
+        assert _daemon_rchar(m) - before < len(data) // 8, "the bytes went through the daemon"
+        cases = [
+            (0, 1 << 20, False),
+            (len(data) - 100, 1 << 20, False),  # a short read at the end
+            (512, 64 << 10, True),
+            (4096 + 512, 1020 << 10, True),  # 256 pages and the header: by pread
+            ((1 << 20) + 4096, 1020 << 10, True),
+            (len(data) - 5000, 1 << 20, True),
+        ]
+        for path, want in files.items():
+            for offset, size, direct in cases:
+                got = _read_at(path, offset, size, direct)
+                assert got == want[offset : offset + size], (path, offset, size, direct)

@@ -35,7 +35,6 @@ from layerfs.union.view import UPPER_INO, UnionView
 Attr = tuple[int, ...]
 
 STACK_MAX_LAYERS = 63  # MAX_LAYERS in ext/fusecore.c: one bit each in a node's layer mask
-READ_AHEAD_KIB = 1024  # as large as a request (MAX_WRITE in ext/fusecore.c)
 RO_TIMEOUT = 3600.0  # lower layers are immutable: let the kernel cache them
 RW_TIMEOUT = 3600.0  # writable mounts too: every change goes through the mount, and the kernel
 # drops what its own requests change (one inode per object: no other name of a file goes stale)
@@ -442,7 +441,6 @@ def serve(
         allow_other=allow_other,
         mount_options=options,
     )
-    _raise_readahead(target, READ_AHEAD_KIB)
     timeout = RW_TIMEOUT if view.writable else RO_TIMEOUT
     ops = CoreOps(view)
     from_store: dict[str, Any] = {}
@@ -504,6 +502,7 @@ def serve(
         os.close(fd)
         unmount_lazily(mountpoint)
         raise
+    _raise_readahead(target, session.request_size() // 1024)
 
     def stop(signum: int, frame: Any) -> None:
         unmount_lazily(mountpoint)

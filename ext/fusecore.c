@@ -552,6 +552,16 @@ static int reply(Session *s, uint64_t unique, int error, const void *data, size_
     return 0;
 }
 
+/* A reply of `len` bytes in iov[1..1+n) (iov[0] is for the header). */
+static void reply_iov(Session *s, uint64_t unique, struct iovec *iov, int n, size_t len)
+{
+    struct fuse_out_header h = {(uint32_t)(sizeof(h) + len), 0, unique};
+    iov[0].iov_base = &h;
+    iov[0].iov_len = sizeof(h);
+    if (writev(s->fd, iov, n + 1) < 0 && errno != ENOENT && s->debug)
+        fprintf(stderr, "layerfs: reply to %llu failed: %s\n", (unsigned long long)unique, strerror(errno));
+}
+
 static int reply_err(Session *s, uint64_t unique, int err)
 {
     return reply(s, unique, -err, NULL, 0);
@@ -2094,13 +2104,17 @@ static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, u
         return;
     }
     size_t size = in->size < BUF_SIZE ? in->size : BUF_SIZE;
-    long got = fs_store_read(st, &n, ino, out, size, in->offset);
+    struct iovec iov[1 + FS_STORE_IOV];
+    int niov;
+    long got = fs_store_readv(st, &n, ino, out, size, in->offset, iov + 1, &niov);
     if (got == -EIO)
         report_damage(s, st, ino, &n);
     if (got < 0)
         reply_err(s, u, (int)-got);
-    else
+    else if (!niov)
         reply(s, u, 0, out, (size_t)got);
+    else
+        reply_iov(s, u, iov, niov, (size_t)got);
 }
 
 /* Serve a request from the store without Python; 0 if it is not one of those (called without

@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 struct fs_store;
 
@@ -69,6 +70,13 @@ int fs_store_dir_next(struct fs_store *st, struct fs_dirent *out);
  * (a chunk fails its checksum or does not decompress; logged with the object and chunk). */
 long fs_store_read(struct fs_store *st, const struct fs_inode *inode, uint64_t ino, char *buf, size_t size,
                    uint64_t offset);
+
+/* The same, but whole chunks stored raw in LMDB are not copied into `buf`: the bytes read are
+ * iov[0..*niov) (at most FS_STORE_IOV entries), some pointing into the store's map, valid until
+ * fs_store_end; the rest of them in `buf`, at their offset into the read. */
+#define FS_STORE_IOV 20
+long fs_store_readv(struct fs_store *st, const struct fs_inode *inode, uint64_t ino, char *buf, size_t size,
+                    uint64_t offset, struct iovec *iov, int *niov);
 
 /* The path of inode `ino` ("/a/b"), found by scanning the index's names (slow: for error
  * messages only); 0, -ENOENT (not reachable from the root) or -ERANGE (longer than cap). */

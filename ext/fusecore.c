@@ -468,6 +468,21 @@ struct worker {
     int started;
 };
 
+/* Writable mounts of a stored image: a second thread serves a large READ of a lower file from
+ * the store while the serving thread goes on to the next request.  A sequential reader has the
+ * kernel's next read-ahead READ in flight while it waits on this one, so zstd runs on two CPUs,
+ * as a read-only mount's threads run it. */
+struct reader {
+    pthread_t thread;
+    int started, stop, busy;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t unique, ino; /* the READ handed over, while busy */
+    struct fuse_read_in in;
+    struct fs_store *st; /* its own snapshot and decompression context */
+    char *buf;
+};
+
 #define MAX_LAYERS 63 /* a bit per layer in struct node's `layers`, which Python sends as an int64 */
 #define DIR_SLOTS 32 /* upper directories the C create and copy-up paths keep open */
 
@@ -492,6 +507,7 @@ typedef struct Session {
     struct fs_store *lower_reader; /* writable mounts of one: lower files read from it in C */
     struct fc *cache;           /* ... or from their decompressed copies (ext/filecache.h) */
     struct fs_store *fill_reader; /* the file cache's thread reads the store through this one */
+    struct reader *reader;      /* ... and large READs of lower files go to this thread */
     struct fuse_statfs_out statfs;
     /* more threads serve a read-only mount from the store (none of them calls Python); they
      * read under pin_lock, which renewing the Python-held pinning transaction takes for writing */
@@ -1585,6 +1601,15 @@ static uint32_t request_size(const Session *s)
     return s->store || s->lower_reader ? MAX_WRITE : MAX_WRITE - 4096;
 }
 
+/* How far the kernel reads ahead of a sequential reader: four READs for a stored image's mounts,
+ * so that their threads (a read-only mount's, a writable mount's reader) decompress them at once
+ * (one READ in flight at a time left the second thread idle); one for host directories, read by
+ * one thread. */
+static uint32_t read_ahead(const Session *s)
+{
+    return s->store || s->lower_reader ? 4 * MAX_WRITE : request_size(s);
+}
+
 /* READs of this size or more are spliced (reply_splice); a smaller one costs fewer calls as a
  * pread and a writev */
 #define SPLICE_MIN (64u << 10)
@@ -1661,6 +1686,73 @@ static void reply_pread(Session *s, uint64_t unique, int fd, const struct fuse_r
         reply(s, unique, 0, out, (size_t)n);
 }
 
+/* READs at least this large go to the reader thread when it is idle; a small file's one READ
+ * would only wait for the thread to wake */
+#define READER_MIN (256u << 10)
+
+/* Give READ `in` of stored inode `ino` to the reader thread; 0 if it is busy (or absent). */
+static int hand_to_reader(Session *s, uint64_t unique, uint64_t ino, const struct fuse_read_in *in)
+{
+    struct reader *r = s->reader;
+    int taken = 0;
+    if (!r || !r->started || in->size < READER_MIN)
+        return 0;
+    pthread_mutex_lock(&r->mu);
+    if (!r->busy) {
+        r->unique = unique;
+        r->ino = ino;
+        r->in = *in;
+        r->busy = taken = 1;
+        pthread_cond_signal(&r->cv);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return taken;
+}
+
+static void *reader_main(void *arg)
+{
+    Session *s = arg;
+    struct reader *r = s->reader;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the main thread's: it unmounts */
+    pthread_mutex_lock(&r->mu);
+    for (;;) {
+        while (!r->busy && !r->stop)
+            pthread_cond_wait(&r->cv, &r->mu);
+        if (r->stop)
+            break;
+        uint64_t unique = r->unique, ino = r->ino;
+        struct fuse_read_in in = r->in;
+        pthread_mutex_unlock(&r->mu);
+        pthread_rwlock_rdlock(&s->pin_lock); /* (the serving thread renews the pin) */
+        if (fs_store_begin(r->st) < 0) {
+            reply_err(s, unique, EIO);
+        } else {
+            store_read(s, r->st, r->buf, unique, ino, &in);
+            fs_store_end(r->st);
+        }
+        pthread_rwlock_unlock(&s->pin_lock);
+        pthread_mutex_lock(&r->mu);
+        r->busy = 0;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+static void reader_stop(Session *s)
+{
+    struct reader *r = s->reader;
+    if (!r || !r->started)
+        return;
+    pthread_mutex_lock(&r->mu);
+    r->stop = 1;
+    pthread_cond_signal(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->thread, NULL);
+    r->started = 0;
+}
+
 static int read_here(Session *s, uint64_t unique, struct handle *h, const struct fuse_read_in *in)
 {
     if (h && !h->followed && (h->lower_ino || h->lower_copy || h->lower_file))
@@ -1678,7 +1770,8 @@ static int read_here(Session *s, uint64_t unique, struct handle *h, const struct
         if (fs_store_begin(s->lower_reader) < 0) {
             reply_err(s, unique, EIO);
         } else {
-            store_read(s, s->lower_reader, s->buf + BUF_SIZE, unique, h->lower_ino, in);
+            if (!hand_to_reader(s, unique, h->lower_ino, in))
+                store_read(s, s->lower_reader, s->buf + BUF_SIZE, unique, h->lower_ino, in);
             fs_store_end(s->lower_reader);
         }
         return 1;
@@ -3603,8 +3696,8 @@ static void do_init(Session *s, const struct fuse_in_header *ih, const char *bod
         s->passthrough = 1;
     }
     /* the kernel takes the smaller of this and its device's read-ahead, which the Python side
-     * raised to a request's size (request_size) before serving: 1 MiB READs, not 128 KiB ones */
-    o.max_readahead = request_size(s);
+     * raised (read_ahead) before serving: 1 MiB READs, not 128 KiB ones */
+    o.max_readahead = read_ahead(s);
     o.max_write = MAX_WRITE;
     o.max_pages = (uint16_t)(request_size(s) / 4096);
     o.max_background = 64;
@@ -4053,6 +4146,23 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
                     s->fill_reader = NULL;
                 }
             }
+            struct reader *r = calloc(1, sizeof(*r));
+            if (r && (r->buf = malloc(BUF_SIZE)) &&
+                (r->st = fs_store_open(PyBytes_AS_STRING(encoded), (const unsigned char *)prefix, err,
+                                       sizeof(err))) &&
+                pthread_mutex_init(&r->mu, NULL) == 0) {
+                if (pthread_cond_init(&r->cv, NULL) == 0) {
+                    s->reader = r;
+                    r = NULL;
+                } else {
+                    pthread_mutex_destroy(&r->mu);
+                }
+            }
+            if (r) { /* a luxury too: without it the serving thread reads everything */
+                fs_store_close(r->st);
+                free(r->buf);
+                free(r);
+            }
             Py_DECREF(encoded);
             store_path = Py_None;
             s->workers[0].store = s->lower_reader; /* rw_fast's: the same thread */
@@ -4145,6 +4255,14 @@ static int Session_init(Session *s, PyObject *args, PyObject *kw)
 
 static void Session_dealloc(Session *s)
 {
+    if (s->reader) {
+        reader_stop(s);
+        fs_store_close(s->reader->st);
+        free(s->reader->buf);
+        pthread_cond_destroy(&s->reader->cv);
+        pthread_mutex_destroy(&s->reader->mu);
+        free(s->reader);
+    }
     fc_close(s->cache); /* its thread reads through fill_reader */
     fs_store_close(s->fill_reader);
     if (!s->nworkers || s->workers[0].store != s->lower_reader)
@@ -4268,6 +4386,7 @@ static void *worker_main(void *arg)
 static void join_workers(Session *s)
 {
     Py_BEGIN_ALLOW_THREADS
+    reader_stop(s);
     for (int i = 1; i < s->nworkers; i++)
         if (s->workers[i].started) {
             pthread_join(s->workers[i].thread, NULL);
@@ -4284,6 +4403,8 @@ static PyObject *Session_run(Session *s, PyObject *unused)
     s->last_pin_ns = now_ns();
     for (int i = 1; i < s->nworkers && s->store; i++)
         s->workers[i].started = pthread_create(&s->workers[i].thread, NULL, worker_main, &s->workers[i]) == 0;
+    if (s->reader && !s->reader->started)
+        s->reader->started = pthread_create(&s->reader->thread, NULL, reader_main, s) == 0;
     for (;;) {
         ssize_t n;
         int handled = 0, err = 0;
@@ -4336,15 +4457,15 @@ static PyObject *Session_stats(Session *s, PyObject *unused)
                          (Py_ssize_t)s->t.ndentries);
 }
 
-static PyObject *Session_request_size(Session *s, PyObject *unused)
+static PyObject *Session_read_ahead(Session *s, PyObject *unused)
 {
-    return PyLong_FromUnsignedLong(request_size(s));
+    return PyLong_FromUnsignedLong(read_ahead(s));
 }
 
 static PyMethodDef Session_methods[] = {
     {"run", (PyCFunction)Session_run, METH_NOARGS, "Serve requests until the file system is unmounted."},
-    {"request_size", (PyCFunction)Session_request_size, METH_NOARGS,
-     "The largest READ this session asks of the kernel (what the device's read-ahead should be)."},
+    {"read_ahead", (PyCFunction)Session_read_ahead, METH_NOARGS,
+     "Bytes the kernel should read ahead of a sequential reader (the mount device's read_ahead_kb)."},
     {"stats", (PyCFunction)Session_stats, METH_NOARGS, "Requests served, nodes and names held."},
     {NULL, NULL, 0, NULL},
 };

@@ -29,7 +29,9 @@ from typing import Any, NamedTuple
 
 
 def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot; None if it is gone or a zombie."""
+    """The process's start time in clock ticks since boot; None if it is gone or a zombie.
+    Its first thread may be a zombie while others run (it ended first, or the process is
+    being killed and its other threads are still exiting): that process is not gone yet."""
     try:
         proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -44,9 +46,24 @@ def start_time(pid: int) -> int | None:
         return None
     # the command name may hold spaces and parentheses: fields start after the last ')'
     fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
+    if fields[0] in (b"Z", b"X") and not _other_thread_runs(pid):
         return None
     return int(fields[19])
+
+
+def _other_thread_runs(pid: int) -> bool:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 def alive(pid: int, start: int | None = None) -> bool:

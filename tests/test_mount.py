@@ -33,6 +33,8 @@ from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are f
     wait_until,
 )
 
+from layerfs import procfs
+
 pytestmark = pytest.mark.usefixtures("need_fuse", "fuse_core")
 
 
@@ -47,11 +49,10 @@ def _fstype(mnt: str) -> str | None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    """Whether a thread of process ``pid`` still runs.  A killed daemon's first thread is a
+    zombie while its other threads exit, and /dev/fuse is closed after the last of them: until
+    then a request still waits, and ends with ECONNABORTED instead of ENOTCONN."""
+    return procfs.alive(pid)
 
 
 def _mount_record(cli: Callable[..., Any], mnt: str) -> dict[str, Any]:
@@ -763,8 +764,9 @@ def _flip_stored_byte(store_path: str, sha: bytes, at: int = 100) -> None:
 def test_a_corrupt_chunk_gives_eio_and_says_which_file(cli, store_path, tmp_path, fuse_core):
     """A chunk failing its check is EIO for the reader (it was EINVAL: SIGBUS in a container)
     and a line in the mount's log naming the object, the image and the path; verify names the
-    images and paths of a damaged object too."""
-    data = os.urandom(200_000)
+    images and paths of a damaged object too.  (Large enough that a writable mount's READ goes
+    to its reader thread.)"""
+    data = os.urandom(600_000)
     layer = tar_bytes([member("data/blob", data), member("ok", b"fine\n")])
     cli("import", "-q", make_layout(tmp_path / "layout", [layer], ref="damaged:1"))
     sha = hashlib.sha256(data).digest()

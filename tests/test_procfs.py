@@ -85,3 +85,30 @@ def test_a_forked_childs_record_is_alive_in_another():
         os.close(hold_w)
         os.waitpid(pid, 0)
     assert not _judged_by_another_process(child)
+
+
+def test_a_process_whose_first_thread_ended_is_alive_until_its_last_ends():
+    """/proc/PID/stat shows the first thread: a zombie once it has ended, while the process's
+    other threads still run (a killed daemon's do for a moment, and its /dev/fuse stays open
+    until the last is gone).  Only then is the process dead."""
+    code = (
+        "import ctypes, sys, threading\n"
+        "threading.Thread(target=sys.stdin.read).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the first thread did not end")
+        assert procfs.alive(proc.pid)
+        proc.stdin.close()  # the other thread's read ends, and with it the process
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    assert not procfs.alive(proc.pid)

@@ -633,6 +633,50 @@ static void split_ns(long long t, int64_t *sec, uint32_t *nsec)
     *nsec = (uint32_t)ns;
 }
 
+/* A time in nanoseconds (a Python int) as seconds and nanoseconds.  Past 2262 the nanoseconds
+ * no longer fit 64 bits (ext4 keeps times up to 2446, and a file can carry one): split in
+ * Python then. */
+static int time_from_ns(PyObject *o, int64_t *sec, uint32_t *nsec)
+{
+    int overflow;
+    long long ns = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (!overflow) {
+        if (ns == -1 && PyErr_Occurred())
+            return -1;
+        split_ns(ns, sec, nsec);
+        return 0;
+    }
+    PyObject *billion = PyLong_FromLong(1000000000L), *qr = billion ? PyNumber_Divmod(o, billion) : NULL;
+    Py_XDECREF(billion);
+    if (!qr)
+        return -1;
+    long long q = PyLong_AsLongLong(PyTuple_GET_ITEM(qr, 0));
+    long r = PyLong_AsLong(PyTuple_GET_ITEM(qr, 1));
+    Py_DECREF(qr);
+    if (PyErr_Occurred())
+        return -1;
+    *sec = q;
+    *nsec = (uint32_t)r;
+    return 0;
+}
+
+/* Seconds and nanoseconds as nanoseconds, a Python int (of any size: see time_from_ns). */
+static PyObject *ns_from_time(uint64_t sec, uint32_t nsec)
+{
+    if ((int64_t)sec >= 0 && sec < (uint64_t)(LLONG_MAX / 1000000000LL) - 1)
+        return PyLong_FromLongLong((long long)sec * 1000000000LL + nsec);
+    PyObject *s_ = PyLong_FromLongLong((long long)sec), *billion = PyLong_FromLong(1000000000L), *n = NULL;
+    PyObject *scaled = s_ && billion ? PyNumber_Multiply(s_, billion) : NULL;
+    PyObject *frac = scaled ? PyLong_FromUnsignedLong(nsec) : NULL;
+    if (frac)
+        n = PyNumber_Add(scaled, frac);
+    Py_XDECREF(s_);
+    Py_XDECREF(billion);
+    Py_XDECREF(scaled);
+    Py_XDECREF(frac);
+    return n;
+}
+
 static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, uint64_t *lower)
 {
     if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) < ATTR_TUPLE_LEN) {
@@ -640,14 +684,16 @@ static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, uint64_t *lower)
         return -1;
     }
     unsigned long long v[ATTR_TUPLE_LEN];
+    int64_t secs[3];
+    uint32_t nsecs[3];
     for (int i = 0; i < ATTR_TUPLE_LEN; i++) {
         PyObject *o = PyTuple_GET_ITEM(tup, i);
         if (i >= 8) {
-            long long ns = PyLong_AsLongLong(o);
-            v[i] = (unsigned long long)ns;
-        } else {
-            v[i] = PyLong_AsUnsignedLongLongMask(o);
+            if (time_from_ns(o, &secs[i - 8], &nsecs[i - 8]) < 0)
+                return -1;
+            continue;
         }
+        v[i] = PyLong_AsUnsignedLongLongMask(o);
         if (PyErr_Occurred())
             return -1;
     }
@@ -669,13 +715,12 @@ static int attr_from_tuple(PyObject *tup, struct fuse_attr *a, uint64_t *lower)
     a->size = v[6];
     a->blocks = v[7];
     a->blksize = 4096;
-    uint64_t *sec[3] = {&a->atime, &a->mtime, &a->ctime};
-    uint32_t *nsec[3] = {&a->atimensec, &a->mtimensec, &a->ctimensec};
-    for (int i = 0; i < 3; i++) {
-        int64_t s_;
-        split_ns((long long)v[8 + i], &s_, nsec[i]);
-        *sec[i] = (uint64_t)s_;
-    }
+    a->atime = (uint64_t)secs[0];
+    a->mtime = (uint64_t)secs[1];
+    a->ctime = (uint64_t)secs[2];
+    a->atimensec = nsecs[0];
+    a->mtimensec = nsecs[1];
+    a->ctimensec = nsecs[2];
     return 0;
 }
 
@@ -975,18 +1020,21 @@ static void do_setattr(Session *s, uint64_t unique, uint64_t id, const struct fu
         path = Py_None;
         Py_INCREF(path);
     }
-    long long atime = -1, mtime = -1; /* -1: leave alone, -2: now */
-    if (in->valid & FATTR_ATIME_NOW)
-        atime = -2;
-    else if (in->valid & FATTR_ATIME)
-        atime = (long long)in->atime * 1000000000LL + in->atimensec;
-    if (in->valid & FATTR_MTIME_NOW)
-        mtime = -2;
-    else if (in->valid & FATTR_MTIME)
-        mtime = (long long)in->mtime * 1000000000LL + in->mtimensec;
-    PyObject *res = PyObject_CallMethod(
-        s->ops, "setattr", "OOiLLLLLL", path, pyfh, (int)(in->valid & (FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_SIZE)),
-        (long long)in->mode, (long long)in->uid, (long long)in->gid, (long long)in->size, atime, mtime);
+    /* -1: leave alone, -2: now; else nanoseconds (a Python int: past 2262 they exceed 64 bits) */
+    PyObject *atime = in->valid & FATTR_ATIME_NOW ? PyLong_FromLong(-2)
+                      : in->valid & FATTR_ATIME   ? ns_from_time(in->atime, in->atimensec)
+                                                  : PyLong_FromLong(-1);
+    PyObject *mtime = in->valid & FATTR_MTIME_NOW ? PyLong_FromLong(-2)
+                      : in->valid & FATTR_MTIME   ? ns_from_time(in->mtime, in->mtimensec)
+                                                  : PyLong_FromLong(-1);
+    PyObject *res = NULL;
+    if (atime && mtime)
+        res = PyObject_CallMethod(s->ops, "setattr", "OOiLLLLOO", path, pyfh,
+                                  (int)(in->valid & (FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_SIZE)),
+                                  (long long)in->mode, (long long)in->uid, (long long)in->gid, (long long)in->size,
+                                  atime, mtime);
+    Py_XDECREF(atime);
+    Py_XDECREF(mtime);
     Py_DECREF(path);
     reply_attr(s, unique, id, res);
     Py_XDECREF(res);

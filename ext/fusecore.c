@@ -550,32 +550,22 @@ typedef struct Session {
     size_t pipe_cap;
 } Session;
 
-static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
+/* A reply of `len` bytes in iov[1..1+n) (iov[0] is for the header), or of error `error`. */
+static void reply_iov(Session *s, uint64_t unique, int error, struct iovec *iov, int n, size_t len)
 {
-    struct fuse_out_header h;
-    struct iovec iov[2];
-    h.len = (uint32_t)(sizeof(h) + (error ? 0 : len));
-    h.error = error;
-    h.unique = unique;
+    struct fuse_out_header h = {(uint32_t)(sizeof(h) + (error ? 0 : len)), error, unique};
     iov[0].iov_base = &h;
     iov[0].iov_len = sizeof(h);
-    iov[1].iov_base = (void *)data;
-    iov[1].iov_len = error ? 0 : len;
-    ssize_t n = writev(s->fd, iov, error || !len ? 1 : 2);
     /* ENOENT: the request was interrupted and the kernel no longer waits for it */
-    if (n < 0 && errno != ENOENT && s->debug)
+    if (writev(s->fd, iov, error ? 1 : n + 1) < 0 && errno != ENOENT && s->debug)
         fprintf(stderr, "layerfs: reply to %llu failed: %s\n", (unsigned long long)unique, strerror(errno));
-    return 0;
 }
 
-/* A reply of `len` bytes in iov[1..1+n) (iov[0] is for the header). */
-static void reply_iov(Session *s, uint64_t unique, struct iovec *iov, int n, size_t len)
+static int reply(Session *s, uint64_t unique, int error, const void *data, size_t len)
 {
-    struct fuse_out_header h = {(uint32_t)(sizeof(h) + len), 0, unique};
-    iov[0].iov_base = &h;
-    iov[0].iov_len = sizeof(h);
-    if (writev(s->fd, iov, n + 1) < 0 && errno != ENOENT && s->debug)
-        fprintf(stderr, "layerfs: reply to %llu failed: %s\n", (unsigned long long)unique, strerror(errno));
+    struct iovec iov[2] = {{NULL, 0}, {(void *)data, len}};
+    reply_iov(s, unique, error, iov, len ? 1 : 0, len);
+    return 0;
 }
 
 static int reply_err(Session *s, uint64_t unique, int err)
@@ -1815,11 +1805,12 @@ static int read_here(Session *s, uint64_t unique, struct handle *h, const struct
     }
     int fd = h && h->followed ? h->followed_fd : h ? h->fd : -1;
     if (h && h->lower_ino && !h->followed && s->lower_reader) { /* a lower file: from the store */
+        if (hand_to_reader(s, unique, h->lower_ino, in))
+            return 1;
         if (fs_store_begin(s->lower_reader) < 0) {
             reply_err(s, unique, EIO);
         } else {
-            if (!hand_to_reader(s, unique, h->lower_ino, in))
-                store_read(s, s->lower_reader, s->buf + BUF_SIZE, unique, h->lower_ino, in);
+            store_read(s, s->lower_reader, s->buf + BUF_SIZE, unique, h->lower_ino, in);
             fs_store_end(s->lower_reader);
         }
         return 1;
@@ -2255,7 +2246,7 @@ static void store_read(Session *s, struct fs_store *st, char *out, uint64_t u, u
     else if (!niov)
         reply(s, u, 0, out, (size_t)got);
     else
-        reply_iov(s, u, iov, niov, (size_t)got);
+        reply_iov(s, u, 0, iov, niov, (size_t)got);
 }
 
 /* Serve a request from the store without Python; 0 if it is not one of those (called without

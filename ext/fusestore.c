@@ -500,6 +500,21 @@ static int chunk_in_map(struct fs_store *st, uint64_t ino, const unsigned char *
     return 0;
 }
 
+/* Where a chunk stored raw (codec 0) is in the map, its length and checksum verified. */
+static int raw_in_map(struct fs_store *st, uint64_t ino, const unsigned char *content, const unsigned char *c,
+                      const char **src)
+{
+    uint32_t raw = le32(c + 16);
+    int rc = chunk_in_map(st, ino, content, c, src);
+    if (rc)
+        return rc;
+    if (le32(c + 12) != raw)
+        return chunk_error(ino, content, le64(c), le32(c + 8), "has a wrong length");
+    if (XXH3_64bits(*src, raw) != le64(c + 20))
+        return chunk_error(ino, content, le64(c), le32(c + 8), "fails its checksum");
+    return 0;
+}
+
 /* One chunk's bytes, verified, into dst (which has room for raw bytes). */
 static int chunk_into(struct fs_store *st, uint64_t ino, const unsigned char *content, const unsigned char *c,
                       char *dst)
@@ -532,16 +547,17 @@ static int chunk_into(struct fs_store *st, uint64_t ino, const unsigned char *co
         if (pack_pread(st, pack, off, stored, st->src, &why))
             return chunk_error(ino, content, pack, off, why);
         src = st->src;
+    } else if (codec == 0) {
+        int rc = raw_in_map(st, ino, content, c, &src);
+        if (!rc)
+            memcpy(dst, src, raw);
+        return rc;
     } else {
         int rc = chunk_in_map(st, ino, content, c, &src);
         if (rc)
             return rc;
     }
-    if (codec == 0) {
-        if (stored != raw)
-            return chunk_error(ino, content, pack, off, "has a wrong length");
-        memcpy(dst, src, raw);
-    } else if (codec == 1) {
+    if (codec == 1) {
         size_t got = ZSTD_decompressDCtx(st->dctx, dst, raw, src, stored);
         if (ZSTD_isError(got) || got != raw)
             return chunk_error(ino, content, pack, off, "does not decompress");
@@ -619,12 +635,8 @@ long fs_store_readv(struct fs_store *st, const struct fs_inode *inode, uint64_t 
         if (from == 0 && to == raw && iov && st->pack_dir < 0 && c[28] == 0) {
             /* a whole chunk stored raw: the reply takes it from the map, no copy here */
             const char *src;
-            if ((rc = chunk_in_map(st, ino, inode->content, c, &src)))
+            if ((rc = raw_in_map(st, ino, inode->content, c, &src)))
                 return rc;
-            if (le32(c + 12) != raw)
-                return chunk_error(ino, inode->content, le64(c), le32(c + 8), "has a wrong length");
-            if (XXH3_64bits(src, raw) != le64(c + 20))
-                return chunk_error(ino, inode->content, le64(c), le32(c + 8), "fails its checksum");
             iov_add(iov, niov, src, raw);
             done += raw;
             continue;

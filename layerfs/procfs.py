@@ -44,11 +44,19 @@ def start_time(pid: int) -> int | None:
             os.close(fd)
     except OSError:
         return None
-    # the command name may hold spaces and parentheses: fields start after the last ')'
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X") and not _other_thread_runs(pid):
+    fields = _stat_fields(stat)
+    if fields[0] in _ENDED and not _other_thread_runs(pid):
         return None
     return int(fields[19])
+
+
+_ENDED = (b"Z", b"X")  # zombie, dead
+
+
+def _stat_fields(stat: bytes) -> list[bytes]:
+    """A /proc stat line's fields from the state on: the command name may hold spaces and
+    parentheses, so they start after the last ')'."""
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 def _other_thread_runs(pid: int) -> bool:
@@ -59,9 +67,9 @@ def _other_thread_runs(pid: int) -> bool:
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                if _stat_fields(f.read())[0] not in _ENDED:
                     return True
-        except (OSError, IndexError):
+        except (OSError, ValueError, IndexError):
             continue
     return False
 

@@ -2657,6 +2657,30 @@ static void attr_from_stat(struct fuse_attr *a, uint64_t ino, const struct stat 
     a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
 }
 
+/* GETATTR of a directory of the upper directory whose union state is known (load_dir_state):
+ * the host directory's attributes, with one link if lower directories merge into it, as
+ * UnionView.lookup answers.  Every CREATE, MKNOD or UNLINK in a directory makes the kernel ask
+ * this before its next permission check there (fuse_dir_changed drops the mode it holds). */
+static int upper_getattr(Session *s, uint64_t u, struct node *n)
+{
+    if (!n || !n->has_attr || s->upper_fd < 0 || !S_ISDIR(n->attr.mode) || n->dir_gen != s->union_gen ||
+        n->dir_state == DIR_PYTHON)
+        return 0;
+    int dfd = upper_dir_fd(s, n);
+    struct stat st;
+    if (dfd < 0 || fstat(dfd, &st) < 0 || !S_ISDIR(st.st_mode))
+        return 0;
+    struct fuse_attr_out o;
+    memset(&o, 0, sizeof(o));
+    attr_from_stat(&o.attr, n->attr.ino, &st);
+    if (n->dir_state == DIR_MERGED)
+        o.attr.nlink = 1;
+    n->attr = o.attr;
+    split_timeout(attr_timeout_of(s, n->id), &o.attr_valid, &o.attr_valid_nsec);
+    reply(s, u, 0, &o, sizeof(o));
+    return 1;
+}
+
 /* CREATE of a new regular file where the name is free (name_is_free) in a directory of the
  * upper directory, not setgid and without a default ACL: what UnionView.create does there. */
 static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fuse_create_in *in, const char *name,
@@ -2679,14 +2703,17 @@ static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fu
     /* read-write whatever the caller asked (the kernel holds it to its own open mode): a
      * passthrough backing other opens can share, without opening the file again */
     uint32_t how_open = (in->flags & ~(uint32_t)(O_DIRECT | O_ACCMODE)) | O_RDWR;
-    int fd = openat(dfd, name, (int)how_open | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, in->mode & 07777);
+    mode_t want = in->mode & ~in->umask & 07777;
+    int fd = openat(dfd, name, (int)how_open | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, want);
     if (fd < 0) {
         reply_err(s, u, errno);
         return 1;
     }
-    /* the owner first: a chown drops set-id bits, which the mode then gives back */
+    /* mostly the daemon's owner is the caller's and its umask keeps the mode: nothing to set.
+     * Else the owner first: a chown drops set-id bits, which the mode then gives back */
     struct stat st;
-    if (fchown(fd, ih->uid, ih->gid) < 0 || fchmod(fd, in->mode & ~in->umask & 07777) < 0 || fstat(fd, &st) < 0) {
+    int fixed = fstat(fd, &st) == 0 && st.st_uid == ih->uid && st.st_gid == ih->gid && (st.st_mode & 07777) == want;
+    if (!fixed && (fchown(fd, ih->uid, ih->gid) < 0 || fchmod(fd, want) < 0 || fstat(fd, &st) < 0)) {
         int err = errno;
         close(fd);
         unlinkat(dfd, name, 0);
@@ -3562,7 +3589,7 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
                 return 0;
         }
         if (!lower)
-            return 0;
+            return upper_getattr(s, u, nd);
         break;
     case FUSE_LOOKUP:
         if (!lower) /* a new name in an upper directory, mostly */

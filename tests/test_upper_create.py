@@ -228,6 +228,44 @@ def test_the_kernel_overlay_shows_what_was_made(cli, sample, sample_layout, tmp_
     assert theirs == ours
 
 
+def test_a_directory_shows_the_names_made_in_it_as_the_kernel_overlay(cli, sample, sample_layout, tmp_path):
+    """Each name made in a directory makes the kernel ask for the directory's attributes again
+    (the C core answers from the host directory): its times move, a directory merged with a
+    lower one keeps one link, an upper-only one counts its subdirectories, as the kernel
+    overlay shows them on the same upper directory."""
+    reason = overlay_unavailable(str(tmp_path))
+    if reason:
+        pytest.skip(reason)
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+
+    def dir_attrs(root: str) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for rel in ("etc", "fresh", "fresh/sub"):
+            st = os.stat(os.path.join(root, rel))
+            # (not the ctime: the kernel overlay sets its xattrs on the directories it looks up)
+            out[rel] = (st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_mtime_ns)
+        return out
+
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        etc = os.path.join(mnt, "etc")
+        _make(os.path.join(etc, "first"), b"1")  # copies etc up
+        before = os.stat(etc)
+        os.mkdir(os.path.join(mnt, "fresh"))
+        os.mkdir(os.path.join(mnt, "fresh", "sub"))
+        os.chmod(etc, 0o750)
+        for i in range(20):  # (the last change before the stat is a name made)
+            _make(os.path.join(etc, f"n{i}"), b"%d" % i)
+            _make(os.path.join(mnt, "fresh", f"n{i}"), b"%d" % i)
+        ours = dir_attrs(mnt)
+    assert ours["etc"][4] > before.st_mtime_ns, "the directory's mtime did not move"
+    assert stat.S_IMODE(ours["etc"][0]) == 0o750
+    assert ours["etc"][1] == 1 and ours["fresh"][1] == 3
+    lowers = extract_layers(sample_layout, str(tmp_path / "lowers"))
+    with kernel_overlay(lowers, upper, str(tmp_path / "work"), str(tmp_path / "k")) as k:
+        theirs = dir_attrs(k)
+    assert theirs == ours
+
+
 # -- copy-up in C: a lower file alone in its inode, in a directory already in the upper ----------
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep (v2)
 

@@ -579,10 +579,15 @@ class UnionView:
     def _new_file(self, fd: int, uid: int, gid: int, bits: int | None) -> int:
         """A handle of the file just made on ``fd``, given its owner and (``bits``) its mode."""
         try:
-            os.fchown(fd, uid, gid)
-            if bits is not None:
+            st = os.fstat(fd)
+            # mostly the daemon's owner is the caller's and the mode came out right: each
+            # chown or chmod spared is a journaled inode change (and an ACL read) on the host
+            chown = (st.st_uid, st.st_gid) != (uid, gid)
+            if chown:
+                os.fchown(fd, uid, gid)  # this drops set-id bits, which the mode gives back
+            if bits is not None and (chown or stat.S_IMODE(st.st_mode) != bits):
                 os.fchmod(fd, bits)
-            self._new_ino(os.fstat(fd))
+            self._new_ino(st)
         except OSError:
             os.close(fd)
             raise

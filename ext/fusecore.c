@@ -2487,6 +2487,15 @@ static void tell_python(Session *s)
 
 static int upper_dir_fd(Session *s, struct node *p);
 
+/* Neither setgid nor with a default ACL: what a new object there gets is its maker's (dfd: the
+ * upper directory, or -1). */
+static int dir_is_plain(int dfd)
+{
+    struct stat st;
+    return dfd >= 0 && fstat(dfd, &st) == 0 && !(st.st_mode & S_ISGID) &&
+           fgetxattr(dfd, ACL_DEFAULT_XATTR, NULL, 0) < 0 && (errno == ENODATA || errno == EOPNOTSUPP);
+}
+
 /* Ask Python what directory `id` is in the union, unless known since the last change. */
 static int load_dir_state(Session *s, struct node *p)
 {
@@ -2517,12 +2526,7 @@ static int load_dir_state(Session *s, struct node *p)
     /* what decides a new file's group and mode besides the caller: a setgid directory gives its
      * group, a default ACL the mode (_new_gid, _new_mode); files there are Python's to make.
      * SETATTR and SETXATTR move union_gen, so this is asked again after a change */
-    p->dir_plain = 0;
-    struct stat st;
-    int dfd = p->dir_state != DIR_PYTHON ? upper_dir_fd(s, p) : -1;
-    if (dfd >= 0 && fstat(dfd, &st) == 0 && !(st.st_mode & S_ISGID) &&
-        fgetxattr(dfd, ACL_DEFAULT_XATTR, NULL, 0) < 0 && (errno == ENODATA || errno == EOPNOTSUPP))
-        p->dir_plain = 1;
+    p->dir_plain = p->dir_state != DIR_PYTHON && dir_is_plain(upper_dir_fd(s, p));
     return p->dir_state;
 }
 
@@ -2657,27 +2661,218 @@ static void attr_from_stat(struct fuse_attr *a, uint64_t ino, const struct stat 
     a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
 }
 
+/* The host object of an upper node with one name (not a directory), through its parent's
+ * upper directory: *dfd and name (room for 256) say where; -1 where that is not the node (a name
+ * changed behind the mount's back, a node without a name, or with several: Python's). */
+static int upper_place(Session *s, const struct node *n, int *dfd, char *name, struct stat *st)
+{
+    const struct dentry *d = n->names;
+    if (!d || d->nnext || d->len > 255)
+        return -1;
+    struct node *p = node_get(&s->t, d->parent);
+    if (!p || p->lower || (*dfd = upper_dir_fd(s, p)) < 0)
+        return -1;
+    memcpy(name, d->name, d->len);
+    name[d->len] = 0;
+    if (fstatat(*dfd, name, st, AT_SYMLINK_NOFOLLOW) < 0 || (st->st_mode & S_IFMT) != (n->attr.mode & S_IFMT))
+        return -1;
+    return 0;
+}
+
+static int upper_stat(Session *s, const struct node *n, struct stat *st)
+{
+    int dfd;
+    char name[256];
+    return upper_place(s, n, &dfd, name, st);
+}
+
+/* Reply to a GETATTR or SETATTR of upper node n with the host's attributes st. */
+static int reply_upper_attr(Session *s, uint64_t u, struct node *n, const struct stat *st)
+{
+    struct fuse_attr_out o;
+    memset(&o, 0, sizeof(o));
+    attr_from_stat(&o.attr, n->attr.ino, st);
+    n->attr = o.attr;
+    split_timeout(attr_timeout_of(s, n->id), &o.attr_valid, &o.attr_valid_nsec);
+    reply(s, u, 0, &o, sizeof(o));
+    return 1;
+}
+
 /* GETATTR of a directory of the upper directory whose union state is known (load_dir_state):
  * the host directory's attributes, with one link if lower directories merge into it, as
  * UnionView.lookup answers.  Every CREATE, MKNOD or UNLINK in a directory makes the kernel ask
  * this before its next permission check there (fuse_dir_changed drops the mode it holds). */
 static int upper_getattr(Session *s, uint64_t u, struct node *n)
 {
-    if (!n || !n->has_attr || s->upper_fd < 0 || !S_ISDIR(n->attr.mode) || n->dir_gen != s->union_gen ||
-        n->dir_state == DIR_PYTHON)
+    if (!n || !n->has_attr || s->upper_fd < 0)
+        return 0;
+    struct stat st;
+    if (!S_ISDIR(n->attr.mode)) { /* a file or symlink with one name, as the kernel asks after a write */
+        if (!(S_ISREG(n->attr.mode) || S_ISLNK(n->attr.mode)) || upper_stat(s, n, &st) < 0)
+            return 0;
+        return reply_upper_attr(s, u, n, &st);
+    }
+    if (n->dir_gen != s->union_gen || n->dir_state == DIR_PYTHON)
         return 0;
     int dfd = upper_dir_fd(s, n);
-    struct stat st;
     if (dfd < 0 || fstat(dfd, &st) < 0 || !S_ISDIR(st.st_mode))
         return 0;
-    struct fuse_attr_out o;
-    memset(&o, 0, sizeof(o));
-    attr_from_stat(&o.attr, n->attr.ino, &st);
     if (n->dir_state == DIR_MERGED)
-        o.attr.nlink = 1;
-    n->attr = o.attr;
-    split_timeout(attr_timeout_of(s, n->id), &o.attr_valid, &o.attr_valid_nsec);
-    reply(s, u, 0, &o, sizeof(o));
+        st.st_nlink = 1;
+    return reply_upper_attr(s, u, n, &st);
+}
+
+/* One side of a SETATTR's times as utimensat takes it; -1 where a 32-bit time_t cannot hold it. */
+static int setattr_time(uint32_t valid, uint32_t set, uint32_t now, uint64_t sec, uint32_t nsec, struct timespec *ts)
+{
+    ts->tv_sec = 0;
+    ts->tv_nsec = valid & now ? UTIME_NOW : valid & set ? (long)nsec : UTIME_OMIT;
+    if ((valid & (set | now)) == set) {
+        if ((int64_t)sec != (int64_t)(time_t)sec)
+            return -1;
+        ts->tv_sec = (time_t)sec;
+    }
+    return 0;
+}
+
+/* SETATTR of an object of the upper directory (not one only the lower layers have): what
+ * LayerOps.setattr does there (chmod, chown, times, in that order), on the host object through
+ * its parent's upper directory.  A tar -x or cp -a sends three per file (fchown, fchmod,
+ * utimensat).  Left to Python: a size (copy_busy), a symlink's mode (EOPNOTSUPP there), a
+ * directory whose union state is not known (its link count), what upper_place refuses. */
+static int upper_setattr(Session *s, uint64_t u, struct node *n, const struct fuse_setattr_in *in)
+{
+    const uint32_t ours = FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_ATIME | FATTR_MTIME | FATTR_FH |
+                          FATTR_ATIME_NOW | FATTR_MTIME_NOW | FATTR_LOCKOWNER | FATTR_CTIME;
+    if (!n || !n->has_attr || s->upper_fd < 0 || (in->valid & ~ours))
+        return 0;
+    uint32_t mode = n->attr.mode;
+    int dir = S_ISDIR(mode);
+    if (!(S_ISREG(mode) || S_ISLNK(mode) || dir) || (S_ISLNK(mode) && (in->valid & FATTR_MODE)) ||
+        (dir && (n->dir_gen != s->union_gen || n->dir_state == DIR_PYTHON)))
+        return 0;
+    struct timespec ts[2];
+    if (setattr_time(in->valid, FATTR_ATIME, FATTR_ATIME_NOW, in->atime, in->atimensec, &ts[0]) < 0 ||
+        setattr_time(in->valid, FATTR_MTIME, FATTR_MTIME_NOW, in->mtime, in->mtimensec, &ts[1]) < 0)
+        return 0;
+    int dfd;
+    char name[256];
+    struct stat st;
+    if (upper_place(s, n, &dfd, name, &st) < 0)
+        return 0;
+    int err = 0;
+    if ((in->valid & FATTR_MODE) && fchmodat(dfd, name, in->mode & 07777, 0) < 0)
+        err = errno;
+    if (!err && (in->valid & (FATTR_UID | FATTR_GID)) &&
+        fchownat(dfd, name, in->valid & FATTR_UID ? in->uid : (uid_t)-1, in->valid & FATTR_GID ? in->gid : (gid_t)-1,
+                 AT_SYMLINK_NOFOLLOW) < 0)
+        err = errno;
+    if (!err && (ts[0].tv_nsec != UTIME_OMIT || ts[1].tv_nsec != UTIME_OMIT) &&
+        utimensat(dfd, name, ts, AT_SYMLINK_NOFOLLOW) < 0)
+        err = errno;
+    if (!err && fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        err = errno;
+    if (err) {
+        reply_err(s, u, err);
+        return 1;
+    }
+    if (dir) {
+        if (n->dir_state == DIR_MERGED)
+            st.st_nlink = 1; /* as upper_getattr */
+        /* made setgid or not: new objects there are C's to make or Python's (upper_create) */
+        n->dir_plain = dir_is_plain(upper_dir_fd(s, n));
+    }
+    return reply_upper_attr(s, u, n, &st);
+}
+
+/* The directory where a new object `name` may be made by C, open as *dfd: an upper directory
+ * whose state Python told, neither setgid nor with a default ACL, where the name shows nothing
+ * (or NULL: Python's). */
+static struct node *new_name_parent(Session *s, uint64_t parent, const char *name, size_t len, int *dfd)
+{
+    struct node *p = upper_parent(s, parent, name, len);
+    if (!p || !p->dir_plain || (*dfd = upper_dir_fd(s, p)) < 0)
+        return NULL;
+    /* free, as the LOOKUP just before found (nothing changed since), or as we look now */
+    int known_free = s->free_parent == parent && s->free_seq == s->change_seq && s->free_len == len &&
+                     memcmp(s->free_name, name, len) == 0;
+    if (!known_free && !name_is_free(s, p, *dfd, name, len))
+        return NULL;
+    s->change_seq++;
+    return p;
+}
+
+/* The object just made at (dfd, name): given the caller's owner and `mode` (unless a symlink)
+ * where the host did not, numbered as the view numbers new objects, remembered, its attributes
+ * in *a.  An error undoes the making. */
+static int new_object_done(Session *s, uint64_t parent, int dfd, const char *name, size_t len, int is_dir,
+                           mode_t mode, const struct fuse_in_header *ih, struct fuse_attr *a)
+{
+    struct stat st;
+    int r = 0;
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        r = -errno;
+    int link = !r && S_ISLNK(st.st_mode);
+    if (!r && (st.st_uid != ih->uid || st.st_gid != ih->gid || (!link && (st.st_mode & 07777) != mode))) {
+        /* the owner first: a chown drops set-id bits, which the mode then gives back */
+        if (fchownat(dfd, name, ih->uid, ih->gid, AT_SYMLINK_NOFOLLOW) < 0 ||
+            (!link && fchmodat(dfd, name, mode, 0) < 0) || fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            r = -errno;
+    }
+    if (!r) {
+        attr_from_stat(a, (uint64_t)st.st_ino + s->upper_ino, &st);
+        r = made_here(s, (uint64_t)st.st_ino, a->ino);
+    }
+    if (!r)
+        r = remember(s, parent, name, len, a, 0);
+    if (r)
+        unlinkat(dfd, name, is_dir ? AT_REMOVEDIR : 0);
+    return r;
+}
+
+/* MKDIR where the name is free in a plain upper directory (new_name_parent): what
+ * UnionView.mkdir does there (nothing below it to hide: no opaque mark). */
+static int upper_mkdir(Session *s, uint64_t u, uint64_t parent, const struct fuse_mkdir_in *in, const char *name,
+                       size_t len, const struct fuse_in_header *ih)
+{
+    int dfd;
+    if (!new_name_parent(s, parent, name, len, &dfd))
+        return 0;
+    mode_t want = in->mode & ~in->umask & 07777;
+    struct fuse_entry_out e;
+    struct fuse_attr a;
+    int r = mkdirat(dfd, name, want) < 0 ? -errno : new_object_done(s, parent, dfd, name, len, 1, want, ih, &a);
+    if (r) {
+        reply_err(s, u, -r);
+        return 1;
+    }
+    /* what union_dir would say: the upper's alone; plain unless made setgid (no default ACL
+     * to inherit from a plain parent) */
+    struct node *n = node_get(&s->t, a.ino);
+    n->dir_state = DIR_UPPER;
+    n->dir_gen = s->union_gen;
+    n->dir_plain = !(a.mode & S_ISGID);
+    fill_entry(s, &e, &a);
+    reply(s, u, 0, &e, sizeof(e));
+    return 1;
+}
+
+/* SYMLINK where the name is free in a plain upper directory: what UnionView.symlink does. */
+static int upper_symlink(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len, const char *target,
+                         const struct fuse_in_header *ih)
+{
+    int dfd;
+    if (!new_name_parent(s, parent, name, len, &dfd))
+        return 0;
+    struct fuse_entry_out e;
+    struct fuse_attr a;
+    int r = symlinkat(target, dfd, name) < 0 ? -errno : new_object_done(s, parent, dfd, name, len, 0, 0, ih, &a);
+    if (r) {
+        reply_err(s, u, -r);
+        return 1;
+    }
+    fill_entry(s, &e, &a);
+    reply(s, u, 0, &e, sizeof(e));
     return 1;
 }
 
@@ -2686,20 +2881,9 @@ static int upper_getattr(Session *s, uint64_t u, struct node *n)
 static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fuse_create_in *in, const char *name,
                         size_t len, const struct fuse_in_header *ih)
 {
-    struct node *p = upper_parent(s, parent, name, len);
-    if (!p)
+    int dfd;
+    if (!new_name_parent(s, parent, name, len, &dfd))
         return 0;
-    if (!p->dir_plain)
-        return 0;
-    int dfd = upper_dir_fd(s, p);
-    if (dfd < 0)
-        return 0;
-    /* free, as the LOOKUP just before found (nothing changed since), or as we look now */
-    int known_free = s->free_parent == parent && s->free_seq == s->change_seq && s->free_len == len &&
-                     memcmp(s->free_name, name, len) == 0;
-    if (!known_free && !name_is_free(s, p, dfd, name, len))
-        return 0;
-    s->change_seq++;
     /* read-write whatever the caller asked (the kernel holds it to its own open mode): a
      * passthrough backing other opens can share, without opening the file again */
     uint32_t how_open = (in->flags & ~(uint32_t)(O_DIRECT | O_ACCMODE)) | O_RDWR;
@@ -3600,6 +3784,23 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         break;
     case FUSE_UNLINK:
         return (name = take_name(&p, &left, &len)) ? upper_unlink(s, u, id, name, len) : 0;
+    case FUSE_SETATTR:
+        return !lower && blen >= sizeof(struct fuse_setattr_in) &&
+               upper_setattr(s, u, nd, (const struct fuse_setattr_in *)body);
+    case FUSE_MKDIR: {
+        if (blen < sizeof(struct fuse_mkdir_in))
+            return 0;
+        p += sizeof(struct fuse_mkdir_in);
+        left -= sizeof(struct fuse_mkdir_in);
+        return (name = take_name(&p, &left, &len)) &&
+               upper_mkdir(s, u, id, (const struct fuse_mkdir_in *)body, name, len, ih);
+    }
+    case FUSE_SYMLINK: { /* the new entry's name first, then the link target */
+        const char *target;
+        size_t tlen;
+        return (name = take_name(&p, &left, &len)) && (target = take_name(&p, &left, &tlen)) &&
+               upper_symlink(s, u, id, name, len, target, ih);
+    }
     case FUSE_CREATE: {
         if (blen < sizeof(struct fuse_create_in))
             return 0;
@@ -3823,16 +4024,23 @@ static void dispatch(Session *s, const char *req, size_t n)
         tell_python(s);
     s->change_seq++; /* Python may change anything: a name found free is looked at again */
     switch (ih->opcode) {
-    case FUSE_SETATTR: /* a directory made setgid (upper_create leaves those to Python) */
     case FUSE_RENAME:
     case FUSE_RENAME2:
     case FUSE_RMDIR:
-    case FUSE_MKDIR:
-    case FUSE_SETXATTR:
-    case FUSE_REMOVEXATTR:
         s->union_gen++; /* may hide or show lower names, or move directories: ask afresh */
-        break;         /* (an UNLINK removes a file: no directory's state changes) */
+        break;
+    case FUSE_SETATTR: /* a directory made setgid (upper_create leaves those to Python) */
+    case FUSE_SETXATTR: /* ... or given a default ACL */
+    case FUSE_REMOVEXATTR: {
+        const struct node *n = node_get(&s->t, id);
+        if (!n || !n->has_attr || S_ISDIR(n->attr.mode))
+            s->union_gen++;
+        break;
     }
+    }
+    /* (Not for an UNLINK, which removes a file, nor a MKDIR: the new directory's node has no
+     * state yet, and no other directory's changes.  Copying up the directories above it, or
+     * above any object, unmarks their nodes: they are learned afresh as upper directories.) */
     switch (ih->opcode) {
     case FUSE_INIT:
         do_init(s, ih, body, blen);

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import shutil
 import stat
@@ -120,8 +121,8 @@ def test_mode_owner_and_umask_as_the_kernel_applies_them(cli, sample, open_mount
         os.chmod(shared, 0o777)
         _make(os.path.join(shared, "root-owned"), b"r")  # the directory is in the upper now
         script = (
-            "import os; fd = os.open(os.environ['P'], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666);"
-            " os.write(fd, b'u'); os.close(fd)"
+            "import os; p = os.environ['P']; fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666);"
+            " os.write(fd, b'u'); os.close(fd); os.mkdir(p + '.d', 0o777); os.symlink('t', p + '.l')"
         )
         for name, umask, want in (("u022", 0o022, 0o644), ("u077", 0o077, 0o600), ("u000", 0, 0o666)):
             p = os.path.join(shared, name)
@@ -140,6 +141,10 @@ def test_mode_owner_and_umask_as_the_kernel_applies_them(cli, sample, open_mount
             )
             st = os.lstat(p)
             assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4321, 4322, want), name
+            st = os.lstat(p + ".d")  # (a directory's x bits go with its r bits here)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4321, 4322, 0o777 & ~umask), name
+            st = os.lstat(p + ".l")
+            assert (st.st_uid, st.st_gid, os.readlink(p + ".l")) == (4321, 4322, "t"), name
         # set-id bits asked for survive the chown to the caller (the mode comes after it)
         p = os.path.join(shared, "setid")
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o6755)
@@ -264,6 +269,76 @@ def test_a_directory_shows_the_names_made_in_it_as_the_kernel_overlay(cli, sampl
     with kernel_overlay(lowers, upper, str(tmp_path / "work"), str(tmp_path / "k")) as k:
         theirs = dir_attrs(k)
     assert theirs == ours
+
+
+def _tree_tar(path: str) -> None:
+    """A tar as a package or an image layer has them: directories (one setgid, one private),
+    files of several modes and owners (one set-uid), symlinks, a hardlink, times in the past
+    and past 2038, and a directory listed after its files (its mode and time set last)."""
+    old, late = 1_000_000_000, 2_200_000_000
+
+    def entry(
+        name: str,
+        kind: bytes,
+        *,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        data: bytes = b"",
+        link: str = "",
+        mtime: int = old,
+    ) -> tuple[tarfile.TarInfo, bytes]:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.linkname = kind, mode, uid, gid, mtime, link
+        ti.size = len(data)
+        return ti, data
+
+    members = [
+        entry("t", tarfile.DIRTYPE, mode=0o755),
+        entry("t/bin", tarfile.DIRTYPE, mode=0o755, mtime=old + 1),
+        entry("t/bin/tool", tarfile.REGTYPE, mode=0o4755, data=b"#!/bin/sh\n"),
+        entry("t/bin/alias", tarfile.SYMTYPE, mode=0o777, uid=1234, gid=5678, link="tool"),
+        entry("t/bin/same", tarfile.LNKTYPE, mode=0o4755, link="t/bin/tool"),
+        entry("t/share", tarfile.DIRTYPE, mode=0o2775, uid=1000, gid=1000),
+        entry("t/share/doc", tarfile.REGTYPE, mode=0o444, uid=1000, gid=1000, data=b"d" * 5000),
+        entry("t/private/key", tarfile.REGTYPE, mode=0o600, uid=1234, gid=5678, data=b"k", mtime=late),
+        entry("t/private", tarfile.DIRTYPE, mode=0o700, uid=1234, gid=5678, mtime=late),
+        entry("t/empty", tarfile.REGTYPE, mode=0o640, uid=0, gid=42),
+    ]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+
+
+def test_a_tar_extracts_as_on_the_kernel_overlay(cli, sample, sample_layout, tmp_path):
+    """tar -x as root: the C core makes the directories, files and symlinks of a plain upper
+    directory and sets their owners, modes and times (MKDIR, CREATE, SYMLINK, SETATTR); a setgid
+    directory's files are the view's.  What the mount shows is what the kernel overlay shows on
+    the same upper directory, and a remount (numbers kept) shows it again."""
+    reason = overlay_unavailable(str(tmp_path))
+    if reason:
+        pytest.skip(reason)
+    mnt, upper, tar = str(tmp_path / "m"), str(tmp_path / "upper"), str(tmp_path / "t.tar")
+    _tree_tar(tar)
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        os.mkdir(os.path.join(mnt, "x"))
+        subprocess.run(["tar", "-C", os.path.join(mnt, "x"), "-xpf", tar, "--numeric-owner"], check=True)
+        ours = snapshot(os.path.join(mnt, "x"), dir_mtimes=True)
+        numbers = inode_numbers(os.path.join(mnt, "x"))
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        assert inode_numbers(os.path.join(mnt, "x")) == numbers
+        assert snapshot(os.path.join(mnt, "x"), dir_mtimes=True) == ours
+    lowers = extract_layers(sample_layout, str(tmp_path / "lowers"))
+    with kernel_overlay(lowers, upper, str(tmp_path / "work"), str(tmp_path / "k")) as k:
+        theirs = snapshot(os.path.join(k, "x"), dir_mtimes=True)
+    assert theirs == ours
+    # and what tar asked for, so a mistake made the same way on both sides shows too
+    assert ours["/t/bin/tool"]["mode"] == oct(0o4755) and ours["/t/private"]["mode"] == oct(0o700)
+    assert (ours["/t/bin/alias"]["uid"], ours["/t/bin/alias"]["gid"]) == (1234, 5678)
+    assert ours["/t/private/key"]["mtime_ns"] == 2_200_000_000 * 10**9
+    assert ours["/t/private"]["mtime_ns"] == 2_200_000_000 * 10**9
+    assert ours["/t/share"]["mode"] == oct(0o2775) and ours["/t/share/doc"]["gid"] == 1000
+    assert ["/t/bin/same", "/t/bin/tool"] in ours["#hardlinks"]
 
 
 # -- copy-up in C: a lower file alone in its inode, in a directory already in the upper ----------

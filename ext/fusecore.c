@@ -2574,11 +2574,15 @@ static int upper_dir_fd(Session *s, struct node *p)
     return fd;
 }
 
-static int stack_name_free(Session *s, struct node *p, const char *name, size_t len);
+static int stack_entry(Session *s, uint64_t pm, const char *path, size_t plen, size_t noff, struct fuse_attr *a,
+                       uint64_t *layers);
+static int stack_child_path(Session *s, uint64_t parent, const char *name, size_t len, size_t *noff);
 
-/* 1: `name` shows nothing in directory p (open as dfd): no upper entry (a whiteout is one:
- * Python's), no fallback whiteout, no lower entry.  0: Python decides. */
-static int name_is_free(Session *s, struct node *p, int dfd, const char *name, size_t len)
+/* What `name` shows in directory p (open as dfd) where the upper directory has no entry of
+ * it (a whiteout is one) and no fallback whiteout: 1 nothing; 2 the lower entry, its
+ * attributes in *a and its mark (as remember's `lower`) in *lower; 0 Python decides. */
+static int merged_name(Session *s, struct node *p, int dfd, const char *name, size_t len, struct fuse_attr *a,
+                       uint64_t *lower)
 {
     struct stat st;
     if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
@@ -2590,26 +2594,64 @@ static int name_is_free(Session *s, struct node *p, int dfd, const char *name, s
     memcpy(wh + 4, name, len + 1);
     if (fstatat(dfd, wh, &st, AT_SYMLINK_NOFOLLOW) == 0 || (errno != ENOENT && errno != ENAMETOOLONG))
         return 0;
-    if (s->nlayers)
-        return stack_name_free(s, p, name, len);
+    if (s->nlayers) {
+        size_t noff;
+        if (stack_child_path(s, p->id, name, len, &noff) < 0)
+            return 0;
+        int r = stack_entry(s, p->dir_lower, s->pb.p, s->pb.len, noff, a, lower);
+        return r < 0 ? 0 : r == 0 ? 1 : 2;
+    }
     struct fs_store *st_ = s->lower_reader;
     uint64_t ino;
+    struct fs_inode n;
     if (!st_ || fs_store_begin(st_) < 0)
         return 0;
     int r = fs_store_lookup(st_, p->dir_lower, name, len, &ino);
+    if (r == 0 && fs_store_inode(st_, ino, &n) == 0) {
+        attr_from_inode(a, ino, &n);
+        *lower = 1;
+        r = 2;
+    } else {
+        r = r == -ENOENT ? 1 : 0;
+    }
     fs_store_end(st_);
-    return r == -ENOENT;
+    return r;
 }
 
-/* LOOKUP of a name that is nowhere, in a directory C may decide about: a negative entry. */
+/* 1: `name` shows nothing in directory p (open as dfd).  0: something, or Python decides. */
+static int name_is_free(Session *s, struct node *p, int dfd, const char *name, size_t len)
+{
+    struct fuse_attr a;
+    uint64_t lower;
+    return merged_name(s, p, dfd, name, len, &a, &lower) == 1;
+}
+
+/* LOOKUP in a directory C may decide about of a name the upper directory has not: a negative
+ * entry, or the lower entry of a merged directory. */
 static int upper_lookup(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len)
 {
     struct node *p = upper_parent(s, parent, name, len);
     if (!p)
         return 0;
     int dfd = upper_dir_fd(s, p);
-    if (dfd < 0 || !name_is_free(s, p, dfd, name, len))
+    struct fuse_attr a;
+    uint64_t lower = 0;
+    int r = dfd < 0 ? 0 : merged_name(s, p, dfd, name, len, &a, &lower);
+    if (r == 0)
         return 0;
+    if (r == 2) { /* a lower entry of a merged directory: the layers' as they are, as fast_lookup */
+        struct node *known = node_get(&s->t, a.ino);
+        if (known && !known->lower) /* (another name of it was copied up: Python's) */
+            return 0;
+        struct fuse_entry_out e;
+        if ((r = remember(s, parent, name, len, &a, lower)) < 0) {
+            reply_err(s, u, -r);
+            return 1;
+        }
+        fill_entry(s, &e, &a);
+        reply(s, u, 0, &e, sizeof(e));
+        return 1;
+    }
     s->free_parent = parent;
     s->free_seq = s->change_seq;
     s->free_len = len;
@@ -3236,17 +3278,6 @@ static int stack_node_path(Session *s, struct node *n)
         return -1;
     s->pb.p[s->pb.len] = 0;
     return 0;
-}
-
-/* name_is_free below a directory merged with the lower directory whose layers are
- * p->dir_lower */
-static int stack_name_free(Session *s, struct node *p, const char *name, size_t len)
-{
-    struct fuse_attr a;
-    uint64_t layers;
-    size_t noff;
-    return stack_child_path(s, p->id, name, len, &noff) == 0 &&
-           stack_entry(s, p->dir_lower, s->pb.p, s->pb.len, noff, &a, &layers) == 0;
 }
 
 /* LOOKUP in a lower directory; 0 for Python (a node known to be the layers' no longer: a

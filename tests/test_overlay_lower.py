@@ -211,6 +211,37 @@ def test_c_answers_what_python_answers(all_layers: tuple[str, list[str]], writab
     assert not names & {"gone", "many07", "many08", "old", "old2", "old3", "hidden", "k1"}
 
 
+def test_lower_names_of_merged_directories_as_python_gives_them(layers: tuple[str, list[str]]) -> None:
+    """Directories made upper (a file made in each): a LOOKUP of the lower names beside it, with
+    the kernel's names dropped first, is answered by C from the layers; it gives what Python
+    gives, and what the names showed before."""
+    base, lowers = layers
+
+    def run(m: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        dirs = ["", "a", "a/b", "a/b/c"]
+        names = {d: sorted(os.listdir(os.path.join(m, d))) for d in dirs}
+        before = {f"{d}/{n}": os.lstat(os.path.join(m, d, n)) for d in dirs for n in names[d]}
+        for d in dirs:
+            with open(os.path.join(m, d, "made-here"), "wb") as f:
+                f.write(b"m")
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+        for key, st in before.items():
+            now = os.lstat(os.path.join(m, key.lstrip("/")))
+            fields = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_mtime_ns")
+            if stat.S_ISDIR(st.st_mode):  # (a directory in the walk's way was made upper too)
+                fields = ("st_ino", "st_mode", "st_uid", "st_gid")
+            out[key] = tuple(getattr(now, f) for f in fields)
+            assert out[key] == tuple(getattr(st, f) for f in fields), key
+        return out
+
+    with ours(base, lowers, "mp", c_lower=False) as m:
+        expected = run(m)
+    with ours(base, lowers, "mc") as m:
+        assert run(m) == expected
+
+
 def test_tree_is_the_kernel_overlays(layers: tuple[str, list[str]]) -> None:
     base, lowers = layers
     kupper, kwork = os.path.join(base, "k-upper"), os.path.join(base, "k-work")

@@ -233,6 +233,54 @@ def test_the_kernel_overlay_shows_what_was_made(cli, sample, sample_layout, tmp_
     assert theirs == ours
 
 
+def _lstat_fields(path: str) -> tuple[int, ...]:
+    st = os.lstat(path)
+    return (
+        st.st_ino,
+        st.st_mode,
+        st.st_nlink,
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
+
+
+def drop_dentries() -> None:
+    """Have the kernel forget the names it holds (unused dentries), so the next lstat of each
+    is a LOOKUP."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def test_lower_names_of_a_merged_directory_are_what_they_were(cli, sample, tmp_path):
+    """Once a directory is in the upper directory (a file made in it), a LOOKUP of the lower
+    names beside it (the C core answers those from the store) gives each the attributes and
+    inode number it had before, when the directory was the image's alone; a whited-out name
+    is gone, a copied-up one the copy."""
+    mnt = str(tmp_path / "m")
+    with layerfs_mount(cli, sample, mnt, rw=True):
+        etc = os.path.join(mnt, "etc")
+        names = sorted(os.listdir(etc))
+        before = {n: _lstat_fields(os.path.join(etc, n)) for n in names}
+        top = sorted(os.listdir(mnt))  # directories too: the root is merged once etc is copied up
+        top_before = {n: _lstat_fields(os.path.join(mnt, n)) for n in top if n != "etc"}
+        _make(os.path.join(etc, "made"), b"m")
+        os.unlink(os.path.join(etc, "group"))
+        with open(os.path.join(etc, "passwd"), "ab") as f:
+            f.write(b"#\n")
+        drop_dentries()
+        after = {n: _lstat_fields(os.path.join(etc, n)) for n in names if n not in ("group", "passwd")}
+        assert after == {n: v for n, v in before.items() if n not in ("group", "passwd")}
+        assert {n: _lstat_fields(os.path.join(mnt, n)) for n in top_before} == top_before
+        assert os.listdir(os.path.join(mnt, "usr"))  # a lower directory found so: listed from the store
+        assert not os.path.lexists(os.path.join(etc, "group"))
+        st = os.lstat(os.path.join(etc, "passwd"))
+        assert (st.st_ino, st.st_size) == (before["passwd"][0], before["passwd"][5] + 2)
+        assert sorted(os.listdir(etc)) == sorted([*(set(names) - {"group"}), "made"])
+
+
 def test_a_directory_shows_the_names_made_in_it_as_the_kernel_overlay(cli, sample, sample_layout, tmp_path):
     """Each name made in a directory makes the kernel ask for the directory's attributes again
     (the C core answers from the host directory): its times move, a directory merged with a

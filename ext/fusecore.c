@@ -2918,6 +2918,76 @@ static int upper_symlink(Session *s, uint64_t u, uint64_t parent, const char *na
     return 1;
 }
 
+/* RENAME of an upper file or symlink that has no lower entry behind it (nothing to white
+ * out where it was) to a name of a plain upper directory that shows nothing, a lower non-directory
+ * (the upper name now hides it) or an upper non-directory (replaced): one renameat, what
+ * UnionView.rename comes to there.  A package manager's unpack is such renames (x.dpkg-new to x).
+ * Python's: directories, RENAME_EXCHANGE, whiteouts, what these checks cannot tell. */
+static int upper_rename(Session *s, uint64_t u, uint64_t olddir, const char *oldname, size_t oldlen, uint64_t newdir,
+                        const char *newname, size_t newlen, uint32_t flags)
+{
+    if (flags & ~(uint32_t)RENAME_NOREPLACE)
+        return 0;
+    struct dentry *moved = dentry_get(&s->t, olddir, oldname, oldlen);
+    struct node *src = moved ? moved->node : NULL;
+    if (!src || src->lower || !src->has_attr || !(S_ISREG(src->attr.mode) || S_ISLNK(src->attr.mode)))
+        return 0;
+    struct node *p1 = upper_parent(s, olddir, oldname, oldlen), *p2 = upper_parent(s, newdir, newname, newlen);
+    /* (both directories open at once: not in one slot of upper_dir_fd's) */
+    if (!p1 || !p2 || !p2->dir_plain || (p1 != p2 && p1->id % DIR_SLOTS == p2->id % DIR_SLOTS))
+        return 0;
+    int dfd1 = upper_dir_fd(s, p1);
+    struct stat st;
+    if (dfd1 < 0 || fstatat(dfd1, oldname, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+        (st.st_mode & S_IFMT) != (src->attr.mode & S_IFMT))
+        return 0;
+    if (p1->dir_state == DIR_MERGED) { /* a lower entry behind the source would show once it moves */
+        struct fuse_attr a;
+        uint64_t lower;
+        if (s->nlayers) {
+            size_t noff;
+            if (stack_child_path(s, p1->id, oldname, oldlen, &noff) < 0 ||
+                stack_entry(s, p1->dir_lower, s->pb.p, s->pb.len, noff, &a, &lower) != 0)
+                return 0;
+        } else {
+            struct fs_store *st_ = s->lower_reader;
+            uint64_t ino;
+            if (!st_ || fs_store_begin(st_) < 0)
+                return 0;
+            int r = fs_store_lookup(st_, p1->dir_lower, oldname, oldlen, &ino);
+            fs_store_end(st_);
+            if (r != -ENOENT)
+                return 0;
+        }
+    }
+    int dfd2 = upper_dir_fd(s, p2);
+    if (dfd2 < 0)
+        return 0;
+    struct fuse_attr a;
+    uint64_t lower = 0;
+    int r = merged_name(s, p2, dfd2, newname, newlen, &a, &lower);
+    if (r == 0) { /* an upper entry there, or a whiteout: a file or symlink is replaced */
+        if (fstatat(dfd2, newname, &st, AT_SYMLINK_NOFOLLOW) < 0 || S_ISDIR(st.st_mode) ||
+            (S_ISCHR(st.st_mode) && st.st_rdev == 0) || (flags & RENAME_NOREPLACE))
+            return 0;
+    } else if (r == 2 && S_ISDIR(a.mode)) {
+        return 0;
+    }
+    if (renameat2(dfd1, oldname, dfd2, newname, flags) < 0) {
+        reply_err(s, u, errno);
+        return 1;
+    }
+    s->change_seq++;
+    unmark_child(s, newdir, newname, newlen); /* (a lower file hidden now: not the layers' there) */
+    src->nlookup++; /* hold it while its name moves, as do_rename */
+    dentry_drop(&s->t, moved);
+    dentry_set(&s->t, newdir, newname, newlen, src); /* drops the replaced name too */
+    src->nlookup--;
+    node_maybe_free(&s->t, src);
+    reply_err(s, u, 0);
+    return 1;
+}
+
 /* CREATE of a new regular file where the name is free (name_is_free) in a directory of the
  * upper directory, not setgid and without a default ACL: what UnionView.create does there. */
 static int upper_create(Session *s, uint64_t u, uint64_t parent, const struct fuse_create_in *in, const char *name,
@@ -3818,6 +3888,27 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
     case FUSE_SETATTR:
         return !lower && blen >= sizeof(struct fuse_setattr_in) &&
                upper_setattr(s, u, nd, (const struct fuse_setattr_in *)body);
+    case FUSE_RENAME:
+    case FUSE_RENAME2: {
+        uint64_t newdir = 0;
+        uint32_t flags = 0;
+        const char *newname;
+        size_t newlen;
+        if (ih->opcode == FUSE_RENAME && blen >= sizeof(struct fuse_rename_in)) {
+            newdir = ((const struct fuse_rename_in *)body)->newdir;
+            p += sizeof(struct fuse_rename_in);
+            left -= sizeof(struct fuse_rename_in);
+        } else if (ih->opcode == FUSE_RENAME2 && blen >= sizeof(struct fuse_rename2_in)) {
+            newdir = ((const struct fuse_rename2_in *)body)->newdir;
+            flags = ((const struct fuse_rename2_in *)body)->flags;
+            p += sizeof(struct fuse_rename2_in);
+            left -= sizeof(struct fuse_rename2_in);
+        } else {
+            return 0;
+        }
+        return (name = take_name(&p, &left, &len)) && (newname = take_name(&p, &left, &newlen)) &&
+               upper_rename(s, u, id, name, len, newdir, newname, newlen, flags);
+    }
     case FUSE_MKDIR: {
         if (blen < sizeof(struct fuse_mkdir_in))
             return 0;

@@ -319,6 +319,48 @@ def test_a_directory_shows_the_names_made_in_it_as_the_kernel_overlay(cli, sampl
     assert theirs == ours
 
 
+def test_renames_of_new_files_as_the_kernel_overlay_shows_them(cli, sample, sample_layout, tmp_path):
+    """A package manager's unpack: new files renamed over lower ones, over upper ones, to free
+    names, across directories (the C core's renames); and the renames that must leave a
+    whiteout behind (a copied-up file, a lower one: the view's).  The mount, a remount and the
+    kernel overlay on the same upper directory show the same tree."""
+    reason = overlay_unavailable(str(tmp_path))
+    if reason:
+        pytest.skip(reason)
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        etc, fresh = os.path.join(mnt, "etc"), os.path.join(mnt, "fresh")
+        os.mkdir(fresh)
+        _make(os.path.join(etc, "passwd.dpkg-new"), b"root:x:0:0::/root:/bin/sh\n")
+        os.rename(os.path.join(etc, "passwd.dpkg-new"), os.path.join(etc, "passwd"))  # over a lower file
+        for n in ("a", "c"):
+            _make(os.path.join(fresh, n), n.encode())
+        os.rename(os.path.join(fresh, "a"), os.path.join(fresh, "b"))  # to a free name
+        os.rename(os.path.join(fresh, "b"), os.path.join(fresh, "c"))  # over an upper file
+        os.symlink("c", os.path.join(fresh, "l"))
+        os.rename(os.path.join(fresh, "l"), os.path.join(etc, "l"))  # across directories
+        with open(os.path.join(etc, "hostname"), "ab") as f:  # copied up: a lower file behind it
+            f.write(b"more\n")
+        os.rename(os.path.join(etc, "hostname"), os.path.join(fresh, "hostname"))
+        os.rename(os.path.join(etc, "group"), os.path.join(fresh, "group"))  # a lower file
+        os.rename(os.path.join(etc, "passwd"), os.path.join(etc, "passwd.back"))  # the new one again
+        with open(os.path.join(etc, "passwd.back"), "rb") as f:
+            assert f.read() == b"root:x:0:0::/root:/bin/sh\n"
+        assert sorted(os.listdir(fresh)) == ["c", "group", "hostname"]
+        assert not os.path.lexists(os.path.join(etc, "hostname"))
+        assert not os.path.lexists(os.path.join(etc, "passwd"))
+        with open(os.path.join(fresh, "c"), "rb") as f:
+            assert f.read() == b"a"
+        drop_dentries()  # and once more through LOOKUPs
+        ours = snapshot(mnt)
+        assert ours["/etc/l"]["target"] == "c" and "/etc/passwd" not in ours
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        assert snapshot(mnt) == ours
+    lowers = extract_layers(sample_layout, str(tmp_path / "lowers"))
+    with kernel_overlay(lowers, upper, str(tmp_path / "work"), str(tmp_path / "k")) as k:
+        assert snapshot(k) == ours
+
+
 def _tree_tar(path: str) -> None:
     """A tar as a package or an image layer has them: directories (one setgid, one private),
     files of several modes and owners (one set-uid), symlinks, a hardlink, times in the past

@@ -96,6 +96,7 @@ ROWS: dict[str, str] = {
     "create": "rw    create 10k files (100 B each)",
     "copy-up": "rw    copy-up 2k x 16 KiB (append 1 B)",
     "rm-rf": "rw    rm -rf 20k-entry lower tree",
+    "untar": "rw    tar -x 4k files, dirs, symlinks (owners, modes, times)",
     "exec": "cold  chroot busybox sh: 200 x /bin/true",
     "rw-cold-stat": "rw    cold os.walk + lstat (writable mount)",
     "rw-cold-read-small": "rw    cold open+read 20k x 1 KiB (writable)",
@@ -500,6 +501,48 @@ def rm_rf(path: str) -> None:
         raise AssertionError(f"{path} still exists after rm -rf")
 
 
+UNTAR_DIRS, UNTAR_FILES = 40, 100
+
+
+def untar_tarball(base: str) -> str:
+    """A package's worth of tar (made once): UNTAR_DIRS directories of UNTAR_FILES 1 KiB files
+    and ten symlinks each, of two owners and three modes, with fixed times: what an image build's
+    `apt-get install` or `pip install` unpacks."""
+    path = os.path.join(base, "untar.tar")
+    if os.path.exists(path):
+        return path
+    import io
+    import tarfile
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
+        for d in range(UNTAR_DIRS):
+            ti = tarfile.TarInfo(f"pkg/d{d:02}")
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
+            tf.addfile(ti)
+            for f in range(UNTAR_FILES):
+                data = hashlib.sha256(b"%d/%d" % (d, f)).hexdigest().encode() * 16
+                ti = tarfile.TarInfo(f"pkg/d{d:02}/f{f:03}")
+                ti.size, ti.mode, ti.mtime = len(data), (0o644, 0o755, 0o600)[f % 3], 1_600_000_000 + f
+                ti.uid = ti.gid = 1000 if f % 2 else 0
+                tf.addfile(ti, io.BytesIO(data))
+            for f in range(10):
+                ti = tarfile.TarInfo(f"pkg/d{d:02}/l{f}")
+                ti.type, ti.linkname, ti.mtime = tarfile.SYMTYPE, f"f{f:03}", 1_600_000_000
+                tf.addfile(ti)
+    os.rename(tmp, path)
+    return path
+
+
+def untar(root: str, tarball: str) -> None:
+    dest = os.path.join(root, "untar")
+    os.mkdir(dest)
+    subprocess.run(["tar", "-C", dest, "-xpf", tarball, "--numeric-owner"], check=True)
+    last = os.path.join(dest, "pkg", f"d{UNTAR_DIRS - 1:02}")
+    if len(os.listdir(last)) != UNTAR_FILES + 10 or os.stat(os.path.join(last, "f001")).st_uid != 1000:
+        raise AssertionError(f"{dest}: tar -x left an incomplete tree")
+
+
 def run_exec(root: str) -> None:
     subprocess.run(["chroot", root, "/bin/busybox", "sh", "-c", EXEC_SCRIPT], check=True)
 
@@ -877,6 +920,13 @@ def test_rm_rf(benchmark: Any, union_env: Env, fs: str) -> None:
         rw=True,
         rounds=SLOW_ROUNDS,
     )
+
+
+def test_untar(benchmark: Any, union_env: Env, fs: str) -> None:
+    """tar -x as root into a new directory of a writable mount: per file a CREATE, a WRITE and
+    three SETATTRs (owner, mode, times), per directory a MKDIR, per link a SYMLINK."""
+    tarball = untar_tarball(union_env.base)
+    run_row(benchmark, union_env, "untar", fs, lambda mnt: untar(mnt, tarball), rw=True)
 
 
 def test_exec(benchmark: Any, union_env: Env, fs: str) -> None:

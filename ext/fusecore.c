@@ -2664,18 +2664,53 @@ static int upper_lookup(Session *s, uint64_t u, uint64_t parent, const char *nam
     return 1;
 }
 
-/* UNLINK of a lower file (not a directory) in a directory of the upper directory C may decide
- * about: the work directory's shared whiteout linked at the name, as UnionView._whiteout does.
- * 0: Python's (no shared whiteout yet: Python makes it; an unprivileged daemon's .wh. files). */
+/* 1: the lower layers have nothing at `name` in upper directory p (whose state is known), so
+ * removing or moving the upper entry there leaves nothing to hide; 0: something, or not known. */
+static int nothing_below(Session *s, struct node *p, const char *name, size_t len)
+{
+    if (p->dir_state != DIR_MERGED)
+        return p->dir_state == DIR_UPPER;
+    if (s->nlayers) {
+        struct fuse_attr a;
+        uint64_t layers;
+        size_t noff;
+        return stack_child_path(s, p->id, name, len, &noff) == 0 &&
+               stack_entry(s, p->dir_lower, s->pb.p, s->pb.len, noff, &a, &layers) == 0;
+    }
+    struct fs_store *st = s->lower_reader;
+    uint64_t ino;
+    if (!st || fs_store_begin(st) < 0)
+        return 0;
+    int r = fs_store_lookup(st, p->dir_lower, name, len, &ino);
+    fs_store_end(st);
+    return r == -ENOENT;
+}
+
+/* UNLINK of a non-directory in a directory of the upper directory C may decide about: of a lower
+ * one, the work directory's shared whiteout linked at the name, as UnionView._whiteout does; of
+ * an upper one with nothing below it, the upper entry.  0: Python's (a copied-up file, which
+ * needs both; no shared whiteout yet: Python makes it; an unprivileged daemon's .wh. files). */
 static int upper_unlink(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len)
 {
     struct node *p = upper_parent(s, parent, name, len);
     struct dentry *d = p ? dentry_get(&s->t, parent, name, len) : NULL;
-    if (!d || !d->node->lower || S_ISDIR(d->node->attr.mode) || s->work_fd < 0)
+    if (!d || S_ISDIR(d->node->attr.mode))
         return 0;
     int dfd = upper_dir_fd(s, p);
-    if (dfd < 0 || linkat(s->work_fd, "whiteout", dfd, name, 0) < 0)
+    if (dfd < 0)
         return 0;
+    if (!d->node->lower) { /* an upper file with nothing below it: gone with its name */
+        struct stat st;
+        if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 || S_ISDIR(st.st_mode) ||
+            (S_ISCHR(st.st_mode) && st.st_rdev == 0) || !nothing_below(s, p, name, len))
+            return 0;
+        if (unlinkat(dfd, name, 0) < 0) {
+            reply_err(s, u, errno);
+            return 1;
+        }
+    } else if (s->work_fd < 0 || linkat(s->work_fd, "whiteout", dfd, name, 0) < 0) {
+        return 0;
+    }
     s->change_seq++;
     unmark_child(s, parent, name, len); /* (another name of it is the layers' no longer either) */
     dentry_forget(&s->t, parent, name, len);
@@ -2941,25 +2976,8 @@ static int upper_rename(Session *s, uint64_t u, uint64_t olddir, const char *old
     if (dfd1 < 0 || fstatat(dfd1, oldname, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
         (st.st_mode & S_IFMT) != (src->attr.mode & S_IFMT))
         return 0;
-    if (p1->dir_state == DIR_MERGED) { /* a lower entry behind the source would show once it moves */
-        struct fuse_attr a;
-        uint64_t lower;
-        if (s->nlayers) {
-            size_t noff;
-            if (stack_child_path(s, p1->id, oldname, oldlen, &noff) < 0 ||
-                stack_entry(s, p1->dir_lower, s->pb.p, s->pb.len, noff, &a, &lower) != 0)
-                return 0;
-        } else {
-            struct fs_store *st_ = s->lower_reader;
-            uint64_t ino;
-            if (!st_ || fs_store_begin(st_) < 0)
-                return 0;
-            int r = fs_store_lookup(st_, p1->dir_lower, oldname, oldlen, &ino);
-            fs_store_end(st_);
-            if (r != -ENOENT)
-                return 0;
-        }
-    }
+    if (!nothing_below(s, p1, oldname, oldlen)) /* it would show once the source moves */
+        return 0;
     int dfd2 = upper_dir_fd(s, p2);
     if (dfd2 < 0)
         return 0;

@@ -361,6 +361,47 @@ def test_renames_of_new_files_as_the_kernel_overlay_shows_them(cli, sample, samp
         assert snapshot(k) == ours
 
 
+def test_removals_of_new_and_copied_up_files_as_the_kernel_overlay_shows_them(
+    cli, sample, sample_layout, tmp_path
+):
+    """rm of files made through the mount (in a merged directory and in a new one: the C core
+    unlinks them), of a copied-up file and of a lower one (whiteouts), and of a file still open
+    (it stays readable, with no links).  The kernel overlay shows the same tree."""
+    reason = overlay_unavailable(str(tmp_path))
+    if reason:
+        pytest.skip(reason)
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        etc, fresh = os.path.join(mnt, "etc"), os.path.join(mnt, "fresh")
+        os.mkdir(fresh)
+        for d in (etc, fresh):
+            for n in ("a", "b", "c"):
+                _make(os.path.join(d, n), n.encode())
+            os.symlink("a", os.path.join(d, "l"))
+            os.unlink(os.path.join(d, "a"))
+            os.unlink(os.path.join(d, "l"))
+        with open(os.path.join(etc, "hostname"), "ab") as f:  # copied up: its lower file hidden
+            f.write(b"more\n")
+        os.unlink(os.path.join(etc, "hostname"))
+        os.unlink(os.path.join(etc, "group"))
+        fd = os.open(os.path.join(fresh, "b"), os.O_RDONLY)
+        try:
+            os.unlink(os.path.join(fresh, "b"))
+            assert os.fstat(fd).st_nlink == 0 and os.read(fd, 10) == b"b"
+        finally:
+            os.close(fd)
+        assert sorted(os.listdir(fresh)) == ["c"]
+        assert {"a", "l", "hostname", "group"}.isdisjoint(os.listdir(etc))
+        assert {"b", "c"} <= set(os.listdir(etc))
+        drop_dentries()
+        ours = snapshot(mnt)
+        for gone in ("/etc/a", "/etc/hostname", "/etc/group", "/fresh/b", "/fresh/l"):
+            assert gone not in ours
+    lowers = extract_layers(sample_layout, str(tmp_path / "lowers"))
+    with kernel_overlay(lowers, upper, str(tmp_path / "work"), str(tmp_path / "k")) as k:
+        assert snapshot(k) == ours
+
+
 def _tree_tar(path: str) -> None:
     """A tar as a package or an image layer has them: directories (one setgid, one private),
     files of several modes and owners (one set-uid), symlinks, a hardlink, times in the past

@@ -451,6 +451,7 @@ struct handle {
     struct stack_listing *stack; /* ... or, a lower directory of layerfs-overlay, C's own */
     /* directories read from the store: where the last reply stopped, to resume there */
     int from_store;             /* this listing comes from the store (rw_fast) */
+    int from_upper;             /* ... from an upper directory whose names are its own (upper_readdir) */
     int relist;                 /* ... came: Python lists the directory afresh */
     uint64_t last_off;
     size_t last_len;
@@ -3577,6 +3578,141 @@ done:
     reply(s, u, 0, out, used);
 }
 
+/* The number the view gives upper object `name` of directory `parent` (open as dirfd): the
+ * node's, if the kernel holds one by that name; else the number a copy-up kept in an xattr
+ * (view._INO_XATTRS_READ, in that order), else the host's plus upper_ino (UnionView._ino_of).
+ * -1 where that cannot be told here. */
+static int upper_number(Session *s, uint64_t parent, int dirfd, const char *name, size_t len, const struct stat *st,
+                        uint64_t *number)
+{
+    struct dentry *d = dentry_get(&s->t, parent, name, len);
+    if (d && d->node->has_attr && !d->node->lower && (d->node->attr.mode & S_IFMT) == (st->st_mode & S_IFMT)) {
+        *number = d->node->attr.ino;
+        return 0;
+    }
+    static const char *const ino_xattrs[] = {"trusted.overlay.layerfs.ino", "user.overlay.layerfs.ino",
+                                             "trusted.layerfs.ino", "user.layerfs.ino"};
+    char path[sizeof("/proc/self/fd/") + 12 + 256], names[1024];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d/%s", dirfd, name);
+    ssize_t n = llistxattr(path, names, sizeof(names));
+    if (n < 0 && errno != ENOTSUP)
+        return -1; /* (ERANGE: more xattrs than fit: Python's) */
+    for (int k = 0; k < 4 && n > 0; k++) {
+        for (ssize_t at = 0; at < n; at += (ssize_t)strlen(names + at) + 1) {
+            if (strcmp(names + at, ino_xattrs[k]) != 0)
+                continue;
+            unsigned char v[8];
+            if (lgetxattr(path, ino_xattrs[k], v, sizeof(v)) != (ssize_t)sizeof(v))
+                return -1;
+            uint64_t x = 0;
+            for (int b = 7; b >= 0; b--)
+                x = x << 8 | v[b]; /* <Q */
+            *number = x;
+            return 0;
+        }
+    }
+    *number = (uint64_t)st->st_ino + s->upper_ino;
+    return 0;
+}
+
+/* Whether directory node p lists from its upper directory alone, here (state DIR_UPPER). */
+static int upper_listable(Session *s, const struct node *p)
+{
+    return p && !p->lower && p->has_attr && S_ISDIR(p->attr.mode) && s->upper_fd >= 0 &&
+           p->dir_gen == s->union_gen && p->dir_state == DIR_UPPER;
+}
+
+/* The listing of upper directory p whose names are its own, as UnionView.readdir gives it: the
+ * host directory's entries but whiteouts and the format's .wh. names. */
+static int upper_list(Session *s, struct node *p, struct stack_listing **out)
+{
+    int dfd = upper_dir_fd(s, p);
+    int fd = dfd < 0 ? -1 : openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!d) {
+        if (fd >= 0)
+            close(fd);
+        return -ESTALE;
+    }
+    struct stack_listing *l = calloc(1, sizeof(*l));
+    int r = l ? 0 : -ENOMEM;
+    struct dirent *de;
+    while (r == 0 && (de = readdir(d))) {
+        const char *nm = de->d_name;
+        size_t nl = strlen(nm);
+        if ((nm[0] == '.' && (nl == 1 || (nl == 2 && nm[1] == '.'))) || (nl >= 4 && memcmp(nm, WH_PREFIX, 4) == 0))
+            continue;
+        struct stat st;
+        uint64_t number;
+        if (fstatat(dirfd(d), nm, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            continue; /* gone meanwhile */
+        if (S_ISCHR(st.st_mode) && st.st_rdev == 0)
+            continue; /* a whiteout: never shown */
+        if (upper_number(s, p->id, dirfd(d), nm, nl, &st, &number) < 0)
+            r = -EAGAIN;
+        else if (listing_put(l, nm, nl, number, st.st_mode & S_IFMT, 0, 0) < 0)
+            r = -ENOMEM;
+    }
+    closedir(d);
+    if (r < 0) {
+        stack_listing_free(l);
+        return r;
+    }
+    free(l->slots);
+    l->slots = NULL;
+    l->nslots = 0;
+    *out = l;
+    return 0;
+}
+
+/* READDIR(PLUS) of an upper directory whose names are its own (upper_listable): listed once at
+ * offset 0, served by offset after; READDIRPLUS gives each entry's host attributes (and its
+ * node), as LayerOps.readdir's lookups would.  0: Python's (the listing could not be made). */
+static int upper_readdir(Session *s, uint64_t u, struct node *p, const struct fuse_read_in *in, int plus)
+{
+    struct handle *h = (struct handle *)(uintptr_t)in->fh;
+    if (in->offset == 0 || !h->stack) {
+        stack_listing_free(h->stack);
+        h->stack = NULL;
+        int r = upper_list(s, p, &h->stack);
+        if (r < 0)
+            return 0;
+    }
+    const struct stack_listing *l = h->stack;
+    size_t cap = in->size < BUF_SIZE ? in->size : BUF_SIZE, used = 0;
+    char *out = s->buf + BUF_SIZE;
+    uint64_t off = in->offset, dir = p->id, up = p->names ? p->names->parent : p->id;
+    int dfd = plus ? upper_dir_fd(s, p) : -1;
+    if (off < 1 && !put_dirent(s, out, &used, cap, plus, ".", 1, 1, p->attr.ino, S_IFDIR, NULL))
+        goto done;
+    if (off < 2 && !put_dirent(s, out, &used, cap, plus, "..", 2, 2, up, S_IFDIR, NULL))
+        goto done;
+    for (size_t j = off < 2 ? 0 : off - 2; j < l->n; j++) {
+        const struct stack_item *it = &l->items[j];
+        const char *nm = l->names.p + it->name;
+        struct fuse_attr a;
+        struct stat st;
+        /* (the name, at most 255 bytes, ends where the next begins: copied to end it) */
+        char name[256];
+        memcpy(name, nm, it->len);
+        name[it->len] = 0;
+        int attrs = dfd >= 0 && fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                    (st.st_mode & S_IFMT) == it->mode;
+        if (attrs)
+            attr_from_stat(&a, it->ino, &st);
+        size_t before = used;
+        if (!put_dirent(s, out, &used, cap, plus, nm, it->len, j + 3, it->ino, it->mode, attrs ? &a : NULL))
+            break;
+        if (attrs && remember(s, dir, nm, it->len, &a, 0) < 0) {
+            used = before;
+            break;
+        }
+    }
+done:
+    reply(s, u, 0, out, used);
+    return 1;
+}
+
 /* The layer's own file of lower node n, opened to read; -errno. */
 static int stack_file(Session *s, struct node *n)
 {
@@ -3983,6 +4119,14 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         struct handle *h = (struct handle *)(uintptr_t)in->fh;
         if (!h)
             return 0;
+        if (in->offset == 0)
+            h->from_upper = !lower && upper_listable(s, nd);
+        if (h->from_upper) {
+            if (upper_readdir(s, u, nd, in, ih->opcode == FUSE_READDIRPLUS))
+                return 1;
+            h->from_upper = 0; /* (Python's listing from here on, and from its start) */
+            h->relist = 1;
+        }
         /* a listing is the store's or Python's from its start to its end; one whose directory
          * changes in between goes on from Python's (what was removed is not shown again) */
         if (in->offset == 0)
@@ -4409,10 +4553,21 @@ static void dispatch(Session *s, const char *req, size_t n)
         return;
     }
     case FUSE_READDIR:
-    case FUSE_READDIRPLUS:
+    case FUSE_READDIRPLUS: {
         NEED(sizeof(struct fuse_read_in));
-        do_readdir(s, u, id, (const struct fuse_read_in *)body, ih->opcode == FUSE_READDIRPLUS);
+        const struct fuse_read_in *in = (const struct fuse_read_in *)body;
+        struct handle *h = (struct handle *)(uintptr_t)in->fh;
+        /* an upper directory not asked about since the last change: asked now, then listed here
+         * if its names are its own (a walk lists a directory before it looks anything up in it) */
+        if (h && in->offset == 0 && learn_dir_state(s, id) && upper_listable(s, node_get(&s->t, id))) {
+            h->from_upper = 1;
+            if (upper_readdir(s, u, node_get(&s->t, id), in, ih->opcode == FUSE_READDIRPLUS))
+                return;
+            h->from_upper = 0;
+        }
+        do_readdir(s, u, id, in, ih->opcode == FUSE_READDIRPLUS);
         return;
+    }
     case FUSE_GETXATTR: {
         NEED(sizeof(struct fuse_getxattr_in));
         const struct fuse_getxattr_in *in = (const struct fuse_getxattr_in *)body;

@@ -402,6 +402,57 @@ def test_removals_of_new_and_copied_up_files_as_the_kernel_overlay_shows_them(
         assert snapshot(k) == ours
 
 
+def _listing(root: str) -> dict[str, object]:
+    """Below ``root``: each directory's entries (name, d_ino, type) and each entry's lstat."""
+    out: dict[str, object] = {}
+    for d, dirs, files in os.walk(root):
+        rel = os.path.relpath(d, root)
+        with os.scandir(d) as it:
+            out["ls " + rel] = sorted(
+                (e.name, e.inode(), e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it
+            )
+        for name in dirs + files:
+            st = os.lstat(os.path.join(d, name))
+            fields = (st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+            out[os.path.join(rel, name)] = fields
+    return out
+
+
+def test_upper_directories_list_as_the_view_lists_them(cli, sample, tmp_path, monkeypatch):
+    """Directories whose names are the upper directory's alone (made through the mount, or made
+    over a removed lower one: opaque) are listed by the C core from the host.  Each entry's
+    number is the view's (a copied-up file moved there keeps its lower number); whiteouts and
+    the format's names never show.  The same listing and attributes come through the same mount
+    after the kernel forgot its names, after a remount, and through the other core."""
+    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        fresh = os.path.join(mnt, "fresh")
+        os.makedirs(os.path.join(fresh, "sub", "deeper"))
+        for i in range(40):
+            _make(os.path.join(fresh, f"f{i:02}"), b"%d" % i, mode=0o600 + i % 3 * 0o44)
+        os.symlink("f00", os.path.join(fresh, "link"))
+        os.link(os.path.join(fresh, "f01"), os.path.join(fresh, "sub", "hard"))
+        lower_ino = os.lstat(os.path.join(mnt, "etc", "hostname")).st_ino
+        os.rename(os.path.join(mnt, "etc", "hostname"), os.path.join(fresh, "moved"))  # copied up
+        os.unlink(os.path.join(fresh, "f02"))
+        shutil.rmtree(os.path.join(mnt, "usr"))  # a lower tree, whited out
+        os.mkdir(os.path.join(mnt, "usr"))  # and made again: opaque
+        _make(os.path.join(mnt, "usr", "only"), b"o")
+        first = _listing(fresh), _listing(os.path.join(mnt, "usr"))
+        assert os.lstat(os.path.join(fresh, "moved")).st_ino == lower_ino
+        assert sorted(os.listdir(os.path.join(mnt, "usr"))) == ["only"]
+        drop_dentries()
+        assert (_listing(fresh), _listing(os.path.join(mnt, "usr"))) == first
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        assert (_listing(fresh), _listing(os.path.join(mnt, "usr"))) == first
+    other = "python" if os.environ.get("LAYERFS_FUSE") == "c" else "c"
+    monkeypatch.setenv("LAYERFS_FUSE", other)
+    with layerfs_mount(cli, sample, mnt, upper=upper):
+        assert (_listing(fresh), _listing(os.path.join(mnt, "usr"))) == first
+    names = [n for n, *_ in first[0]["ls ."]]
+    assert "f02" not in names and "moved" in names and not any(n.startswith(".wh.") for n in names)
+
+
 def _tree_tar(path: str) -> None:
     """A tar as a package or an image layer has them: directories (one setgid, one private),
     files of several modes and owners (one set-uid), symlinks, a hardlink, times in the past

@@ -2619,6 +2619,25 @@ static int merged_name(Session *s, struct node *p, int dfd, const char *name, si
     return r;
 }
 
+/* The entry of a lower object (name, attributes a, `lower` as remember's) remembered and
+ * replied: 1; 0 if the node is known as an upper one (another name of it was copied up): Python's. */
+static int reply_lower_entry(Session *s, uint64_t u, uint64_t parent, const char *name, size_t len,
+                             const struct fuse_attr *a, uint64_t lower)
+{
+    struct node *known = node_get(&s->t, a->ino);
+    if (known && !known->lower)
+        return 0;
+    struct fuse_entry_out e;
+    int r = remember(s, parent, name, len, a, lower);
+    if (r < 0) {
+        reply_err(s, u, -r);
+        return 1;
+    }
+    fill_entry(s, &e, a);
+    reply(s, u, 0, &e, sizeof(e));
+    return 1;
+}
+
 /* 1: `name` shows nothing in directory p (open as dfd).  0: something, or Python decides. */
 static int name_is_free(Session *s, struct node *p, int dfd, const char *name, size_t len)
 {
@@ -2640,19 +2659,8 @@ static int upper_lookup(Session *s, uint64_t u, uint64_t parent, const char *nam
     int r = dfd < 0 ? 0 : merged_name(s, p, dfd, name, len, &a, &lower);
     if (r == 0)
         return 0;
-    if (r == 2) { /* a lower entry of a merged directory: the layers' as they are, as fast_lookup */
-        struct node *known = node_get(&s->t, a.ino);
-        if (known && !known->lower) /* (another name of it was copied up: Python's) */
-            return 0;
-        struct fuse_entry_out e;
-        if ((r = remember(s, parent, name, len, &a, lower)) < 0) {
-            reply_err(s, u, -r);
-            return 1;
-        }
-        fill_entry(s, &e, &a);
-        reply(s, u, 0, &e, sizeof(e));
-        return 1;
-    }
+    if (r == 2) /* a lower entry of a merged directory: the layers' as they are, as fast_lookup */
+        return reply_lower_entry(s, u, parent, name, len, &a, lower);
     s->free_parent = parent;
     s->free_seq = s->change_seq;
     s->free_len = len;
@@ -3394,16 +3402,7 @@ static int stack_lookup(Session *s, uint64_t u, struct node *p, const char *name
         reply(s, u, 0, &e, sizeof(e));
         return 1;
     }
-    struct node *known = node_get(&s->t, a.ino);
-    if (known && !known->lower)
-        return 0;
-    if ((r = remember(s, parent, name, len, &a, layers)) < 0) {
-        reply_err(s, u, -r);
-        return 1;
-    }
-    fill_entry(s, &e, &a);
-    reply(s, u, 0, &e, sizeof(e));
-    return 1;
+    return reply_lower_entry(s, u, parent, name, len, &a, layers);
 }
 
 /* Add `name` to a listing unless it is in it already: 1 added, 0 there, -1 out of memory. */
@@ -3447,6 +3446,37 @@ static int listing_put(struct stack_listing *l, const char *name, size_t len, ui
     l->names.len += len;
     l->slots[j] = (uint32_t)++l->n;
     return 1;
+}
+
+/* A listing complete: its name index goes (the names are served by offset from here on). */
+static int listing_done(struct stack_listing *l, struct stack_listing **out)
+{
+    free(l->slots);
+    l->slots = NULL;
+    l->nslots = 0;
+    *out = l;
+    return 0;
+}
+
+/* A directory handle's listing for a READDIR at `offset`: made afresh at offset 0 (or if there
+ * is none yet) by `make`, else the one made then; its first entries are "." and "..". */
+static int listing_at(Session *s, struct handle *h, struct node *p, uint64_t offset,
+                      int (*make)(Session *, struct node *, struct stack_listing **))
+{
+    if (offset != 0 && h->stack)
+        return 0;
+    stack_listing_free(h->stack);
+    h->stack = NULL;
+    return make(s, p, &h->stack);
+}
+
+/* "." and ".." of directory p, if the READDIR's offset is before them; 0 when the reply is full. */
+static int put_dots(Session *s, char *out, size_t *used, size_t cap, int plus, uint64_t off, const struct node *p)
+{
+    uint64_t up = p->names ? p->names->parent : p->id;
+    return (off >= 1 || put_dirent(s, out, used, cap, plus, ".", 1, 1, p->attr.ino ? p->attr.ino : p->id, S_IFDIR,
+                                   NULL)) &&
+           (off >= 2 || put_dirent(s, out, used, cap, plus, "..", 2, 2, up, S_IFDIR, NULL));
 }
 
 /* Stack.readdir of lower directory p into a new listing (*out); -errno. */
@@ -3524,11 +3554,7 @@ static int stack_list(Session *s, struct node *p, struct stack_listing **out)
         if (!l->items[k].hidden)
             l->items[kept++] = l->items[k];
     l->n = kept;
-    free(l->slots);
-    l->slots = NULL;
-    l->nslots = 0;
-    *out = l;
-    return 0;
+    return listing_done(l, out);
 }
 
 /* READDIR(PLUS) of a lower directory, from its listing made at offset 0.  The offset of an
@@ -3536,22 +3562,16 @@ static int stack_list(Session *s, struct node *p, struct stack_listing **out)
 static void stack_readdir(Session *s, uint64_t u, struct node *p, const struct fuse_read_in *in, int plus)
 {
     struct handle *h = (struct handle *)(uintptr_t)in->fh;
-    if (in->offset == 0 || !h->stack) {
-        stack_listing_free(h->stack);
-        h->stack = NULL;
-        int r = stack_list(s, p, &h->stack);
-        if (r < 0) {
-            reply_err(s, u, -r);
-            return;
-        }
+    int r = listing_at(s, h, p, in->offset, stack_list);
+    if (r < 0) {
+        reply_err(s, u, -r);
+        return;
     }
     const struct stack_listing *l = h->stack;
     size_t cap = in->size < BUF_SIZE ? in->size : BUF_SIZE, used = 0;
     char *out = s->buf + BUF_SIZE;
-    uint64_t off = in->offset, dir = p->id, up = p->names ? p->names->parent : p->id, dir_layers = p->layers;
-    if (off < 1 && !put_dirent(s, out, &used, cap, plus, ".", 1, 1, dir, S_IFDIR, NULL))
-        goto done;
-    if (off < 2 && !put_dirent(s, out, &used, cap, plus, "..", 2, 2, up, S_IFDIR, NULL))
+    uint64_t off = in->offset, dir = p->id, dir_layers = p->layers;
+    if (!put_dots(s, out, &used, cap, plus, off, p))
         goto done;
     for (size_t j = off < 2 ? 0 : off - 2; j < l->n; j++) {
         const struct stack_item *it = &l->items[j];
@@ -3658,11 +3678,7 @@ static int upper_list(Session *s, struct node *p, struct stack_listing **out)
         stack_listing_free(l);
         return r;
     }
-    free(l->slots);
-    l->slots = NULL;
-    l->nslots = 0;
-    *out = l;
-    return 0;
+    return listing_done(l, out);
 }
 
 /* READDIR(PLUS) of an upper directory whose names are its own (upper_listable): listed once at
@@ -3671,21 +3687,14 @@ static int upper_list(Session *s, struct node *p, struct stack_listing **out)
 static int upper_readdir(Session *s, uint64_t u, struct node *p, const struct fuse_read_in *in, int plus)
 {
     struct handle *h = (struct handle *)(uintptr_t)in->fh;
-    if (in->offset == 0 || !h->stack) {
-        stack_listing_free(h->stack);
-        h->stack = NULL;
-        int r = upper_list(s, p, &h->stack);
-        if (r < 0)
-            return 0;
-    }
+    if (listing_at(s, h, p, in->offset, upper_list) < 0)
+        return 0;
     const struct stack_listing *l = h->stack;
     size_t cap = in->size < BUF_SIZE ? in->size : BUF_SIZE, used = 0;
     char *out = s->buf + BUF_SIZE;
-    uint64_t off = in->offset, dir = p->id, up = p->names ? p->names->parent : p->id;
+    uint64_t off = in->offset, dir = p->id;
     int dfd = plus ? upper_dir_fd(s, p) : -1;
-    if (off < 1 && !put_dirent(s, out, &used, cap, plus, ".", 1, 1, p->attr.ino, S_IFDIR, NULL))
-        goto done;
-    if (off < 2 && !put_dirent(s, out, &used, cap, plus, "..", 2, 2, up, S_IFDIR, NULL))
+    if (!put_dots(s, out, &used, cap, plus, off, p))
         goto done;
     for (size_t j = off < 2 ? 0 : off - 2; j < l->n; j++) {
         const struct stack_item *it = &l->items[j];

@@ -53,6 +53,15 @@ def _make(path: str, data: bytes, flags: int = 0, mode: int = 0o644) -> int:
         os.close(fd)
 
 
+def _beside_the_kernel_overlay(tmp_path: Any) -> tuple[str, str]:
+    """A mount point and an upper directory for a test that then mounts the kernel overlay on
+    that upper directory (skipped where it cannot)."""
+    reason = overlay_unavailable(str(tmp_path))
+    if reason:
+        pytest.skip(reason)
+    return str(tmp_path / "m"), str(tmp_path / "upper")
+
+
 def test_new_files_keep_their_inode_numbers_and_contents_across_remounts(cli, sample, tmp_path):
     """The first file in a lower directory copies it up (the view); the next ones in it, in the
     root and in a directory made through the mount are made in C: numbered as the view numbers
@@ -216,10 +225,7 @@ def test_a_renamed_directory_is_asked_about_again(cli, sample, tmp_path):
 
 
 def test_the_kernel_overlay_shows_what_was_made(cli, sample, sample_layout, tmp_path):
-    reason = overlay_unavailable(str(tmp_path))
-    if reason:
-        pytest.skip(reason)
-    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    mnt, upper = _beside_the_kernel_overlay(tmp_path)
     with layerfs_mount(cli, sample, mnt, upper=upper):
         for i in range(50):
             _make(os.path.join(mnt, "etc", f"n{i}"), b"%d" % i)
@@ -286,13 +292,10 @@ def test_a_directory_shows_the_names_made_in_it_as_the_kernel_overlay(cli, sampl
     (the C core answers from the host directory): its times move, a directory merged with a
     lower one keeps one link, an upper-only one counts its subdirectories, as the kernel
     overlay shows them on the same upper directory."""
-    reason = overlay_unavailable(str(tmp_path))
-    if reason:
-        pytest.skip(reason)
-    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    mnt, upper = _beside_the_kernel_overlay(tmp_path)
 
     def dir_attrs(root: str) -> dict[str, tuple[int, ...]]:
-        out = {}
+        out: dict[str, tuple[int, ...]] = {}
         for rel in ("etc", "fresh", "fresh/sub"):
             st = os.stat(os.path.join(root, rel))
             # (not the ctime: the kernel overlay sets its xattrs on the directories it looks up)
@@ -324,10 +327,7 @@ def test_renames_of_new_files_as_the_kernel_overlay_shows_them(cli, sample, samp
     names, across directories (the C core's renames); and the renames that must leave a
     whiteout behind (a copied-up file, a lower one: the view's).  The mount, a remount and the
     kernel overlay on the same upper directory show the same tree."""
-    reason = overlay_unavailable(str(tmp_path))
-    if reason:
-        pytest.skip(reason)
-    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    mnt, upper = _beside_the_kernel_overlay(tmp_path)
     with layerfs_mount(cli, sample, mnt, upper=upper):
         etc, fresh = os.path.join(mnt, "etc"), os.path.join(mnt, "fresh")
         os.mkdir(fresh)
@@ -367,10 +367,7 @@ def test_removals_of_new_and_copied_up_files_as_the_kernel_overlay_shows_them(
     """rm of files made through the mount (in a merged directory and in a new one: the C core
     unlinks them), of a copied-up file and of a lower one (whiteouts), and of a file still open
     (it stays readable, with no links).  The kernel overlay shows the same tree."""
-    reason = overlay_unavailable(str(tmp_path))
-    if reason:
-        pytest.skip(reason)
-    mnt, upper = str(tmp_path / "m"), str(tmp_path / "upper")
+    mnt, upper = _beside_the_kernel_overlay(tmp_path)
     with layerfs_mount(cli, sample, mnt, upper=upper):
         etc, fresh = os.path.join(mnt, "etc"), os.path.join(mnt, "fresh")
         os.mkdir(fresh)

@@ -2913,6 +2913,8 @@ static int new_object_done(Session *s, uint64_t parent, int dfd, const char *nam
         r = remember(s, parent, name, len, a, 0);
     if (r)
         unlinkat(dfd, name, is_dir ? AT_REMOVEDIR : 0);
+    else /* (nothing new has a capability: a chown's GETXATTR of it need not reach Python) */
+        node_get(&s->t, a->ino)->no_caps = 1;
     return r;
 }
 

@@ -81,8 +81,17 @@ def test_kill_mid_import(big_layout: str, store_path: str, cli) -> None:
         proc.send_signal(signal.SIGKILL)
 
     def zombie() -> bool:
-        with open(f"/proc/{proc.pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        """Every thread has ended (the first one first, maybe: SIGKILL makes the leader a
+        zombie while the compression threads are still exiting, and until they are gone the
+        process still runs)."""
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{tid}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                        return False
+            except FileNotFoundError:  # that thread is gone
+                continue
+        return True
 
     deadline = time.monotonic() + 10
     while not zombie() and time.monotonic() < deadline:

@@ -113,6 +113,42 @@ def test_codecs(store: Store) -> None:
     assert store.read_object(n) == noise and store.read_object(t) == text
 
 
+def literals_type(frame: bytes) -> int:
+    """The literals section type of a zstd frame's first block (RFC 8878 3.1.1, 3.1.1.3.1):
+    0 raw, 1 RLE, 2 Huffman-compressed, 3 treeless; -1 when that block is not compressed."""
+    assert frame[:4] == b"\x28\xb5\x2f\xfd"
+    fhd = frame[4]
+    single, dict_flag, fcs_flag = fhd >> 5 & 1, fhd & 3, fhd >> 6
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag] + ((1 if single else 0), 2, 4, 8)[fcs_flag]
+    if (frame[pos] >> 1) & 3 != 2:
+        return -1
+    return frame[pos + 3] & 3
+
+
+def test_small_chunks_keep_their_literals_raw(store: Store) -> None:
+    """Text up to SMALL_CHUNK bytes is compressed without Huffman literals (decoding a 1 KiB
+    chunk is then no longer mostly building tables); larger chunks keep them.  Both kinds,
+    stored through a session and the group compressor, read back whole."""
+    rnd = random.Random(7)
+    words = [rnd.randbytes(rnd.randrange(2, 9)).hex() for _ in range(300)]
+
+    def text(n: int) -> bytes:
+        return " ".join(rnd.choice(words) for _ in range(n)).encode()[:n]
+
+    small, edge, large = text(1000), text(store_mod.SMALL_CHUNK), text(store_mod.SMALL_CHUNK + 1)
+    with store.session() as s:
+        digests = [s.add_blob(b) for b in (small, edge, large)]
+    kinds = []
+    for d, b in zip(digests, (small, edge, large)):
+        _, (chunk,) = chunks_of(store, d)
+        assert chunk.codec == ZSTD and chunk.raw == len(b)
+        with store.read() as txn:
+            kinds.append(literals_type(store.payload.read(txn, chunk.pack, chunk.offset, chunk.stored)))
+        assert store.read_object(d) == b
+    assert kinds == [0, 0, 2]
+    assert [literals_type(c[0]) for c in store_mod.compress_group([large, small, edge])] == [2, 0, 0]
+
+
 def test_zstandard_without_multi_compress(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """zstandard built on the system's libzstd (Debian's python3-zstandard) lacks
     multi_compress_to_buffer: every import failed with AttributeError there."""
@@ -122,8 +158,8 @@ def test_zstandard_without_multi_compress(store: Store, monkeypatch: pytest.Monk
             self.compress = cctx.compress
 
     real = store_mod._compressor
-    monkeypatch.setattr(store_mod, "_compressor", lambda: SystemZstd(real()))
-    raws = [b"text " * 10000, os.urandom(CHUNK_SIZE), b"more text " * 3000]
+    monkeypatch.setattr(store_mod, "_compressor", lambda small=False: SystemZstd(real(small)))
+    raws = [b"text " * 10000, os.urandom(CHUNK_SIZE), b"more text " * 3000, b"small text " * 90]
     assert store_mod.compress_group(raws) == [compress_chunk(r) for r in raws]
     text = b"compress me " * 20000
     with store.session() as s:

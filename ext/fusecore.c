@@ -128,6 +128,7 @@ struct node {
      * change through the mount clears it */
     unsigned lower : 1;
     unsigned dir_plain : 1; /* ... and neither setgid nor with a default ACL: upper_create may make files */
+    unsigned pushed : 1;    /* its contents were stored into the kernel's page cache (push_lower) */
 };
 
 enum { DIR_PYTHON, DIR_UPPER, DIR_MERGED };
@@ -1304,6 +1305,59 @@ static void finish_open(Session *s, uint64_t unique, struct handle *h, uint32_t 
     reply(s, unique, 0, &o, sizeof(o));
 }
 
+/* Lower files up to this size are pushed into the page cache when first opened (push_lower,
+ * stack_open): the kernel's first read-ahead of such a file asks for all of it anyway. */
+#define PUSH_MAX (64u << 10)
+
+/* Whether a writable mount's OPEN of lower node `n` may store the file's contents into the
+ * kernel's page cache before its reply (FUSE_NOTIFY_STORE, push_pages), so that the read which
+ * follows is served there instead of by a READ round trip: an open of a file there is a
+ * LOOKUP, an OPEN, a READ and a RELEASE (a read-only mount answers OPEN with ENOSYS, and has
+ * no OPEN to do this in).
+ *
+ * Only while nobody has the node open, and before the OPEN reply: storing waits for the lock
+ * of each page, and a page under read-ahead stays locked until its READ is answered, by this
+ * thread; with no open file (the opener still waits for this reply) no read-ahead of the node
+ * can be in flight.  Once per node: pages the kernel dropped since are read as usual. */
+static int may_push(struct node *n, uint64_t size)
+{
+    if (!n || n->opens || n->pushed || size == 0 || size > PUSH_MAX)
+        return 0;
+    n->pushed = 1;
+    return 1;
+}
+
+/* Node `id`'s first `len` bytes (its whole file, in iov[2..2+niov)) into the page cache. */
+static void push_pages(Session *s, uint64_t id, struct iovec *iov, int niov, size_t len)
+{
+    struct fuse_notify_store_out o = {.nodeid = id, .offset = 0, .size = (uint32_t)len};
+    struct fuse_out_header h = {(uint32_t)(sizeof(h) + sizeof(o) + len), FUSE_NOTIFY_STORE, 0};
+    iov[0] = (struct iovec){&h, sizeof(h)};
+    iov[1] = (struct iovec){&o, sizeof(o)};
+    if (writev(s->fd, iov, 2 + niov) < 0 && s->debug)
+        fprintf(stderr, "layerfs: storing node %llu's pages: %s\n", (unsigned long long)id, strerror(errno));
+}
+
+/* push_pages of a stored file (a damaged one is left to its READ, which reports it). */
+static void push_lower(Session *s, struct node *n, uint64_t ino)
+{
+    struct fs_inode fi;
+    if (!n || n->opens || n->pushed || !s->lower_reader || fs_store_begin(s->lower_reader) < 0)
+        return;
+    if (fs_store_inode(s->lower_reader, ino, &fi) == 0 && S_ISREG(fi.mode) && may_push(n, fi.size)) {
+        struct iovec iov[2 + FS_STORE_IOV];
+        int niov;
+        char *out = s->buf + BUF_SIZE;
+        long got = fs_store_readv(s->lower_reader, &fi, ino, out, fi.size, 0, iov + 2, &niov);
+        if (got == (long)fi.size) {
+            if (!niov)
+                iov[2 + niov++] = (struct iovec){out, (size_t)got};
+            push_pages(s, n->id, iov, niov, (size_t)got);
+        }
+    }
+    fs_store_end(s->lower_reader);
+}
+
 /* OPEN for reading of a stored file (index inode `ino`) as node `id`: read by the kernel from
  * its copy in the file cache, else here from the store (no Python: callable without the GIL). */
 static void open_lower(Session *s, uint64_t unique, uint64_t id, uint64_t ino, uint32_t flags)
@@ -1319,6 +1373,7 @@ static void open_lower(Session *s, uint64_t unique, uint64_t id, uint64_t ino, u
         h->owns_fd = h->lower_copy = 1;
     } else {
         h->lower_ino = ino;
+        push_lower(s, node_get(&s->t, id), ino);
     }
     finish_open(s, unique, h, flags);
 }
@@ -3753,10 +3808,21 @@ static int stack_open(Session *s, uint64_t u, struct node *n, uint32_t flags)
         return 1;
     }
     h->owns_fd = 1;
-    if (fd >= 0)
+    if (fd >= 0) {
         h->lower_copy = 1;
-    else
+    } else {
         h->lower_file = 1;
+        if (may_push(n, n->attr.size) && (fd = stack_file(s, n)) >= 0) { /* (push_lower) */
+            struct iovec iov[3];
+            char *out = s->buf + BUF_SIZE;
+            ssize_t got = pread(fd, out, n->attr.size, 0);
+            if (got == (ssize_t)n->attr.size) {
+                iov[2] = (struct iovec){out, (size_t)got};
+                push_pages(s, n->id, iov, 1, (size_t)got);
+            }
+            h->fd = fd; /* its READs, if any, read it */
+        }
+    }
     finish_open(s, u, h, flags);
     return 1;
 }
@@ -4026,8 +4092,8 @@ static int rw_fast(Session *s, struct worker *w, const char *req, size_t n)
         uint32_t flags = ((const struct fuse_open_in *)body)->flags;
         if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC))
             return upper_copy_up(s, u, id, flags); /* else Python's */
-        if (s->nlayers)
-            return stack_open(s, u, nd, flags);
+        if (s->nlayers) /* (a read-only mount answers ENOSYS: do_open) */
+            return s->writable ? stack_open(s, u, nd, flags) : 0;
         open_lower(s, u, id, id, flags);
         return 1;
     }

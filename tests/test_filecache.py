@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import make_layout, member, tar_bytes
-from unionutil import layerfs_mount, need_fuse, no_mount_left_behind, wait_until  # noqa: F401
+from unionutil import debug_ops, layerfs_mount, need_fuse, no_mount_left_behind, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 MiB = 1 << 20
@@ -51,17 +51,6 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _log_ops(store_path: str) -> list[tuple[str, str]]:
-    """(opcode, node) of every request the --debug daemons of this store logged."""
-    out = []
-    reg = os.path.join(store_path, "mounts")
-    for name in os.listdir(reg):
-        if name.endswith(".log"):
-            with open(os.path.join(reg, name)) as f:
-                out += [(ln.split()[2], ln.split()[4]) for ln in f if ln.startswith("layerfs: op ")]
-    return out
-
-
 def test_a_read_file_is_copied_then_read_by_the_kernel(cli, image, store_path, tmp_path):
     if os.environ.get("LAYERFS_FUSE", "c") == "python" or os.geteuid() != 0:
         pytest.skip("the file cache is the C core's, passthrough needs a privileged daemon")
@@ -75,12 +64,12 @@ def test_a_read_file_is_copied_then_read_by_the_kernel(cli, image, store_path, t
         assert wait_until(lambda: want in _copies(store_path), 30), _copies(store_path)
         assert _read(os.path.join(mnt, "small")) == image["small"]
         node = str(os.lstat(big).st_ino)
-        before = len(_log_ops(store_path))
+        before = len(debug_ops(store_path))
         with open(big, "rb") as f:  # this open finds the copy: the kernel reads it itself
             assert f.read() == image["big0"]
             f.seek(MiB + 5)
             assert f.read(100) == image["big0"][MiB + 5 : MiB + 105]
-        after = _log_ops(store_path)[before:]
+        after = debug_ops(store_path)[before:]
         assert ("14", node) in after, "the second OPEN did not reach the daemon's log"
         assert not [op for op in after if op == ("15", node)], "READ reached the daemon"
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import shutil
 import signal
 import stat
@@ -22,6 +23,7 @@ import pytest
 from conftest import SAMPLE, make_layout, member, tar_bytes
 from unionutil import (  # noqa: F401 - need_fuse and no_mount_left_behind are fixtures
     abort_mount,
+    debug_ops,
     extract_layers,
     inode_numbers,
     layerfs_mount,
@@ -223,6 +225,49 @@ def test_a_clean_unmount_leaves_no_empty_log(cli, sample, store_path, tmp_path):
         cli("umount", mnt)
     (log,) = _registry(store_path)
     assert log.endswith(".log") and os.path.getsize(os.path.join(store_path, "mounts", log)) > 0
+
+
+def test_small_stored_files_reach_the_page_cache_with_their_open(cli, fuse_core, store_path, tmp_path):
+    """A writable mount stores a small lower file's contents into the kernel's page cache as it
+    answers the file's first OPEN: reading it then takes no READ (up to 64 KiB; a larger file
+    is read as before).  Pages the kernel drops are read again; a copy-up and a write are seen."""
+    if fuse_core == "python":
+        pytest.skip("the C core's")
+    rnd = random.Random(3)
+    words = [rnd.randbytes(rnd.randrange(2, 8)).hex().encode() for _ in range(500)]
+
+    def text(n: int) -> bytes:
+        return b" ".join(rnd.choice(words) for _ in range(n // 3))[:n]
+
+    files = {"a": text(1000), "b": text(4096), "c": text(64 << 10), "d": text((64 << 10) + 1), "e": b""}
+    layer = tar_bytes([member(name, data) for name, data in files.items()])
+    cli("import", make_layout(tmp_path / "layout", [layer], ref="small:1"))
+    mnt = str(tmp_path / "m")
+    os.makedirs(mnt)
+    cli("mount", "--rw", "--debug", "small:1", mnt)
+    try:
+        nodes = {name: str(os.lstat(os.path.join(mnt, name)).st_ino) for name in files}
+        for name, data in files.items():
+            with open(os.path.join(mnt, name), "rb") as f:
+                assert f.read() == data, name
+        reads = {name for name in files if ("15", nodes[name]) in debug_ops(store_path)}
+        assert reads == {"d"}, "a READ reached the daemon for a file it stored, or none for d"
+        a = os.path.join(mnt, "a")
+        with open(a, "rb") as f, open(a, "rb") as g:  # a second open while one is open
+            assert f.read(10) == files["a"][:10] and g.read() == files["a"] and f.read() == files["a"][10:]
+        fd = os.open(a, os.O_RDONLY)
+        try:  # the kernel drops the pages: stored once per node, so they are read again
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, 2000, 0) == files["a"]
+        finally:
+            os.close(fd)
+        assert ("15", nodes["a"]) in debug_ops(store_path)
+        with open(a, "r+b") as f:  # copied up, then written through the same inode
+            f.write(b"changed")
+        with open(a, "rb") as f:
+            assert f.read() == b"changed" + files["a"][7:]
+    finally:
+        cli("umount", mnt)
 
 
 def test_umount_returns_once_the_daemon_let_go(cli, sample, tmp_path):

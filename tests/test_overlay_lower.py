@@ -24,6 +24,7 @@ from test_overlay import HELPER, opts, overlay_mount
 from unionutil import (
     _copy_meta,
     assert_same,
+    cached_pages,
     fuse_unavailable,
     kernel_overlay,
     overlay_unavailable,
@@ -380,6 +381,31 @@ def test_a_large_lower_file_is_passed_through_and_never_written(
         with open(path, "rb") as f:
             assert f.read() == b"NEW" + before[3:]
     assert open(layer_file, "rb").read() == before
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["rw", "ro"])
+def test_small_lower_files_reach_the_page_cache_with_their_open(tmp_path: str, writable: bool) -> None:
+    """A writable mount stores a small lower file (up to 64 KiB) into the kernel's page cache as
+    it answers the file's first OPEN, so reading it takes no READ; a larger one, and any file
+    of a read-only mount (which has no OPEN), is read as before.  The bytes are the file's."""
+    base = str(tmp_path)
+    reason = fuse_unavailable() or overlay_unavailable(base)
+    if reason:
+        pytest.skip(reason)
+    low = os.path.join(base, "l0")
+    files = {"s": os.urandom(1000), "page": os.urandom(4096), "edge": os.urandom(64 << 10)}
+    files["over"] = os.urandom((64 << 10) + 1)
+    for name, data in files.items():
+        _write(os.path.join(low, name), data)
+    os.chmod(low, 0o755)
+    with ours(base, [low], "push", writable=writable) as m:
+        cached = {name: cached_pages(os.path.join(m, name)) for name in files}
+        for name, data in files.items():
+            with open(os.path.join(m, name), "rb") as f:
+                assert f.read() == data, name
+    want = {name: writable and name != "over" for name in files}
+    assert {name: all(pages) for name, pages in cached.items()} == want
+    assert not any(cached["over"]) and (writable or not any(cached["s"]))
 
 
 def _daemon_rchar(mnt: str) -> int:

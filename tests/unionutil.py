@@ -27,9 +27,11 @@ Extraction rules (what a container runtime's overlay snapshotter produces):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -719,3 +721,48 @@ class Ops:
             self.note(f"stat {rel}", (_type(st.st_mode), oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid))
         except OSError as exc:
             self.note(f"stat {rel}", errno.errorcode.get(exc.errno or 0))
+
+
+def debug_ops(store_path: str) -> list[tuple[str, str]]:
+    """(opcode, node) of every request the ``--debug`` daemons of this store logged, in order
+    (FUSE opcodes: 14 OPEN, 15 READ, 18 RELEASE)."""
+    out = []
+    reg = os.path.join(store_path, "mounts")
+    for name in os.listdir(reg):
+        if name.endswith(".log"):
+            with open(os.path.join(reg, name)) as f:
+                out += [(ln.split()[2], ln.split()[4]) for ln in f if ln.startswith("layerfs: op ")]
+    return out
+
+
+def cached_pages(path: str) -> list[bool]:
+    """Opens ``path`` for reading and says, page by page, whether the kernel's page cache
+    holds its contents right after the open, before anything reads it (mincore(2) of a
+    shared map that was never touched: a map reads nothing by itself)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return [bool(b & 1) for b in vec]
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)

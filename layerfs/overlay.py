@@ -150,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             up, wk = writable_upper, abs_work if writable_upper else None
             if up is not None and wk is not None:
                 up, wk = private_paths([up, wk], atime_attr(flags))
-            elif read_only and upper is not None:  # the upper, read-only: reads change no atime
-                (lower_dirs[0],) = private_paths([lower_dirs[0]], MOUNT_ATTR_NOATIME)
-            view = UnionView(None, Stack([DirLayer(d, i) for i, d in enumerate(lower_dirs)]), up, wk)
+            # every lower layer (and the upper of a read-only mount) through a clone of its mount
+            # where reads change no atime, as the kernel overlay opens lower files O_NOATIME;
+            # the layers' own mounts are then not pinned by the daemon, and can be unmounted
+            # right after this one (the daemon exits a moment after umount returns)
+            lows = [private_paths([d], MOUNT_ATTR_NOATIME)[0] for d in lower_dirs]
+            view = UnionView(None, Stack([DirLayer(d, i) for i, d in enumerate(lows)]), up, wk)
             serve(
                 view,
                 mountpoint,

@@ -224,8 +224,8 @@ def test_lower_mounts_are_free_once_unmounted_and_keep_their_atimes(tmp_path: An
             with open(os.path.join(low, "f"), "w") as f:
                 f.write("lower\n")
             os.utime(os.path.join(low, "f"), (1_000_000, 2_000_000))  # relatime would update it
-            argv = ["mount", "-t", "fuse.layerfs-overlay", "overlay", mnt, "-o"]
-            subprocess.run([*argv, opts([low], upper, work) if writable else opts([low])], check=True)
+            o = opts([low], upper, work) if writable else opts([low])
+            subprocess.run([*HELPER, "-o", o, mnt], check=True)
             try:
                 with open(os.path.join(mnt, "f")) as f:
                     assert f.read() == "lower\n"
